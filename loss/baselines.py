@@ -1,0 +1,112 @@
+"""Well-known metric-learning losses of pytorch-metric-learning behind ProxyGML's call.
+
+`MetricLoss(name, num_classes, dim, kwargs, miner, miner_kwargs)` builds any loss of
+`pytorch_metric_learning.losses` by class name (with an optional miner of
+`pytorch_metric_learning.miners`) and exposes the same interface as `loss.ProxyGML`:
+`forward(embeddings, labels) -> scalar`, `last_parts`, and `proxy_parameters()` (the loss's own
+weights: proxies, class centres, softmax weights) so the trainer can give them the proxy learning rate.
+
+Pair-based losses (MultiSimilarity, Triplet, Contrastive, ...) should see the global batch: with
+`gather=True` the embeddings and labels of every rank are all-gathered with gradients first. Every rank
+then computes the same global loss; the all-gather's backward sums the identical per-rank gradients
+into each rank's share (x world size) and DDP's averaging divides it again, so the update equals the one
+of a single process on the concatenated batch.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+import torch.distributed as dist
+from pytorch_metric_learning import losses, miners
+from torch import nn
+
+# Argument names under which pytorch-metric-learning's classifier-style losses take the class count.
+_CLASS_ARGS = ("num_classes", "embedding_size")
+
+
+def available_losses() -> list[str]:
+    return sorted(n for n, obj in vars(losses).items() if n.endswith("Loss") and inspect.isclass(obj))
+
+
+def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate `x` of every rank (equal first dimension); gradients flow back to each rank's share."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(x.contiguous()), dim=0)
+
+
+def all_gather_labels(labels: torch.Tensor) -> torch.Tensor:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return labels
+    out = [torch.empty_like(labels) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, labels.contiguous())
+    return torch.cat(out, dim=0)
+
+
+class MetricLoss(nn.Module):
+    """A pytorch-metric-learning loss (and miner) with ProxyGML's interface."""
+
+    def __init__(
+        self,
+        name: str,
+        num_classes: int,
+        dim: int,
+        kwargs: dict | None = None,
+        miner: str | None = None,
+        miner_kwargs: dict | None = None,
+        gather: bool = True,
+    ):
+        super().__init__()
+        cls = getattr(losses, name, None)
+        if not (inspect.isclass(cls) and name.endswith("Loss")):
+            raise ValueError(f"loss.name: unknown loss {name!r}; choose 'proxygml' or one of {available_losses()}")
+        kwargs = dict(kwargs or {})
+        params = inspect.signature(cls.__init__).parameters
+        if "num_classes" in params:
+            kwargs.setdefault("num_classes", int(num_classes))
+        if "embedding_size" in params:
+            kwargs.setdefault("embedding_size", int(dim))
+        try:
+            self.loss_fn = cls(**kwargs)
+        except TypeError as e:
+            raise ValueError(f"loss.kwargs: {name} rejects {kwargs}: {e}") from e
+        self.miner = None
+        if miner:
+            mcls = getattr(miners, miner, None)
+            if not inspect.isclass(mcls):
+                names = sorted(n for n in vars(miners) if n.endswith("Miner"))
+                raise ValueError(f"loss.miner: unknown miner {miner!r}; choose one of {names}")
+            try:
+                self.miner = mcls(**(miner_kwargs or {}))
+            except TypeError as e:
+                raise ValueError(f"loss.miner_kwargs: {miner} rejects {miner_kwargs}: {e}") from e
+        self.name = name
+        self.num_classes = int(num_classes)
+        self.dim = int(dim)
+        self.gather = gather
+        self.last_parts: dict[str, torch.Tensor] = {}
+
+    def proxy_parameters(self) -> list[nn.Parameter]:
+        """The loss's own trainable weights (proxies, centres); they take the proxy learning rate."""
+        return list(self.loss_fn.parameters())
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if embeddings.dim() != 2 or embeddings.shape[1] != self.dim:
+            raise ValueError(f"embeddings: expected shape (M, {self.dim}), got {tuple(embeddings.shape)}")
+        if labels.shape != (embeddings.shape[0],):
+            raise ValueError(f"labels: expected shape ({embeddings.shape[0]},), got {tuple(labels.shape)}")
+        if labels.is_floating_point() or labels.is_complex():
+            raise ValueError("labels: must be integers")
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
+            raise ValueError(f"labels: must lie in [0, {self.num_classes})")
+        emb = embeddings.float()
+        if self.gather:
+            emb, labels = all_gather_with_grad(emb), all_gather_labels(labels)
+        indices = self.miner(emb, labels) if self.miner is not None else None
+        loss = self.loss_fn(emb, labels, indices)
+        self.last_parts = {"loss": loss.detach()}
+        return loss
