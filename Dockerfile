@@ -1,0 +1,59 @@
+# ProxyGML training image: CUDA 13.0 base + the pinned requirements.txt, installed exactly as .ci/run does.
+#
+# Base choice: torch==2.14.1 from requirements.txt is a CUDA 13.0 build (+cu130) whose CUDA libraries (cuBLAS,
+# cuDNN, NCCL, ...) come as pip wheels, so the base only needs the CUDA 13.0 runtime layer: nvidia/cuda
+# *-base-* (cudart, the forward-compatibility driver libraries, NVIDIA_* variables for the container toolkit).
+# A pytorch/pytorch base would bring a second, conda-installed torch that CI never tests.
+#
+#   docker build -t proxygml .
+#   docker run --gpus all --ipc=host -v /data/cub200:/data:ro -v "$PWD/runs":/runs proxygml \
+#     --config cub200 data.root=/data run.output_dir=/runs
+# More (multi-node, Apptainer) in the README, section "Launching on clusters".
+ARG CUDA_IMAGE=nvidia/cuda:13.0.2-base-ubuntu24.04
+FROM ${CUDA_IMAGE}
+
+ENV DEBIAN_FRONTEND=noninteractive \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    NVIDIA_VISIBLE_DEVICES=all \
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility \
+    VIRTUAL_ENV=/opt/venv \
+    PATH=/opt/venv/bin:$PATH
+
+# Python 3.12 (Ubuntu 24.04's); g++ and the Python headers for the kernels Triton (torch.compile) and DeepSpeed
+# build at run time. Ubuntu rotates patch versions out of its archive, so apt packages are not pinned; the
+# Python packages are, by requirements.txt.
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3 python3-venv python3-dev g++ ca-certificates \
+ && rm -rf /var/lib/apt/lists/* \
+ && python3 -m venv "$VIRTUAL_ENV"
+
+WORKDIR /opt/proxygml
+# The same two installs as .ci/run: the pinned requirements, then the project itself without dependencies.
+COPY requirements.txt ./
+RUN pip install --no-cache-dir -r requirements.txt
+COPY pyproject.toml README.md ./
+COPY loss ./loss
+COPY data_shards ./data_shards
+COPY trainer ./trainer
+COPY launch ./launch
+RUN pip install --no-cache-dir --no-deps --no-build-isolation -e . \
+ && python -c "import torch, webdataset, omegaconf, mlflow, faiss, timm, deepspeed, trainer; print('torch', torch.__version__)"
+
+# Non-root user; /runs and /data are the mount points for the run directory and the shards.
+# (Ubuntu 24.04 images ship a user "ubuntu" with uid 1000: it makes way.)
+RUN if id ubuntu >/dev/null 2>&1; then userdel --remove ubuntu; fi \
+ && useradd --create-home --uid 1000 --shell /bin/bash proxygml \
+ && mkdir -p /runs /data \
+ && chown proxygml:proxygml /runs
+USER 1000:1000
+ENV HOME=/home/proxygml
+# Relative paths (the demo's shards, MLflow's default sqlite:///mlflow.db) land in the mounted run directory.
+WORKDIR /runs
+
+# Every argument goes to `python -m trainer`; the entry point runs it under torchrun, one process per GPU.
+# Multi-node: --entrypoint /opt/proxygml/launch/multi_node.sh (see the README).
+ENTRYPOINT ["/opt/proxygml/launch/single_node.sh"]
+CMD ["--config", "demo"]

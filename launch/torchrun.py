@@ -1,0 +1,57 @@
+"""torchrun, with a plain explanation instead of a bare traceback when the rendezvous fails.
+
+Takes exactly torchrun's arguments (`python -m launch.torchrun --nnodes 2 ... -m trainer --config ...`) and runs
+torchrun in this process, so signals (SIGTERM from SLURM or `docker stop`) reach torchrun's own handlers,
+which forward them to the workers. Only the rendezvous errors are caught: a node that never joins
+(`RendezvousTimeoutError` after `--rdzv-conf join_timeout=S`) and an endpoint nobody serves.
+"""
+from __future__ import annotations
+
+import sys
+
+from torch.distributed.elastic.rendezvous.api import (
+    RendezvousClosedError,
+    RendezvousConnectionError,
+    RendezvousTimeoutError,
+)
+from torch.distributed.run import parse_args, run
+
+DEFAULT_JOIN_TIMEOUT = 600  # torchrun's default, in seconds
+
+
+def rdzv_conf(args) -> dict[str, str]:
+    """torchrun's `--rdzv-conf k1=v1,k2=v2` as a dict."""
+    items = [kv.split("=", 1) for kv in (args.rdzv_conf or "").split(",") if "=" in kv]
+    return {k.strip(): v.strip() for k, v in items}
+
+
+def explain(error: Exception, args) -> str:
+    """What went wrong with the rendezvous, and what to check, in words."""
+    where = f"rendezvous {args.rdzv_id!r} at {args.rdzv_endpoint} (--rdzv-backend {args.rdzv_backend})"
+    if isinstance(error, RendezvousTimeoutError):
+        timeout = rdzv_conf(args).get("join_timeout", DEFAULT_JOIN_TIMEOUT)
+        return (
+            f"launch: the {where} timed out after join_timeout={timeout} s: not all of --nnodes {args.nnodes} "
+            f"nodes joined. A node never started or cannot reach the endpoint. Check that the same command "
+            f"(same --rdzv-id, --rdzv-endpoint and --nnodes) runs on every node, that every node can open a "
+            f"TCP connection to {args.rdzv_endpoint} (the first node serves it; firewalls, host name "
+            f"resolution), and that --nnodes is the number of nodes you started. Wait longer with "
+            f"--rdzv-conf join_timeout=SECONDS.")
+    if isinstance(error, RendezvousConnectionError):
+        return (
+            f"launch: cannot reach the {where}: {error}. The first node serves the rendezvous; start it "
+            f"first (or within a minute of the others), check the host name resolves on this node and the "
+            f"port is open between nodes.")
+    return f"launch: the {where} was closed ({error}): the job is over or another node shut it down."
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        run(args)
+    except (RendezvousTimeoutError, RendezvousConnectionError, RendezvousClosedError) as e:
+        sys.exit(explain(e, args))
+
+
+if __name__ == "__main__":
+    main()
