@@ -1,0 +1,261 @@
+"""The one config schema: every knob of a run, as omegaconf structured dataclasses.
+
+    cfg = load_config("trainer/configs/cub200.yaml", ["train.epochs=10", "loss.mode=local"])
+
+Precedence: schema defaults < the YAML file < `key=value` overrides. Unknown keys, wrong types and
+invalid values raise `ConfigError` naming the key, before any work starts. Each room reads its section.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from data_shards.transforms import TransformConfig
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+DEFAULT_CONFIG = "demo"
+
+
+class ConfigError(ValueError):
+    """A bad config key or value; the message starts with the key."""
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"  # run directory: <output_dir>/<name>; checkpoints and config.yaml live there
+    output_dir: str = "runs"
+    seed: int = 0  # model init, data order (with epoch, rank, world size) and augmentation
+    device: str = "auto"  # auto (cuda if available, else cpu) | cpu | cuda
+    deterministic: bool = False  # torch.use_deterministic_algorithms; cudnn.benchmark off
+
+
+@dataclass
+class DataConfig:
+    root: str = MISSING  # shards written by `python -m data_shards write`: <root>/train, <root>/test
+    train_split: str = "train"
+    test_split: str = "test"
+    num_workers: int = 2  # loader processes per rank
+    decode: str = "cpu"  # cpu: workers decode + augment | gpu: workers read bytes, the GPU decodes
+    prepare: str = ""  # "" | digits: write the shards of a built-in dataset first if <root> has none
+    transform: TransformConfig = field(default_factory=TransformConfig)
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "resnet50"  # a timm model name | bninception (pretrainedmodels package) | small_cnn
+    pretrained: bool = True  # ImageNet weights from the hub (needs internet) unless weights_file is set
+    weights_file: str = ""  # local weights for offline clusters (timm: its state dict file)
+    pooling: str = "avg"  # avg | max | avgmax | catavgmax
+    dim: int = 512  # embedding size
+    normalize: bool = True  # L2-normalise the embedding
+    freeze_bn: bool = False  # BatchNorm in eval mode with frozen affine parameters (the CUB/Cars recipe)
+    small_cnn_width: int = 64  # channels of the small_cnn backbone (demo, Omniglot)
+
+
+@dataclass
+class LossConfig:
+    mode: str = "gather"  # gather: all ranks' embeddings meet all proxies | local | sharded (proxies split)
+    proxies_per_class: int = 1  # N
+    r: float = 0.05  # share of proxies kept per sample (top-k subgraph)
+    lam: float = 0.3  # weight of the proxy loss L_P
+    pos_mask: bool = True
+    class_mask: bool = True
+    proxy_reg: bool = True
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adam"  # adam | adamw | sgd
+    lr: float = 1e-4  # backbone learning rate
+    head_lr: float = 1e-4  # embedding layer
+    proxy_lr: float = 0.03  # ProxyGML proxies
+    weight_decay: float = 1e-4
+    eps: float = 0.01  # Adam epsilon (the authors use 0.01)
+    momentum: float = 0.9  # sgd only
+    lr_milestones: list[int] = field(default_factory=lambda: [20, 40])  # epochs where all lrs x lr_gamma
+    lr_gamma: float = 0.1
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 50
+    batch_size: int = 32  # GLOBAL batch: each of the world_size ranks takes batch_size / world_size
+    warmup_epochs: int = 1  # first epochs train only the embedding head and the proxies
+    amp: str = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU | bf16 | off
+    compile: bool = False  # torch.compile the embedder
+    grad_clip: float = 0.0  # max grad norm; 0 = off
+    log_every_steps: int = 10  # progress bar / console line cadence
+    max_steps: int = 0  # stop (with a checkpoint) after this many optimizer steps in total; 0 = no limit
+
+
+@dataclass
+class EvalConfig:
+    every_epochs: int = 1  # evaluate on the test split every E epochs and after the last; 0 = only at the end
+    at_start: bool = False  # also evaluate before training (the demo prints before/after)
+    recall_ks: list[int] = field(default_factory=lambda: [1, 2, 4, 8])  # Recall@K values reported
+    nmi: bool = True  # k-means NMI (faiss) on the test embeddings
+    map_r: bool = True  # MAP@R and R-precision
+    batch_size: int = 128  # PER RANK (it only bounds memory; results do not depend on it)
+
+
+@dataclass
+class CheckpointConfig:
+    every_epochs: int = 1  # save at the end of every E epochs (and always at the end of training)
+    every_steps: int = 0  # also save every S optimizer steps; 0 = off
+    keep_last: int = 3  # older checkpoints are deleted
+    resume: bool = True  # continue from the latest checkpoint of the run directory, if there is one
+    dir: str = ""  # default <run_dir>/checkpoints
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = False  # MLflow tracking on rank 0
+    tracking_uri: str = ""  # "" = MLflow's default (sqlite:///mlflow.db in the working directory)
+    experiment: str = "proxygml"
+    run_name: str = ""  # "" = run.name
+    log_every_steps: int = 10  # training metrics cadence
+    retrieval_grid_queries: int = 8  # query rows in the logged retrieval picture; 0 = no picture
+
+
+@dataclass
+class EngineConfig:
+    name: str = "ddp"  # ddp (plain DDP, also on 1 process) | deepspeed
+    find_unused_parameters: bool = False  # DDP option
+    deepspeed_config: str = ""  # JSON file for engine=deepspeed
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+
+CHOICES = {
+    "run.device": ("auto", "cpu", "cuda"),
+    "data.decode": ("cpu", "gpu"),
+    "data.prepare": ("", "digits"),
+    "model.pooling": ("avg", "max", "avgmax", "catavgmax"),
+    "loss.mode": ("gather", "local", "sharded"),
+    "optim.name": ("adam", "adamw", "sgd"),
+    "train.amp": ("auto", "bf16", "off"),
+    "engine.name": ("ddp", "deepspeed"),
+}
+POSITIVE = ["model.dim", "loss.proxies_per_class", "train.epochs", "train.batch_size", "eval.batch_size",
+            "checkpoint.keep_last", "train.log_every_steps", "model.small_cnn_width"]
+NON_NEGATIVE = ["data.num_workers", "optim.lr", "optim.head_lr", "optim.proxy_lr", "optim.weight_decay",
+                "optim.eps", "optim.momentum", "train.warmup_epochs", "train.grad_clip", "train.max_steps",
+                "eval.every_epochs", "checkpoint.every_epochs", "checkpoint.every_steps", "loss.lam",
+                "tracking.log_every_steps", "tracking.retrieval_grid_queries"]
+
+
+def resolve_config_path(name: str) -> str:
+    """A file path, or the name of a preset in trainer/configs (`cub200` or `cub200.yaml`)."""
+    if os.path.isfile(name):
+        return name
+    preset = os.path.join(CONFIG_DIR, name if name.endswith(".yaml") else name + ".yaml")
+    if os.path.isfile(preset):
+        return preset
+    presets = sorted(f[:-5] for f in os.listdir(CONFIG_DIR) if f.endswith(".yaml"))
+    raise ConfigError(f"--config: no file {name!r} and no preset of that name (presets: {', '.join(presets)})")
+
+
+def load_config(path: str | None = None, overrides: list[str] | tuple = ()) -> DictConfig:
+    """Schema defaults, merged with the YAML file and the `key=value` overrides; validated."""
+    cfg = OmegaConf.structured(Config)
+    try:
+        if path is not None:
+            cfg = OmegaConf.merge(cfg, OmegaConf.load(resolve_config_path(path)))
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError(f"{item}: overrides are key=value (e.g. train.epochs=10)")
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+    except OmegaConfBaseException as e:
+        raise ConfigError(_describe(e)) from None
+    validate(cfg)
+    return cfg
+
+
+def from_dict(d: dict) -> DictConfig:
+    """A validated config from a plain dict (e.g. the `config` of a checkpoint)."""
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(d))
+    except OmegaConfBaseException as e:
+        raise ConfigError(_describe(e)) from None
+    validate(cfg)
+    return cfg
+
+
+def _describe(e: OmegaConfBaseException) -> str:
+    key = getattr(e, "full_key", None)
+    msg = str(e).split("\n")[0]
+    return f"{key}: {msg}" if key else msg
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise ConfigError naming the first key with a missing or invalid value."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(f"{missing[0]}: required, give it in the YAML file or as {missing[0]}=...")
+    get = lambda key: OmegaConf.select(cfg, key)  # noqa: E731
+    for key, allowed in CHOICES.items():
+        if get(key) not in allowed:
+            raise ConfigError(f"{key}: {get(key)!r} is not one of {', '.join(repr(a) for a in allowed)}")
+    for key in POSITIVE:
+        if get(key) <= 0:
+            raise ConfigError(f"{key}: must be > 0, got {get(key)}")
+    for key in NON_NEGATIVE:
+        if get(key) < 0:
+            raise ConfigError(f"{key}: must be >= 0, got {get(key)}")
+    if not 0.0 < cfg.loss.r <= 1.0:
+        raise ConfigError(f"loss.r: must be in (0, 1], got {cfg.loss.r}")
+    if not 0.0 < cfg.optim.lr_gamma <= 1.0:
+        raise ConfigError(f"optim.lr_gamma: must be in (0, 1], got {cfg.optim.lr_gamma}")
+    if any(m <= 0 for m in cfg.optim.lr_milestones) or list(cfg.optim.lr_milestones) != sorted(
+            cfg.optim.lr_milestones):
+        raise ConfigError(f"optim.lr_milestones: must be increasing positive epochs, got "
+                          f"{list(cfg.optim.lr_milestones)}")
+    if not cfg.eval.recall_ks or any(k <= 0 for k in cfg.eval.recall_ks):
+        raise ConfigError(f"eval.recall_ks: must be positive integers, got {list(cfg.eval.recall_ks)}")
+    if cfg.train.warmup_epochs >= cfg.train.epochs:
+        raise ConfigError(f"train.warmup_epochs: {cfg.train.warmup_epochs} leaves no epoch for the backbone "
+                          f"(train.epochs={cfg.train.epochs})")
+    if cfg.engine.name == "deepspeed" and not cfg.engine.deepspeed_config:
+        raise ConfigError("engine.deepspeed_config: required with engine.name=deepspeed")
+    try:
+        TransformConfig(**OmegaConf.to_container(cfg.data.transform))
+    except ValueError as e:
+        raise ConfigError(f"data.transform: {e}") from None
+    if cfg.model.backbone not in ("small_cnn", "bninception"):
+        import timm
+        if not timm.is_model(cfg.model.backbone):
+            raise ConfigError(f"model.backbone: {cfg.model.backbone!r} is not a timm model, 'bninception' "
+                              "or 'small_cnn'")
+    if cfg.data.decode == "gpu" and cfg.run.device == "cpu":
+        raise ConfigError("data.decode: 'gpu' needs run.device cuda or auto")
+
+
+def check_world_size(cfg: DictConfig, world_size: int) -> int:
+    """The per-rank batch; the global train.batch_size must split evenly over the ranks."""
+    if cfg.train.batch_size % world_size:
+        raise ConfigError(f"train.batch_size: the global batch {cfg.train.batch_size} does not split "
+                          f"evenly over {world_size} ranks")
+    return cfg.train.batch_size // world_size
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def to_dict(cfg: DictConfig) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True)
