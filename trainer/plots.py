@@ -1,0 +1,113 @@
+"""Pictures the tracker logs: retrieval grid, recall curve, per-class recall histogram.
+
+Pure functions that write PNG files; matplotlib is used through its object API (no pyplot, no global
+backend switch), the grid is drawn with PIL.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from PIL import Image, ImageDraw, ImageOps
+
+GREEN = (40, 170, 60)
+RED = (215, 40, 40)
+GREY = (150, 150, 150)
+QUERY = (40, 90, 200)
+
+
+def _save(fig: Figure, path: str) -> None:
+    FigureCanvasAgg(fig)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+
+
+def _tile(image: Image.Image | None, size: int, frame: tuple[int, int, int], border: int, caption: str):
+    """A `size` x `size` thumbnail (letterboxed) inside a coloured frame, with a caption underneath."""
+    inner = size - 2 * border
+    if image is None:
+        thumb = Image.new("RGB", (inner, inner), (225, 225, 225))
+        ImageDraw.Draw(thumb).line([(0, 0), (inner, inner)], fill=GREY, width=2)
+    else:
+        thumb = ImageOps.pad(image.convert("RGB"), (inner, inner), color=(255, 255, 255))
+    tile = Image.new("RGB", (size, size + 14), (255, 255, 255))
+    ImageDraw.Draw(tile).rectangle([0, 0, size - 1, size - 1], fill=frame)
+    tile.paste(thumb, (border, border))
+    ImageDraw.Draw(tile).text((2, size + 1), caption[: size // 6], fill=(0, 0, 0))
+    return tile
+
+
+def retrieval_grid(
+    rows: Sequence[dict],
+    images: Mapping[str, Image.Image],
+    path: str,
+    *,
+    tile: int = 112,
+    border: int = 5,
+) -> None:
+    """One row per query: the query (blue frame), then its neighbours framed green (same class) or red.
+
+    rows: [{"key": str, "label": int, "neighbours": [(key, label), ...]}, ...]; images: key -> PIL image
+    (a missing key is drawn as a crossed grey placeholder). Captions show the class of each image.
+    """
+    if not rows:
+        raise ValueError("retrieval_grid: `rows` is empty")
+    cols = 1 + max(len(r["neighbours"]) for r in rows)
+    gap = 12
+    width = cols * tile + gap
+    height = len(rows) * (tile + 14)
+    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    for i, row in enumerate(rows):
+        y = i * (tile + 14)
+        q = _tile(images.get(row["key"]), tile, QUERY, border, f"q {row['label']}")
+        canvas.paste(q, (0, y))
+        for j, (key, label) in enumerate(row["neighbours"]):
+            frame = GREEN if label == row["label"] else RED
+            canvas.paste(_tile(images.get(key), tile, frame, border, str(label)), (gap + (j + 1) * tile, y))
+    canvas.save(path, format="PNG")
+
+
+def recall_curve(history: Sequence[tuple[int, Mapping[int, float]]], path: str) -> None:
+    """Recall@K against K, one line per evaluation: history = [(step, {k: recall}), ...] (oldest first)."""
+    if not history:
+        raise ValueError("recall_curve: `history` is empty")
+    fig = Figure(figsize=(6, 4))
+    ax = fig.add_subplot()
+    colours = _shades(len(history))
+    for (step, recalls), colour in zip(history, colours):
+        ks = sorted(recalls)
+        ax.plot(ks, [recalls[k] for k in ks], marker="o", color=colour, label=f"step {step}")
+    ax.set_xscale("log", base=2)
+    ks = sorted({k for _, r in history for k in r})
+    ax.set_xticks(ks, [str(k) for k in ks])
+    ax.set_xlabel("K")
+    ax.set_ylabel("Recall@K")
+    ax.set_ylim(0, 1.0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right", ncol=1 + len(history) // 10)
+    ax.set_title("Recall@K per evaluation (darkest = latest)")
+    _save(fig, path)
+
+
+def _shades(n: int) -> list:
+    from matplotlib import colormaps
+
+    cmap = colormaps["Blues"]
+    return [cmap(0.35 + 0.65 * (i + 1) / n) for i in range(n)]
+
+
+def recall_histogram(recall: np.ndarray, path: str, *, title: str = "per-class Recall@1") -> None:
+    """Histogram of per-class recall values in [0, 1] (NaNs, i.e. classes without a query, dropped)."""
+    values = np.asarray(recall, dtype=float)
+    values = values[~np.isnan(values)]
+    fig = Figure(figsize=(6, 4))
+    ax = fig.add_subplot()
+    ax.hist(values, bins=np.linspace(0, 1, 21), color="#3a6fb0", edgecolor="white")
+    if len(values):
+        ax.axvline(values.mean(), color="black", linestyle="--", label=f"mean {values.mean():.3f}")
+        ax.legend()
+    ax.set_xlabel("Recall@1 of the class")
+    ax.set_ylabel("classes")
+    ax.set_title(f"{title} ({len(values)} classes)")
+    _save(fig, path)
