@@ -1,0 +1,40 @@
+"""Checkpointer: atomic files, last K kept, latest found; RNG states round-trip."""
+import os
+import random
+
+import pytest
+import torch
+
+from trainer.checkpoint import Checkpointer, load, rng_state, set_rng_state
+
+
+def test_keep_last_and_latest(tmp_path):
+    ck = Checkpointer(str(tmp_path / "ck"), keep_last=2)
+    assert ck.latest() is None and ck.load_latest() is None
+    for step in (5, 10, 15):
+        ck.save({"step": step, "w": torch.full((3,), float(step))}, step)
+    names = sorted(os.listdir(tmp_path / "ck"))
+    assert names == ["step-000000010.pt", "step-000000015.pt"]  # no temp files left, oldest deleted
+    assert ck.load_latest()["step"] == 15
+
+
+def test_failed_write_leaves_previous_checkpoint(tmp_path):
+    ck = Checkpointer(str(tmp_path), keep_last=3)
+    ck.save({"step": 1}, 1)
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        ck.save({"step": 2, "bad": Unpicklable()}, 2)
+    assert sorted(os.listdir(tmp_path)) == ["step-000000001.pt"]
+    assert load(ck.latest())["step"] == 1
+
+
+def test_rng_round_trip():
+    state = rng_state()
+    a = (random.random(), torch.rand(3))
+    set_rng_state(state)
+    b = (random.random(), torch.rand(3))
+    assert a[0] == b[0] and torch.equal(a[1], b[1])

@@ -1,0 +1,92 @@
+"""The engine seam: how the (embedder, criterion) module is wrapped, stepped and its optimizer saved.
+
+    engine = build_engine(cfg, module, optimizer, env)     # cfg.engine.name: ddp | deepspeed
+    loss = engine(images, labels)                          # forward of the wrapped module
+    engine.backward(loss); engine.step()                   # step: clip, optimizer step, zero grads
+    engine.rewrap()                                        # after requires_grad changed (warm-up end)
+    engine.optimizer_state_dict() / engine.load_optimizer_state_dict(sd)
+
+`module` is a `TrainModule`: the embedder and the criterion in one nn.Module, so that DDP all-reduces the
+proxies' gradients together with the network's. Parameters the criterion keeps out of DDP (its sharded
+mode: each rank owns a block of proxies) come from `criterion.ddp_ignored_parameters()`.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+
+class TrainModule(nn.Module):
+    """images, labels -> scalar loss. The loss runs in float32 outside autocast."""
+
+    def __init__(self, embedder: nn.Module, criterion: nn.Module):
+        super().__init__()
+        self.embedder = embedder
+        self.criterion = criterion
+
+    def forward(self, images, labels):
+        emb = self.embedder(images)
+        with torch.autocast(emb.device.type, enabled=False):
+            return self.criterion(emb.float(), labels)
+
+
+def ddp_ignored_names(module: TrainModule) -> list[str]:
+    """Fully qualified names (in `module`) of the criterion parameters DDP must not all-reduce."""
+    getter = getattr(module.criterion, "ddp_ignored_parameters", None)
+    if getter is None:
+        return []
+    ignored = list(getter())
+    by_id = {id(p): n for n, p in module.named_parameters()}
+    return [("criterion." + x if not x.startswith("criterion.") else x) if isinstance(x, str) else by_id[id(x)]
+            for x in ignored]
+
+
+class DDPEngine:
+    def __init__(self, module: TrainModule, optimizer: torch.optim.Optimizer, env, grad_clip: float = 0.0,
+                 find_unused_parameters: bool = False):
+        self.module, self.optimizer, self.env = module, optimizer, env
+        self.grad_clip = grad_clip
+        self.find_unused = find_unused_parameters
+        self.rewrap()
+
+    def rewrap(self):
+        """(Re)build the DDP wrapper: DDP fixes the set of trainable parameters when it is built."""
+        self.wrapped = None  # drop the old reducer (and its gradient hooks) first
+        ignored = ddp_ignored_names(self.module)
+        if ignored:
+            DDP._set_params_and_buffers_to_ignore_for_model(self.module, ignored)
+        dev = self.env.device
+        self.wrapped = DDP(self.module, device_ids=[dev.index] if dev.type == "cuda" else None,
+                           find_unused_parameters=self.find_unused)
+
+    def __call__(self, images, labels):
+        return self.wrapped(images, labels)
+
+    def backward(self, loss):
+        loss.backward()
+
+    def step(self):
+        if self.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_([p for p in self.module.parameters() if p.grad is not None],
+                                           self.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def optimizer_state_dict(self) -> dict:
+        return self.optimizer.state_dict()
+
+    def load_optimizer_state_dict(self, sd: dict):
+        self.optimizer.load_state_dict(sd)
+
+
+def build_engine(cfg, module: TrainModule, optimizer, env):
+    if cfg.engine.name == "ddp":
+        return DDPEngine(module, optimizer, env, cfg.train.grad_clip, cfg.engine.find_unused_parameters)
+    if cfg.engine.name == "deepspeed":
+        try:
+            from trainer.engine_deepspeed import DeepSpeedEngine
+        except ImportError as e:
+            raise NotImplementedError("engine.name=deepspeed: trainer/engine_deepspeed.py is not there yet") from e
+        return DeepSpeedEngine(cfg, module, optimizer, env)
+    raise ValueError(f"engine.name: unknown engine {cfg.engine.name!r}")
