@@ -2,13 +2,16 @@
 
 Takes exactly torchrun's arguments (`python -m launch.torchrun --nnodes 2 ... -m trainer --config ...`) and runs
 torchrun in this process, so signals (SIGTERM from SLURM or `docker stop`) reach torchrun's own handlers,
-which forward them to the workers. Only the rendezvous errors are caught: a node that never joins
-(`RendezvousTimeoutError` after `--rdzv-conf join_timeout=S`) and an endpoint nobody serves.
+which forward them to the workers (the trainer then checkpoints and exits; torchrun waits
+TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds, default 30, before SIGKILL). Caught and explained: a node that never joins
+(`RendezvousTimeoutError` after `--rdzv-conf join_timeout=S`), an endpoint nobody serves, and the stop signal
+itself (exit status 128 + signal number, as a shell reports it, instead of a traceback).
 """
 from __future__ import annotations
 
 import sys
 
+from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.rendezvous.api import (
     RendezvousClosedError,
     RendezvousConnectionError,
@@ -51,6 +54,9 @@ def main(argv: list[str] | None = None) -> None:
         run(args)
     except (RendezvousTimeoutError, RendezvousConnectionError, RendezvousClosedError) as e:
         sys.exit(explain(e, args))
+    except SignalException as e:
+        print(f"launch: got {e.sigval.name}: the workers were asked to checkpoint and stop", file=sys.stderr)
+        sys.exit(128 + int(e.sigval))
 
 
 if __name__ == "__main__":
