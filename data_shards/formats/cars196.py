@@ -1,0 +1,30 @@
+"""Cars196 (Stanford Cars): `car_ims/` + `cars_annos.mat` (read with scipy.io). The .mat holds
+`annotations` (struct array: relative_im_path, bbox_x1, bbox_y1, bbox_x2, bbox_y2, class, test) and
+`class_names`. Classes 1-98 are the train split, 99-196 the test split (the official `test` flag is kept
+in each sample's json but not used for the split, as in deep metric learning papers)."""
+
+import os
+
+import numpy as np
+import scipy.io
+
+from . import Record, require
+
+
+def collect(src: str, train_classes: int = 98) -> dict[str, list[Record]]:
+    mat_path = require(os.path.join(src, "cars_annos.mat"), "cars196 --src")
+    mat = scipy.io.loadmat(mat_path, squeeze_me=True)
+    for key in ("annotations", "class_names"):
+        if key not in mat:
+            raise ValueError(f"cars196: {mat_path} has no {key!r}")
+    names = [str(n) for n in np.atleast_1d(mat["class_names"])]
+    splits: dict[str, list[Record]] = {"train": [], "test": []}
+    for a in np.atleast_1d(mat["annotations"]):
+        rel = str(a["relative_im_path"])
+        cid = int(a["class"])
+        if not 1 <= cid <= len(names):
+            raise ValueError(f"cars196: {rel} has class {cid} outside 1..{len(names)}")
+        bbox = [int(a[k]) for k in ("bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2")]
+        rec = Record(os.path.join(src, rel), rel, cid, names[cid - 1], {"bbox": bbox, "test": int(a["test"])})
+        splits["train" if cid <= train_classes else "test"].append(rec)
+    return splits

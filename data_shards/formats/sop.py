@@ -1,0 +1,32 @@
+"""Stanford Online Products: `Stanford_Online_Products/` with Ebay_train.txt and Ebay_test.txt
+(`image_id class_id super_class_id path`; 11,318 train and 11,316 test classes). A class is named
+after its product: `bicycle_final/111085122871`."""
+
+import os
+
+from . import Record, require
+
+
+def read_list(root: str, name: str) -> list[Record]:
+    path = require(os.path.join(root, name), "sop --src")
+    with open(path, encoding="utf-8") as f:
+        header = f.readline().split()
+        if header[:4] != ["image_id", "class_id", "super_class_id", "path"]:
+            raise ValueError(f"sop: {path} does not start with 'image_id class_id super_class_id path'")
+        records = []
+        for line in f:
+            if not line.strip():
+                continue
+            image_id, class_id, super_id, rel = line.split()
+            product = rel.rsplit("/", 1)
+            name = product[0] + "/" + product[-1].rsplit("_", 1)[0]
+            records.append(Record(os.path.join(root, rel), rel, int(class_id), name,
+                                  {"image_id": int(image_id), "super_class_id": int(super_id)}))
+    return records
+
+
+def collect(src: str) -> dict[str, list[Record]]:
+    root = src
+    if not os.path.isfile(os.path.join(root, "Ebay_train.txt")):
+        root = os.path.join(src, "Stanford_Online_Products")
+    return {"train": read_list(root, "Ebay_train.txt"), "test": read_list(root, "Ebay_test.txt")}

@@ -1,0 +1,312 @@
+"""Train and eval streams over the shards of one split, for every rank and DataLoader worker.
+
+Reading goes through webdataset (`tarfile_samples`: local paths, `pipe:` commands, http via curl); the
+split of the data over ranks and workers is planned here from the manifest, so that:
+
+- the shards (cut into `parts` when there are fewer shards than readers) are dealt each epoch to
+  `world_size * max(1, num_workers)` readers ("slots"), balanced by sample count, from a shuffle seeded
+  by (seed, epoch); unlike `wds.split_by_node`, a rank sees other shards every epoch and no rank is empty;
+- train: every rank yields exactly `len(loader) = num_samples // (batch_size * world_size)` full batches.
+  A slot reads its units in a cycle (a slot short of samples repeats some, one with extra leaves some
+  for another epoch), shuffles samples with a seeded buffer and cuts batches; batch p of the rank comes
+  from slot p % V, and DataLoader's in-order round robin over the workers puts them back in order p.
+  Batch contents and augmentation are a function of (seed, epoch, rank, world_size) for a given
+  batch_size and num_workers, so `start_batch=b` (skipping raw samples, no decoding) yields exactly
+  batches b.. of the same epoch;
+- eval: each sample is read by exactly one slot, once; the last batch of a slot may be short;
+- a sample that cannot be read or decoded is skipped with a counted warning. In a train batch it is
+  replaced by another sample of the same batch, so batch sizes and counts never change (no DDP hang).
+"""
+
+import itertools
+import json
+import logging
+import math
+import random
+from dataclasses import dataclass
+
+import torch
+import webdataset as wds
+from torch.utils.data import IterableDataset, get_worker_info
+
+from .manifest import Manifest, read_manifest
+from .transforms import TransformConfig, decode_image, eval_transform, train_transform
+
+log = logging.getLogger("data_shards")
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm", "pbm")
+DECODES = ("cpu", "none")
+
+
+@dataclass(frozen=True)
+class Unit:
+    """Samples `part`, `part + parts`, ... of shard `shard` (all of it when parts == 1)."""
+    shard: int
+    part: int
+    parts: int
+    size: int
+
+
+def make_units(counts: list[int], readers: int) -> list[Unit]:
+    parts = max(1, math.ceil(readers / max(1, len(counts))))
+    return [Unit(i, j, parts, n // parts + (j < n % parts)) for i, n in enumerate(counts) for j in range(parts)]
+
+
+def assign_units(units: list[Unit], slots: int, rng: random.Random | None) -> list[list[Unit]]:
+    """Deal units to slots, biggest first (ties in seeded random order), each to the least loaded slot."""
+    order = list(units)
+    if rng is not None:
+        rng.shuffle(order)
+    order.sort(key=lambda u: -u.size)
+    plan: list[list[Unit]] = [[] for _ in range(slots)]
+    load = [0] * slots
+    for u in order:
+        s = min(range(slots), key=lambda k: (load[k], k))
+        plan[s].append(u)
+        load[s] += u.size
+    return plan
+
+
+class SkipCounter:
+    """Counts and logs what is skipped: exceptions from the tar reader, undecodable samples."""
+
+    def __init__(self, where: str):
+        self.where, self.count = where, 0
+
+    def skip(self, what: str) -> None:
+        self.count += 1
+        log.warning("data_shards: skipped %s (%d skipped so far by %s)", what, self.count, self.where)
+
+    def handler(self, exn: Exception) -> bool:  # a webdataset handler: True = go on
+        self.skip(f"unreadable data: {exn!r}")
+        return True
+
+
+def read_unit(url: str, unit: Unit, skips: SkipCounter):
+    samples = wds.tarfile_samples([{"url": url}], handler=skips.handler)
+    yield from itertools.islice(samples, unit.part, None, unit.parts)
+
+
+def image_bytes(sample: dict) -> bytes:
+    for ext in IMAGE_EXTS:
+        if ext in sample:
+            return sample[ext]
+    raise KeyError(f"no image field in sample {sample.get('__key__')} (fields {sorted(sample)})")
+
+
+def label_of(sample: dict, num_classes: int) -> int:
+    label = int(sample["cls"])
+    if not 0 <= label < num_classes:
+        raise ValueError(f"label {label} outside [0, {num_classes})")
+    return label
+
+
+def as_uint8(data: bytes) -> torch.Tensor:
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+
+def _worker() -> tuple[int, int]:
+    info = get_worker_info()
+    return (0, 1) if info is None else (info.id, info.num_workers)
+
+
+class TrainStream(IterableDataset):
+    def __init__(self, m: Manifest, batch_size, seed, epoch, rank, world_size, slots_per_rank,
+                 start_batch, transform, decode, shuffle_buffer):
+        super().__init__()
+        self.m, self.batch_size, self.seed, self.epoch = m, batch_size, seed, epoch
+        self.rank, self.world_size, self.V = rank, world_size, slots_per_rank
+        self.start_batch, self.transform, self.decode = start_batch, transform, decode
+        self.shuffle_buffer = shuffle_buffer
+        self.batches_per_epoch = m.num_samples // (batch_size * world_size)
+
+    def _tag(self, *more) -> str:
+        return "/".join(map(str, (self.seed, self.epoch, self.world_size) + more))
+
+    def plan(self) -> list[list[Unit]]:
+        units = make_units(self.m.shard_counts, self.world_size * self.V)
+        return assign_units(units, self.world_size * self.V, random.Random(self._tag("assign")))
+
+    def slot_samples(self, slot: int, units: list[Unit], skips: SkipCounter):
+        """Endless stream of raw samples of one slot: its units, in a new seeded order every cycle."""
+        urls = self.m.shards
+        for cycle in itertools.count():
+            order = list(units)
+            random.Random(self._tag("slot", slot, cycle)).shuffle(order)
+            got = 0
+            for u in order:
+                for sample in read_unit(urls[u.shard], u, skips):
+                    got += 1
+                    yield sample
+            if got == 0:
+                raise RuntimeError(f"data_shards: no readable sample in shards "
+                                   f"{sorted({urls[u.shard] for u in units})} (slot {slot})")
+
+    def __iter__(self):
+        w, W = _worker()
+        assert W == self.V, (W, self.V)
+        L, B, b = self.batches_per_epoch, self.batch_size, self.start_batch
+        v = (b + w) % self.V                       # round robin from worker 0 must start at batch b
+        slot = self.rank * self.V + v
+        units = self.plan()[slot]
+        skips = SkipCounter(f"train rank {self.rank} worker {w}")
+        rng = random.Random(self._tag("shuffle", slot))
+        samples = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(
+            self.slot_samples(slot, units, skips))
+        done_before = len(range(v, b, self.V))     # this slot's batches before start_batch
+        for _ in range(done_before * B):
+            next(samples)
+        tf = train_transform(self.transform) if self.decode == "cpu" else None
+        for p in range(v + self.V * done_before, L, self.V):
+            yield self.make_batch(samples, p, tf, skips)
+
+    def make_batch(self, samples, position: int, tf, skips: SkipCounter):
+        B, C = self.batch_size, self.m.num_classes
+        while True:
+            raw = list(itertools.islice(samples, B))
+            items = []
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(hash_seed(self._tag("aug", self.rank, position)))
+                for s in raw:
+                    try:
+                        data, label = image_bytes(s), label_of(s, C)
+                        x = as_uint8(data) if tf is None else tf(decode_image(data))
+                        items.append((x, label))
+                    except Exception as exn:
+                        skips.skip(f"sample {s.get('__key__')} of {s.get('__url__')}: {exn!r}")
+                        items.append(None)
+            good = [it for it in items if it is not None]
+            if good:
+                break
+            log.error("data_shards: a whole batch (%d samples) was unreadable; reading on", B)
+        # replace each bad sample by the nearest good one before it (else after it) in the same batch
+        filled, last = [], None
+        for it in items:
+            last = it if it is not None else last
+            filled.append(last)
+        first = good[0]
+        filled = [it if it is not None else first for it in filled]
+        labels = torch.tensor([lab for _, lab in filled], dtype=torch.int64)
+        xs = [x for x, _ in filled]
+        return (xs if tf is None else torch.stack(xs)), labels
+
+
+class EvalStream(IterableDataset):
+    def __init__(self, m: Manifest, batch_size, rank, world_size, slots_per_rank, transform, decode):
+        super().__init__()
+        self.m, self.batch_size, self.rank, self.world_size = m, batch_size, rank, world_size
+        self.V, self.transform, self.decode = slots_per_rank, transform, decode
+
+    def plan(self) -> list[list[Unit]]:
+        units = make_units(self.m.shard_counts, self.world_size * self.V)
+        return assign_units(units, self.world_size * self.V, None)
+
+    def __iter__(self):
+        w, W = _worker()
+        assert W == self.V, (W, self.V)
+        slot = self.rank * self.V + w
+        skips = SkipCounter(f"eval rank {self.rank} worker {w}")
+        tf = eval_transform(self.transform) if self.decode == "cpu" else None
+        urls, batch = self.m.shards, []
+        for u in sorted(self.plan()[slot], key=lambda u: (u.shard, u.part)):
+            for s in read_unit(urls[u.shard], u, skips):
+                try:
+                    data, label = image_bytes(s), label_of(s, self.m.num_classes)
+                    x = as_uint8(data) if tf is None else tf(decode_image(data))
+                    batch.append((x, label, sample_key(s)))
+                except Exception as exn:
+                    skips.skip(f"sample {s.get('__key__')} of {s.get('__url__')}: {exn!r}")
+                    continue
+                if len(batch) == self.batch_size:
+                    yield self.collate(batch, tf)
+                    batch = []
+        if batch:
+            yield self.collate(batch, tf)
+
+    @staticmethod
+    def collate(batch, tf):
+        xs, labels, keys = zip(*batch)
+        return (list(xs) if tf is None else torch.stack(xs)), torch.tensor(labels, dtype=torch.int64), list(keys)
+
+
+def sample_key(sample: dict) -> str:
+    """The original path stored by the writer (unique within a split), else the tar key."""
+    if "json" in sample:
+        try:
+            return json.loads(sample["json"])["path"]
+        except (ValueError, KeyError, TypeError):
+            pass
+    return sample["__key__"]
+
+
+def hash_seed(tag: str) -> int:
+    return random.Random(tag).getrandbits(63)
+
+
+class ShardLoader:
+    """An iterable of batches with `len()` = batches per epoch (train) or batches of this rank (eval)."""
+
+    def __init__(self, loader, length: int, manifest: Manifest, **info):
+        self.loader, self.length, self.manifest = loader, length, manifest
+        self.__dict__.update(info)
+
+    def __iter__(self):
+        return iter(self.loader)
+
+    def __len__(self):
+        return self.length
+
+
+def _check(batch_size, num_workers, rank, world_size, decode):
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {num_workers!r}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank!r}")
+    if decode not in DECODES:
+        raise ValueError(f"decode must be one of {DECODES}, got {decode!r}")
+
+
+def _loader(dataset, num_workers, pin_memory, prefetch_factor):
+    kw = dict(prefetch_factor=prefetch_factor) if num_workers > 0 else {}
+    return wds.WebLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory, **kw)
+
+
+def train_loader(split_dir, batch_size: int, num_workers: int = 2, seed: int = 0, epoch: int = 0,
+                 rank: int = 0, world_size: int = 1, transform: TransformConfig | None = None,
+                 start_batch: int = 0, decode: str = "cpu", shuffle_buffer: int = 1000,
+                 pin_memory: bool = False, prefetch_factor: int = 2) -> ShardLoader:
+    """Batches `(images float (B,3,H,W), labels int64 (B,))` of one rank for one epoch (decode="none":
+    `(list of uint8 tensors of the encoded images, labels)`). `len()` is the same on every rank."""
+    _check(batch_size, num_workers, rank, world_size, decode)
+    m = split_dir if isinstance(split_dir, Manifest) else read_manifest(split_dir)
+    L = m.num_samples // (batch_size * world_size)
+    if L == 0:
+        raise ValueError(f"train_loader: {m.num_samples} samples in {m.location} give no full batch of "
+                         f"batch_size={batch_size} on world_size={world_size} ranks")
+    if not 0 <= start_batch < L:
+        raise ValueError(f"train_loader: start_batch must be in [0, {L}), got {start_batch!r}")
+    stream = TrainStream(m, batch_size, seed, epoch, rank, world_size, max(1, num_workers), start_batch,
+                         transform or TransformConfig(), decode, shuffle_buffer)
+    loader = _loader(stream, num_workers, pin_memory, prefetch_factor).with_epoch(L - start_batch)
+    return ShardLoader(loader, L, m, batches_per_epoch=L, start_batch=start_batch, epoch=epoch)
+
+
+def eval_loader(split_dir, batch_size: int, num_workers: int = 2, rank: int = 0, world_size: int = 1,
+                transform: TransformConfig | None = None, decode: str = "cpu",
+                pin_memory: bool = False, prefetch_factor: int = 2) -> ShardLoader:
+    """Batches `(images, labels, keys)`; over all ranks and workers every sample comes exactly once
+    (counts per rank may differ). keys are the original image paths."""
+    _check(batch_size, num_workers, rank, world_size, decode)
+    m = split_dir if isinstance(split_dir, Manifest) else read_manifest(split_dir)
+    V = max(1, num_workers)
+    stream = EvalStream(m, batch_size, rank, world_size, V, transform or TransformConfig(), decode)
+    plan = stream.plan()
+    per_slot = [sum(u.size for u in plan[rank * V + w]) for w in range(V)]
+    length = sum(math.ceil(n / batch_size) for n in per_slot)
+    return ShardLoader(_loader(stream, num_workers, pin_memory, prefetch_factor), length, m,
+                       num_samples=sum(per_slot))
+
+
+__all__ = ["train_loader", "eval_loader", "TrainStream", "EvalStream", "ShardLoader"]

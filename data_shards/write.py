@@ -1,0 +1,241 @@
+"""Convert a dataset into webdataset tar shards + manifest.json per split:
+
+    python -m data_shards write {cub200,cars196,sop,folder} --src PATH --out DIR [--shard-size 256MB]
+
+Each sample of a shard: `<key>.<ext>` the image bytes as stored (or re-encoded as JPEG with --reencode),
+`<key>.cls` the contiguous class index 0..C-1 within the split (classes in original-id order), and
+`<key>.json` {path, class_id, class_name, label, ...}. Samples are shuffled (seeded) before being cut into
+shards of about --shard-size bytes, and every image is decoded once: one that cannot be is reported
+(count and paths, also in the manifest) and left out. Shards are written in parallel, one process per
+shard (webdataset's TarWriter with a fixed mtime: the same input gives byte-identical shards);
+ShardWriter is sequential, which is why it is not used. Re-running on a finished split verifies the
+shards against the manifest (sha256, counts) instead of rewriting them (--overwrite rewrites).
+"""
+
+import argparse
+import io
+import json
+import logging
+import os
+import random
+import re
+import tempfile
+from concurrent.futures import ProcessPoolExecutor, as_completed
+
+import webdataset as wds
+from PIL import Image
+from tqdm import tqdm
+
+from .formats import Record, collect
+from .manifest import FORMAT_VERSION, MANIFEST, read_manifest, sha256_file, write_manifest
+from .transforms import to_rgb
+
+log = logging.getLogger("data_shards")
+FORMATS = ("cub200", "cars196", "sop", "folder")
+
+
+def parse_size(value) -> int:
+    """'256MB', '1.5GB', '500k' or a plain number of bytes."""
+    if isinstance(value, int):
+        return value
+    m = re.fullmatch(r"\s*([\d.]+)\s*([kmgt]?)i?b?\s*", str(value).lower())
+    if not m:
+        raise ValueError(f"shard_size: cannot read {value!r} (examples: 256MB, 1GB, 500000)")
+    return int(float(m.group(1)) * 1024 ** " kmgt".index(m.group(2) or " "))
+
+
+def check_image(data: bytes) -> None:
+    """Raise unless the bytes decode to an image (JPEGs at 1/8 scale: every block is still read)."""
+    with Image.open(io.BytesIO(data)) as img:
+        if img.format == "JPEG":
+            img.draft(img.mode, (max(1, img.width // 8), max(1, img.height // 8)))
+        img.load()
+
+
+def reencode_jpeg(data: bytes, quality: int) -> bytes:
+    with Image.open(io.BytesIO(data)) as img:
+        img.load()
+        out = io.BytesIO()
+        to_rgb(img).save(out, format="JPEG", quality=quality)
+    return out.getvalue()
+
+
+def image_ext(path: str) -> str:
+    ext = os.path.splitext(path)[1].lower().lstrip(".")
+    return {"jpeg": "jpg", "tif": "tiff"}.get(ext, ext) or "jpg"
+
+
+def write_shard(path: str, items: list[tuple[int, int, Record]], reencode: int | None) -> dict:
+    """Write one shard (to a temp name, then renamed); returns its manifest entry and skipped paths."""
+    tmp, skipped, count = path + ".tmp", [], 0
+    with open(tmp, "wb") as f, wds.TarWriter(f, encoder=False, mtime=0.0) as tw:
+        for index, label, rec in items:
+            try:
+                with open(rec.file, "rb") as src:
+                    data = src.read()
+                check_image(data)
+                if reencode:
+                    data = reencode_jpeg(data, reencode)
+            except Exception as exn:  # unreadable or undecodable: reported, left out
+                skipped.append(f"{rec.path}: {exn}")
+                continue
+            meta = dict(path=rec.path, class_id=rec.class_id, class_name=rec.class_name, label=label, **rec.extra)
+            tw.write({"__key__": f"{index:08d}", "jpg" if reencode else image_ext(rec.file): data,
+                      "cls": str(label).encode(), "json": json.dumps(meta).encode()})
+            count += 1
+    os.replace(tmp, path)
+    return dict(name=os.path.basename(path), num_samples=count, sha256=sha256_file(path),
+                bytes=os.path.getsize(path), skipped=skipped)
+
+
+def plan_shards(records: list[Record], shard_size: int) -> list[list[int]]:
+    """Cut record indices into consecutive groups of about shard_size bytes (at least one each)."""
+    groups, current, size = [], [], 0
+    for i, rec in enumerate(records):
+        n = os.path.getsize(rec.file) if os.path.exists(rec.file) else 0
+        if current and size + n > shard_size:
+            groups.append(current)
+            current, size = [], 0
+        current.append(i)
+        size += n
+    if current:
+        groups.append(current)
+    return groups
+
+
+def verify_split(split_dir: str, dataset: str, split: str, num_records: int, progress: bool) -> dict:
+    m = read_manifest(split_dir)
+    problems = []
+    if (m.dataset, m.split) != (dataset, split):
+        problems.append(f"it holds {m.dataset}/{m.split}, not {dataset}/{split}")
+    if m.num_samples + m.skipped.get("count", 0) != num_records:
+        problems.append(f"it was written from {m.num_samples + m.skipped.get('count', 0)} source images, "
+                        f"the source now has {num_records}")
+    for name, sha in tqdm(list(zip(m.shard_names, m.shard_sha256)), desc=f"verify {split}", unit="shard",
+                          leave=False, disable=not progress):
+        path = os.path.join(split_dir, name)
+        if not os.path.isfile(path):
+            problems.append(f"{name} is missing")
+        elif sha256_file(path) != sha:
+            problems.append(f"{name} does not match its sha256")
+    if problems:
+        raise RuntimeError(f"data_shards write: {split_dir} exists but does not verify: " + "; ".join(problems)
+                           + " (pass overwrite=True / --overwrite to rewrite it)")
+    return dict(split=split, status="verified", num_samples=m.num_samples, num_classes=m.num_classes,
+                num_shards=len(m.shard_names), skipped=m.skipped.get("count", 0), skipped_paths=[])
+
+
+def write_split(fmt: str, split: str, records: list[Record], split_dir: str, *, src: str, shard_size: int,
+                workers: int, seed: int, reencode: int | None, progress: bool) -> dict:
+    classes = sorted({(r.class_id, r.class_name) for r in records})
+    if len({cid for cid, _ in classes}) != len(classes):
+        raise ValueError(f"{fmt}: a class id has several names in split {split}")
+    label = {cid: i for i, (cid, _) in enumerate(classes)}
+    records = list(records)
+    random.Random(seed).shuffle(records)
+    os.makedirs(split_dir, exist_ok=True)
+    for stale in os.listdir(split_dir):
+        if re.fullmatch(rf"{fmt}-\d{{6}}\.tar(\.tmp)?", stale):
+            os.remove(os.path.join(split_dir, stale))
+    groups = plan_shards(records, shard_size)
+    entries = [None] * len(groups)
+    with ProcessPoolExecutor(max_workers=workers) as pool, \
+            tqdm(total=len(records), desc=f"{fmt} {split}", unit="img", disable=not progress) as bar:
+        futures = {pool.submit(write_shard, os.path.join(split_dir, f"{fmt}-{k:06d}.tar"),
+                               [(i, label[records[i].class_id], records[i]) for i in g], reencode): (k, len(g))
+                   for k, g in enumerate(groups)}
+        for fut in as_completed(futures):
+            k, n = futures[fut]
+            entries[k] = fut.result()
+            bar.update(n)
+    skipped = sorted(p for e in entries for p in e.pop("skipped"))
+    for e in [e for e in entries if e["num_samples"] == 0]:  # every image of the shard was undecodable
+        os.remove(os.path.join(split_dir, e["name"]))
+        entries.remove(e)
+    if skipped:
+        log.warning("data_shards write: %d image(s) of %s/%s could not be decoded and were left out: %s",
+                    len(skipped), fmt, split, "; ".join(skipped[:20]) + (" ..." if len(skipped) > 20 else ""))
+    manifest = dict(format_version=FORMAT_VERSION, dataset=fmt, split=split,
+                    num_samples=sum(e["num_samples"] for e in entries), num_classes=len(classes),
+                    class_names=[n for _, n in classes], class_ids=[c for c, _ in classes],
+                    shards=entries, skipped=dict(count=len(skipped), paths=skipped),
+                    source=os.path.abspath(src), seed=seed, reencode=reencode)
+    write_manifest(split_dir, manifest)
+    return dict(split=split, status="written", num_samples=manifest["num_samples"], num_classes=len(classes),
+                num_shards=len(entries), skipped=len(skipped), skipped_paths=skipped)
+
+
+def write_dataset(fmt: str, src, out, *, shard_size="256MB", workers: int | None = None, seed: int = 0,
+                  reencode: int | None = None, overwrite: bool = False, progress: bool = True,
+                  **options) -> dict[str, dict]:
+    """Write every split of `src` (format `fmt`) under `out/<split>/`; returns a summary per split.
+
+    options go to the format's reader: cub200/cars196 `train_classes` (the last train class id), folder
+    `train_fraction` or `train_classes` / `test_classes` (lists or comma-separated folder names).
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"write_dataset: fmt must be one of {FORMATS}, got {fmt!r}")
+    src, out = os.fspath(src), os.fspath(out)
+    if not os.path.exists(src):
+        raise FileNotFoundError(f"write_dataset: src {src} does not exist")
+    if reencode is not None and not 1 <= int(reencode) <= 100:
+        raise ValueError(f"write_dataset: reencode is a JPEG quality in 1..100, got {reencode!r}")
+    size, workers = parse_size(shard_size), workers or min(8, os.cpu_count() or 1)
+    os.makedirs(out, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out, prefix=".unpack-") as tmp:
+        if fmt == "cub200" and os.path.isfile(src):
+            options["tmp_dir"] = tmp
+        splits = collect(fmt, src, **options)
+        summary = {}
+        for split, records in splits.items():
+            split_dir = os.path.join(out, split)
+            if not records:
+                log.warning("data_shards write: split %s of %s is empty; nothing written", split, src)
+                continue
+            if os.path.isfile(os.path.join(split_dir, MANIFEST)) and not overwrite:
+                summary[split] = verify_split(split_dir, fmt, split, len(records), progress)
+            else:
+                summary[split] = write_split(fmt, split, records, split_dir, src=src, shard_size=size,
+                                             workers=workers, seed=seed, reencode=reencode, progress=progress)
+    return summary
+
+
+def add_write_parser(sub) -> None:
+    p = sub.add_parser("write", help="convert a dataset to shards", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("format", choices=FORMATS)
+    p.add_argument("--src", required=True, help="dataset folder (cub200: folder or CUB_200_2011.tgz)")
+    p.add_argument("--out", required=True, help="output folder; splits go to OUT/train, OUT/test")
+    p.add_argument("--shard-size", default="256MB", help="target shard size (default 256MB)")
+    p.add_argument("--workers", type=int, default=None, help="parallel shard writers (default min(8, cpus))")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sample order across shards")
+    p.add_argument("--reencode", type=int, default=None, metavar="QUALITY",
+                   help="re-encode every image as RGB JPEG of this quality (default: keep the bytes)")
+    p.add_argument("--overwrite", action="store_true", help="rewrite a finished output instead of verifying")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--train-classes", default=None,
+                   help="folder: comma-separated train class folders; cub200/cars196: last train class id")
+    p.add_argument("--test-classes", default=None, help="folder: comma-separated test class folders")
+    p.add_argument("--train-fraction", type=float, default=None,
+                   help="folder: share of classes (in sorted order) for train (default 0.5)")
+
+
+def run_write(args) -> int:
+    options = {}
+    if args.format == "folder":
+        for key in ("train_classes", "test_classes", "train_fraction"):
+            if getattr(args, key) is not None:
+                options[key] = getattr(args, key)
+    elif args.train_fraction is not None or args.test_classes is not None:
+        raise SystemExit("--train-fraction and --test-classes only apply to the folder format")
+    elif args.train_classes is not None:
+        options["train_classes"] = int(args.train_classes)
+    summary = write_dataset(args.format, args.src, args.out, shard_size=args.shard_size, workers=args.workers,
+                            seed=args.seed, reencode=args.reencode, overwrite=args.overwrite,
+                            progress=not args.no_progress, **options)
+    for split, s in summary.items():
+        print(f"{split}: {s['status']}: {s['num_samples']} images, {s['num_classes']} classes, "
+              f"{s['num_shards']} shards, {s['skipped']} undecodable left out -> {os.path.join(args.out, split)}")
+        for p in s["skipped_paths"]:
+            print(f"  left out: {p}")
+    return 0
