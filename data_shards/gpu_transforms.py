@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -33,6 +34,9 @@ from torchvision.transforms import InterpolationMode
 from data_shards.transforms import INTERPOLATIONS, decode_image
 
 log = logging.getLogger(__name__)
+# torchvision 0.29 deprecates its decoders in favour of TorchCodec (not in our stack yet): say it once, here.
+warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
+                        category=DeprecationWarning)
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 _CROP_TRIES = 10  # torchvision's RandomResizedCrop.make_params
@@ -90,7 +94,8 @@ def decode_images(blobs: list[torch.Tensor], device: torch.device,
     """uint8 (3, H, W) images on `device`, one per blob; None for what nothing could decode."""
     images: list[torch.Tensor | None] = [None] * len(blobs)
     jpegs = [i for i, b in enumerate(blobs) if b.numel() >= 3 and bytes(b[:3].tolist()) == JPEG_MAGIC]
-    for i, img in zip(jpegs, _device_decode([blobs[i] for i in jpegs], device)):
+    decoded = _device_decode([blobs[i] for i in jpegs], device) if jpegs else []
+    for i, img in zip(jpegs, decoded):
         if img is not None and img.shape[0] == 3:
             images[i] = img
             stats.device += 1

@@ -1,0 +1,245 @@
+"""The device decode + augment path (data_shards.gpu_transforms) run with device="cpu", against the CPU path
+(data_shards.transforms, torchvision on PIL images) on the same real JPEG/PNG files made here."""
+
+import io
+import threading
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from scipy.stats import ks_2samp
+
+from data_shards.gpu_transforms import (
+    DecodeStats,
+    check_decode_device,
+    decode_images,
+    device_batches,
+    sample_crop_boxes,
+)
+from data_shards.transforms import TransformConfig, decode_image, eval_transform, train_transform
+
+pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
+
+BN_INCEPTION = dict(channel_order="bgr", pixel_scale=255.0, mean=[104.0, 117.0, 128.0], std=[1.0, 1.0, 1.0])
+
+
+def photo(h: int, w: int, seed: int) -> np.ndarray:
+    """A smooth, asymmetric colour image (a low-frequency random field plus a left-to-right ramp)."""
+    g = torch.Generator().manual_seed(seed)
+    field = torch.rand(1, 3, 6, 6, generator=g) * 200
+    img = torch.nn.functional.interpolate(field, size=(h, w), mode="bicubic", align_corners=False)[0]
+    img = img + torch.linspace(0, 55, w).view(1, 1, w)
+    return img.clamp(0, 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+
+
+def encode(img: np.ndarray | Image.Image, fmt: str = "JPEG", **kw) -> torch.Tensor:
+    buf = io.BytesIO()
+    (img if isinstance(img, Image.Image) else Image.fromarray(img)).save(buf, fmt, **kw)
+    return torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)
+
+
+SIZES = [(75, 100), (100, 75), (64, 64), (90, 160), (48, 200)]
+
+
+@pytest.fixture(scope="module")
+def blobs() -> list[torch.Tensor]:
+    return [encode(photo(h, w, seed=i), quality=90) for i, (h, w) in enumerate(SIZES * 3)]
+
+
+def cpu_batch(blobs, transform) -> torch.Tensor:
+    return torch.stack([transform(decode_image(b.numpy().tobytes())) for b in blobs])
+
+
+def device_batch(blobs, cfg, train, seed) -> torch.Tensor:
+    (images, _), = device_batches([(blobs, torch.zeros(len(blobs)))], cfg, "cpu", train=train, seed=seed)
+    return images
+
+
+def test_crop_boxes_follow_torchvision_distribution():
+    """Crop area share, log aspect and placement: KS distance to torchvision's own sampler (the CPU path's
+    RandomResizedCrop.make_params) below 0.03 with 6,000 draws per size (the 0.1% critical value is 0.036);
+    the extreme 12x300 image takes the centre-crop fallback, identical on both sides."""
+    cfg = TransformConfig()
+    rrc = train_transform(cfg).transforms[0]
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    n = 6000
+    for h, w in [(375, 500), (500, 375), (100, 100), (40, 160)]:
+        ours = sample_crop_boxes(torch.tensor([[h, w]] * n), cfg.scale, cfg.ratio, g).double()
+        image = torch.zeros(3, h, w, dtype=torch.uint8)
+        ref = torch.tensor([[p["top"], p["left"], p["height"], p["width"]]
+                            for p in (rrc.make_params([image]) for _ in range(n))]).double()
+        for box in (ours, ref):
+            assert (box[:, 2:] > 0).all() and (box[:, 0] + box[:, 2] <= h).all()
+            assert (box[:, 1] + box[:, 3] <= w).all() and (box[:, :2] >= 0).all()
+
+        def stats(b, h=h, w=w):
+            return {"area": b[:, 2] * b[:, 3] / (h * w), "log_aspect": torch.log(b[:, 3] / b[:, 2]),
+                    "top": (b[:, 0] + 0.5) / (h - b[:, 2] + 1), "left": (b[:, 1] + 0.5) / (w - b[:, 3] + 1)}
+
+        s_ours, s_ref = stats(ours), stats(ref)
+        for key in s_ours:
+            d = ks_2samp(s_ours[key].numpy(), s_ref[key].numpy()).statistic
+            assert d < 0.03, f"{(h, w)} {key}: KS distance {d:.3f}"
+    skinny = sample_crop_boxes(torch.tensor([[12, 300]] * 50), cfg.scale, cfg.ratio, g)
+    expected = rrc.make_params([torch.zeros(3, 12, 300)])
+    assert (skinny == torch.tensor([expected[k] for k in ("top", "left", "height", "width")])).all()
+
+
+def test_crop_boxes_fallback_branches_match_torchvision():
+    """With a scale range nothing fits, every box is torchvision's centre crop, for wide, tall and square."""
+    g = torch.Generator().manual_seed(1)
+    scale, ratio = [3.0, 4.0], [0.75, 1.3333]
+    rrc = train_transform(TransformConfig()).transforms[0]
+    rrc.scale = tuple(scale)
+    for h, w in [(50, 200), (200, 50), (60, 70)]:
+        ours = sample_crop_boxes(torch.tensor([[h, w]]), scale, ratio, g)[0].tolist()
+        p = rrc.make_params([torch.zeros(3, h, w)])
+        assert ours == [p["top"], p["left"], p["height"], p["width"]], (h, w)
+
+
+def _which_flip(out: torch.Tensor, plain: torch.Tensor) -> torch.Tensor:
+    """1 where a sample is the mirrored image, 0 where it is the plain one."""
+    d_plain = (out - plain).abs().flatten(1).mean(1)
+    d_flip = (out - plain.flip(-1)).abs().flatten(1).mean(1)
+    assert (torch.minimum(d_plain, d_flip) < 0.05).all()
+    return (d_flip < d_plain).float()
+
+
+@pytest.mark.parametrize("p", [0.5, 0.2])
+def test_flip_rate_matches_cpu_path(p):
+    """Whole-image crops (scale and ratio pinned to the image), so each output is the image or its mirror:
+    the flip share of 1,200 samples is within 4 binomial sigma (0.058 at p=0.5) of p on both paths."""
+    h, w = 48, 64
+    blob = encode(photo(h, w, seed=7), "PNG")
+    cfg = TransformConfig(image_size=32, resize_size=32, scale=[1.0, 1.0], ratio=[w / h, w / h], hflip=p)
+    n = 1200
+    torch.manual_seed(0)
+    cpu = cpu_batch([blob] * n, train_transform(cfg))
+    dev = device_batch([blob] * n, cfg, train=True, seed=0)
+    plain = cpu_batch([blob], train_transform(TransformConfig(**{**cfg.__dict__, "hflip": 0.0})))
+    tol = 4 * (p * (1 - p) / n) ** 0.5
+    for out in (cpu, dev):
+        assert abs(_which_flip(out, plain).mean().item() - p) < tol
+
+
+@pytest.mark.parametrize("preset", ["imagenet", "bn_inception"])
+def test_train_pixel_statistics_match_cpu_path(blobs, preset):
+    """Per-channel mean and std of the normalised pixels over 15 images x 40 draws on each path agree within
+    4 standard errors of the difference (the standard errors measured from the per-sample values)."""
+    cfg = TransformConfig(image_size=32, resize_size=36, **(BN_INCEPTION if preset == "bn_inception" else {}))
+    reps = 40
+    torch.manual_seed(0)
+    cpu = cpu_batch(blobs * reps, train_transform(cfg))
+    dev = device_batch(blobs * reps, cfg, train=True, seed=0)
+    assert cpu.shape == dev.shape == (len(blobs) * reps, 3, 32, 32)
+    for name, fn in [("mean", lambda x: x.mean((2, 3))), ("std", lambda x: x.std((2, 3)))]:
+        a, b = fn(cpu), fn(dev)  # (N, 3) per-sample values
+        se = (a.var(0) / len(a) + b.var(0) / len(b)).sqrt()
+        diff = (a.mean(0) - b.mean(0)).abs()
+        assert (diff < 4 * se).all(), f"{preset} {name}: diff {diff.tolist()} vs 4 se {(4 * se).tolist()}"
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+@pytest.mark.parametrize("preset", ["imagenet", "bn_inception"])
+def test_eval_matches_cpu_eval_transform(blobs, interpolation, preset):
+    """Resize + centre crop on the device vs torchvision on PIL: at most 1.5 grey levels apart (of 255; PIL
+    rounds to uint8 after its resize, we stay in float; measured max 1.05, mean 0.25), mean < 0.35."""
+    extra = BN_INCEPTION if preset == "bn_inception" else {}
+    cfg = TransformConfig(image_size=56, resize_size=64, interpolation=interpolation, **extra)
+    cpu = cpu_batch(blobs, eval_transform(cfg))
+    dev = device_batch(blobs, cfg, train=False, seed=0)
+    levels = (cpu - dev).abs() * torch.tensor(cfg.std).view(1, 3, 1, 1) * 255 / cfg.pixel_scale
+    assert levels.max() <= 1.5, levels.max()
+    assert levels.mean() < 0.35, levels.mean()
+
+
+def test_decode_matches_pil(blobs):
+    """The batched decoder (libjpeg-turbo on the CPU) gives PIL's pixels, within 1 grey level."""
+    stats = DecodeStats()
+    ours = decode_images(blobs, torch.device("cpu"), stats)
+    assert stats.device == len(blobs) and stats.dropped == 0
+    for blob, img in zip(blobs, ours):
+        ref = torch.from_numpy(np.array(decode_image(blob.numpy().tobytes()))).permute(2, 0, 1)
+        assert img.shape == ref.shape and img.dtype == torch.uint8
+        assert (img.int() - ref.int()).abs().max() <= 1
+
+
+def test_fallbacks_counted_and_bad_samples_dropped():
+    """Non-JPEGs go to the CPU decoder (PNG with transparency composited on white like the CPU path), grey
+    and CMYK JPEGs stay on the batched decoder, unreadable bytes are dropped with their label and key."""
+    rgb = photo(40, 50, seed=3)
+    rgba = Image.fromarray(rgb).convert("RGBA")
+    rgba.putalpha(Image.fromarray(np.tile(np.linspace(0, 255, 50, dtype=np.uint8), (40, 1))))
+    good = {
+        "jpeg": encode(rgb), "grey_jpeg": encode(Image.fromarray(rgb).convert("L")),
+        "cmyk_jpeg": encode(Image.fromarray(rgb).convert("CMYK")), "png_rgba": encode(rgba, "PNG"),
+        "gif": encode(Image.fromarray(rgb).convert("P"), "GIF"), "bmp": encode(rgb, "BMP"),
+        "webp": encode(rgb, "WEBP"),
+    }
+    jpeg = good["jpeg"].numpy().tobytes()
+    bad = {"truncated_jpeg": torch.frombuffer(bytearray(jpeg[: len(jpeg) // 2]), dtype=torch.uint8),
+           "garbage": torch.arange(64, dtype=torch.uint8), "empty": torch.zeros(0, dtype=torch.uint8),
+           "jpeg_magic_only": torch.tensor([0xFF, 0xD8, 0xFF, 0xE0], dtype=torch.uint8)}
+    keys = list(good) + list(bad)
+    blobs = list(good.values()) + list(bad.values())
+    batches = [(blobs, torch.arange(len(blobs)), keys)] * 2
+    cfg = TransformConfig(image_size=24, resize_size=28)
+    it = device_batches(batches, cfg, "cpu", train=False)
+    out = list(it)
+    assert it.stats.as_dict() == {"device": 2 * 3, "cpu_not_jpeg": 2 * 4, "cpu_device_failed": 0,
+                                  "dropped": 2 * 4}
+    images, labels, out_keys = out[0]
+    assert out_keys == list(good) and labels.tolist() == list(range(len(good)))
+    ref = cpu_batch(list(good.values()), eval_transform(cfg))
+    levels = (ref - images).abs() * torch.tensor(cfg.std).view(1, 3, 1, 1) * 255
+    assert levels.max() <= 1.5, levels.amax((1, 2, 3))
+
+
+def test_all_bad_batch_raises_clearly():
+    with pytest.raises(RuntimeError, match="no image of a batch of 2"):
+        list(device_batches([([torch.arange(9, dtype=torch.uint8)] * 2, torch.zeros(2))],
+                            TransformConfig(), "cpu"))
+
+
+def test_loader_with_decoded_images_is_refused():
+    with pytest.raises(TypeError, match="decode='none'"):
+        list(device_batches([(torch.zeros(2, 3, 8, 8), torch.zeros(2))], TransformConfig(), "cpu"))
+
+
+def test_overlapped_thread_gives_the_synchronous_result(blobs):
+    """The prefetch thread (what CUDA uses) yields the same batches as the synchronous path for one seed,
+    stops its thread when the consumer leaves early, and re-raises a loader error in the consumer."""
+    cfg = TransformConfig(image_size=24, resize_size=28)
+    batches = [(blobs[i:i + 5], torch.arange(i, i + 5)) for i in range(0, 15, 5)]
+    sync = list(device_batches(batches, cfg, "cpu", seed=3, overlap=False))
+    threaded = device_batches(batches, cfg, "cpu", seed=3, overlap=True, prefetch=2)
+    assert len(threaded) == 3
+    for (a, la), (b, lb) in zip(sync, threaded, strict=True):
+        assert torch.equal(a, b) and torch.equal(la, lb)
+
+    before = threading.active_count()
+    for _ in device_batches(batches * 10, cfg, "cpu", overlap=True):
+        break
+    assert threading.active_count() == before
+
+    def failing():
+        yield batches[0]
+        raise OSError("shard vanished")
+
+    with pytest.raises(OSError, match="shard vanished"):
+        list(device_batches(failing(), cfg, "cpu", overlap=True))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_gpu_decode_without_cuda_says_so():
+    check_decode_device("cpu")
+    with pytest.raises(ValueError, match="data.decode=gpu needs a CUDA GPU"):
+        check_decode_device("gpu")
+    with pytest.raises(ValueError, match="device is 'cpu'"):
+        check_decode_device("gpu", "cpu")
+    with pytest.raises(ValueError, match="data.decode must be"):
+        check_decode_device("nvjpeg")
+    with pytest.raises(ValueError, match="data.decode=gpu needs a CUDA GPU"):
+        device_batches([], TransformConfig(), "cuda")
