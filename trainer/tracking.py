@@ -297,9 +297,10 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "pgm", "tif", "tiff", 
 def shard_image_lookup(split_dir: str | os.PathLike) -> Callable[[Iterable[str]], dict]:
     """A lookup `keys -> {key: PIL.Image}` over the webdataset tar shards of a split directory.
 
-    The first call indexes the shards (tar headers only; data is skipped by seeking), later calls read
-    just the requested members. Samples are `<key>.<ext>` members as `python -m data_shards write` makes
-    them; the first image extension of a sample (jpg, png, webp, ...) is taken.
+    The first call indexes the shards (tar headers and the small json members; image data is skipped by
+    seeking), later calls read just the requested images. Keys: the tar key (`__key__`) or the original path
+    kept in the sample's json, which is what `eval_loader` yields as keys. Shards: those of the split's
+    manifest.json (else every *.tar there); the first image extension of a sample (jpg, png, ...) is taken.
     """
     split = Path(split_dir)
     if not split.is_dir():
@@ -307,15 +308,34 @@ def shard_image_lookup(split_dir: str | os.PathLike) -> Callable[[Iterable[str]]
     index: dict[str, tuple[Path, tarfile.TarInfo]] = {}
 
     def build() -> None:
-        shards = sorted(split.glob("*.tar"))
-        if not shards:
-            raise FileNotFoundError(f"shard_image_lookup: no *.tar shards in {str(split)!r}")
+        if (split / "manifest.json").exists():
+            from data_shards import read_manifest
+
+            shards = [Path(s) for s in read_manifest(str(split)).shards]
+        else:
+            shards = sorted(split.glob("*.tar"))
+        missing = [str(s) for s in shards if not s.is_file()]
+        if not shards or missing:
+            raise FileNotFoundError(f"shard_image_lookup: split_dir {str(split)!r} has no local tar shards"
+                                    + (f" (missing: {missing[:3]})" if missing else ""))
         for shard in shards:
             with tarfile.open(shard) as tar:
+                metas = []
                 for member in tar:
                     m = _WDS_KEY.match(member.name)
-                    if member.isfile() and m and m.group(2).lower().split(".")[-1] in IMAGE_EXTS:
+                    if not (member.isfile() and m):
+                        continue
+                    ext = m.group(2).lower()
+                    if ext.split(".")[-1] in IMAGE_EXTS:
                         index.setdefault(m.group(1), (shard, member))
+                    elif ext == "json":
+                        metas.append((m.group(1), member))
+                for key, member in metas:  # the eval stream's keys are the original paths kept in the json
+                    if key in index:
+                        with tar.extractfile(member) as f:
+                            path = json.load(f).get("path")
+                        if path:
+                            index.setdefault(str(path), index[key])
 
     def lookup(keys: Iterable[str]) -> dict:
         from PIL import Image
@@ -535,11 +555,16 @@ class Tracker:
                        image_lookup: Callable[[list[str]], Mapping[str, Any]] | None = None) -> None:
         """All metrics of an EvalResult (as `eval/<name>`), the per-class table with its summaries, the
         worst classes, a histogram of per-class recall, the recall curve and the retrieval grid."""
-        if not self.active:
+        if not self.active or result is None or result.metrics is None:
             return
         from trainer import plots
 
-        metrics = {f"eval/{metric_key(k)}": _scalar(k, v) for k, v in result.metrics.items()}
+        metrics, texts = {}, {}
+        for k, v in result.metrics.items():
+            try:
+                metrics[f"eval/{metric_key(k)}"] = _scalar(k, v)
+            except ValueError:  # not a number: kept as a tag rather than dropped
+                texts[f"eval.{metric_key(k)}"] = str(v)
         if epoch is not None:
             metrics["epoch"] = float(epoch)
         out = self._artifact_dir(f"evaluations/step-{int(step):08d}")
@@ -549,7 +574,7 @@ class Tracker:
             per_class.to_csv(out / "per_class_recall.csv", index=False)
             worst = worst_classes(per_class)
             worst.to_csv(out / "worst_classes.csv", index=False)
-            self._emit({"op": "tags", "tags": {"eval.worst_classes": _worst_text(worst.head(10))}})
+            texts["eval.worst_classes"] = _worst_text(worst.head(10))
             self._picture(plots.recall_histogram, per_class["recall_at_1"].to_numpy(dtype=float),
                           str(out / "per_class_recall_hist.png"), title=f"per-class Recall@1, step {step}")
         recalls = _recall_at_k(result.metrics)
@@ -560,6 +585,8 @@ class Tracker:
         if image_lookup is not None and n_rows > 0:
             self._picture(self._retrieval_grid, result, image_lookup, n_rows, str(out / "retrieval_grid.png"))
         self._emit({"op": "metrics", "step": int(step), "timestamp": _now_ms(), "metrics": metrics})
+        if texts:
+            self._emit({"op": "tags", "tags": texts})
         self._emit({"op": "artifacts", "local": str(out), "artifact_path": out.relative_to(self._artifacts)
                     .as_posix()})
 
@@ -739,10 +766,12 @@ def _recall_at_k(metrics: Mapping[str, Any]) -> dict[int, float]:
 
 
 def _worst_text(worst) -> str:
-    name_col = "name" if "name" in worst.columns else "class"
-    size = worst["size"] if "size" in worst.columns else [None] * len(worst)
+    """`name (R@1 0.00, n=12); ...` from the per-class table (class_name/name, size columns if present)."""
+    name_col = next((c for c in ("class_name", "name", "class_index", "class") if c in worst.columns), None)
+    names = worst[name_col] if name_col else worst.index
+    sizes = worst["size"] if "size" in worst.columns else [None] * len(worst)
     return "; ".join(f"{n} (R@1 {r:.2f}" + (f", n={int(s)})" if s is not None else ")")
-                     for n, r, s in zip(worst[name_col], worst["recall_at_1"], size))
+                     for n, r, s in zip(names, worst["recall_at_1"], sizes))
 
 
 # ----------------------------------------------------------------------------- CLI
