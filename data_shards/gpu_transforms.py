@@ -5,11 +5,14 @@
 
 JPEGs are decoded as one batch by nvJPEG (`torchvision.io.decode_jpeg(list, device="cuda")`); anything else
 (PNG, GIF, BMP, ...) and every JPEG the device decoder refuses is decoded on the CPU with PIL, exactly like
-the CPU path, and copied over; a sample no decoder can read is dropped with its label; all four are counted
-in `.stats`. The augmentation is the CPU path's (data_shards.transforms) run on the device: train =
-RandomResizedCrop with torchvision's crop-box sampling (per sample, the same 10 tries and centre-crop
-fallback) and antialiased resize, horizontal flip, normalisation (channel order, pixel scale, mean/std);
-eval = resize of the shorter side + centre crop + normalisation.
+the CPU path, and copied over; a sample no decoder can read is, as on the CPU path, replaced by the nearest
+good sample before it in a train batch (batch size kept: no DDP hang) and left out of an eval batch with its
+label and key; all four are counted in `.stats`. The augmentation is the CPU path's (data_shards.transforms)
+run on the device: train = RandomResizedCrop with torchvision's crop-box sampling (per sample, the same 10
+tries and centre-crop fallback) and antialiased resize, horizontal flip, normalisation (channel order, pixel
+scale, mean/std); eval = resize of the shorter side + centre crop + normalisation. The random draws of
+batch p are seeded by (seed, epoch, p), with epoch and the first p read from the loader (`train_loader`'s
+`.epoch` and `.start_batch`), so a run resumed mid-epoch gets the same augmentation as an uninterrupted one.
 
 On CUDA a producer thread decodes + augments batch b+1 on a side stream while step b runs; the consumer's
 stream waits on an event recorded after the batch, and the tensors are `record_stream`ed onto it. With
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import random
 import threading
 import warnings
 from dataclasses import asdict, dataclass
@@ -58,12 +62,12 @@ def check_decode_device(decode: str, device: str | torch.device | None = None) -
 
 @dataclass
 class DecodeStats:
-    """Samples by where they were decoded; `dropped` ones no decoder could read (left out of the batch)."""
+    """Samples by where they were decoded, and those nothing could decode."""
 
     device: int = 0  # JPEGs decoded as a batch by decode_jpeg on the target device
     cpu_not_jpeg: int = 0  # PNG, GIF, BMP, ... : PIL on the CPU
     cpu_device_failed: int = 0  # JPEGs the device decoder refused: PIL on the CPU
-    dropped: int = 0
+    unreadable: int = 0  # by no decoder: replaced by a neighbour (train) or left out (eval)
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -106,7 +110,7 @@ def decode_images(blobs: list[torch.Tensor], device: torch.device,
         try:
             img = _pil_decode(blob)
         except Exception as e:  # PIL raises many types for bad data (OSError, SyntaxError, ValueError, ...)
-            stats.dropped += 1
+            stats.unreadable += 1
             log.warning("dropping a sample no decoder can read (%d bytes): %s", blob.numel(), e)
             continue
         if device.type == "cuda":
@@ -202,16 +206,20 @@ class DeviceBatches:
             raise ValueError(f"prefetch must be >= 1, got {prefetch}")
         self.loader, self.prefetch = loader, prefetch
         self.overlap = self.device.type == "cuda" if overlap is None else overlap
-        if seed is None:  # follows torch.manual_seed of the caller
-            seed = int(torch.randint(0, 2**62, (1,)).item())
-        self.generator = torch.Generator().manual_seed(seed)
+        if seed is None:  # follows torch.manual_seed of the caller, distinct per rank
+            rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+            seed = _hash_seed(f"{torch.initial_seed()}/{rank}")
+        self.seed, self.train = seed, train
+        self.generator = torch.Generator()
         self.transform = DeviceTransform(transform_cfg, self.device, train, self.generator)
+        self.epoch = getattr(loader, "epoch", 0)
+        self.start_batch = getattr(loader, "start_batch", 0)
         self.stats = DecodeStats()
 
     def __len__(self) -> int:
         return len(self.loader)
 
-    def _prepare(self, raw) -> tuple:
+    def _prepare(self, raw, position: int) -> tuple:
         blobs, labels, *keys = raw
         if not isinstance(blobs, (list, tuple)):
             raise TypeError(f"device_batches needs a loader made with decode='none' (a list of encoded bytes "
@@ -220,18 +228,19 @@ class DeviceBatches:
         keep = [i for i, img in enumerate(decoded) if img is not None]
         if not keep:
             raise RuntimeError(f"no image of a batch of {len(blobs)} could be decoded (stats: {self.stats})")
-        labels = torch.as_tensor(labels)
-        if len(keep) < len(decoded):
-            labels = labels[keep]
-            keys = [[k[i] for i in keep] for k in keys]
+        if len(keep) < len(decoded) and self.train:  # as stream.py: the nearest good sample before, else after
+            keep = [max((k for k in keep if k <= i), default=keep[0]) for i in range(len(decoded))]
+        labels = torch.as_tensor(labels)[keep]
+        keys = [[k[i] for i in keep] for k in keys]
         if self.device.type == "cuda":
             labels = labels.pin_memory().to(self.device, non_blocking=True)
+        self.generator.manual_seed(_hash_seed(f"device_batches/{self.seed}/{self.epoch}/{position}"))
         return (self.transform([decoded[i] for i in keep]), labels, *keys)
 
     def __iter__(self):
         if not self.overlap:
-            for raw in self.loader:
-                yield self._prepare(raw)
+            for position, raw in enumerate(self.loader, self.start_batch):
+                yield self._prepare(raw, position)
             return
         yield from self._overlapped()
 
@@ -250,16 +259,16 @@ class DeviceBatches:
             if self.device.type == "cuda":
                 torch.cuda.set_device(self.device)  # the current device is per thread
                 stream = torch.cuda.Stream(self.device)
-            for raw in self.loader:
+            for position, raw in enumerate(self.loader, self.start_batch):
                 event = None
                 if stream is None:
-                    batch = self._prepare(raw)
+                    batch = self._prepare(raw, position)
                 else:
                     with torch.cuda.stream(stream):
                         # nvJPEG writes from its own stream into memory allocated on ours without waiting for
                         # it (pytorch/vision#9606): nothing of ours may still be queued when it is handed out.
                         stream.synchronize()
-                        batch = self._prepare(raw)
+                        batch = self._prepare(raw, position)
                         event = torch.cuda.Event()
                         event.record(stream)
                 if not put((batch, event)):
@@ -290,6 +299,10 @@ class DeviceBatches:
         finally:
             stop.set()
             producer.join()
+
+
+def _hash_seed(tag: str) -> int:
+    return random.Random(tag).getrandbits(63)
 
 
 def device_batches(loader, transform_cfg, device, train: bool = True, **kwargs) -> DeviceBatches:

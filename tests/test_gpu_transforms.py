@@ -2,6 +2,7 @@
 (data_shards.transforms, torchvision on PIL images) on the same real JPEG/PNG files made here."""
 
 import io
+import os
 import threading
 
 import numpy as np
@@ -159,7 +160,7 @@ def test_decode_matches_pil(blobs):
     """The batched decoder (libjpeg-turbo on the CPU) gives PIL's pixels, within 1 grey level."""
     stats = DecodeStats()
     ours = decode_images(blobs, torch.device("cpu"), stats)
-    assert stats.device == len(blobs) and stats.dropped == 0
+    assert stats.device == len(blobs) and stats.unreadable == 0
     for blob, img in zip(blobs, ours):
         ref = torch.from_numpy(np.array(decode_image(blob.numpy().tobytes()))).permute(2, 0, 1)
         assert img.shape == ref.shape and img.dtype == torch.uint8
@@ -189,7 +190,7 @@ def test_fallbacks_counted_and_bad_samples_dropped():
     it = device_batches(batches, cfg, "cpu", train=False)
     out = list(it)
     assert it.stats.as_dict() == {"device": 2 * 3, "cpu_not_jpeg": 2 * 4, "cpu_device_failed": 0,
-                                  "dropped": 2 * 4}
+                                  "unreadable": 2 * 4}
     images, labels, out_keys = out[0]
     assert out_keys == list(good) and labels.tolist() == list(range(len(good)))
     ref = cpu_batch(list(good.values()), eval_transform(cfg))
@@ -243,3 +244,62 @@ def test_gpu_decode_without_cuda_says_so():
         check_decode_device("nvjpeg")
     with pytest.raises(ValueError, match="data.decode=gpu needs a CUDA GPU"):
         device_batches([], TransformConfig(), "cuda")
+
+
+def test_unreadable_train_sample_is_replaced_like_the_cpu_stream():
+    """In a train batch an undecodable sample takes the nearest good one before it (else after): the batch
+    keeps its size, as data_shards.stream does on the CPU path."""
+    good = [encode(photo(30, 40, seed=s)) for s in range(3)]
+    bad = torch.arange(16, dtype=torch.uint8)
+    blobs, labels = [bad, good[0], bad, good[1], good[2], bad], torch.arange(6)
+    it = device_batches([(blobs, labels)], TransformConfig(image_size=16, resize_size=16), "cpu")
+    (images, out_labels), = list(it)
+    assert images.shape[0] == 6 and out_labels.tolist() == [1, 1, 1, 3, 4, 4]
+    assert it.stats.unreadable == 3 and it.stats.device == 3
+
+
+@pytest.fixture(scope="module")
+def split(tmp_path_factory):
+    """A class folder of 6 classes x 6 images (two of them PNG per class, sizes varied) as shards."""
+    from data_shards import write_dataset
+
+    root = tmp_path_factory.mktemp("gpu_shards")
+    for c in range(6):
+        os.makedirs(root / "src" / f"c{c}")
+        for k in range(6):
+            img = photo(40 + 7 * k, 64 - 5 * k, seed=10 * c + k)
+            fmt, ext = ("PNG", "png") if k % 3 == 0 else ("JPEG", "jpg")
+            Image.fromarray(img).save(root / "src" / f"c{c}" / f"i{k}.{ext}", fmt)
+    write_dataset("folder", root / "src", root / "out", train_fraction=1.0, shard_size="6kB", progress=False)
+    return root / "out" / "train"
+
+
+def test_train_loader_decode_none_end_to_end(split):
+    """train_loader(decode="none") through device_batches: the CPU stream's batch count and labels, every
+    PNG on the CPU decoder, every JPEG on the batched one; start_batch=3 gives batches 3.. exactly."""
+    from data_shards import train_loader
+
+    cfg = TransformConfig(image_size=24, resize_size=28)
+    kw = dict(batch_size=8, num_workers=2, seed=1, epoch=2, transform=cfg)
+    cpu = [y for _, y in train_loader(split, **kw)]
+    it = device_batches(train_loader(split, decode="none", **kw), cfg, "cpu", seed=5)
+    dev = [(x.clone(), y.clone()) for x, y in it]
+    assert len(dev) == len(it) == len(cpu) == 36 // 8
+    assert all(x.shape == (8, 3, 24, 24) and torch.equal(y, c) for (x, y), c in zip(dev, cpu))
+    assert it.stats.cpu_not_jpeg + it.stats.device == 32 and it.stats.unreadable == 0
+    assert 0 < it.stats.cpu_not_jpeg < 16
+    resumed = list(device_batches(train_loader(split, decode="none", start_batch=3, **kw), cfg, "cpu", seed=5))
+    assert len(resumed) == 1 and torch.equal(resumed[0][0], dev[3][0])
+
+
+def test_eval_loader_decode_none_matches_cpu_eval(split):
+    from data_shards import eval_loader
+
+    cfg = TransformConfig(image_size=24, resize_size=28)
+    cpu = list(eval_loader(split, batch_size=10, num_workers=2, transform=cfg))
+    dev = list(device_batches(eval_loader(split, batch_size=10, num_workers=2, transform=cfg, decode="none"),
+                              cfg, "cpu", train=False))
+    assert [k for *_, k in cpu] == [k for *_, k in dev] and len(cpu) == 4
+    for (a, la, _), (b, lb, _) in zip(cpu, dev):
+        assert torch.equal(la, lb)
+        assert ((a - b).abs() * torch.tensor(cfg.std).view(1, 3, 1, 1) * 255).max() <= 1.5
