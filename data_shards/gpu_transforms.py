@@ -32,10 +32,11 @@ from typing import Any
 import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
+from omegaconf import OmegaConf
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import InterpolationMode
 
-from data_shards.transforms import INTERPOLATIONS, decode_image
+from data_shards.transforms import INTERPOLATIONS, TransformConfig, decode_image
 
 log = logging.getLogger(__name__)
 # torchvision 0.29 deprecates its decoders in favour of TorchCodec (not in our stack yet): say it once, here.
@@ -200,6 +201,9 @@ class DeviceBatches:
     def __init__(self, loader, transform_cfg, device, train: bool = True, *, seed: int | None = None,
                  overlap: bool | None = None, prefetch: int = 1):
         self.device = torch.device(device)
+        if not isinstance(transform_cfg, TransformConfig):  # the trainer's omegaconf section, or a dict
+            plain = OmegaConf.to_container(transform_cfg) if OmegaConf.is_config(transform_cfg) else transform_cfg
+            transform_cfg = TransformConfig(**plain)
         if self.device.type == "cuda":
             check_decode_device("gpu", self.device)
         if prefetch < 1:

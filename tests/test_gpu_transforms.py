@@ -198,6 +198,16 @@ def test_fallbacks_counted_and_bad_samples_dropped():
     assert levels.max() <= 1.5, levels.amax((1, 2, 3))
 
 
+def test_takes_the_trainers_omegaconf_section(blobs):
+    from omegaconf import OmegaConf
+
+    cfg = TransformConfig(image_size=24, resize_size=28, interpolation="bicubic")
+    section = OmegaConf.structured(cfg)
+    assert torch.equal(device_batch(blobs, section, train=True, seed=2), device_batch(blobs, cfg, train=True, seed=2))
+    with pytest.raises(ValueError, match="TransformConfig: invalid hflip"):
+        device_batches([], {**OmegaConf.to_container(section), "hflip": 2.0}, "cpu")
+
+
 def test_all_bad_batch_raises_clearly():
     with pytest.raises(RuntimeError, match="no image of a batch of 2"):
         list(device_batches([([torch.arange(9, dtype=torch.uint8)] * 2, torch.zeros(2))],
