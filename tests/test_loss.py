@@ -224,3 +224,16 @@ def test_bad_input_raises(x, y, name):
     crit = ProxyGML(5, 4)
     with pytest.raises(ValueError, match=name):
         crit(x, y)
+
+
+def test_bench_dense_baseline_is_the_same_function():
+    """bench/loss_bench.py's dense baseline computes the same loss (up to the released epsilons)."""
+    from bench.loss_bench import dense_proxygml
+
+    for seed, C, N, r in [(0, 12, 3, 0.1), (1, 30, 1, 0.05)]:
+        x, proxies, labels = make_case(seed, C, N, 16, 20, torch.float64)
+        crit = ProxyGML(C, 16, N, r=r, lam=0.3).double()
+        with torch.no_grad():
+            crit.proxies.copy_(proxies)
+        assert dense_proxygml(x, proxies, labels, C, N, r, 0.3).item() == pytest.approx(
+            crit(x, labels).item(), rel=1e-7)
