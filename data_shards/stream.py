@@ -8,8 +8,8 @@ split of the data over ranks and workers is planned here from the manifest, so t
   by (seed, epoch); unlike `wds.split_by_node`, a rank sees other shards every epoch and no rank is empty;
 - train: every rank yields exactly `len(loader) = num_samples // (batch_size * world_size)` full batches.
   A slot reads its units in a cycle (a slot short of samples repeats some, one with extra leaves some
-  for another epoch), shuffles samples with a seeded buffer and cuts batches; batch p of the rank comes
-  from slot p % V, and DataLoader's in-order round robin over the workers puts them back in order p.
+  for another epoch), shuffles samples with a seeded buffer within each cycle and cuts batches; batch p
+  of the rank comes from slot p % V, and DataLoader's in-order round robin over the workers puts them back in order p.
   Batch contents and augmentation are a function of (seed, epoch, rank, world_size) for a given
   batch_size and num_workers, so `start_batch=b` (skipping raw samples, no decoding) yields exactly
   batches b.. of the same epoch;
@@ -52,16 +52,18 @@ def make_units(counts: list[int], readers: int) -> list[Unit]:
     return [Unit(i, j, parts, n // parts + (j < n % parts)) for i, n in enumerate(counts) for j in range(parts)]
 
 
-def assign_units(units: list[Unit], slots: int, rng: random.Random | None) -> list[list[Unit]]:
-    """Deal units to slots, biggest first (ties in seeded random order), each to the least loaded slot."""
+def assign_units(units: list[Unit], slots: int, rng: random.Random | None,
+                 targets: list[int] | None = None) -> list[list[Unit]]:
+    """Deal units to slots, biggest first (ties in seeded random order), each to the slot furthest
+    below its target number of samples (default: equal targets, i.e. the least loaded slot)."""
     order = list(units)
     if rng is not None:
         rng.shuffle(order)
     order.sort(key=lambda u: -u.size)
     plan: list[list[Unit]] = [[] for _ in range(slots)]
-    load = [0] * slots
+    load, targets = [0] * slots, targets or [0] * slots
     for u in order:
-        s = min(range(slots), key=lambda k: (load[k], k))
+        s = min(range(slots), key=lambda k: (load[k] - targets[k], k))
         plan[s].append(u)
         load[s] += u.size
     return plan
@@ -73,8 +75,8 @@ class SkipCounter:
     def __init__(self, where: str):
         self.where, self.count = where, 0
 
-    def skip(self, what: str) -> None:
-        self.count += 1
+    def skip(self, what: str, n: int = 1) -> None:
+        self.count += n
         log.warning("data_shards: skipped %s (%d skipped so far by %s)", what, self.count, self.where)
 
     def handler(self, exn: Exception) -> bool:  # a webdataset handler: True = go on
@@ -83,8 +85,15 @@ class SkipCounter:
 
 
 def read_unit(url: str, unit: Unit, skips: SkipCounter):
+    """The samples of one unit; a shard that ends before its manifest count (truncated) is reported."""
     samples = wds.tarfile_samples([{"url": url}], handler=skips.handler)
-    yield from itertools.islice(samples, unit.part, None, unit.parts)
+    n = 0
+    for sample in itertools.islice(samples, unit.part, None, unit.parts):
+        n += 1
+        yield sample
+    if n < unit.size:
+        skips.skip(f"{unit.size - n} of {unit.size} samples of {url} (part {unit.part}/{unit.parts}): "
+                   "the shard ended early (truncated or unreadable)", unit.size - n)
 
 
 def image_bytes(sample: dict) -> bytes:
@@ -125,19 +134,27 @@ class TrainStream(IterableDataset):
 
     def plan(self) -> list[list[Unit]]:
         units = make_units(self.m.shard_counts, self.world_size * self.V)
-        return assign_units(units, self.world_size * self.V, random.Random(self._tag("assign")))
+        per_slot = [len(range(v, self.batches_per_epoch, self.V)) * self.batch_size for v in range(self.V)]
+        return assign_units(units, self.world_size * self.V, random.Random(self._tag("assign")),
+                            targets=per_slot * self.world_size)
 
     def slot_samples(self, slot: int, units: list[Unit], skips: SkipCounter):
-        """Endless stream of raw samples of one slot: its units, in a new seeded order every cycle."""
+        """Endless stream of raw samples of one slot: every cycle reads its units in a new seeded order
+        through a seeded shuffle buffer, so a sample comes back only after all others of the slot."""
         urls = self.m.shards
+
+        def read(order):
+            for u in order:
+                yield from read_unit(urls[u.shard], u, skips)
+
         for cycle in itertools.count():
             order = list(units)
             random.Random(self._tag("slot", slot, cycle)).shuffle(order)
+            rng = random.Random(self._tag("shuffle", slot, cycle))
             got = 0
-            for u in order:
-                for sample in read_unit(urls[u.shard], u, skips):
-                    got += 1
-                    yield sample
+            for sample in wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(read(order)):
+                got += 1
+                yield sample
             if got == 0:
                 raise RuntimeError(f"data_shards: no readable sample in shards "
                                    f"{sorted({urls[u.shard] for u in units})} (slot {slot})")
@@ -150,9 +167,7 @@ class TrainStream(IterableDataset):
         slot = self.rank * self.V + v
         units = self.plan()[slot]
         skips = SkipCounter(f"train rank {self.rank} worker {w}")
-        rng = random.Random(self._tag("shuffle", slot))
-        samples = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(
-            self.slot_samples(slot, units, skips))
+        samples = self.slot_samples(slot, units, skips)
         done_before = len(range(v, b, self.V))     # this slot's batches before start_batch
         for _ in range(done_before * B):
             next(samples)
