@@ -1,0 +1,258 @@
+"""The training loop: `Trainer(cfg, env).fit()` builds everything from the config, resumes, trains,
+evaluates and checkpoints.
+
+Read top to bottom: `__init__` builds the parts (each from its config section), `fit` is the epoch loop,
+`train_epoch` holds the step (four lines). Rank 0 alone writes the run directory, checkpoints, logs and the
+progress bar; every rank steps in lockstep (equal batch counts from data_shards, and one all-reduce of
+the stop flag per step so that all ranks stop at the same step).
+"""
+from __future__ import annotations
+
+import os
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+from data_shards import eval_loader, read_manifest, train_loader
+from trainer import distributed as D
+from trainer.checkpoint import Checkpointer, rng_state, set_rng_state
+from trainer.config import check_world_size, to_dict, to_yaml
+from trainer.engine import TrainModule, build_engine
+from trainer.evaluate import evaluate
+from trainer.model import build_model
+from trainer.tracking import Tracker, shard_image_lookup
+
+
+@dataclass
+class Position:
+    """Where training continues: batch `batch` of epoch `epoch`; `step` optimizer steps done so far."""
+    epoch: int = 0
+    batch: int = 0
+    step: int = 0
+
+
+class StopFlag:
+    """SIGTERM / SIGUSR1 (how SLURM preempts) -> finish the step, checkpoint, exit cleanly."""
+
+    def __init__(self):
+        self.raised = False
+        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGUSR1)}
+
+    def _handle(self, signum, frame):
+        self.raised = True
+
+    def restore(self):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def build_criterion(cfg_loss, num_classes: int, dim: int):
+    kwargs = dict(proxies_per_class=cfg_loss.proxies_per_class, r=cfg_loss.r, lam=cfg_loss.lam,
+                  pos_mask=cfg_loss.pos_mask, class_mask=cfg_loss.class_mask, proxy_reg=cfg_loss.proxy_reg)
+    import loss
+    if hasattr(loss, "build_criterion"):
+        return loss.build_criterion(cfg_loss.mode, num_classes, dim, **kwargs)
+    if D.world_size() > 1:
+        raise NotImplementedError(f"loss.mode={cfg_loss.mode} on several ranks needs loss.build_criterion")
+    return loss.ProxyGML(num_classes, dim, **kwargs)  # one process: every mode is the plain loss
+
+
+def build_optimizer(cfg_optim, embedder, criterion) -> torch.optim.Optimizer:
+    """Three parameter groups with their own learning rates: backbone, embedding head, proxies."""
+    groups = [dict(params=embedder.backbone_parameters(), lr=cfg_optim.lr, name="backbone"),
+              dict(params=embedder.head_parameters(), lr=cfg_optim.head_lr, name="head"),
+              dict(params=list(criterion.parameters()), lr=cfg_optim.proxy_lr, name="proxies")]
+    groups = [g for g in groups if g["params"]]
+    wd = cfg_optim.weight_decay
+    if cfg_optim.name == "sgd":
+        return torch.optim.SGD(groups, lr=cfg_optim.lr, momentum=cfg_optim.momentum, weight_decay=wd)
+    opt = torch.optim.AdamW if cfg_optim.name == "adamw" else torch.optim.Adam
+    return opt(groups, lr=cfg_optim.lr, eps=cfg_optim.eps, weight_decay=wd)
+
+
+def amp_dtype(cfg_train, device: torch.device):
+    if cfg_train.amp == "bf16" or (cfg_train.amp == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def prepare_data(cfg, env) -> None:
+    """Write a built-in dataset's shards (the demo's digits) on rank 0 if the data root has none yet."""
+    manifest = os.path.join(cfg.data.root, cfg.data.train_split, "manifest.json")
+    if cfg.data.prepare == "digits" and env.is_main and not os.path.exists(manifest):
+        from trainer.demo import write_digits_shards
+        write_digits_shards(cfg.data.root)
+    D.barrier()
+
+
+class Trainer:
+    def __init__(self, cfg, env):
+        self.cfg, self.env = cfg, env
+        self.per_rank_batch = check_world_size(cfg, env.world_size)  # fail before any work
+        self.run_dir = os.path.join(cfg.run.output_dir, cfg.run.name)
+        if env.is_main:
+            os.makedirs(self.run_dir, exist_ok=True)
+            with open(os.path.join(self.run_dir, "config.yaml"), "w") as f:
+                f.write(to_yaml(cfg))
+        prepare_data(cfg, env)
+        torch.manual_seed(cfg.run.seed)
+        if cfg.run.deterministic:
+            torch.use_deterministic_algorithms(True)
+            torch.backends.cudnn.benchmark = False
+        self.train_dir = os.path.join(cfg.data.root, cfg.data.train_split)
+        self.test_dir = os.path.join(cfg.data.root, cfg.data.test_split)
+        train_manifest, self.test_manifest = read_manifest(self.train_dir), read_manifest(self.test_dir)
+        self.batches_per_epoch = train_manifest.num_samples // cfg.train.batch_size  # as data_shards counts
+
+        self.embedder = build_model(cfg.model).to(env.device)
+        self.criterion = build_criterion(cfg.loss, train_manifest.num_classes, cfg.model.dim).to(env.device)
+        self.module = TrainModule(self.embedder, self.criterion)
+        self.optimizer = build_optimizer(cfg.optim, self.embedder, self.criterion)
+        self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, list(cfg.optim.lr_milestones),
+                                                              cfg.optim.lr_gamma)
+        self.ckpt = Checkpointer(cfg.checkpoint.dir or os.path.join(self.run_dir, "checkpoints"),
+                                 cfg.checkpoint.keep_last)
+        state = self.ckpt.load_latest() if cfg.checkpoint.resume else None
+        if cfg.train.compile:
+            self.embedder.compile()
+        self.warm = (state["epoch"] if state else 0) < cfg.train.warmup_epochs
+        self.embedder.set_backbone_trainable(not self.warm)  # before the engine: DDP fixes its parameter set
+        self.engine = build_engine(cfg, self.module, self.optimizer, env)
+        self.pos = self.restore(state) if state else Position()
+        self.tracker = Tracker(cfg.tracking, self.run_dir, rank=env.rank, config=to_dict(cfg),
+                               world_size=env.world_size, resume_run_id=state["mlflow_run_id"] if state else None)
+        self.images_of = shard_image_lookup(self.test_dir) if cfg.tracking.enabled and env.is_main else None
+        self.amp = amp_dtype(cfg.train, env.device)
+        self.metrics = {}
+
+    def fit(self) -> dict:
+        """The whole run. Returns the last evaluation's metrics (on rank 0; {} elsewhere)."""
+        cfg, pos, stop = self.cfg, self.pos, StopFlag()
+        try:
+            if cfg.eval.at_start and pos.step == 0:
+                self.evaluate("before training")
+            while pos.epoch < cfg.train.epochs:
+                if self.warm and pos.epoch >= cfg.train.warmup_epochs:  # warm-up over: the backbone learns too
+                    self.warm = False
+                    self.embedder.set_backbone_trainable(True)
+                    self.engine.rewrap()
+                if pos.batch < self.batches_per_epoch and not self.train_epoch(stop):
+                    self.save()  # preempted (or train.max_steps): checkpoint where we are and leave
+                    self.log(f"stopped at epoch {pos.epoch} batch {pos.batch} (step {pos.step}); checkpoint saved")
+                    self.tracker.close(status="KILLED")
+                    return self.metrics
+                self.scheduler.step()
+                pos.epoch, pos.batch = pos.epoch + 1, 0
+                last = pos.epoch == cfg.train.epochs
+                if last or (cfg.eval.every_epochs and pos.epoch % cfg.eval.every_epochs == 0):
+                    self.evaluate(f"epoch {pos.epoch}")
+                if last or (cfg.checkpoint.every_epochs and pos.epoch % cfg.checkpoint.every_epochs == 0):
+                    self.save()
+            self.tracker.log_model(self.embedder)
+            self.tracker.close(status="FINISHED")
+            return self.metrics
+        except BaseException:
+            self.tracker.close(status="FAILED")
+            raise
+        finally:
+            stop.restore()
+
+    def train_epoch(self, stop: StopFlag) -> bool:
+        """Batches pos.batch.. of epoch pos.epoch; advances `pos`. False when stopped early."""
+        cfg, env, pos, engine = self.cfg, self.env, self.pos, self.engine
+        loader = train_loader(self.train_dir, batch_size=self.per_rank_batch, num_workers=cfg.data.num_workers,
+                              seed=cfg.run.seed, epoch=pos.epoch, rank=env.rank, world_size=env.world_size,
+                              transform=cfg.data.transform, start_batch=pos.batch,
+                              decode="none" if cfg.data.decode == "gpu" else "cpu")
+        autocast = torch.autocast(env.device.type, dtype=self.amp) if self.amp else nullcontext()
+        bar = tqdm(total=len(loader), initial=pos.batch, disable=not env.is_main, dynamic_ncols=True,
+                   desc=f"epoch {pos.epoch}" + (" (warm-up: head + proxies)" if self.warm else ""))
+        self.module.train()
+        seen, t0 = 0, time.perf_counter()
+        for images, labels in self.device_batches(loader):
+            with autocast:
+                loss = engine(images, labels)
+            engine.backward(loss)
+            engine.step()
+            pos.batch, pos.step, seen = pos.batch + 1, pos.step + 1, seen + labels.shape[0] * env.world_size
+            bar.update(1)
+            if pos.step % cfg.train.log_every_steps == 0 or pos.batch == len(loader):
+                dt, t0 = time.perf_counter() - t0, time.perf_counter()
+                self.log_step(loss, seen / dt, bar)
+                seen = 0
+            if cfg.checkpoint.every_steps and pos.step % cfg.checkpoint.every_steps == 0:
+                self.save()
+            if D.any_rank(stop.raised or pos.step == cfg.train.max_steps, env.device):
+                bar.close()
+                return False
+        bar.close()
+        return True
+
+    def device_batches(self, loader):
+        """(images, labels) on the device: CPU-decoded tensors moved over, or bytes decoded on the GPU."""
+        if self.cfg.data.decode == "gpu":
+            from data_shards.gpu_transforms import device_batches
+            yield from device_batches(loader, self.cfg.data.transform, self.env.device, train=True)
+            return
+        for images, labels in loader:
+            yield images.to(self.env.device, non_blocking=True), labels.to(self.env.device, non_blocking=True)
+
+    def log_step(self, loss, img_per_s: float, bar) -> None:
+        logs = {"loss": loss.item(), **{k: float(v) for k, v in self.criterion.last_parts.items()},
+                **{f"lr/{g['name']}": g["lr"] for g in self.optimizer.param_groups},
+                "img_per_s": img_per_s, "epoch": self.pos.epoch}
+        bar.set_postfix(loss=f"{logs['loss']:.4f}", img_s=f"{img_per_s:.0f}", refresh=False)
+        self.tracker.log_metrics(logs, self.pos.step)
+
+    def evaluate(self, when: str) -> dict:
+        """Collective. Test-split retrieval metrics, printed and logged on rank 0."""
+        cfg, env = self.cfg, self.env
+        loader = eval_loader(self.test_dir, batch_size=cfg.eval.batch_size, num_workers=cfg.data.num_workers,
+                             rank=env.rank, world_size=env.world_size, transform=cfg.data.transform)
+        result = evaluate(self.embedder, loader, device=env.device, cfg_eval=cfg.eval,
+                          class_names=self.test_manifest.class_names, amp_dtype=self.amp)
+        self.embedder.train()
+        if result.metrics:
+            self.log(f"[eval {when}] " + "  ".join(f"{k} {v:.4f}" for k, v in result.metrics.items()))
+            self.tracker.log_evaluation(result, self.pos.step, self.pos.epoch, image_lookup=self.images_of)
+            self.metrics = result.metrics
+        self.tracker.log_proxy_stats(self.criterion, self.pos.step)
+        return self.metrics
+
+    def save(self) -> None:
+        """Collective (RNG states and sharded proxies are gathered); rank 0 writes."""
+        crit, pos, env = self.criterion, self.pos, self.env
+        crit_sd = crit.full_state_dict() if hasattr(crit, "full_state_dict") else crit.state_dict()
+        rngs = D.all_gather_object(rng_state())
+        if env.is_main:
+            self.ckpt.save(dict(config=to_dict(self.cfg), model=self.embedder.state_dict(), criterion=crit_sd,
+                                optimizer=self.engine.optimizer_state_dict(), scheduler=self.scheduler.state_dict(),
+                                epoch=pos.epoch, step=pos.step, batch_in_epoch=pos.batch, rng=rngs,
+                                mlflow_run_id=self.tracker.run_id, world_size=env.world_size), pos.step)
+        D.barrier()
+
+    def restore(self, state: dict) -> Position:
+        self.embedder.load_state_dict(state["model"])
+        crit = self.criterion
+        (crit.load_full_state_dict if hasattr(crit, "load_full_state_dict") else crit.load_state_dict)(
+            state["criterion"])
+        self.engine.load_optimizer_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        rngs = state["rng"]  # one per rank of the saving run; on another world size rank r takes r mod n
+        set_rng_state(rngs[self.env.rank % len(rngs)])
+        pos = Position(state["epoch"], state["batch_in_epoch"], state["step"])
+        self.log(f"resumed from {self.ckpt.latest()}: epoch {pos.epoch}, batch {pos.batch}, step {pos.step} "
+                 f"(saved on {state['world_size']} ranks, now {self.env.world_size})")
+        return pos
+
+    def log(self, line: str) -> None:
+        if self.env.is_main:
+            tqdm.write(line)
+
+
+def train(cfg, env) -> dict:
+    return Trainer(cfg, env).fit()
