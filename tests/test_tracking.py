@@ -339,6 +339,15 @@ def test_queries_are_fixed_and_neighbours_exclude_the_query():
     assert nb.shape == (4, 8) and not (nb == q[:, None]).any()
     expected = (emb[q] @ emb.T).scatter(1, torch.as_tensor(q)[:, None], -2).topk(8).indices
     assert nb.tolist() == expected.tolist()
+    assert tracking.nearest_neighbours(emb * torch.rand(20, 1) * 5, q, k=8).tolist() == nb.tolist()  # cosine
+
+
+def test_grid_neighbours_agree_with_the_evaluation(eval_result):
+    """The grid's first neighbour is right exactly as often as the evaluation's Recall@1 says."""
+    labels = eval_result.labels.numpy()
+    everyone = np.arange(len(labels))
+    nb = tracking.nearest_neighbours(eval_result.embeddings, everyone, k=1)[:, 0]
+    assert (labels[nb] == labels).mean() == pytest.approx(eval_result.metrics["recall_at_1"])
 
 
 def test_shard_image_lookup_reads_by_tar_key_and_by_path(shards, eval_result):

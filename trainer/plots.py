@@ -45,12 +45,15 @@ def retrieval_grid(
     *,
     tile: int = 112,
     border: int = 5,
+    names: Mapping[int, str] | None = None,
 ) -> None:
     """One row per query: the query (blue frame), then its neighbours framed green (same class) or red.
 
     rows: [{"key": str, "label": int, "neighbours": [(key, label), ...]}, ...]; images: key -> PIL image
-    (a missing key is drawn as a crossed grey placeholder). Captions show the class of each image.
+    (a missing key is drawn as a crossed grey placeholder). Captions show the class of each image (its name
+    from `names` when given).
     """
+    names = names or {}
     if not rows:
         raise ValueError("retrieval_grid: `rows` is empty")
     cols = 1 + max(len(r["neighbours"]) for r in rows)
@@ -60,11 +63,12 @@ def retrieval_grid(
     canvas = Image.new("RGB", (width, height), (255, 255, 255))
     for i, row in enumerate(rows):
         y = i * (tile + 14)
-        q = _tile(images.get(row["key"]), tile, QUERY, border, f"q {row['label']}")
+        q = _tile(images.get(row["key"]), tile, QUERY, border, f"q {names.get(row['label'], row['label'])}")
         canvas.paste(q, (0, y))
         for j, (key, label) in enumerate(row["neighbours"]):
             frame = GREEN if label == row["label"] else RED
-            canvas.paste(_tile(images.get(key), tile, frame, border, str(label)), (gap + (j + 1) * tile, y))
+            caption = str(names.get(label, label))
+            canvas.paste(_tile(images.get(key), tile, frame, border, caption), (gap + (j + 1) * tile, y))
     canvas.save(path, format="PNG")
 
 

@@ -279,11 +279,12 @@ def pick_queries(keys, labels: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
 
 
 def nearest_neighbours(embeddings, query_idx: np.ndarray, k: int = GRID_NEIGHBOURS) -> np.ndarray:
-    """Indices of the k most similar samples (inner product) of each query, the query itself excluded."""
+    """Indices of the k most similar samples (cosine, as trainer.metrics ranks them) of each query, the query
+    itself excluded."""
     import torch
 
     emb = torch.as_tensor(np.asarray(embeddings) if not torch.is_tensor(embeddings) else embeddings)
-    emb = emb.detach().float().cpu()
+    emb = torch.nn.functional.normalize(emb.detach().float().cpu(), dim=1)
     q = torch.as_tensor(query_idx)
     sims = emb[q] @ emb.T
     sims[torch.arange(len(q)), q] = -float("inf")
@@ -681,7 +682,10 @@ class Tracker:
         if missing:
             log.warning("retrieval grid: %d of %d images not found (e.g. %r)", len(missing), len(wanted),
                         missing[0])
-        plots.retrieval_grid(rows, images, path)
+        per_class, names = getattr(result, "per_class", None), None
+        if per_class is not None and {"class_index", "class_name"} <= set(per_class.columns):
+            names = dict(zip(per_class["class_index"].astype(int), per_class["class_name"].astype(str)))
+        plots.retrieval_grid(rows, images, path, names=names)
 
     def _picture(self, fn, *args, **kwargs) -> None:
         """A picture that fails to draw is reported, never fatal to training."""
