@@ -1,0 +1,208 @@
+"""End-to-end training images/s fed by the CPU-decode loader and by the device-decode path, against the
+backbone alone on synthetic tensors already on the device (the ceiling), in the same run.
+
+    python bench/throughput.py [--data SPLIT_DIR] [--backbone resnet50] [--batch-size 256] [--image-size 224]
+                               [--workers 1,4,8,16] [--steps 30] [--warmup 5] [--amp bf16] [--device auto]
+
+A training step is the trainer's: `trainer.model.build_model` embedder (random init) + ProxyGML loss, AdamW,
+optional bf16 autocast, channels_last on CUDA. Three feeds, same step:
+  ceiling   one random batch on the device, reused;
+  cpu       train_loader(decode="cpu", pin_memory on CUDA): workers decode + augment, `.to(device)`;
+  device    train_loader(decode="none") + data_shards.gpu_transforms.device_batches: workers only read bytes,
+            nvJPEG decodes and the device augments, on a side stream one batch ahead.
+For each worker count it prints images/s and the ratio to the ceiling. Without --data a class folder of
+textured 500x375 JPEGs (~35 kB at quality 90, like CUB's) is generated and sharded in a temp dir; timings
+start after --warmup steps (loader start-up and cudnn autotuning excluded), and an epoch that ends is
+followed by the next one (its loader start-up then counts, as in training).
+
+Measured on the development machine (2 shared cores, other helpers' jobs running, CPU only; small_cnn
+backbone at 64 px, batch 32, `python bench/throughput.py --device cpu --backbone small_cnn --image-size 64
+--batch-size 32 --workers 1,2 --steps 8 --warmup 2 --amp none`): see the data section of the README. The
+issue's figure (ResNet-50, batch 256, bf16 on an H100/H200, target >= 90% of the ceiling with <= 4 workers
+per GPU) is still open: no GPU was lent to this work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import itertools
+import os
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+
+import torch
+from PIL import Image
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from data_shards import TransformConfig, read_manifest, train_loader, write_dataset  # noqa: E402
+from data_shards.gpu_transforms import device_batches  # noqa: E402
+from loss import ProxyGML  # noqa: E402
+from trainer.config import ModelConfig  # noqa: E402
+from trainer.model import build_model  # noqa: E402
+
+
+def make_dataset(out: str, num_images: int, classes: int, height: int, width: int, distinct: int = 64) -> str:
+    """A class folder of textured JPEGs (`distinct` different pictures, repeated under other names) as shards;
+    returns the train split directory."""
+    src = os.path.join(out, "src")
+    g = torch.Generator().manual_seed(0)
+    blobs = []
+    for _ in range(distinct):
+        field = torch.rand(1, 3, 12, 12, generator=g) * 220
+        img = torch.nn.functional.interpolate(field, size=(height, width), mode="bicubic", align_corners=False)[0]
+        img = (img + 3 * torch.randn(img.shape, generator=g)).clamp(0, 255).round().to(torch.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(img.permute(1, 2, 0).numpy()).save(buf, "JPEG", quality=90)
+        blobs.append(buf.getvalue())
+    for i in range(num_images):
+        folder = os.path.join(src, f"class_{i % classes:04d}")
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, f"{i:07d}.jpg"), "wb") as f:
+            f.write(blobs[i % distinct])
+    write_dataset("folder", src, os.path.join(out, "shards"), train_fraction=1.0, progress=False)
+    return os.path.join(out, "shards", "train")
+
+
+class Step:
+    """One training step of the trainer's model + loss; `sync()` waits for the device."""
+
+    def __init__(self, args, num_classes: int, device: torch.device):
+        cfg = ModelConfig(backbone=args.backbone, pretrained=False, dim=args.dim)
+        self.model = build_model(cfg).to(device).train()
+        self.criterion = ProxyGML(num_classes, args.dim).to(device)
+        params = list(self.model.parameters()) + list(self.criterion.parameters())
+        self.optimizer = torch.optim.AdamW(params, lr=1e-4)
+        self.device, self.channels_last = device, device.type == "cuda"
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        amp = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[args.amp]
+        self.autocast = torch.autocast(device.type, dtype=amp) if amp else nullcontext()
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with self.autocast:
+            emb = self.model(images)
+        loss = self.criterion(emb.float(), labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def timed(batches, step: Step, warmup: int, steps: int) -> float:
+    """images/s over `steps` steps after `warmup` steps."""
+    it = iter(batches)
+    for _ in range(warmup):
+        step(*next(it)[:2])
+    step.sync()
+    t0, seen = time.perf_counter(), 0
+    for _ in range(steps):
+        images, labels = next(it)[:2]
+        step(images, labels)
+        seen += labels.shape[0]
+    step.sync()
+    return seen / (time.perf_counter() - t0)
+
+
+def cpu_feed(split, args, tcfg, workers: int, device: torch.device):
+    pin = device.type == "cuda"
+    for epoch in itertools.count():
+        loader = train_loader(split, batch_size=args.batch_size, num_workers=workers, seed=0, epoch=epoch,
+                              transform=tcfg, pin_memory=pin)
+        for images, labels in loader:
+            yield images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+
+
+def device_feed(split, args, tcfg, workers: int, device: torch.device, epochs: list):
+    for epoch in itertools.count():
+        loader = train_loader(split, batch_size=args.batch_size, num_workers=workers, seed=0, epoch=epoch,
+                              transform=tcfg, decode="none")
+        epochs.append(device_batches(loader, tcfg, device, seed=0))
+        yield from epochs[-1]
+
+
+def run(args) -> dict:
+    if args.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(args.device)
+    torch.manual_seed(0)
+    torch.backends.cudnn.benchmark = True
+    tcfg = TransformConfig(image_size=args.image_size, resize_size=max(args.image_size, args.resize_size))
+    with tempfile.TemporaryDirectory(prefix="throughput-") as tmp:
+        split = args.data
+        if not split:
+            n = args.batch_size * (args.warmup + args.steps)
+            split = make_dataset(tmp, n, args.classes, args.source_height, args.source_width)
+        m = read_manifest(split)
+        step = Step(args, m.num_classes, device)
+        x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
+        y = torch.randint(0, m.num_classes, (args.batch_size,), device=device)
+        ceiling = timed(itertools.repeat((x, y)), step, args.warmup, args.steps)
+        rows = []
+        for w in args.workers:
+            epochs: list = []
+            cpu = timed(cpu_feed(split, args, tcfg, w, device), step, args.warmup, args.steps)
+            dev = timed(device_feed(split, args, tcfg, w, device, epochs), step, args.warmup, args.steps)
+            stats = {k: sum(e.stats.as_dict()[k] for e in epochs) for k in epochs[0].stats.as_dict()}
+            rows.append({"workers": w, "cpu": cpu, "device": dev, "device_stats": stats})
+    return {"device": str(device), "ceiling": ceiling, "rows": rows, "num_samples": m.num_samples}
+
+
+def report(args, res: dict) -> str:
+    name = torch.cuda.get_device_name() if res["device"].startswith("cuda") else f"cpu ({os.cpu_count()} cores)"
+    lines = [f"{args.backbone}, batch {args.batch_size}, {args.image_size} px, amp {args.amp}, on {name}; "
+             f"{res['num_samples']} shard samples",
+             f"ceiling (synthetic tensors on the device): {res['ceiling']:.1f} img/s", "",
+             "| loader workers | cpu decode img/s | / ceiling | device decode img/s | / ceiling |",
+             "| --- | --- | --- | --- | --- |"]
+    for r in res["rows"]:
+        lines.append(f"| {r['workers']} | {r['cpu']:.1f} | {r['cpu'] / res['ceiling']:.2f} | {r['device']:.1f} | "
+                     f"{r['device'] / res['ceiling']:.2f} |")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", default="", help="a train split dir of shards (default: generate one)")
+    p.add_argument("--backbone", default="resnet50", help="timm name | bninception | small_cnn")
+    p.add_argument("--dim", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--resize-size", type=int, default=256)
+    p.add_argument("--workers", default="1,4,8,16", help="comma-separated loader worker counts")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--amp", default="bf16", choices=["bf16", "fp16", "none"])
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--classes", type=int, default=100, help="classes of the generated dataset")
+    p.add_argument("--source-height", type=int, default=375, help="generated JPEG height")
+    p.add_argument("--source-width", type=int, default=500, help="generated JPEG width")
+    args = p.parse_args(argv)
+    try:
+        args.workers = [int(w) for w in args.workers.split(",")]
+    except ValueError:
+        p.error(f"--workers: comma-separated integers, got {args.workers!r}")
+    if min(args.workers) < 0 or args.steps < 1 or args.warmup < 0 or args.batch_size < 1:
+        p.error("--workers >= 0, --steps >= 1, --warmup >= 0 and --batch-size >= 1")
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    res = run(args)
+    print(report(args, res))
+    for r in res["rows"]:
+        print(f"device path, {r['workers']} workers: {r['device_stats']}")
+    return res
+
+
+if __name__ == "__main__":
+    main()
