@@ -85,8 +85,8 @@ def build_engine(cfg, module: TrainModule, optimizer, env):
         return DDPEngine(module, optimizer, env, cfg.train.grad_clip, cfg.engine.find_unused_parameters)
     if cfg.engine.name == "deepspeed":
         try:
-            from trainer.engine_deepspeed import DeepSpeedEngine
+            from trainer.deepspeed_engine import DeepSpeedEngine
         except ImportError as e:
-            raise NotImplementedError("engine.name=deepspeed: trainer/engine_deepspeed.py is not there yet") from e
+            raise NotImplementedError("engine.name=deepspeed: trainer/deepspeed_engine.py is not there yet") from e
         return DeepSpeedEngine(cfg, module, optimizer, env)
     raise ValueError(f"engine.name: unknown engine {cfg.engine.name!r}")

@@ -1,0 +1,278 @@
+"""engine.name=deepspeed against engine.name=ddp: same losses, warm-up, lr schedule, checkpoints, export.
+
+The distributed test starts 2 gloo ranks once and runs, from the same seed and the same batches, DDP and
+DeepSpeed ZeRO 0, 1 and 2 in fp32 (the trainer's TrainModule with the real ProxyGML loss and the trainer's
+small_cnn embedder; backbone frozen for the first steps, then rewrap; the MultiStepLR milestone mid-run;
+gradient clipping on). Then it checkpoints ZeRO 0/1/2 through DeepSpeed's save/load, continues, and converts
+the checkpoint to a plain state dict.
+
+Tolerance for DeepSpeed vs DDP: rtol 2e-6 on the losses, atol 1e-6 on the final weights (measured here:
+1.2e-7 and 3e-8, about one float32 ulp). Both average the same fp32 gradients over 2 ranks, but in other
+buckets and another order (DeepSpeed divides each flat bucket by the world size before the sum, DDP
+after), so gradients may differ in the last bit; Adam with eps 0.01 does not amplify that over 6 steps.
+A real difference (a missing gradient average, a lost param group or lr, a backbone that moved during the
+warm-up, Adam moments lost at the rewrap) is orders of magnitude larger.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from trainer.deepspeed_engine import DeepSpeedConfigError, load_ds_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS, WARM, MILESTONE, PER_RANK, CLASSES = 6, 2, 4, 4, 5
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# config checks (no process group, fast)
+
+
+def write_json(tmp_path, obj, name="ds.json") -> str:
+    path = tmp_path / name
+    path.write_text(json.dumps(obj))
+    return str(path)
+
+
+@pytest.mark.parametrize("name", ["zero0_bf16", "zero1_bf16", "zero2_bf16", "zero2_fp16"])
+def test_shipped_configs_load(name):
+    ds = load_ds_config(os.path.join(ROOT, "launch", "deepspeed", f"{name}.json"), per_rank_batch=16,
+                        world_size=8, grad_clip=1.0)
+    assert ds["train_batch_size"] == 128 and ds["gradient_clipping"] == 1.0
+    assert ds["zero_optimization"]["stage"] == int(name[4])
+    assert ds["torch_autocast"]["dtype"] == ("float16" if "fp16" in name else "bfloat16")
+
+
+@pytest.mark.parametrize("bad, key", [
+    ({"optimizer": {"type": "Adam"}}, "'optimizer'"),
+    ({"scheduler": {"type": "WarmupLR"}}, "'scheduler'"),
+    ({"bf16": {"enabled": True}}, "bf16.enabled"),
+    ({"fp16": {"enabled": True}}, "fp16.enabled"),
+    ({"zero_optimization": {"stage": 3}}, "zero_optimization.stage=3"),
+    ({"train_micro_batch_size_per_gpu": 3}, "train_micro_batch_size_per_gpu=3"),
+    ({"gradient_clipping": 5.0}, "gradient_clipping=5.0"),
+])
+def test_bad_config_names_the_key(tmp_path, bad, key):
+    with pytest.raises(DeepSpeedConfigError, match=key.replace("[", r"\[").replace(".", r"\.")):
+        load_ds_config(write_json(tmp_path, bad), per_rank_batch=4, world_size=2)
+
+
+def test_missing_or_broken_file(tmp_path):
+    with pytest.raises(DeepSpeedConfigError, match="engine.deepspeed_config"):
+        load_ds_config("", per_rank_batch=4, world_size=1)
+    with pytest.raises(DeepSpeedConfigError, match="no such file"):
+        load_ds_config(str(tmp_path / "nope.json"), per_rank_batch=4, world_size=1)
+    broken = tmp_path / "broken.json"
+    broken.write_text("{stage: 1")
+    with pytest.raises(DeepSpeedConfigError, match="not valid JSON"):
+        load_ds_config(str(broken), per_rank_batch=4, world_size=1)
+
+
+def test_amp_fills_torch_autocast(tmp_path):
+    ds = load_ds_config(write_json(tmp_path, {}), per_rank_batch=4, world_size=1, autocast_dtype=torch.bfloat16)
+    assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
+    assert "torch_autocast" not in load_ds_config(write_json(tmp_path, {}), per_rank_batch=4, world_size=1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 2 ranks: DDP vs ZeRO 0/1/2, then checkpoints
+
+
+def make_cfg(engine: str, ds_json: str, tmp: str, grad_clip: float = 0.5, amp: str = "off"):
+    from omegaconf import OmegaConf
+
+    from trainer.config import Config
+    cfg = OmegaConf.structured(Config)
+    cfg.model.backbone, cfg.model.pretrained, cfg.model.small_cnn_width, cfg.model.dim = "small_cnn", False, 8, 16
+    cfg.train.batch_size, cfg.train.grad_clip, cfg.train.amp = PER_RANK * 2, grad_clip, amp
+    cfg.engine.name, cfg.engine.deepspeed_config = engine, ds_json
+    cfg.run.output_dir, cfg.run.name, cfg.checkpoint.keep_last = tmp, engine, 2
+    return cfg
+
+
+def build(cfg, env, seed=0):
+    """The trainer's pieces: small_cnn embedder, real ProxyGML, 3 param groups, MultiStepLR."""
+    from loss import ProxyGML
+    from trainer.engine import TrainModule, build_engine
+    from trainer.model import build_model
+    torch.manual_seed(seed)
+    embedder = build_model(cfg.model)
+    crit = ProxyGML(CLASSES, cfg.model.dim, proxies_per_class=2, r=0.3, lam=0.3)
+    module = TrainModule(embedder, crit)
+    groups = [dict(params=embedder.backbone_parameters(), lr=1e-3, name="backbone"),
+              dict(params=embedder.head_parameters(), lr=3e-3, name="head"),
+              dict(params=list(crit.parameters()), lr=0.03, name="proxies", weight_decay=0.0)]
+    opt = torch.optim.Adam(groups, eps=0.01, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, [1], 0.1)  # stepped once, at step MILESTONE
+    embedder.set_backbone_trainable(False)
+    engine = build_engine(cfg, module, opt, env)
+    return module, opt, sched, engine
+
+
+def batch(rank: int, step: int):
+    g = torch.Generator().manual_seed(1000 * step + rank)
+    return torch.randn(PER_RANK, 3, 16, 16, generator=g), torch.randint(0, CLASSES, (PER_RANK,), generator=g)
+
+
+def train(module, sched, engine, start: int, stop: int, rank: int, amp=None) -> tuple[list, list]:
+    """The loop's step (trainer/loop.py): autocast around the engine's forward when train.amp is on."""
+    losses, lrs = [], []
+    module.train()
+    autocast = torch.autocast("cpu", dtype=amp, enabled=amp is not None)
+    for step in range(start, stop):
+        if step == WARM:
+            module.embedder.set_backbone_trainable(True)
+            engine.rewrap()
+        if step == MILESTONE:
+            sched.step()
+        with autocast:
+            loss = engine(*batch(rank, step))
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.item())
+        lrs.append([g["lr"] for g in engine.optimizer.param_groups])
+    return losses, lrs
+
+
+def flat_weights(module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1).float() for p in module.parameters()])
+
+
+def worker(rank: int, world: int, port: int, tmp: str):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
+    torch.set_num_threads(1)
+    from trainer import distributed as D
+    env = D.setup("cpu")
+    out = {}
+    fp32 = {}
+    for stage in (0, 1, 2):
+        fp32[stage] = os.path.join(tmp, f"zero{stage}.json")
+        if rank == 0:
+            with open(fp32[stage], "w") as f:
+                json.dump({"zero_optimization": {"stage": stage}}, f)
+    D.barrier()
+
+    # 1. the same run under DDP and under ZeRO 0, 1, 2
+    for name, engine_name, ds_json in [("ddp", "ddp", ""), *[(f"zero{s}", "deepspeed", fp32[s]) for s in (0, 1, 2)]]:
+        cfg = make_cfg(engine_name, ds_json, tmp)
+        module, opt, sched, engine = build(cfg, env)
+        frozen = flat_weights(module.embedder.backbone) if hasattr(module.embedder, "backbone") else None
+        losses, lrs = train(module, sched, engine, 0, WARM, rank)
+        moved = None if frozen is None else (flat_weights(module.embedder.backbone) - frozen).abs().max().item()
+        more, more_lrs = train(module, sched, engine, WARM, STEPS, rank)
+        out[name] = dict(losses=losses + more, lrs=lrs + more_lrs, weights=flat_weights(module),
+                         backbone_moved_in_warmup=moved)
+
+    # 2. bf16: DDP under the loop's autocast vs ZeRO 2 with launch/deepspeed/zero2_bf16.json
+    for name, engine_name, ds_json in [("ddp_bf16", "ddp", ""),
+                                       ("zero2_bf16", "deepspeed", os.path.join(ROOT, "launch", "deepspeed",
+                                                                                "zero2_bf16.json"))]:
+        cfg = make_cfg(engine_name, ds_json, tmp, amp="bf16")
+        module, opt, sched, engine = build(cfg, env)
+        losses, _ = train(module, sched, engine, 0, STEPS, rank, amp=torch.bfloat16)
+        out[name] = dict(losses=losses, weights=flat_weights(module))
+
+    # 3. checkpoint through DeepSpeed after step 3, continue to 6; resume a fresh build from it
+    for stage in (0, 1, 2):
+        cfg = make_cfg("deepspeed", fp32[stage], tmp)
+        cfg.run.name = f"ckpt{stage}"
+        module, opt, sched, engine = build(cfg, env)
+        train(module, sched, engine, 0, 3, rank)
+        opt_ref = engine.optimizer_state_dict()  # collective, like the loop's save
+        plain = {"model": {k: v.clone() for k, v in module.embedder.state_dict().items()},
+                 "criterion": {k: v.clone() for k, v in module.criterion.state_dict().items()},
+                 "scheduler": sched.state_dict()}
+        cont, _ = train(module, sched, engine, 3, STEPS, rank)
+        final = flat_weights(module)
+
+        module2, opt2, sched2, engine2 = build(cfg, env, seed=123)  # other init: everything must come back
+        module2.embedder.load_state_dict(plain["model"])
+        module2.criterion.load_state_dict(plain["criterion"])
+        sched2.load_state_dict(plain["scheduler"])
+        module2.embedder.set_backbone_trainable(True)  # resumed after the warm-up, as the loop does
+        engine2.rewrap()
+        engine2.load_optimizer_state_dict(opt_ref)
+        resumed, _ = train(module2, sched2, engine2, 3, STEPS, rank)
+        out[f"ckpt{stage}"] = dict(cont=cont, resumed=resumed, final=final, final_resumed=flat_weights(module2),
+                                   ref=opt_ref, saved_weights=plain)
+        if rank == 0:
+            from trainer.deepspeed_engine import consolidated_state_dict, split_state_dict
+            model_sd, crit_sd = split_state_dict(consolidated_state_dict(opt_ref["deepspeed"]["dir"],
+                                                                         opt_ref["deepspeed"]["tag"]))
+            out[f"ckpt{stage}"]["exported"] = dict(model=model_sd, criterion=crit_sd)
+        D.barrier()
+    torch.save(out, os.path.join(tmp, f"rank{rank}.pt"))
+    D.teardown()
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    tmp = str(tmp_path_factory.mktemp("ds2"))
+    mp.start_processes(worker, args=(2, free_port(), tmp), nprocs=2, join=True, start_method="spawn")
+    return [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=False) for r in range(2)], tmp
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_zero_stage_matches_ddp(two_ranks, stage):
+    results, _ = two_ranks
+    for r in range(2):
+        ddp, ds = results[r]["ddp"], results[r][f"zero{stage}"]
+        assert ds["lrs"] == ddp["lrs"]  # own proxy lr, the milestone applied to every group
+        assert ds["lrs"][0] == [1e-3, 3e-3, 0.03] and ds["lrs"][-1] == pytest.approx([1e-4, 3e-4, 3e-3])
+        assert ds["backbone_moved_in_warmup"] == 0.0 and ddp["backbone_moved_in_warmup"] == 0.0
+        torch.testing.assert_close(torch.tensor(ds["losses"]), torch.tensor(ddp["losses"]), rtol=2e-6, atol=0)
+        torch.testing.assert_close(ds["weights"], ddp["weights"], rtol=0, atol=1e-6)
+    # replicas agree with each other
+    torch.testing.assert_close(results[0][f"zero{stage}"]["weights"], results[1][f"zero{stage}"]["weights"])
+
+
+@pytest.mark.distributed
+def test_bf16_zero2_close_to_ddp_bf16(two_ranks):
+    """bf16 autocast on both sides; ZeRO also all-reduces Linear/Conv gradients in bf16 (torch_autocast's
+    comm dtype), DDP in fp32: losses agree to bf16 precision (2^-8 = 0.4%), not to fp32's."""
+    results, _ = two_ranks
+    for r in range(2):
+        ddp, ds = results[r]["ddp_bf16"], results[r]["zero2_bf16"]
+        torch.testing.assert_close(torch.tensor(ds["losses"]), torch.tensor(ddp["losses"]), rtol=1e-2, atol=0)
+        assert not torch.equal(torch.tensor(ds["losses"]), torch.tensor(results[r]["ddp"]["losses"]))  # bf16 ran
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_save_resume_continue(two_ranks, stage):
+    results, tmp = two_ranks
+    for r in range(2):
+        c = results[r][f"ckpt{stage}"]
+        assert len(c["cont"]) == STEPS - 3
+        torch.testing.assert_close(torch.tensor(c["resumed"]), torch.tensor(c["cont"]), rtol=0, atol=0)
+        torch.testing.assert_close(c["final_resumed"], c["final"], rtol=0, atol=0)
+    ref = results[0][f"ckpt{stage}"]["ref"]["deepspeed"]
+    assert ref["tag"] == "step-000000003" and ref["stage"] == stage
+    assert os.path.isdir(os.path.join(ref["dir"], ref["tag"]))
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_export_plain_state_dict(two_ranks, stage):
+    results, _ = two_ranks
+    c = results[0][f"ckpt{stage}"]
+    for part in ("model", "criterion"):
+        saved, exported = c["saved_weights"][part], c["exported"][part]
+        float_keys = [k for k, v in saved.items() if v.is_floating_point()]
+        params = [k for k in float_keys if k in exported]
+        assert params, part
+        for k in params:
+            torch.testing.assert_close(exported[k], saved[k], rtol=0, atol=0)
