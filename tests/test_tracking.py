@@ -359,3 +359,29 @@ def test_shard_image_lookup_reads_by_tar_key_and_by_path(shards, eval_result):
     assert len(lookup(["00000000"])) == 1 or len(lookup(["00000010"])) == 1
     with pytest.raises(FileNotFoundError, match="split_dir"):
         tracking.shard_image_lookup(shards / "nope")
+
+
+def test_store_back_during_the_run_gets_the_pending_events(tmp_path, monkeypatch):
+    """The store fails at first (a file stands where its directory goes); once it works, the tracker's next retry
+    replays everything kept so far into the run, in order, and carries on online."""
+    store_dir = tmp_path / "later"
+    uri = f"sqlite:///{store_dir}/mlflow.db"
+    cfg = TrackingConfig(enabled=True, tracking_uri=uri, experiment="comeback")
+    store_dir.write_text("in the way")
+    with pytest.warns(RuntimeWarning, match="training goes on"):
+        tracker = Tracker(cfg, tmp_path / "run", config={"a": {"b": 1}})
+    for step in range(5):
+        tracker.log_metrics({"loss": float(step)}, step)
+    assert not tracker.online and tracker.run_id is None
+    store_dir.unlink()
+    tracker.log_metrics({"loss": 5.0}, 5)  # within RETRY_INTERVAL_S: not retried yet
+    assert not tracker.online
+    monkeypatch.setattr(tracking, "RETRY_INTERVAL_S", 0.0)
+    for step in range(6, 8):
+        tracker.log_metrics({"loss": float(step)}, step)
+    assert tracker.online and not (tmp_path / "run" / "tracking" / "pending.jsonl").exists()
+    tracker.close()
+    client = client_for(uri)
+    run = client.get_run(tracker.run_id)
+    assert run.info.status == "FINISHED" and run.data.params == {"a.b": "1"}
+    assert metric_steps(client, tracker.run_id, "loss") == [(s, float(s)) for s in range(8)]

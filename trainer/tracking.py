@@ -525,14 +525,11 @@ class Tracker:
         self.run_name = cfg.run_name or self.run_dir.name
         state = self._read_state()
         self.run_id = resume_run_id or (state.get("run_id") if self.pending.exists() else None)
+        self._artifact_root = artifact_root
+        self._store: _Store | None = None
         self._online = False
         self._warned = False
         self._last_try = -math.inf
-        try:
-            self._store = _Store(self.uri, artifact_root)
-        except Exception as e:  # a malformed URI or a broken local store: keep training, keep events
-            self._store = None
-            self._fail(e)
         self._connect()
         self._write_state(artifact_root)
 
@@ -696,9 +693,9 @@ class Tracker:
 
     def _connect(self) -> bool:
         self._last_try = time.monotonic()
-        if self._store is None:
-            return False
         try:
+            if self._store is None:  # creating the client already touches a SQLite store
+                self._store = _Store(self.uri, self._artifact_root)
             self.run_id = self._store.ensure_run(self.experiment, self.run_name, self.run_id)
             self._write_state()
             self._store.replay(self.run_id, self.pending)
@@ -711,7 +708,7 @@ class Tracker:
         return True
 
     def _reconnect_due(self) -> bool:
-        if self._store is None or time.monotonic() - self._last_try < RETRY_INTERVAL_S:
+        if time.monotonic() - self._last_try < RETRY_INTERVAL_S:
             return False
         return self._connect()
 
