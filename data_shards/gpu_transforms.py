@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 from omegaconf import OmegaConf
 from torchvision.io import ImageReadMode, decode_jpeg
@@ -165,6 +166,13 @@ class DeviceTransform:
     def __init__(self, cfg: Any, device: torch.device | str, train: bool, generator: torch.Generator):
         self.cfg, self.device, self.train, self.generator = cfg, torch.device(device), train, generator
         self.interpolation = INTERPOLATIONS[cfg.interpolation]  # cfg is a validated TransformConfig
+        # torchvision's resize of a float image calls interpolate with these; calling it directly per sample
+        # saves half the per-sample CPU time (the hot loop: one crop + resize per image)
+        smooth = self.interpolation != InterpolationMode.NEAREST
+        if not smooth:  # PIL's nearest (the CPU path's) is torch's nearest-exact
+            self.interpolation = InterpolationMode.NEAREST_EXACT
+        mode = self.interpolation.value
+        self.resize_kw = dict(mode=mode, antialias=smooth, align_corners=False if smooth else None)
         order = [2, 1, 0] if cfg.channel_order == "bgr" else [0, 1, 2]
         self.order = torch.tensor(order, device=self.device)
         # x in [0, 255] -> (x / 255 * pixel_scale - mean) / std, in one multiply-add
@@ -179,8 +187,8 @@ class DeviceTransform:
             sizes = torch.tensor([img.shape[-2:] for img in images]).view(-1, 2)
             boxes = sample_crop_boxes(sizes, self.cfg.scale, self.cfg.ratio, self.generator).tolist()
             for k, (img, (top, left, h, w)) in enumerate(zip(images, boxes)):
-                crop = img[:, top:top + h, left:left + w].float()
-                out[k] = TF.resize(crop, [size, size], self.interpolation, antialias=True)
+                crop = img[None, :, top:top + h, left:left + w].float()
+                out[k] = F.interpolate(crop, size=(size, size), **self.resize_kw)[0]
             flip = torch.rand(len(images), generator=self.generator) < self.cfg.hflip
             if flip.any():
                 idx = flip.nonzero().squeeze(1).to(self.device)
@@ -189,7 +197,7 @@ class DeviceTransform:
             for k, img in enumerate(images):
                 resized = TF.resize(img.float(), [self.cfg.resize_size], self.interpolation, antialias=True)
                 out[k] = TF.center_crop(resized, [size, size])
-        if self.interpolation != InterpolationMode.NEAREST:
+        if self.resize_kw["antialias"]:
             out.clamp_(0, 255)  # bicubic overshoots; the CPU path's uint8 images cannot
         out = out.index_select(1, self.order)
         return out.mul_(self.mul).add_(self.add)
