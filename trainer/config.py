@@ -39,7 +39,7 @@ class DataConfig:
     test_split: str = "test"
     num_workers: int = 2  # loader processes per rank
     decode: str = "cpu"  # cpu: workers decode + augment | gpu: workers read bytes, the GPU decodes
-    prepare: str = ""  # "" | digits: write the shards of a built-in dataset first if <root> has none
+    prepare: str = "none"  # none | digits: write the shards of a built-in dataset first if <root> has none
     transform: TransformConfig = field(default_factory=TransformConfig)
 
 
@@ -144,7 +144,7 @@ class Config:
 CHOICES = {
     "run.device": ("auto", "cpu", "cuda"),
     "data.decode": ("cpu", "gpu"),
-    "data.prepare": ("", "digits"),
+    "data.prepare": ("none", "digits"),
     "model.pooling": ("avg", "max", "avgmax", "catavgmax"),
     "loss.mode": ("gather", "local", "sharded"),
     "optim.name": ("adam", "adamw", "sgd"),

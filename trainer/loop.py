@@ -56,9 +56,9 @@ def build_criterion(cfg_loss, num_classes: int, dim: int):
     import loss
     if hasattr(loss, "build_criterion"):
         return loss.build_criterion(cfg_loss.mode, num_classes, dim, **kwargs)
-    if D.world_size() > 1:
+    if D.world_size() > 1 and cfg_loss.mode != "local":
         raise NotImplementedError(f"loss.mode={cfg_loss.mode} on several ranks needs loss.build_criterion")
-    return loss.ProxyGML(num_classes, dim, **kwargs)  # one process: every mode is the plain loss
+    return loss.ProxyGML(num_classes, dim, **kwargs)  # one process (or local mode): the plain loss
 
 
 def build_optimizer(cfg_optim, embedder, criterion) -> torch.optim.Optimizer:
@@ -92,6 +92,7 @@ def prepare_data(cfg, env) -> None:
 class Trainer:
     def __init__(self, cfg, env):
         self.cfg, self.env = cfg, env
+        self.stop = StopFlag()  # from the start: a preemption during setup still ends in a checkpoint
         self.per_rank_batch = check_world_size(cfg, env.world_size)  # fail before any work
         self.run_dir = os.path.join(cfg.run.output_dir, cfg.run.name)
         if env.is_main:
@@ -131,7 +132,7 @@ class Trainer:
 
     def fit(self) -> dict:
         """The whole run. Returns the last evaluation's metrics (on rank 0; {} elsewhere)."""
-        cfg, pos, stop = self.cfg, self.pos, StopFlag()
+        cfg, pos, stop = self.cfg, self.pos, self.stop
         try:
             if cfg.eval.at_start and pos.step == 0:
                 self.evaluate("before training")
