@@ -214,6 +214,8 @@ class DeviceBatches:
             transform_cfg = TransformConfig(**plain)
         if self.device.type == "cuda":
             check_decode_device("gpu", self.device)
+            if self.device.index is None:  # the producer thread must use the caller's device, not device 0
+                self.device = torch.device("cuda", torch.cuda.current_device())
         if prefetch < 1:
             raise ValueError(f"prefetch must be >= 1, got {prefetch}")
         self.loader, self.prefetch = loader, prefetch
@@ -224,6 +226,8 @@ class DeviceBatches:
         self.seed, self.train = seed, train
         self.generator = torch.Generator()
         self.transform = DeviceTransform(transform_cfg, self.device, train, self.generator)
+        if self.device.type == "cuda":  # its constants were copied on the caller's stream: done before ours
+            torch.cuda.current_stream(self.device).synchronize()
         self.epoch = getattr(loader, "epoch", 0)
         self.start_batch = getattr(loader, "start_batch", 0)
         self.stats = DecodeStats()
