@@ -3,13 +3,17 @@
 Reading goes through webdataset (`tarfile_samples`: local paths, `pipe:` commands, http via curl); the
 split of the data over ranks and workers is planned here from the manifest, so that:
 
-- the shards (cut into `parts` when there are fewer shards than readers) are dealt each epoch to
-  `world_size * max(1, num_workers)` readers ("slots"), balanced by sample count, from a shuffle seeded
-  by (seed, epoch); unlike `wds.split_by_node`, a rank sees other shards every epoch and no rank is empty;
+- the shards, laid end to end (train: in an order and from a start seeded by (seed, epoch)), are cut
+  into one piece per reader ("slot": `world_size * max(1, num_workers)` of them) of exactly the samples
+  it needs; a shard may be split between readers (each skips the samples before its piece without
+  decoding them). Unlike
+  `wds.split_by_node`, no rank is ever empty or short whatever the shard count, and a rank sees other
+  shards every epoch;
 - train: every rank yields exactly `len(loader) = num_samples // (batch_size * world_size)` full batches.
-  A slot reads its units in a cycle (a slot short of samples repeats some, one with extra leaves some
-  for another epoch), shuffles samples with a seeded buffer within each cycle and cuts batches; batch p
-  of the rank comes from slot p % V, and DataLoader's in-order round robin over the workers puts them back in order p.
+  An epoch shows each sample at most once (the num_samples % (batch_size * world_size) left over change
+  every epoch). A slot shuffles its samples with a seeded buffer and cuts batches (should samples turn
+  out unreadable, it reads its pieces again to fill its batches); batch p of the rank comes from slot
+  p % V, and DataLoader's in-order round robin over the workers puts them back in order p.
   Batch contents and augmentation are a function of (seed, epoch, rank, world_size) for a given
   batch_size and num_workers, so `start_batch=b` (skipping raw samples, no decoding) yields exactly
   batches b.. of the same epoch;
@@ -40,32 +44,38 @@ DECODES = ("cpu", "none")
 
 @dataclass(frozen=True)
 class Unit:
-    """Samples `part`, `part + parts`, ... of shard `shard` (all of it when parts == 1)."""
+    """Samples start..stop-1 of shard `shard` (in the shard's order)."""
     shard: int
-    part: int
-    parts: int
-    size: int
+    start: int
+    stop: int
+
+    @property
+    def size(self) -> int:
+        return self.stop - self.start
 
 
-def make_units(counts: list[int], readers: int) -> list[Unit]:
-    parts = max(1, math.ceil(readers / max(1, len(counts))))
-    return [Unit(i, j, parts, n // parts + (j < n % parts)) for i, n in enumerate(counts) for j in range(parts)]
-
-
-def assign_units(units: list[Unit], slots: int, rng: random.Random | None,
-                 targets: list[int] | None = None) -> list[list[Unit]]:
-    """Deal units to slots, biggest first (ties in seeded random order), each to the slot furthest
-    below its target number of samples (default: equal targets, i.e. the least loaded slot)."""
-    order = list(units)
-    if rng is not None:
-        rng.shuffle(order)
-    order.sort(key=lambda u: -u.size)
-    plan: list[list[Unit]] = [[] for _ in range(slots)]
-    load, targets = [0] * slots, targets or [0] * slots
-    for u in order:
-        s = min(range(slots), key=lambda k: (load[k] - targets[k], k))
-        plan[s].append(u)
-        load[s] += u.size
+def cut(counts: list[int], order: list[int], budgets: list[int], offset: int = 0) -> list[list[Unit]]:
+    """Lay the shards end to end in `order`, start `offset` samples in (wrapping around), and cut that
+    run of samples into consecutive pieces of `budgets[k]` samples, one per slot (a shard may be split
+    between slots). The samples past sum(budgets) are not used."""
+    run = [Unit(i, 0, counts[i]) for i in order if counts[i] > 0]
+    for k, u in enumerate(run):
+        if offset < u.size:
+            run = [Unit(u.shard, u.start + offset, u.stop)] + run[k + 1:] + run[:k] + [Unit(u.shard, 0, offset)]
+            break
+        offset -= u.size
+    plan: list[list[Unit]] = [[] for _ in budgets]
+    slot, room = 0, budgets[0] if budgets else 0
+    for u in run:
+        pos = u.start
+        while pos < u.stop and slot < len(budgets):
+            take = min(room, u.stop - pos)
+            if take:
+                plan[slot].append(Unit(u.shard, pos, pos + take))
+            pos, room = pos + take, room - take
+            if room == 0:
+                slot += 1
+                room = budgets[slot] if slot < len(budgets) else 0
     return plan
 
 
@@ -88,11 +98,11 @@ def read_unit(url: str, unit: Unit, skips: SkipCounter):
     """The samples of one unit; a shard that ends before its manifest count (truncated) is reported."""
     samples = wds.tarfile_samples([{"url": url}], handler=skips.handler)
     n = 0
-    for sample in itertools.islice(samples, unit.part, None, unit.parts):
+    for sample in itertools.islice(samples, unit.start, unit.stop):
         n += 1
         yield sample
     if n < unit.size:
-        skips.skip(f"{unit.size - n} of {unit.size} samples of {url} (part {unit.part}/{unit.parts}): "
+        skips.skip(f"{unit.size - n} of {unit.size} samples of {url} (samples {unit.start}..{unit.stop - 1}): "
                    "the shard ended early (truncated or unreadable)", unit.size - n)
 
 
@@ -133,10 +143,13 @@ class TrainStream(IterableDataset):
         return "/".join(map(str, (self.seed, self.epoch, self.world_size) + more))
 
     def plan(self) -> list[list[Unit]]:
-        units = make_units(self.m.shard_counts, self.world_size * self.V)
+        """Every slot's pieces of the shards for this epoch: shards in an order seeded by (seed, epoch),
+        cut into exactly the samples each slot turns into batches (the same plan on every rank)."""
+        rng = random.Random(self._tag("order"))
+        order = list(range(len(self.m.shard_counts)))
+        rng.shuffle(order)
         per_slot = [len(range(v, self.batches_per_epoch, self.V)) * self.batch_size for v in range(self.V)]
-        return assign_units(units, self.world_size * self.V, random.Random(self._tag("assign")),
-                            targets=per_slot * self.world_size)
+        return cut(self.m.shard_counts, order, per_slot * self.world_size, rng.randrange(self.m.num_samples))
 
     def slot_samples(self, slot: int, units: list[Unit], skips: SkipCounter):
         """Endless stream of raw samples of one slot: every cycle reads its units in a new seeded order
@@ -177,7 +190,7 @@ class TrainStream(IterableDataset):
 
     def make_batch(self, samples, position: int, tf, skips: SkipCounter):
         B, C = self.batch_size, self.m.num_classes
-        while True:
+        for attempt in itertools.count(1):
             raw = list(itertools.islice(samples, B))
             items = []
             with torch.random.fork_rng(devices=[]):
@@ -193,6 +206,9 @@ class TrainStream(IterableDataset):
             good = [it for it in items if it is not None]
             if good:
                 break
+            if attempt == 10:
+                raise RuntimeError(f"data_shards: {10 * B} samples in a row were unreadable "
+                                   f"(shards of {self.m.location}); see the warnings above")
             log.error("data_shards: a whole batch (%d samples) was unreadable; reading on", B)
         # replace each bad sample by the nearest good one before it (else after it) in the same batch
         filled, last = [], None
@@ -213,8 +229,10 @@ class EvalStream(IterableDataset):
         self.V, self.transform, self.decode = slots_per_rank, transform, decode
 
     def plan(self) -> list[list[Unit]]:
-        units = make_units(self.m.shard_counts, self.world_size * self.V)
-        return assign_units(units, self.world_size * self.V, None)
+        """The shards in manifest order cut into world_size * V pieces whose sizes differ by at most one."""
+        n, slots = self.m.num_samples, self.world_size * self.V
+        return cut(self.m.shard_counts, list(range(len(self.m.shard_counts))),
+                   [n // slots + (k < n % slots) for k in range(slots)])
 
     def __iter__(self):
         w, W = _worker()
@@ -223,7 +241,7 @@ class EvalStream(IterableDataset):
         skips = SkipCounter(f"eval rank {self.rank} worker {w}")
         tf = eval_transform(self.transform) if self.decode == "cpu" else None
         urls, batch = self.m.shards, []
-        for u in sorted(self.plan()[slot], key=lambda u: (u.shard, u.part)):
+        for u in self.plan()[slot]:
             for s in read_unit(urls[u.shard], u, skips):
                 try:
                     data, label = image_bytes(s), label_of(s, self.m.num_classes)
