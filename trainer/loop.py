@@ -128,14 +128,14 @@ class Trainer:
                                world_size=env.world_size, resume_run_id=state["mlflow_run_id"] if state else None)
         self.images_of = shard_image_lookup(self.test_dir) if cfg.tracking.enabled and env.is_main else None
         self.amp = amp_dtype(cfg.train, env.device)
-        self.metrics = {}
+        self.metrics, self.first_metrics = {}, {}
 
     def fit(self) -> dict:
         """The whole run. Returns the last evaluation's metrics (on rank 0; {} elsewhere)."""
         cfg, pos, stop = self.cfg, self.pos, self.stop
         try:
             if cfg.eval.at_start and pos.step == 0:
-                self.evaluate("before training")
+                self.first_metrics = self.evaluate("before training")
             while pos.epoch < cfg.train.epochs:
                 if self.warm and pos.epoch >= cfg.train.warmup_epochs:  # warm-up over: the backbone learns too
                     self.warm = False
@@ -153,6 +153,9 @@ class Trainer:
                     self.evaluate(f"epoch {pos.epoch}")
                 if last or (cfg.checkpoint.every_epochs and pos.epoch % cfg.checkpoint.every_epochs == 0):
                     self.save()
+            if self.first_metrics and self.metrics:
+                self.log("test Recall@1: {:.4f} before training -> {:.4f} after".format(
+                    self.first_metrics["recall_at_1"], self.metrics["recall_at_1"]))
             self.tracker.log_model(self.embedder)
             self.tracker.close(status="FINISHED")
             return self.metrics
