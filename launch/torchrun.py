@@ -9,6 +9,7 @@ itself (exit status 128 + signal number, as a shell reports it, instead of a tra
 """
 from __future__ import annotations
 
+import os
 import sys
 
 from torch.distributed.elastic.multiprocessing.api import SignalException
@@ -20,6 +21,12 @@ from torch.distributed.elastic.rendezvous.api import (
 from torch.distributed.run import parse_args, run
 
 DEFAULT_JOIN_TIMEOUT = 600  # torchrun's default, in seconds
+
+# torchrun (torch 2.14) shares the rendezvous' TCP store with the workers and keeps it across restarts, so a
+# restarted worker group finds the dead group's process-group keys in it: gloo then connects to the dead
+# ranks' ports ("Connection refused", or a hang in init_process_group) and --max-restarts never recovers.
+# A store per rendezvous round avoids that (tests/test_launch_elastic.py kills a worker to check).
+os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
 
 
 def rdzv_conf(args) -> dict[str, str]:
