@@ -34,7 +34,7 @@ import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
 from .manifest import Manifest, read_manifest
-from .transforms import TransformConfig, decode_image, eval_transform, train_transform
+from .transforms import TransformConfig, as_transform_config, decode_image, eval_transform, train_transform
 
 log = logging.getLogger("data_shards")
 
@@ -321,7 +321,7 @@ def train_loader(split_dir, batch_size: int, num_workers: int = 2, seed: int = 0
     if not 0 <= start_batch < L:
         raise ValueError(f"train_loader: start_batch must be in [0, {L}), got {start_batch!r}")
     stream = TrainStream(m, batch_size, seed, epoch, rank, world_size, max(1, num_workers), start_batch,
-                         transform or TransformConfig(), decode, shuffle_buffer)
+                         as_transform_config(transform), decode, shuffle_buffer)
     loader = _loader(stream, num_workers, pin_memory, prefetch_factor).with_epoch(L - start_batch)
     return ShardLoader(loader, L, m, batches_per_epoch=L, start_batch=start_batch, epoch=epoch)
 
@@ -334,7 +334,7 @@ def eval_loader(split_dir, batch_size: int, num_workers: int = 2, rank: int = 0,
     _check(batch_size, num_workers, rank, world_size, decode)
     m = split_dir if isinstance(split_dir, Manifest) else read_manifest(split_dir)
     V = max(1, num_workers)
-    stream = EvalStream(m, batch_size, rank, world_size, V, transform or TransformConfig(), decode)
+    stream = EvalStream(m, batch_size, rank, world_size, V, as_transform_config(transform), decode)
     plan = stream.plan()
     per_slot = [sum(u.size for u in plan[rank * V + w]) for w in range(V)]
     length = sum(math.ceil(n / batch_size) for n in per_slot)

@@ -7,6 +7,7 @@ with mean and std given in that channel order (BN-Inception: bgr, 255, mean [104
 """
 
 import io
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -52,6 +53,23 @@ class TransformConfig:
         if bad:
             raise ValueError(f"TransformConfig: invalid {', '.join(bad)}: "
                              + ", ".join(f"{k}={getattr(self, k)!r}" for k in bad))
+
+
+def as_transform_config(cfg) -> TransformConfig:
+    """None (defaults), a TransformConfig, a mapping or an omegaconf node (the trainer's `data.transform`)."""
+    if cfg is None:
+        return TransformConfig()
+    if isinstance(cfg, TransformConfig):
+        return cfg
+    if type(cfg).__module__.startswith("omegaconf"):
+        from omegaconf import OmegaConf
+        cfg = OmegaConf.to_container(cfg, resolve=True)
+    if not isinstance(cfg, Mapping):
+        raise TypeError(f"transform must be a TransformConfig, a mapping or None, got {type(cfg).__name__}")
+    unknown = set(cfg) - set(TransformConfig.__dataclass_fields__)
+    if unknown:
+        raise ValueError(f"transform: unknown keys {sorted(unknown)}")
+    return TransformConfig(**{k: list(v) if isinstance(v, (list, tuple)) else v for k, v in cfg.items()})
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

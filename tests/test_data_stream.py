@@ -188,6 +188,13 @@ def test_transform_config():
     assert torch.allclose(bgr[:, 0, 0], torch.tensor([50 - 104.0, 100 - 117.0, 200 - 128.0]), atol=1e-3)
     with pytest.raises(ValueError, match="channel_order"):
         TransformConfig(channel_order="rbg")
+    from omegaconf import OmegaConf
+
+    from data_shards.transforms import as_transform_config
+    node = OmegaConf.structured(TransformConfig(image_size=8, resize_size=8))   # the trainer's data.transform
+    assert as_transform_config(node) == TransformConfig(image_size=8, resize_size=8)
+    with pytest.raises(ValueError, match="unknown keys"):
+        as_transform_config({"imagesize": 8})
     with pytest.raises(ValueError, match="scale"):
         TransformConfig(scale=[0.5, 0.1])
 
