@@ -138,7 +138,8 @@ def run_one(c: Case, impl: str, args) -> dict:
         except torch.OutOfMemoryError:
             torch.cuda.empty_cache()
             return {"skip": "out of memory"}
-    cmd = [sys.executable, __file__, "--child", json.dumps([asdict(c), impl, args.reps, args.slow_s])]
+    child = json.dumps([asdict(c), impl, args.reps, args.slow_s])
+    cmd = [sys.executable, __file__, "--threads", str(torch.get_num_threads()), "--child", child]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         return {"skip": f"failed (exit {proc.returncode})"}
@@ -167,9 +168,12 @@ def main() -> None:
     ap.add_argument("--slow-s", type=float, default=5.0, help="a warm-up slower than this is the only run")
     ap.add_argument("--max-dense-gb", type=float, default=6.0, help="CPU: skip dense runs estimated above")
     ap.add_argument("--max-dense-gflop", type=float, default=400.0, help="CPU: skip dense runs estimated above")
+    ap.add_argument("--threads", type=int, default=0, help="CPU threads per run (default: torch's)")
     ap.add_argument("--only", default="", help="comma-separated case names to run (default: all)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.child:
         c, impl, reps, slow_s = json.loads(args.child)
         print(json.dumps(measure(Case(**c), impl, "cpu", reps, slow_s)))

@@ -1,6 +1,6 @@
 """Per-rank peak memory and step time of ``gather`` (replicated proxies) vs ``sharded`` ProxyGML.
 
-    python bench/sharded_bench.py [--ranks 2 4] [--classes 100000 1000000] [--batch 16] [--dim 128]
+    python bench/sharded_bench.py [--ranks 2 4] [--classes 100000 1000000] [--batch 16] [--dim 64]
 
 Each configuration starts W gloo processes on 127.0.0.1 (one thread each) that train a small linear
 embedder plus the criterion under DDP, as the trainer does (sharded proxies kept out of DDP), with SGD with
@@ -8,7 +8,7 @@ momentum: the step is forward, backward (DDP's gradient all-reduce included) and
 Printed: the median step time (slowest rank), the peak resident memory per rank above an idle torch
 process (largest rank; parameters, gradients, momentum, DDP buckets, similarities), the proxies each rank
 holds, and the gather/sharded ratios. lam = 0: the regulariser is O((C N)^2 dim / W) flops, out of reach
-on the CPU at these C. On the CPU the dimension is 128 (not 512) so that 4 replicated copies of 1,000,000
+on the CPU at these C. On the CPU the dimension is 64 (not 512) so that 4 replicated copies of 1,000,000
 proxies with their gradients, buckets and momentum fit the machine's memory.
 
 Measured numbers and the 10,000,000-class arithmetic: see the loss section of the README.
@@ -101,7 +101,7 @@ def main() -> None:
     ap.add_argument("--ranks", type=int, nargs="+", default=[2, 4])
     ap.add_argument("--classes", type=int, nargs="+", default=[100_000, 1_000_000])
     ap.add_argument("--batch", type=int, default=16, help="samples per rank")
-    ap.add_argument("--dim", type=int, default=128)
+    ap.add_argument("--dim", type=int, default=64)
     ap.add_argument("--r", type=float, default=0.05)
     ap.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up")
     args = ap.parse_args()
