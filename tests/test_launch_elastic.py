@@ -1,0 +1,293 @@
+"""The launch scripts driving the real trainer on 127.0.0.1 with gloo: two nodes, a killed worker, SIGTERM, a node
+that never joins. Every job runs in its own session and is killed (by process group) if a test fails."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SINGLE = os.path.join(ROOT, "launch", "single_node.sh")
+MULTI = os.path.join(ROOT, "launch", "multi_node.sh")
+STEPS_PER_EPOCH = 14  # the digits demo: 901 training images (classes 0-4), global batch 64
+
+pytestmark = pytest.mark.distributed
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """The demo's digits shards (train: digits 0-4, test: 5-9), written once for the module."""
+    from trainer.demo import write_digits_shards
+    root = str(tmp_path_factory.mktemp("digits-shards"))
+    write_digits_shards(root)
+    return root
+
+
+class Jobs:
+    """Started launch scripts, each in its own session; anything still alive at teardown is killed."""
+
+    def __init__(self, tmp_path):
+        self.tmp, self.procs = tmp_path, []
+
+    def start(self, name: str, cmd: list[str], **env) -> subprocess.Popen:
+        environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable, **env}
+        with open(self.tmp / f"{name}.log", "w") as log:  # the child keeps its own descriptor
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=environment, cwd=self.tmp,
+                                    start_new_session=True)
+        proc.log_path = log.name
+        self.procs.append(proc)
+        return proc
+
+    def close(self):
+        for proc in self.procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+@pytest.fixture
+def jobs(tmp_path):
+    j = Jobs(tmp_path)
+    yield j
+    j.close()
+
+
+def output(proc) -> str:
+    with open(proc.log_path) as f:
+        return f.read()
+
+
+def finish(proc, timeout: float) -> int:
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"still running after {timeout} s; output:\n{output(proc)[-4000:]}")
+
+
+def trainer_args(tmp_path, shards, name: str, **overrides) -> list[str]:
+    """The demo preset (small CNN on 8x8 digits, CPU) on the shared shards, without evaluation before training."""
+    values = {"run.output_dir": str(tmp_path / "runs"), "run.name": name, "data.root": shards,
+              "run.device": "cpu", "eval.at_start": "false", "data.num_workers": 1, **overrides}
+    return ["--config", "demo", *(f"{k}={v}" for k, v in values.items())]
+
+
+def checkpoints(tmp_path, name: str) -> list[str]:
+    d = tmp_path / "runs" / name / "checkpoints"
+    return sorted(str(p) for p in d.glob("step-*.pt")) if d.is_dir() else []
+
+
+def load_all(paths: list[str]) -> list[dict]:
+    """Every checkpoint loads completely and names its step in its file name."""
+    states = []
+    for path in paths:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        assert {"model", "optimizer", "criterion", "step", "epoch", "batch_in_epoch"} <= state.keys(), path
+        assert path.endswith(f"step-{state['step']:09d}.pt")
+        states.append(state)
+    return states
+
+
+def wait_for(predicate, timeout: float, proc=None, what: str = ""):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        if proc is not None and proc.poll() is not None:
+            pytest.fail(f"the job exited ({proc.returncode}) before {what}; output:\n{output(proc)[-4000:]}")
+        time.sleep(0.2)
+    pytest.fail(f"timed out after {timeout} s waiting for {what}")
+
+
+def workers_of(pid: int) -> dict[int, int]:
+    """{global rank: pid} of the trainer processes torchrun (pid) started, from /proc."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/status") as f:
+                ppid = int(re.search(r"^PPid:\s+(\d+)", f.read(), re.M).group(1))
+            if ppid != pid:
+                continue
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
+        except (OSError, AttributeError):
+            continue
+        if b"RANK" in env:
+            found[int(env[b"RANK"])] = int(entry)
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return "State:\tZ" not in f.read()
+    except OSError:
+        return False
+
+
+# --- a node that never joins ---------------------------------------------------------------------------------
+
+
+def test_node_that_never_joins_times_out_with_an_explanation(jobs, tmp_path, shards):
+    port = free_port()
+    t0 = time.monotonic()
+    node = jobs.start("lonely", [MULTI, "--endpoint", f"127.0.0.1:{port}", "--nnodes", "2", "--nproc-per-node",
+                                 "1", "--join-timeout", "5", "--rdzv-id", "lonely", "--",
+                                 *trainer_args(tmp_path, shards, "lonely")])
+    rc = finish(node, timeout=90)
+    took = time.monotonic() - t0
+    out = output(node)
+    assert rc == 1, out
+    assert "timed out after join_timeout=5 s: not all of --nnodes 2 nodes joined" in out
+    assert f"127.0.0.1:{port}" in out and "--rdzv-conf join_timeout=SECONDS" in out
+    assert "Traceback" not in out
+    assert not checkpoints(tmp_path, "lonely")  # the trainer never started
+    assert took < 60, f"took {took:.0f} s for a 5 s join timeout"
+
+
+# --- SIGTERM: checkpoint, then exit within 30 s --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("num_workers", [
+    0,
+    pytest.param(1, marks=[pytest.mark.slow, pytest.mark.xfail(strict=True, reason=(
+        "torchrun stops its workers with killpg (and SLURM signals every process of a step), and torch's "
+        "DataLoader workers die on a SIGTERM that does not come from their parent (its C handler re-raises it), "
+        "so the trainer's loader raises 'DataLoader worker ... is killed by signal: Terminated', in the middle "
+        "of a step or while closing: data_shards' loader needs a worker_init_fn that ignores SIGTERM/SIGUSR1"))]),
+])
+def test_sigterm_checkpoints_and_exits_within_30_s(jobs, tmp_path, shards, num_workers):
+    job = jobs.start("term", [SINGLE, *trainer_args(tmp_path, shards, "term", **{
+        "train.epochs": 50, "checkpoint.every_steps": 2, "data.num_workers": num_workers})],
+        NPROC_PER_NODE="2")
+    first = wait_for(lambda: checkpoints(tmp_path, "term"), 120, job, "the first checkpoint")
+    ranks = wait_for(lambda: len(w := workers_of(job.pid)) == 2 and w, 10, job, "the two workers")
+    time.sleep(0.5)  # well inside an epoch, between checkpoints
+    t0 = time.time()
+    os.kill(job.pid, signal.SIGTERM)
+    rc = finish(job, timeout=30)
+    out = output(job)
+    assert rc == 128 + signal.SIGTERM, out
+    assert "checkpoint saved" in out, out[-3000:]
+    assert "DataLoader worker" not in out, out[-3000:]
+    latest = checkpoints(tmp_path, "term")[-1]
+    assert os.path.getmtime(latest) >= t0, "no checkpoint written after SIGTERM"
+    (state,) = load_all([latest])
+    assert state["step"] >= int(re.search(r"step-(\d+)", first[0]).group(1))
+    assert state["world_size"] == 2
+    assert not [pid for pid in ranks.values() if alive(pid)]
+    assert not list((tmp_path / "runs" / "term" / "checkpoints").glob(".tmp-*"))
+
+
+# --- two nodes, c10d rendezvous ------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_two_nodes_train_and_evaluate_together(jobs, tmp_path, shards):
+    port = free_port()
+    args = [MULTI, "--endpoint", f"127.0.0.1:{port}", "--nnodes", "2", "--nproc-per-node", "1",
+            "--max-restarts", "0", "--rdzv-id", "two-nodes", "--join-timeout", "120", "--",
+            *trainer_args(tmp_path, shards, "two", **{"train.epochs": 2, "eval.every_epochs": 1})]
+    nodes = [jobs.start(f"node{i}", args, LOGLEVEL="INFO") for i in range(2)]
+    for node in nodes:
+        assert finish(node, timeout=300) == 0, output(node)[-4000:]
+    outs = [output(node) for node in nodes]
+    group_ranks = sorted(int(re.search(r"group_rank=(\d+)", out).group(1)) for out in outs)
+    assert group_ranks == [0, 1]
+    assert all("group_world_size=2" in out for out in outs)
+    evals = [re.findall(r"\[eval epoch (\d+)\] recall_at_1 ([\d.]+)", out) for out in outs]
+    assert sorted(len(e) for e in evals) == [0, 2]  # rank 0 (on one of the nodes) reports both evaluations
+    recall = float(max(evals, key=len)[-1][1])
+    assert recall > 0.5  # digits 5-9 retrieved by a net trained on 0-4: far above chance (~0.2)
+    (state,) = load_all(checkpoints(tmp_path, "two")[-1:])
+    assert state["world_size"] == 2 and state["step"] == 2 * STEPS_PER_EPOCH and state["epoch"] == 2
+
+
+# --- a worker SIGKILLed mid-epoch under --max-restarts 1 ------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_killed_worker_restarts_and_resumes_from_the_latest_checkpoint(jobs, tmp_path, shards):
+    import mlflow
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    epochs = 3
+    job = jobs.start("kill", [SINGLE, *trainer_args(tmp_path, shards, "kill", **{
+        "train.epochs": epochs, "eval.every_epochs": epochs, "checkpoint.every_steps": 5,
+        "checkpoint.keep_last": 20, "tracking.enabled": "true", "tracking.tracking_uri": uri,
+        "tracking.experiment": "launch", "tracking.log_every_steps": 1, "train.log_every_steps": 1})],
+        NPROC_PER_NODE="2", MAX_RESTARTS="1", LOGLEVEL="INFO")
+    wait_for(lambda: any(p.endswith("step-000000010.pt") for p in checkpoints(tmp_path, "kill")), 180, job,
+             "the step-10 checkpoint")
+    victim = workers_of(job.pid)[1]
+    os.kill(victim, signal.SIGKILL)
+    assert finish(job, timeout=300) == 0, output(job)[-4000:]
+    out = output(job)
+    assert "restart_count=1" in out
+    resumed = re.search(r"resumed from \S+step-(\d+)\.pt: epoch 0, batch (\d+), step (\d+)", out)
+    assert resumed, out[-4000:]
+    step = int(resumed.group(3))
+    assert 10 <= step < STEPS_PER_EPOCH and int(resumed.group(2)) == step  # mid-epoch 0
+    states = load_all(checkpoints(tmp_path, "kill"))
+    assert states[-1]["step"] == epochs * STEPS_PER_EPOCH  # the step count went on, not from 0
+    assert [s["step"] for s in states] == sorted({s["step"] for s in states})
+    assert not list((tmp_path / "runs" / "kill" / "checkpoints").glob(".tmp-*"))
+
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("launch").experiment_id])
+    assert len(runs) == 1, "the restarted job opened a second MLflow run"
+    run = runs[0]
+    assert run.info.status == "FINISHED" and {s["mlflow_run_id"] for s in states} == {run.info.run_id}
+    logged = sorted({m.step for m in client.get_metric_history(run.info.run_id, "loss")})
+    assert logged == list(range(1, epochs * STEPS_PER_EPOCH + 1))  # every step, before and after the restart
+
+
+# --- the SLURM batch script's preemption path ----------------------------------------------------------------
+
+SLURM_SHIMS = {
+    # Stand-ins for the two SLURM commands the batch script calls; the job itself (torchrun + trainer) is real.
+    "srun": '#!/usr/bin/env bash\nwhile [[ "$1" == --* ]]; do shift; done\nexec "$@"\n',
+    "scontrol": '#!/usr/bin/env bash\ncase "$1 $2" in\n  "show hostnames") echo 127.0.0.1 ;;\n'
+                '  requeue*) echo "requeue $2" >> "$SHIM_LOG" ;;\nesac\n',
+}
+
+
+def test_slurm_usr1_before_the_time_limit_checkpoints_and_requeues(jobs, tmp_path, shards):
+    bin_dir = tmp_path / "slurm-bin"
+    bin_dir.mkdir()
+    for name, text in SLURM_SHIMS.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    shim_log = tmp_path / "slurm-calls.log"
+    args = trainer_args(tmp_path, shards, "unused", **{"train.epochs": 50, "checkpoint.every_steps": 2,
+                                                       "data.num_workers": 0})
+    args.remove("run.name=unused")  # the batch script names the run <job name>-<job id>
+    job = jobs.start("sbatch", ["bash", os.path.join(ROOT, "launch", "slurm.sbatch"), *args],
+                     PATH=f"{bin_dir}:{os.environ['PATH']}", SHIM_LOG=str(shim_log), PROXYGML_ROOT=ROOT,
+                     SLURM_JOB_ID="4242", SLURM_JOB_NAME="pgml", SLURM_JOB_NUM_NODES="1",
+                     SLURM_JOB_NODELIST="localhost", NPROC_PER_NODE="1", RDZV_PORT=str(free_port()))
+    wait_for(lambda: checkpoints(tmp_path, "pgml-4242"), 120, job, "the first checkpoint")
+    t0 = time.time()
+    os.kill(job.pid, signal.SIGUSR1)  # what `#SBATCH --signal=B:USR1@120` does
+    rc = finish(job, timeout=30)
+    out = output(job)
+    assert rc == 128 + signal.SIGTERM, out[-3000:]  # the step was stopped with SIGTERM
+    assert "got USR1" in out and "checkpoint saved" in out
+    latest = checkpoints(tmp_path, "pgml-4242")[-1]
+    assert os.path.getmtime(latest) >= t0
+    load_all([latest])
+    assert shim_log.read_text().split() == ["requeue", "4242"]
