@@ -18,6 +18,8 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -149,6 +151,11 @@ def flat_weights(module) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1).float() for p in module.parameters()])
 
 
+def flat_buffers(module) -> torch.Tensor:
+    """BatchNorm statistics: both engines must run each forward with rank 0's (DDP's broadcast_buffers)."""
+    return torch.cat([b.reshape(-1).float() for n, b in module.named_buffers() if "selection_counts" not in n])
+
+
 def worker(rank: int, world: int, port: int, tmp: str):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
@@ -173,7 +180,7 @@ def worker(rank: int, world: int, port: int, tmp: str):
         moved = None if frozen is None else (flat_weights(module.embedder.backbone) - frozen).abs().max().item()
         more, more_lrs = train(module, sched, engine, WARM, STEPS, rank)
         out[name] = dict(losses=losses + more, lrs=lrs + more_lrs, weights=flat_weights(module),
-                         backbone_moved_in_warmup=moved)
+                         buffers=flat_buffers(module), backbone_moved_in_warmup=moved)
 
     # 2. bf16: DDP under the loop's autocast vs ZeRO 2 with launch/deepspeed/zero2_bf16.json
     for name, engine_name, ds_json in [("ddp_bf16", "ddp", ""),
@@ -235,6 +242,7 @@ def test_zero_stage_matches_ddp(two_ranks, stage):
         assert ds["backbone_moved_in_warmup"] == 0.0 and ddp["backbone_moved_in_warmup"] == 0.0
         torch.testing.assert_close(torch.tensor(ds["losses"]), torch.tensor(ddp["losses"]), rtol=2e-6, atol=0)
         torch.testing.assert_close(ds["weights"], ddp["weights"], rtol=0, atol=1e-6)
+        torch.testing.assert_close(ds["buffers"], ddp["buffers"], rtol=1e-5, atol=1e-6)
     # replicas agree with each other
     torch.testing.assert_close(results[0][f"zero{stage}"]["weights"], results[1][f"zero{stage}"]["weights"])
 
@@ -276,3 +284,106 @@ def test_export_plain_state_dict(two_ranks, stage):
         assert params, part
         for k in params:
             torch.testing.assert_close(exported[k], saved[k], rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# one plain process: no torchrun variables, no MPI, no compile
+
+
+ONE_PROCESS = r"""
+import json, sys
+import torch
+from tests.test_deepspeed_engine import batch, build, make_cfg
+from trainer import distributed as D
+env = D.setup("cpu")                                       # no RANK/WORLD_SIZE/MASTER_*: a group of one
+module, opt, sched, engine = build(make_cfg("deepspeed", sys.argv[1], sys.argv[2]), env)
+for step in range(2):
+    loss = engine(*batch(0, step)); engine.backward(loss); engine.step()
+import deepspeed.comm
+from deepspeed.git_version_info import installed_ops
+print(json.dumps({"world": env.world_size, "loss": loss.item(), "mpi4py": "mpi4py" in sys.modules,
+                  "shm_loaded": deepspeed.comm.comm.cdb.shm_comm_op is not None,
+                  "shm_prebuilt": installed_ops.get("deepspeed_shm_comm", False)}))
+"""
+
+
+@pytest.mark.parametrize("stage", [2])
+def test_one_plain_process_no_env_no_compile(tmp_path, stage):
+    ds_json = write_json(tmp_path, {"zero_optimization": {"stage": stage}})
+    extensions = tmp_path / "torch_extensions"  # empty: a JIT build would land here
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                               "MASTER_PORT", "OMPI_COMM_WORLD_SIZE")}
+    env.update(TORCH_EXTENSIONS_DIR=str(extensions), PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", ONE_PROCESS, ds_json, str(tmp_path)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["world"] == 1 and out["loss"] > 0 and not out["mpi4py"]
+    assert out["shm_loaded"] == out["shm_prebuilt"]  # loaded only when prebuilt at install time
+    assert not (extensions / "deepspeed_shm_comm").exists()
+    assert "Building extension" not in proc.stderr and "ninja" not in proc.stderr.lower()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the real CLI: python -m trainer engine.name=deepspeed (the trainer's loop, warm-up epoch, stop and resume)
+
+
+def tiny_cli(shards, out, ds_json, *more):
+    """tests/test_trainer_loop.py's seconds-long run: 2 epochs of 14 steps, warm-up epoch, milestone at 1."""
+    engine = ["engine.name=deepspeed", f"engine.deepspeed_config={ds_json}"] if ds_json else []
+    return [sys.executable, "-m", "trainer", "--config", "demo", "data.prepare=none", f"data.root={shards}",
+            f"run.output_dir={out}", "run.name=t", "run.device=cpu", "run.deterministic=true",
+            "data.num_workers=0", "model.small_cnn_width=8", "model.dim=16", "data.transform.image_size=16",
+            "data.transform.resize_size=16", "train.epochs=2", "train.batch_size=64", "train.warmup_epochs=1",
+            "optim.lr_milestones=[1]", "eval.every_epochs=0", "eval.at_start=false", "eval.nmi=false",
+            "eval.map_r=false", "checkpoint.every_epochs=1", *engine, *more]
+
+
+def run_cli(cmd, launcher=()):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                               "MASTER_PORT")}
+    env.update(PYTHONPATH=ROOT, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
+    proc = subprocess.run([*launcher, *cmd], cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc
+
+
+def last_checkpoint(run_dir):
+    from trainer.checkpoint import Checkpointer
+    return Checkpointer(os.path.join(run_dir, "checkpoints")).load_latest()
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    from trainer.demo import write_digits_shards
+    root = str(tmp_path_factory.mktemp("digits"))
+    write_digits_shards(root)
+    return root
+
+
+@pytest.mark.slow
+def test_cli_one_process_resume_matches_uninterrupted_and_ddp(digits, tmp_path):
+    ds_json = write_json(tmp_path, {"zero_optimization": {"stage": 2}})
+    run_cli(tiny_cli(digits, tmp_path / "ddp", ""))
+    run_cli(tiny_cli(digits, tmp_path / "full", ds_json))
+    run_cli(tiny_cli(digits, tmp_path / "cut", ds_json, "train.max_steps=19"))  # stops mid epoch 1
+    cut = last_checkpoint(tmp_path / "cut" / "t")
+    assert (cut["epoch"], cut["batch_in_epoch"], cut["step"]) == (1, 5, 19)
+    assert cut["optimizer"]["deepspeed"]["tag"] == "step-000000019"
+    run_cli(tiny_cli(digits, tmp_path / "cut", ds_json))  # resumes from step 19
+    full, resumed, ddp = (last_checkpoint(tmp_path / d / "t") for d in ("full", "cut", "ddp"))
+    assert resumed["step"] == full["step"] == 28
+    for part in ("model", "criterion"):
+        for k, v in full[part].items():
+            torch.testing.assert_close(resumed[part][k], v, rtol=0, atol=0)  # exact resume
+            torch.testing.assert_close(v, ddp[part][k], rtol=1e-4, atol=1e-5)  # the same training as DDP
+    assert resumed["scheduler"] == full["scheduler"]
+
+    # export: the DeepSpeed checkpoint consolidated = the .pt's weights
+    out = tmp_path / "plain.pt"
+    run_cli([sys.executable, "-m", "trainer.deepspeed_engine", "export",
+             str(tmp_path / "cut" / "t" / "checkpoints" / "deepspeed"), str(out)])
+    plain = torch.load(out, weights_only=False)
+    for part in ("model", "criterion"):
+        for k in plain[part]:
+            torch.testing.assert_close(plain[part][k], resumed[part][k], rtol=0, atol=0)

@@ -27,8 +27,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -71,8 +73,13 @@ def adopt_process_group() -> None:
         raise RuntimeError("engine=deepspeed: the process group must exist first (trainer.distributed.setup())")
     import deepspeed
     import deepspeed.comm
-    if deepspeed.comm.cdb is not None and deepspeed.comm.cdb.is_initialized():
+    from deepspeed.utils import logger
+    if deepspeed.comm.is_initialized():
         return
+    # ZeRO calls all_gather_into_tensor, which torch 2.14 flags as deprecated once per rank: not the user's to fix
+    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
+    if logger.level < logging.WARNING:
+        logger.setLevel(logging.WARNING)  # DeepSpeed's INFO lines would bury the progress bar and loss lines
     skip_cpu_shm_comm_build()
     deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False, verbose=False,
                                dist_init_required=False)
@@ -188,12 +195,15 @@ class DeepSpeedEngine:
     """The trainer's engine seam (see trainer/engine.py) over a DeepSpeed engine."""
 
     def __init__(self, cfg, module, optimizer: torch.optim.Optimizer, env):
-        crit = module.criterion
-        if getattr(crit, "ddp_ignored_parameters", None) and list(crit.ddp_ignored_parameters()):
+        from trainer.engine import ddp_ignored_names
+        ignored = set(ddp_ignored_names(module))
+        if ignored & {n for n, _ in module.named_parameters()}:
             raise DeepSpeedConfigError(
                 "loss.mode=sharded with engine.name=deepspeed: DeepSpeed averages every parameter's gradient "
                 "over the ranks, but sharded proxies are a different block per rank; use engine.name=ddp")
         self.module, self.env, self.torch_optimizer = module, env, optimizer
+        # buffers DDP would broadcast from rank 0 before each forward (BatchNorm statistics), not per-rank ones
+        self.buffers = [b for n, b in module.named_buffers() if n not in ignored]
         self.groups = [list(g["params"]) for g in optimizer.param_groups]  # ZeRO swaps these for partitions
         ws = env.world_size
         per_rank = cfg.train.batch_size // ws
@@ -261,7 +271,19 @@ class DeepSpeedEngine:
         return self.ds.optimizer
 
     def __call__(self, images, labels):
+        self._broadcast_buffers()
         return self.ds(images, labels)
+
+    def _broadcast_buffers(self):
+        """As DDP's broadcast_buffers: every rank runs the forward with rank 0's buffers (DeepSpeed does not)."""
+        if self.env.world_size == 1:
+            return
+        for dtype in sorted({b.dtype for b in self.buffers}, key=str):
+            bufs = [b for b in self.buffers if b.dtype == dtype]
+            flat = torch.cat([b.reshape(-1) for b in bufs])
+            dist.broadcast(flat, src=0)
+            for b, new in zip(bufs, flat.split([b.numel() for b in bufs])):
+                b.copy_(new.view_as(b))
 
     def backward(self, loss):
         self.ds.backward(loss)

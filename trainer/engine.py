@@ -4,7 +4,7 @@
     loss = engine(images, labels)                          # forward of the wrapped module
     engine.backward(loss); engine.step()                   # step: clip, optimizer step, zero grads
     engine.rewrap()                                        # after requires_grad changed (warm-up end)
-    engine.optimizer_state_dict() / engine.load_optimizer_state_dict(sd)
+    engine.optimizer_state_dict() / engine.load_optimizer_state_dict(sd)   # every rank: collective under DeepSpeed
 
 `module` is a `TrainModule`: the embedder and the criterion in one nn.Module, so that DDP all-reduces the
 proxies' gradients together with the network's. Parameters the criterion keeps out of DDP (its sharded
