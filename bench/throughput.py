@@ -15,11 +15,20 @@ textured 500x375 JPEGs (~35 kB at quality 90, like CUB's) is generated and shard
 start after --warmup steps (loader start-up and cudnn autotuning excluded), and an epoch that ends is
 followed by the next one (its loader start-up then counts, as in training).
 
-Measured on the development machine (2 shared cores, other helpers' jobs running, CPU only; small_cnn
-backbone at 64 px, batch 32, `python bench/throughput.py --device cpu --backbone small_cnn --image-size 64
---batch-size 32 --workers 1,2 --steps 8 --warmup 2 --amp none`): see the data section of the README. The
-issue's figure (ResNet-50, batch 256, bf16 on an H100/H200, target >= 90% of the ceiling with <= 4 workers
-per GPU) is still open: no GPU was lent to this work.
+Measured on the development machine, CPU only, 2 cores shared with other jobs (load average 12-16, so the
+figures are noise-dominated and say nothing about a GPU): `python bench/throughput.py --device cpu --backbone
+small_cnn --image-size 64 --resize-size 72 --batch-size 32 --workers 1,2 --steps 8 --warmup 2 --amp none`
+(generated 500x375 JPEGs of ~35 kB):
+
+| loader workers | ceiling img/s | cpu decode img/s | / ceiling | device decode img/s | / ceiling |
+| --- | --- | --- | --- | --- | --- |
+| 1 | 13.0 | 12.3 | 0.95 | 7.7 | 0.59 |
+| 2 | 6.3 | 7.4 | 1.17 | 5.4 | 0.84 |
+
+On the CPU the "device" path decodes in the training process, serially with the step, so it cannot win there;
+the figure that matters, ResNet-50 at batch 256 bf16 on an H100/H200 (target: >= 90% of the ceiling with
+<= 4 workers per GPU), is still open: no GPU was lent to this work. Run there:
+`python bench/throughput.py --backbone resnet50 --batch-size 256 --workers 1,4,8,16`.
 """
 
 from __future__ import annotations
