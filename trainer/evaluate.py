@@ -168,3 +168,74 @@ def deduplicate(emb: torch.Tensor, labels: torch.Tensor, keys: list):
         key = keys[int(clash.nonzero()[0])]
         raise ValueError(f"sample key {key!r} appears with two different labels")
     return emb[first_t], labels[first_t], uniq.tolist()
+
+
+# ---------------------------------------------------------------- standalone CLI
+
+
+def main(argv=None) -> int:
+    """`python -m trainer.evaluate CHECKPOINT --data SPLIT_DIR`; under torchrun every rank embeds a share."""
+    import argparse
+    import json
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from data_shards import TransformConfig, eval_loader, read_manifest
+    from trainer import checkpoint, config, distributed
+    from trainer.export import export_embeddings, write_table
+    from trainer.model import build_model
+
+    p = argparse.ArgumentParser(prog="python -m trainer.evaluate", description=__doc__.split("\n")[0])
+    p.add_argument("checkpoint", help="a checkpoint file written by the trainer (dict with config and model)")
+    p.add_argument("--data", required=True, help="a shard split directory (with manifest.json), e.g. DIR/test")
+    p.add_argument("--batch-size", type=int, help="per rank (default: the checkpoint's eval.batch_size)")
+    p.add_argument("--num-workers", type=int, default=2)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--amp", default="auto", choices=["auto", "bf16", "off"], help="auto: bf16 on CUDA")
+    p.add_argument("--recall-ks", type=int, nargs="+", help="default: the checkpoint's eval.recall_ks")
+    p.add_argument("--no-nmi", action="store_true")
+    p.add_argument("--no-map-r", action="store_true")
+    p.add_argument("--export", metavar="DIR", help="write keys.npy, embeddings.npy, labels.npy into DIR")
+    p.add_argument("--faiss-index", action="store_true", help="with --export: also DIR/index.faiss")
+    p.add_argument("--per-class", metavar="FILE", help="write the per-class table (.csv or .parquet)")
+    a = p.parse_args(argv)
+    if a.faiss_index and not a.export:
+        p.error("--faiss-index needs --export DIR")
+
+    state = checkpoint.load(a.checkpoint)
+    if not isinstance(state, dict) or not {"config", "model"} <= state.keys():
+        p.error(f"{a.checkpoint}: not a trainer checkpoint (a dict with 'config' and 'model')")
+    cfg = config.from_dict(state["config"])
+    cfg.model.pretrained, cfg.model.weights_file = False, ""  # the checkpoint has the weights
+    manifest = read_manifest(a.data)
+    cfg_eval = SimpleNamespace(
+        recall_ks=a.recall_ks or list(cfg.eval.recall_ks), nmi=not a.no_nmi and cfg.eval.nmi,
+        map_r=not a.no_map_r and cfg.eval.map_r, batch_size=a.batch_size or cfg.eval.batch_size)
+
+    env = distributed.setup(a.device)
+    try:
+        model = build_model(cfg.model).to(env.device)
+        model.load_state_dict(state["model"])
+        transform = TransformConfig(**OmegaConf.to_container(cfg.data.transform))
+        loader = eval_loader(manifest, batch_size=cfg_eval.batch_size, num_workers=a.num_workers,
+                             rank=env.rank, world_size=env.world_size, transform=transform)
+        amp = torch.bfloat16 if a.amp == "bf16" or (a.amp == "auto" and env.device.type == "cuda") else None
+        result = evaluate(model, loader, device=env.device, cfg_eval=cfg_eval,
+                          class_names=manifest.class_names, amp_dtype=amp)
+        if result.metrics is not None:
+            print(json.dumps({"checkpoint": a.checkpoint, "data": a.data, "samples": len(result.keys),
+                              "classes": len(result.per_class), **result.metrics}, indent=1))
+            if a.per_class:
+                print("per-class table:", write_table(result.per_class, a.per_class))
+            if a.export:
+                paths = export_embeddings(a.export, result.embeddings, result.keys, result.labels,
+                                          faiss_index=a.faiss_index)
+                print("export:", " ".join(paths.values()))
+    finally:
+        distributed.teardown()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

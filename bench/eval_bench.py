@@ -1,0 +1,131 @@
+"""Evaluation cost: trainer.metrics.compute_metrics against the plain baseline, in the same run.
+
+Baseline (the authors' CUB/Cars evaluation): the full N x N similarity matrix and its top-k (torch), MAP@R
+from the same matrix, NMI from sklearn KMeans (n_init=1, max_iter=20, the same iteration count as ours).
+Ours: chunked exact kNN (faiss IndexFlatIP on the CPU), faiss k-means, never an N x N matrix.
+
+Each measurement runs in its own process, so "peak" is that process's peak resident memory (Python, torch
+and the embeddings included). Data: random clustered unit vectors (class centres + noise) with the test
+set's shape; timing does not depend on the values.
+
+    python bench/eval_bench.py                    # CUB-size and Cars-size vs baseline, then SOP size (ours)
+    python bench/eval_bench.py --skip-sop         # just the comparison
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZES = {  # name: (N, classes, recall ks)
+    "cub": (5924, 100, (1, 2, 4, 8)),
+    "cars": (8131, 98, (1, 2, 4, 8)),
+    "sop": (60502, 11316, (1, 10, 100, 1000)),
+}
+
+
+def clustered(n: int, classes: int, dim: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    labels = np.concatenate([np.arange(classes), rng.integers(0, classes, n - classes)])  # every class >= 1
+    centres = rng.standard_normal((classes, dim), dtype=np.float32)
+    x = centres[labels] + 3.0 * rng.standard_normal((n, dim), dtype=np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x, labels
+
+
+def baseline(x, labels, ks, seed=0):
+    """The plain evaluation: full similarity matrix, sklearn KMeans."""
+    import torch
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import normalized_mutual_info_score
+
+    xt, y = torch.from_numpy(x), torch.from_numpy(labels)
+    sims = xt @ xt.T
+    sims.fill_diagonal_(-float("inf"))
+    sizes = torch.bincount(y)
+    r = sizes[y] - 1
+    top = sims.topk(max(max(ks), int(r.max())), dim=1).indices
+    same = y[top] == y[:, None]
+    valid = r > 0
+    out = {f"recall_at_{k}": same[valid, :k].any(1).double().mean().item() for k in ks}
+    rel = same[:, : int(r.max())] & (torch.arange(1, int(r.max()) + 1) <= r[:, None])
+    precision = rel.cumsum(1).double() / torch.arange(1, rel.shape[1] + 1)
+    rv = r[valid].double()
+    out["map_at_r"] = ((precision * rel).sum(1)[valid] / rv).mean().item()
+    out["r_precision"] = (rel.sum(1)[valid] / rv).mean().item()
+    km = KMeans(n_clusters=len(sizes), n_init=1, max_iter=20, random_state=seed).fit(x)
+    out["nmi"] = normalized_mutual_info_score(labels, km.labels_)
+    return out
+
+
+def ours(x, labels, ks, seed=0):
+    from trainer.metrics import compute_metrics
+
+    return compute_metrics(x, labels, recall_ks=ks, nmi=True, map_r=True, seed=seed)[0]
+
+
+def measure(impl: str, size: str, dim: int) -> dict:
+    """One measurement in this process: seconds and peak memory of the metric computation."""
+    n, classes, ks = SIZES[size]
+    x, labels = clustered(n, classes, dim)
+    t, cpu = time.perf_counter(), time.process_time()
+    values = (ours if impl == "ours" else baseline)(x, labels, ks)
+    seconds, cpu = time.perf_counter() - t, time.process_time() - cpu
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return {"impl": impl, "size": size, "n": n, "classes": classes, "seconds": seconds, "cpu_s": cpu,
+            "peak_gib": peak, "metrics": values}
+
+
+def run_child(impl: str, size: str, dim: int) -> dict:
+    cmd = [sys.executable, __file__, "--one", impl, "--size", size, "--dim", str(dim)]
+    out = subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def row(m: dict, ref: dict | None = None) -> str:
+    vals = m["metrics"]
+    names = [k for k in vals if k.startswith("recall_at_")][:2] + ["map_at_r", "nmi"]
+    agree = ""
+    if ref is not None:
+        gap = max(abs(vals[k] - ref["metrics"][k]) for k in vals if k != "nmi")
+        agree = f"  max |diff| vs baseline (all but NMI) {gap:.1e}"
+    shown = " ".join(f"{k}={vals[k]:.4f}" for k in names)
+    return (f"{m['size']:>5} {m['n']:>6} x {m['classes']:>5} cls  {m['impl']:>8}: {m['seconds']:6.1f} s wall "
+            f"{m['cpu_s']:6.1f} s CPU  peak {m['peak_gib']:.2f} GiB   {shown}{agree}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dim", type=int, default=512)
+    p.add_argument("--skip-sop", action="store_true")
+    p.add_argument("--only-sop", action="store_true")
+    p.add_argument("--one", choices=["ours", "baseline"], help=argparse.SUPPRESS)
+    p.add_argument("--size", choices=list(SIZES), help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.one:
+        sys.path.insert(0, str(ROOT))
+        print(json.dumps(measure(a.one, a.size, a.dim)))
+        return
+    print(f"dim {a.dim}; each line one process; peak = its peak RSS incl. Python and torch; "
+          f"CPU = user+system seconds of all its threads (wall >= CPU / cores when the cores are free)")
+    for size in () if a.only_sop else ("cub", "cars"):
+        base = run_child("baseline", size, a.dim)
+        mine = run_child("ours", size, a.dim)
+        print(row(base))
+        print(row(mine, base), f"  speed-up x{base['seconds'] / mine['seconds']:.1f}", flush=True)
+    if not a.skip_sop:
+        mine = run_child("ours", "sop", a.dim)
+        target = "meets" if mine["seconds"] < 120 and mine["peak_gib"] < 4 else "MISSES"
+        print(row(mine), f"  ({target} the 120 s / 4 GiB target)")
+
+
+if __name__ == "__main__":
+    main()
