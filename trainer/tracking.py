@@ -3,7 +3,7 @@
     tracker = Tracker(cfg.tracking, run_dir, rank=rank, config=resolved_cfg, resume_run_id=None)
     tracker.log_metrics({"loss": 0.3, "lr/backbone": 1e-4}, step)
     tracker.log_evaluation(eval_result, step, epoch, image_lookup=shard_image_lookup(test_split_dir))
-    tracker.log_proxy_stats(criterion, step)
+    tracker.log_proxy_stats(criterion, step)  # every rank (gathers counts of distributed criteria)
     tracker.log_model(model)
     tracker.close()
 
@@ -590,19 +590,29 @@ class Tracker:
 
     def log_proxy_stats(self, criterion, step: int) -> None:
         """Summaries of the proxies' subgraph selections since the last call (metrics `proxy/*`), the full
-        per-proxy and per-class vectors as CSV artifacts; then resets the criterion's counts (every rank)."""
-        if self.active:
-            counts = criterion.selection_counts.detach().cpu().numpy()
-            proxies = criterion.proxies.detach().float().cpu().numpy()
-            summary, per_proxy, per_class = proxy_statistics(counts, proxies,
-                                                             _proxies_per_class(criterion, len(counts)))
-            out = self._artifact_dir(f"proxies/step-{int(step):08d}")
-            per_proxy.to_csv(out / "proxy_selection.csv", index=False)
-            per_class.to_csv(out / "class_proxy_stats.csv", index=False)
-            self._emit({"op": "metrics", "step": int(step), "timestamp": _now_ms(), "metrics": summary})
-            self._emit({"op": "artifacts", "local": str(out),
-                        "artifact_path": out.relative_to(self._artifacts).as_posix()})
+        per-proxy and per-class vectors as CSV artifacts; then resets the criterion's counts.
+
+        Call on every rank: with the distributed criteria of loss.distributed the global counts and (sharded)
+        the full proxies are gathered first (`global_selection_counts()`, `gather_rows()`: collectives)."""
+        if getattr(self.cfg, "enabled", False):
+            counts = (criterion.global_selection_counts() if hasattr(criterion, "global_selection_counts")
+                      else criterion.selection_counts)
+            proxies = criterion.proxies
+            if hasattr(criterion, "gather_rows"):
+                proxies = criterion.gather_rows(proxies)
+            if self.active:
+                self._log_proxy_stats(counts.detach().cpu().numpy(), proxies.detach().float().cpu().numpy(),
+                                      _proxies_per_class(criterion, len(counts)), step)
         criterion.reset_selection_counts()
+
+    def _log_proxy_stats(self, counts: np.ndarray, proxies: np.ndarray, per_class: int, step: int) -> None:
+        summary, per_proxy, per_class = proxy_statistics(counts, proxies, per_class)
+        out = self._artifact_dir(f"proxies/step-{int(step):08d}")
+        per_proxy.to_csv(out / "proxy_selection.csv", index=False)
+        per_class.to_csv(out / "class_proxy_stats.csv", index=False)
+        self._emit({"op": "metrics", "step": int(step), "timestamp": _now_ms(), "metrics": summary})
+        self._emit({"op": "artifacts", "local": str(out), "artifact_path": out.relative_to(self._artifacts)
+                    .as_posix()})
 
     def log_model(self, model) -> None:
         """The embedding model (DDP/DeepSpeed wrappers removed, a CPU copy) with mlflow.pytorch, as `model`."""
