@@ -255,3 +255,14 @@ def test_cli(tmp_path):
         cli_main(cmd[3:5] + ["--src", str(tmp_path / "missing"), "--out", str(tmp_path / "x")])
     with pytest.raises(SystemExit):
         cli_main(["write", "imagenet", "--src", src, "--out", str(tmp_path / "x")])
+
+
+def test_reencode_to_jpeg(tmp_path):
+    src = make_folder(str(tmp_path / "src"), classes=2, per_class=2)
+    Image.new("LA", (12, 10), (80, 255)).save(os.path.join(src, "class_01", "grey_alpha.png"))
+    write_dataset("folder", src, tmp_path / "out", train_fraction=1.0, reencode=85, progress=False)
+    samples = check_split(str(tmp_path / "out" / "train"), 5, [0, 1])
+    assert all(set(s) == {"jpg", "cls", "json"} for s in samples)
+    assert all(Image.open(io.BytesIO(s["jpg"])).mode == "RGB" for s in samples)
+    with pytest.raises(ValueError, match="reencode"):
+        write_dataset("folder", src, tmp_path / "bad", reencode=0, progress=False)
