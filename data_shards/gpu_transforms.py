@@ -260,7 +260,7 @@ class DeviceBatches:
             return
         yield from self._overlapped()
 
-    def _produce(self, q: queue.Queue, stop: threading.Event) -> None:
+    def _produce(self, batches, q: queue.Queue, stop: threading.Event) -> None:
         def put(item) -> bool:
             while not stop.is_set():
                 try:
@@ -275,7 +275,7 @@ class DeviceBatches:
             if self.device.type == "cuda":
                 torch.cuda.set_device(self.device)  # the current device is per thread
                 stream = torch.cuda.Stream(self.device)
-            for position, raw in enumerate(self.loader, self.start_batch):
+            for position, raw in enumerate(batches, self.start_batch):
                 event = None
                 if stream is None:
                     batch = self._prepare(raw, position)
@@ -296,7 +296,9 @@ class DeviceBatches:
     def _overlapped(self):
         q: queue.Queue = queue.Queue(maxsize=self.prefetch)
         stop = threading.Event()
-        producer = threading.Thread(target=self._produce, args=(q, stop), name="device_batches", daemon=True)
+        batches = iter(self.loader)  # DataLoader workers start (fork) here, in the caller's thread
+        producer = threading.Thread(target=self._produce, args=(batches, q, stop), name="device_batches",
+                                    daemon=True)
         producer.start()
         try:
             while True:

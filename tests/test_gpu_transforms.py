@@ -316,7 +316,8 @@ def split(tmp_path_factory):
 
 def test_train_loader_decode_none_end_to_end(split):
     """train_loader(decode="none") through device_batches: the CPU stream's batch count and labels, every
-    PNG on the CPU decoder, every JPEG on the batched one; start_batch=3 gives batches 3.. exactly."""
+    PNG on the CPU decoder, every JPEG on the batched one; start_batch=3 gives batches 3.. exactly; the
+    overlapped (threaded) form gives the same batches."""
     from data_shards import train_loader
 
     cfg = TransformConfig(image_size=24, resize_size=28)
@@ -330,6 +331,9 @@ def test_train_loader_decode_none_end_to_end(split):
     assert 0 < it.stats.cpu_not_jpeg < 16
     resumed = list(device_batches(train_loader(split, decode="none", start_batch=3, **kw), cfg, "cpu", seed=5))
     assert len(resumed) == 1 and torch.equal(resumed[0][0], dev[3][0])
+    # the producer thread (the CUDA arrangement) iterating the worker processes gives the same batches
+    threaded = list(device_batches(train_loader(split, decode="none", **kw), cfg, "cpu", seed=5, overlap=True))
+    assert all(torch.equal(a, b) and torch.equal(la, lb) for (a, la), (b, lb) in zip(dev, threaded, strict=True))
 
 
 def test_eval_loader_decode_none_matches_cpu_eval(split):
