@@ -18,7 +18,8 @@ for DDP (``value + (surrogate - surrogate.detach())``): local batches may differ
 - ``sharded``: rank r owns a contiguous block of classes, their proxies (outside DDP, see
   ``ddp_ignored_parameters``) and their optimizer state; embeddings are all-gathered (gradient scaled by W
   for DDP); the top-k is global (local candidates, then a bisection on (similarity, -global index) keys
-  with all-reduced counts: exact, ties to the lower global proxy index, O(M) communication whatever k is);
+  with all-reduced counts: 32 rounds on the value, 32 more only when a tie at the threshold must be split;
+  exact, ties to the lower global proxy index, O(M) communication whatever k is);
   the masked softmax is global (an all-gather of each rank's max and sum of exponentials per sample; the
   backward is local); the target logit comes from the owning rank; L^p classifies each rank's proxies
   against all class sums, gathered with gradients. Proxy and similarity memory per rank fall as 1/W.
@@ -190,15 +191,41 @@ def sharded_topk(scores: Tensor, need: int, offset: int, group=None) -> tuple[Te
             vals[straddle], idx[straddle] = sv[:, :kk], si[:, :kk]
     keys = order_keys(vals, idx + offset)
     ascending = keys.sort(dim=1).values
-    lo = torch.full((rows,), torch.iinfo(torch.int64).min, dtype=torch.long, device=scores.device)
-    hi = torch.full_like(lo, torch.iinfo(torch.int64).max)
-    for _ in range(64):  # the largest t with #(keys >= t) >= need, over all ranks
-        mid = (lo >> 1) + (hi >> 1) + (lo & hi & 1)
-        count = kk - torch.searchsorted(ascending, mid[:, None], side="left")[:, 0]
-        dist.all_reduce(count, group=group)
+    # the float value first (32 rounds); the global index only when a tie at the threshold must be split
+    value_keys = ascending >> 32
+    value = _bisect(value_keys, kk, need, -(1 << 31), 1 << 31, 32, group)
+    at_least = _count_at_least(value_keys, kk, value)
+    _sum_over_ranks(at_least, group)
+    if bool((at_least == need).all()):  # the same answer on every rank: no index rounds anywhere
+        return idx, ((keys >> 32) >= value[:, None]) & torch.isfinite(vals)
+    lo = _bisect(ascending, kk, need, value * (1 << 32), (value + 1) * (1 << 32), 32, group)
+    return idx, (keys >= lo[:, None]) & torch.isfinite(vals)
+
+
+def _sum_over_ranks(t: Tensor, group) -> None:
+    if world(group)[0] > 1:
+        dist.all_reduce(t, group=group)
+
+
+def _count_at_least(ascending: Tensor, kk: int, t: Tensor) -> Tensor:
+    return kk - torch.searchsorted(ascending, t[:, None], side="left")[:, 0]
+
+
+def _bisect(ascending: Tensor, kk: int, need: int, lo, hi, rounds: int, group) -> Tensor:
+    """Per row the largest t in [lo, hi) with #(entries >= t) >= need over all ranks.
+
+    Needs #(>= lo) >= need > #(>= hi) and hi - lo <= 2**rounds; one all-reduce of M counts per round.
+    """
+    rows = ascending.shape[0]
+    lo = torch.as_tensor(lo, dtype=torch.long, device=ascending.device).expand(rows).clone()
+    hi = torch.as_tensor(hi, dtype=torch.long, device=ascending.device).expand(rows).clone()
+    for _ in range(rounds):
+        mid = (lo >> 1) + (hi >> 1) + (lo & hi & 1)  # floor((lo + hi) / 2) without overflow
+        count = _count_at_least(ascending, kk, mid)
+        _sum_over_ranks(count, group)
         ok = count >= need
         lo, hi = torch.where(ok, mid, lo), torch.where(ok, hi, mid)
-    return idx, (keys >= lo[:, None]) & torch.isfinite(vals)
+    return lo
 
 
 # --- replicated proxies: local and gather -----------------------------------------------------------------
