@@ -107,17 +107,18 @@ def test_preemption_signal_leaves_a_usable_checkpoint(shards, tmp_path):
 
 
 @pytest.mark.distributed
-def test_two_gloo_ranks_then_resume_on_one(shards, tmp_path):
+@pytest.mark.parametrize("mode", ["gather", pytest.param("sharded", marks=pytest.mark.slow)])
+def test_two_gloo_ranks_then_resume_on_one(shards, tmp_path, mode):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
                 "127.0.0.1", "--master_port", str(distributed.free_port())]
-    first = tiny(shards, tmp_path, "train.epochs=1", "train.warmup_epochs=0", "loss.mode=local")
+    first = tiny(shards, tmp_path, "train.epochs=1", "train.warmup_epochs=0", f"loss.mode={mode}")
     r = subprocess.run(torchrun + ["-m", "trainer", "--config", "demo", *first], cwd=ROOT, env=clean_env(),
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     state, _ = final_weights(tmp_path / "t")
     assert (state["epoch"], state["step"], state["world_size"]) == (1, 14, 2)  # global batch 64 = 2 x 32
     assert len(state["rng"]) == 2
-    second = tiny(shards, tmp_path, "train.epochs=2", "train.warmup_epochs=0", "loss.mode=local")
+    second = tiny(shards, tmp_path, "train.epochs=2", "train.warmup_epochs=0", f"loss.mode={mode}")
     r = subprocess.run([sys.executable, "-m", "trainer", "--config", "demo", *second], cwd=ROOT, env=clean_env(),
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -51,14 +51,11 @@ class StopFlag:
 
 
 def build_criterion(cfg_loss, num_classes: int, dim: int):
-    kwargs = dict(proxies_per_class=cfg_loss.proxies_per_class, r=cfg_loss.r, lam=cfg_loss.lam,
-                  pos_mask=cfg_loss.pos_mask, class_mask=cfg_loss.class_mask, proxy_reg=cfg_loss.proxy_reg)
-    import loss
-    if hasattr(loss, "build_criterion"):
-        return loss.build_criterion(cfg_loss.mode, num_classes, dim, **kwargs)
-    if D.world_size() > 1 and cfg_loss.mode != "local":
-        raise NotImplementedError(f"loss.mode={cfg_loss.mode} on several ranks needs loss.build_criterion")
-    return loss.ProxyGML(num_classes, dim, **kwargs)  # one process (or local mode): the plain loss
+    """ProxyGML in its distributed form `loss.mode` (local | gather | sharded) on the current group."""
+    from loss.distributed import build_criterion
+    return build_criterion(cfg_loss.mode, num_classes, dim, proxies_per_class=cfg_loss.proxies_per_class,
+                           r=cfg_loss.r, lam=cfg_loss.lam, pos_mask=cfg_loss.pos_mask,
+                           class_mask=cfg_loss.class_mask, proxy_reg=cfg_loss.proxy_reg)
 
 
 def build_optimizer(cfg_optim, embedder, criterion) -> torch.optim.Optimizer:
@@ -72,6 +69,12 @@ def build_optimizer(cfg_optim, embedder, criterion) -> torch.optim.Optimizer:
         return torch.optim.SGD(groups, lr=cfg_optim.lr, momentum=cfg_optim.momentum, weight_decay=wd)
     opt = torch.optim.AdamW if cfg_optim.name == "adamw" else torch.optim.Adam
     return opt(groups, lr=cfg_optim.lr, eps=cfg_optim.eps, weight_decay=wd)
+
+
+def drop_group_state(optimizer_sd: dict, name: str) -> dict:
+    """A copy of an optimizer state dict without the per-parameter state of param group `name`."""
+    drop = {i for g in optimizer_sd["param_groups"] if g.get("name") == name for i in g["params"]}
+    return {**optimizer_sd, "state": {i: v for i, v in optimizer_sd["state"].items() if i not in drop}}
 
 
 def amp_dtype(cfg_train, device: torch.device):
@@ -244,7 +247,11 @@ class Trainer:
         crit = self.criterion
         (crit.load_full_state_dict if hasattr(crit, "load_full_state_dict") else crit.load_state_dict)(
             state["criterion"])
-        self.engine.load_optimizer_state_dict(state["optimizer"])
+        optimizer_sd = state["optimizer"]
+        if self.cfg.loss.mode == "sharded" and state["world_size"] != self.env.world_size:
+            optimizer_sd = drop_group_state(optimizer_sd, "proxies")  # its proxy blocks have another shape
+            self.log("resume on another world size with sharded proxies: the proxies' optimizer state restarts")
+        self.engine.load_optimizer_state_dict(optimizer_sd)
         self.scheduler.load_state_dict(state["scheduler"])
         rngs = state["rng"]  # one per rank of the saving run; on another world size rank r takes r mod n
         set_rng_state(rngs[self.env.rank % len(rngs)])
