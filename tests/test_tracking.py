@@ -176,13 +176,14 @@ def test_sqlite_end_to_end(tmp_path, shards, eval_result):
     torch.testing.assert_close(mlflow.pytorch.load_model(run.data.tags["model_uri"])(x), model(x))
 
 
-def test_resume_continues_the_same_run(tmp_path):
+def test_resume_continues_the_same_run(tmp_path, eval_result):
     run_dir = tmp_path / "runs" / "r"
     cfg = TrackingConfig(enabled=True, experiment="resume")
     config = {"train": {"epochs": 2, "lr": 0.1}}
     first = Tracker(cfg, run_dir, rank=0, config=config)
     for step in range(3):
         first.log_metrics({"loss": float(step)}, step)
+    first.log_evaluation(eval_result, 2, 1)
     first.close(status="KILLED")
     assert client_for(first).get_run(first.run_id).info.status == "KILLED"
 
@@ -192,7 +193,10 @@ def test_resume_continues_the_same_run(tmp_path):
     assert client_for(second).get_run(second.run_id).info.status == "RUNNING"
     for step in range(3, 6):
         second.log_metrics({"loss": float(step)}, step)
+    second.log_evaluation(eval_result, 5, 2)
     second.close()
+    state = json.loads((run_dir / "tracking" / "state.json").read_text())
+    assert [s for s, _ in state["eval_history"]] == [2, 5]  # the recall curve spans both processes
     client = client_for(second)
     run = client.get_run(first.run_id)
     assert run.info.status == "FINISHED"

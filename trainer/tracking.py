@@ -512,6 +512,7 @@ class Tracker:
         self._closed = False
         if not self.active:
             return
+        container = _to_container(config)  # bad config type: an error before anything is created
         for key, value in HTTP_DEFAULTS.items():
             os.environ.setdefault(key, value)
         self.run_dir = Path(run_dir)
@@ -532,8 +533,9 @@ class Tracker:
         self._last_try = -math.inf
         self._connect()
         self._write_state(artifact_root)
+        if self.run_id and state.get("run_id") == self.run_id:  # same run: the recall curve goes on
+            self._eval_history = [(int(s), {int(k): v for k, v in r.items()}) for s, r in state.get("eval_history", [])]
 
-        container = _to_container(config)
         self._emit({"op": "tags", "tags": system_facts(world_size or _world_size())})
         if container:
             self._emit({"op": "params", "params": flatten_config(container)})
@@ -578,6 +580,7 @@ class Tracker:
         recalls = _recall_at_k(result.metrics)
         if recalls:
             self._eval_history.append((int(step), recalls))
+            self._write_state()
             self._picture(plots.recall_curve, self._eval_history, str(out / "recall_curve.png"))
         n_rows = int(getattr(self.cfg, "retrieval_grid_queries", 0) or 0)
         if image_lookup is not None and n_rows > 0:
@@ -615,25 +618,33 @@ class Tracker:
                     .as_posix()})
 
     def log_model(self, model) -> None:
-        """The embedding model (DDP/DeepSpeed wrappers removed, a CPU copy) with mlflow.pytorch, as `model`."""
+        """The embedding model (DDP/DeepSpeed/torch.compile wrappers removed, a CPU copy) with mlflow.pytorch
+        as `model` of the run: `mlflow.pytorch.load_model("runs:/<run_id>/model")` (or the run's `model_uri`
+        tag) loads it back where this project is importable. Offline, it is saved under tracking/model and
+        uploaded later. A model that cannot be serialised is reported with a warning, never fatal."""
         if not self.active:
             return
-        model = getattr(model, "module", model)
-        cpu_model = copy.deepcopy(model).cpu().eval()
-        if self._online or self._reconnect_due():
-            try:
-                self._store.log_model(self.run_id, cpu_model)
-                return
-            except Exception as e:
-                self._fail(e)
-        import mlflow.pytorch
-
-        local = self.dir / "model"
-        if local.exists():
+        while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+            model = getattr(model, "module", None) or model._orig_mod
+        try:
+            cpu_model = copy.deepcopy(model).cpu().eval()
+            if self._online or self._reconnect_due():
+                try:
+                    self._store.log_model(self.run_id, cpu_model)
+                    return
+                except Exception as e:
+                    self._fail(e)
             import shutil
 
-            shutil.rmtree(local)
-        mlflow.pytorch.save_model(cpu_model, str(local), **_model_options())
+            import mlflow.pytorch
+
+            local = self.dir / "model"
+            if local.exists():
+                shutil.rmtree(local)
+            mlflow.pytorch.save_model(cpu_model, str(local), **_model_options())
+        except Exception as e:
+            warnings.warn(f"Tracker.log_model: the model could not be saved: {e!r}", RuntimeWarning, stacklevel=2)
+            return
         self._append({"op": "model", "local": str(local)})
 
     def close(self, status: str = "FINISHED") -> None:
@@ -754,7 +765,7 @@ class Tracker:
     def _write_state(self, artifact_root: str | None = None) -> None:
         state = self._read_state()
         state.update({"tracking_uri": self.uri, "experiment": self.experiment, "run_name": self.run_name,
-                      "run_id": self.run_id})
+                      "run_id": self.run_id, "eval_history": self._eval_history})
         if artifact_root is not None:
             state["artifact_root"] = artifact_root
         tmp = self.dir / "state.json.tmp"
