@@ -14,6 +14,7 @@ from trainer.checkpoint import Checkpointer, load
 from trainer.config import load_config
 from trainer.demo import write_digits_shards
 from trainer.loop import Trainer
+from trainer.model import build_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -125,3 +126,27 @@ def test_two_gloo_ranks_then_resume_on_one(shards, tmp_path, mode):
     assert "saved on 2 ranks, now 1" in r.stdout + r.stderr
     state, _ = final_weights(tmp_path / "t")
     assert (state["epoch"], state["step"], state["world_size"]) == (2, 28, 1)
+
+
+def test_warmup_epoch_trains_only_head_and_proxies(shards, tmp_path):
+    overrides = tiny(shards, tmp_path, "train.max_steps=14")  # stop at the end of the warm-up epoch
+    cfg = load_config("demo", overrides)
+    torch.manual_seed(cfg.run.seed)
+    initial = build_model(cfg.model).state_dict()  # the Trainer's init: same seed, same order
+    run_in_process(overrides)
+    state, _ = final_weights(tmp_path / "t")
+    assert (state["epoch"], state["batch_in_epoch"]) == (0, 14)
+    for k, v in initial.items():
+        if k.startswith("backbone.") and "running" not in k and "num_batches" not in k:
+            torch.testing.assert_close(state["model"][k], v, rtol=0, atol=0, msg=k)
+    assert not torch.equal(state["model"]["embedding.weight"], initial["embedding.weight"])
+
+
+@pytest.mark.slow
+def test_demo_command(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "trainer", "--config", "trainer/configs/demo.yaml",
+                        f"run.output_dir={tmp_path}"], cwd=ROOT, env=clean_env(), capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "wrote 1797 scikit-learn digits" in r.stdout
+    assert "test Recall@1:" in r.stdout + r.stderr and "before training ->" in r.stdout + r.stderr

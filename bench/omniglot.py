@@ -1,0 +1,107 @@
+"""Omniglot zero-shot retrieval: our standing quality check of the whole training path, on the CPU.
+
+    python bench/omniglot.py [--minutes 18] [--work /tmp/omniglot-bench] [key=value ...]
+
+1,623 handwritten characters x 20 drawers (/work/shared/data/omniglot, or --omniglot DIR). Sorted class
+folders: the first 811 train, the other 812 test (never seen in training). The script exports the PNG
+tree (the dataset's export.py), writes shards with data_shards, then in this same run measures
+  1. the raw-pixel floor (28x28 grey, cosine kNN; the dataset README gives R@1 0.292),
+  2. the untrained small CNN (random init, the trainer's evaluation before training),
+  3. the small CNN trained with ProxyGML by `trainer` (preset trainer/configs/omniglot.yaml) within a fixed
+     budget: after --minutes the trainer gets SIGUSR1 (the preemption path: checkpoint, clean stop), and
+     the run is evaluated where it stands;
+and prints Recall@1/2/4/8 and NMI of each on the 812 test classes.
+
+Measured on the 2-core development CPU (shared with other jobs), see the closing note of issue 4.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from data_shards import TransformConfig, eval_loader, write_dataset  # noqa: E402
+from trainer import distributed  # noqa: E402
+from trainer.config import load_config  # noqa: E402
+from trainer.loop import Trainer  # noqa: E402
+from trainer.metrics import compute_metrics  # noqa: E402
+
+COLUMNS = ["recall_at_1", "recall_at_2", "recall_at_4", "recall_at_8", "nmi"]
+
+
+def write_shards(omniglot: str, work: str) -> str:
+    shards = os.path.join(work, "shards")
+    if os.path.exists(os.path.join(shards, "test", "manifest.json")):
+        return shards
+    tree = os.path.join(work, "png")
+    if not os.path.isdir(tree):
+        subprocess.run([sys.executable, os.path.join(omniglot, "export.py"), tree], check=True)
+    classes = sorted(os.listdir(tree))
+    assert len(classes) == 1623, len(classes)
+    write_dataset("folder", tree, shards, train_classes=classes[:811], test_classes=classes[811:],
+                  shard_size="8MB", progress=False)
+    return shards
+
+
+def raw_pixel_metrics(shards: str) -> dict:
+    """28x28 grey pixels as the embedding (cosine kNN): the floor any learned embedding must beat."""
+    tf = TransformConfig(image_size=28, resize_size=28, mean=[0.0] * 3, std=[1.0] * 3)
+    embs, labels = [], []
+    for images, y, _ in eval_loader(os.path.join(shards, "test"), batch_size=512, num_workers=2, transform=tf):
+        embs.append(torch.nn.functional.normalize(images[:, 0].flatten(1), dim=1))
+        labels.append(y)
+    metrics, _ = compute_metrics(torch.cat(embs), torch.cat(labels), recall_ks=(1, 2, 4, 8), nmi=True,
+                                 map_r=False)
+    return metrics
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--omniglot", default="/work/shared/data/omniglot")
+    p.add_argument("--work", default="/tmp/omniglot-bench")
+    p.add_argument("--minutes", type=float, default=17.0, help="training budget (the whole script stays < 20)")
+    p.add_argument("overrides", nargs="*", help="config overrides on top of the omniglot preset")
+    args = p.parse_args()
+    t_start = time.time()
+    shards = write_shards(args.omniglot, args.work)
+    prep_s, t_raw = time.time() - t_start, time.time()
+    raw = raw_pixel_metrics(shards)
+    t_raw = time.time() - t_raw
+
+    cfg = load_config("omniglot", [f"data.root={shards}", f"run.output_dir={args.work}/runs",
+                                   f"run.name=run-{int(time.time())}", "eval.at_start=true", *args.overrides])
+    env = distributed.setup(cfg.run.device)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # a timer firing just after training ends does no harm
+    budget = max(60.0, args.minutes * 60 - (time.time() - t_start))
+    timer = threading.Timer(budget, lambda: os.kill(os.getpid(), signal.SIGUSR1))
+    t_train = time.time()
+    trainer = Trainer(cfg, env)
+    timer.start()
+    trained = trainer.fit()
+    timer.cancel()
+    if trainer.pos.epoch < cfg.train.epochs:  # the budget ran out first: evaluate where training stands
+        trained = trainer.evaluate(f"budget reached at epoch {trainer.pos.epoch} batch {trainer.pos.batch}")
+    t_train = time.time() - t_train
+    distributed.teardown()
+
+    rows = [("raw pixels 28x28 (floor)", raw, t_raw), ("small CNN, untrained", trainer.first_metrics, 0.0),
+            (f"small CNN + ProxyGML, {trainer.pos.step} steps", trained, t_train)]
+    print(f"\nOmniglot zero-shot, 812 test classes x 20 (train: 811 classes), {torch.get_num_threads()} threads; "
+          f"data preparation {prep_s:.0f} s, total {time.time() - t_start:.0f} s")
+    print("| embedding | R@1 | R@2 | R@4 | R@8 | NMI | seconds |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for name, m, secs in rows:
+        print(f"| {name} | " + " | ".join(f"{m[c]:.3f}" for c in COLUMNS) + f" | {secs:.0f} |")
+    print(f"trained / raw-pixel R@1: {trained['recall_at_1'] / raw['recall_at_1']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
