@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -58,6 +59,10 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
+    name: str = "proxygml"  # proxygml | a pytorch-metric-learning loss class, e.g. ProxyAnchorLoss (loss/baselines.py)
+    kwargs: dict[str, Any] = field(default_factory=dict)  # arguments of that loss (e.g. {margin: 0.1})
+    miner: str = ""  # pytorch-metric-learning miner class for it, e.g. MultiSimilarityMiner; "" = none
+    miner_kwargs: dict[str, Any] = field(default_factory=dict)
     mode: str = "gather"  # gather: all ranks' embeddings meet all proxies | local | sharded (proxies split)
     proxies_per_class: int = 1  # N
     r: float = 0.05  # share of proxies kept per sample (top-k subgraph)
@@ -231,6 +236,12 @@ def validate(cfg: DictConfig) -> None:
     if cfg.train.warmup_epochs >= cfg.train.epochs:
         raise ConfigError(f"train.warmup_epochs: {cfg.train.warmup_epochs} leaves no epoch for the backbone "
                           f"(train.epochs={cfg.train.epochs})")
+    if cfg.loss.name != "proxygml":
+        validate_metric_loss(cfg)
+    elif cfg.loss.kwargs or cfg.loss.miner or cfg.loss.miner_kwargs:
+        key = "loss.kwargs" if cfg.loss.kwargs else "loss.miner" if cfg.loss.miner else "loss.miner_kwargs"
+        raise ConfigError(f"{key}: only for pytorch-metric-learning losses; ProxyGML takes loss.proxies_per_class, "
+                          "loss.r, loss.lam, loss.pos_mask, loss.class_mask, loss.proxy_reg")
     if cfg.engine.name == "deepspeed" and not cfg.engine.deepspeed_config:
         raise ConfigError("engine.deepspeed_config: required with engine.name=deepspeed")
     try:
@@ -242,6 +253,21 @@ def validate(cfg: DictConfig) -> None:
         if not timm.is_model(cfg.model.backbone):
             raise ConfigError(f"model.backbone: {cfg.model.backbone!r} is not a timm model, 'bninception' "
                               "or 'small_cnn'")
+
+
+def validate_metric_loss(cfg: DictConfig) -> None:
+    """A pytorch-metric-learning loss: its name, arguments and miner, tried on a 2-class toy (cheap)."""
+    if cfg.loss.mode == "sharded":
+        raise ConfigError(f"loss.mode: 'sharded' splits ProxyGML's proxies; loss.name={cfg.loss.name!r} takes "
+                          "'gather' (global batch) or 'local'")
+    from loss.baselines import MetricLoss
+    try:
+        MetricLoss(cfg.loss.name, 2, cfg.model.dim, OmegaConf.to_container(cfg.loss.kwargs),
+                   cfg.loss.miner or None, OmegaConf.to_container(cfg.loss.miner_kwargs))
+    except (ValueError, TypeError, AssertionError) as e:
+        msg = str(e)
+        raise ConfigError(msg if msg.startswith("loss.") else f"loss.kwargs: {cfg.loss.name} rejects "
+                          f"{OmegaConf.to_container(cfg.loss.kwargs)}: {e!r}") from None
 
 
 def check_world_size(cfg: DictConfig, world_size: int) -> int:

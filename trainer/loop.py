@@ -51,7 +51,15 @@ class StopFlag:
 
 
 def build_criterion(cfg_loss, num_classes: int, dim: int):
-    """ProxyGML in its distributed form `loss.mode` (local | gather | sharded) on the current group."""
+    """ProxyGML in its distributed form `loss.mode` (local | gather | sharded) on the current group, or the
+    pytorch-metric-learning loss `loss.name` (loss/baselines.py; mode gather: it sees the global batch)."""
+    if cfg_loss.name != "proxygml":
+        from omegaconf import OmegaConf
+
+        from loss.baselines import MetricLoss
+        return MetricLoss(cfg_loss.name, num_classes, dim, OmegaConf.to_container(cfg_loss.kwargs),
+                          cfg_loss.miner or None, OmegaConf.to_container(cfg_loss.miner_kwargs),
+                          gather=cfg_loss.mode == "gather")
     from loss.distributed import build_criterion
     return build_criterion(cfg_loss.mode, num_classes, dim, proxies_per_class=cfg_loss.proxies_per_class,
                            r=cfg_loss.r, lam=cfg_loss.lam, pos_mask=cfg_loss.pos_mask,
@@ -62,7 +70,8 @@ def build_optimizer(cfg_optim, embedder, criterion) -> torch.optim.Optimizer:
     """Three parameter groups with their own learning rates: backbone, embedding head, proxies."""
     groups = [dict(params=embedder.backbone_parameters(), lr=cfg_optim.lr, name="backbone"),
               dict(params=embedder.head_parameters(), lr=cfg_optim.head_lr, name="head"),
-              dict(params=list(criterion.parameters()), lr=cfg_optim.proxy_lr, name="proxies")]
+              dict(params=list(getattr(criterion, "proxy_parameters", criterion.parameters)()), lr=cfg_optim.proxy_lr,
+                   name="proxies")]  # ProxyGML's proxies, or a baseline loss's own weights
     groups = [g for g in groups if g["params"]]
     wd = cfg_optim.weight_decay
     if cfg_optim.name == "sgd":
@@ -227,7 +236,8 @@ class Trainer:
             self.log(f"[eval {when}] " + "  ".join(f"{k} {v:.4f}" for k, v in result.metrics.items()))
             self.tracker.log_evaluation(result, self.pos.step, self.pos.epoch, image_lookup=self.images_of)
             self.metrics = result.metrics
-        self.tracker.log_proxy_stats(self.criterion, self.pos.step)
+        if hasattr(self.criterion, "selection_counts"):  # ProxyGML only (baseline losses have no subgraphs)
+            self.tracker.log_proxy_stats(self.criterion, self.pos.step)
         return self.metrics
 
     def save(self) -> None:
