@@ -48,8 +48,9 @@ def explain(error: Exception, args) -> str:
             f"resolution), and that --nnodes is the number of nodes you started. Wait longer with "
             f"--rdzv-conf join_timeout=SECONDS.")
     if isinstance(error, RendezvousConnectionError):
+        cause = str(error.__cause__ or error).strip().splitlines()[0]
         return (
-            f"launch: cannot reach the {where}: {error}. The first node serves the rendezvous; start it "
+            f"launch: cannot reach the {where} ({cause}). The first node serves the rendezvous; start it "
             f"first (or within a minute of the others), check the host name resolves on this node and the "
             f"port is open between nodes.")
     return f"launch: the {where} was closed ({error}): the job is over or another node shut it down."
