@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import random
+import signal
 from dataclasses import dataclass
 
 import torch
@@ -301,8 +302,18 @@ def _check(batch_size, num_workers, rank, world_size, decode):
         raise ValueError(f"decode must be one of {DECODES}, got {decode!r}")
 
 
+def _ignore_stop_signals(_worker_id):
+    """Loader workers leave SIGTERM/SIGUSR1 to the main process, which checkpoints and stops them.
+
+    torchrun stops its workers with killpg and SLURM signals every process of a step; torch's DataLoader
+    workers would die of such a signal and break the step that should write the checkpoint.
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
 def _loader(dataset, num_workers, pin_memory, prefetch_factor):
-    kw = dict(prefetch_factor=prefetch_factor) if num_workers > 0 else {}
+    kw = dict(prefetch_factor=prefetch_factor, worker_init_fn=_ignore_stop_signals) if num_workers > 0 else {}
     return wds.WebLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory, **kw)
 
 

@@ -164,12 +164,9 @@ def test_node_that_never_joins_times_out_with_an_explanation(jobs, tmp_path, sha
 
 
 @pytest.mark.parametrize("num_workers", [
-    0,
-    pytest.param(1, marks=[pytest.mark.slow, pytest.mark.xfail(strict=True, reason=(
-        "torchrun stops its workers with killpg (and SLURM signals every process of a step), and torch's "
-        "DataLoader workers die on a SIGTERM that does not come from their parent (its C handler re-raises it), "
-        "so the trainer's loader raises 'DataLoader worker ... is killed by signal: Terminated', in the middle "
-        "of a step or while closing: data_shards' loader needs a worker_init_fn that ignores SIGTERM/SIGUSR1"))]),
+    # 1 worker: torchrun's killpg also reaches the loader workers, which must leave the signal to the trainer
+    1,
+    pytest.param(0, marks=pytest.mark.slow),
 ])
 def test_sigterm_checkpoints_and_exits_within_30_s(jobs, tmp_path, shards, num_workers):
     job = jobs.start("term", [SINGLE, *trainer_args(tmp_path, shards, "term", **{
