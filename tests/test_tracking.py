@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import mlflow
@@ -283,6 +284,31 @@ def test_unreachable_server_keeps_training_and_uploads_later(tmp_path):
     assert mlflow.pytorch.load_model(f"runs:/{run_id}/model")(torch.ones(1, 3)).shape == (1, 2)
 
 
+def test_hung_server_never_blocks_a_step(tmp_path, monkeypatch):
+    """A server that accepts connections and never answers: the steps do not wait for it (the sender thread
+    does), Tracker() waits at most START_WAIT_S, and close() keeps everything locally."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    monkeypatch.setattr(tracking, "START_WAIT_S", 1.0)
+    with socket.socket() as hung, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        hung.bind(("127.0.0.1", 0))
+        hung.listen(64)  # the kernel completes the connections; nobody reads or answers
+        cfg = TrackingConfig(enabled=True, tracking_uri=f"http://127.0.0.1:{hung.getsockname()[1]}")
+        t0 = time.monotonic()
+        tracker = Tracker(cfg, tmp_path / "run", config={"a": 1})
+        t_start = time.monotonic() - t0
+        t0 = time.monotonic()
+        for step in range(50):
+            tracker.log_metrics({"loss": 1.0}, step)
+        t_steps = time.monotonic() - t0
+        tracker.close()
+    assert t_start < 5 and t_steps < 1, (t_start, t_steps)
+    assert any("training goes on" in str(w.message) for w in caught)
+    pending = (tmp_path / "run" / "tracking" / "pending.jsonl").read_text().splitlines()
+    ops = [json.loads(line)["op"] for line in pending]
+    assert ops.count("metrics") == 50 and ops[-1] == "end"
+
+
 # ----------------------------------------------------------------------------- pure helpers
 
 
@@ -361,14 +387,15 @@ def test_store_back_during_the_run_gets_the_pending_events(tmp_path, monkeypatch
         tracker = Tracker(cfg, tmp_path / "run", config={"a": {"b": 1}})
     for step in range(5):
         tracker.log_metrics({"loss": float(step)}, step)
-    assert not tracker.online and tracker.run_id is None
+    assert tracker.flush(timeout=120) and not tracker.online and tracker.run_id is None
     store_dir.unlink()
     tracker.log_metrics({"loss": 5.0}, 5)  # within RETRY_INTERVAL_S: not retried yet
-    assert not tracker.online
+    assert tracker.flush(timeout=120) and not tracker.online
     monkeypatch.setattr(tracking, "RETRY_INTERVAL_S", 0.0)
     for step in range(6, 8):
         tracker.log_metrics({"loss": float(step)}, step)
-    assert tracker.online and not (tmp_path / "run" / "tracking" / "pending.jsonl").exists()
+    assert tracker.flush(timeout=120) and tracker.online
+    assert not (tmp_path / "run" / "tracking" / "pending.jsonl").exists()
     tracker.close()
     client = client_for(uri)
     run = client.get_run(tracker.run_id)

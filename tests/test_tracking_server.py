@@ -84,7 +84,7 @@ def live_run(tmp_path, server, shards, eval_result, model):  # noqa: F811
     for step in range(5):
         tracker.log_metrics({"loss": 1.0 / (step + 1)}, step)
     tracker.log_evaluation(eval_result, step=4, epoch=1, image_lookup=tracking.shard_image_lookup(shards))
-    assert tracker.online
+    assert tracker.flush(timeout=120) and tracker.online
 
     server.stop(signal.SIGKILL)  # the server disappears mid-run
     with warnings.catch_warnings(record=True) as caught:

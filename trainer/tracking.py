@@ -31,9 +31,11 @@ import logging
 import math
 import os
 import platform
+import queue
 import re
 import subprocess
 import tarfile
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping
@@ -46,6 +48,8 @@ log = logging.getLogger(__name__)
 
 TRACKING_DIR = "tracking"  # under the run directory: state.json, pending.jsonl, artifacts/, model/
 RETRY_INTERVAL_S = 60.0  # while offline, ask the server again at most this often
+START_WAIT_S = 30.0  # Tracker() waits at most this long for the first answer of the store (run id)
+CLOSE_WAIT_S = 120.0  # close() waits at most this long for the sender thread to deliver what is queued
 HTTP_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
@@ -526,15 +530,21 @@ class Tracker:
         self.run_name = cfg.run_name or self.run_dir.name
         state = self._read_state()
         self.run_id = resume_run_id or (state.get("run_id") if self.pending.exists() else None)
+        if self.run_id and state.get("run_id") == self.run_id:  # same run: the recall curve goes on
+            self._eval_history = [(int(s), {int(k): v for k, v in r.items()}) for s, r in state.get("eval_history", [])]
         self._artifact_root = artifact_root
         self._store: _Store | None = None
         self._online = False
         self._warned = False
         self._last_try = -math.inf
-        self._connect()
+        self._lock = threading.Lock()  # pending.jsonl and state.json are written by both threads
         self._write_state(artifact_root)
-        if self.run_id and state.get("run_id") == self.run_id:  # same run: the recall curve goes on
-            self._eval_history = [(int(s), {int(k): v for k, v in r.items()}) for s, r in state.get("eval_history", [])]
+        # every MLflow call happens in one sender thread: a slow or hung server never blocks a step
+        self._queue: queue.Queue = queue.Queue()
+        self._started = threading.Event()
+        self._worker = threading.Thread(target=self._work, name="mlflow-tracker", daemon=True)
+        self._worker.start()
+        self._started.wait(START_WAIT_S)  # the run id, when the store answers in time
 
         self._emit({"op": "tags", "tags": system_facts(world_size or _world_size())})
         if container:
@@ -628,24 +638,10 @@ class Tracker:
             model = getattr(model, "module", None) or model._orig_mod
         try:
             cpu_model = copy.deepcopy(model).cpu().eval()
-            if self._online or self._reconnect_due():
-                try:
-                    self._store.log_model(self.run_id, cpu_model)
-                    return
-                except Exception as e:
-                    self._fail(e)
-            import shutil
-
-            import mlflow.pytorch
-
-            local = self.dir / "model"
-            if local.exists():
-                shutil.rmtree(local)
-            mlflow.pytorch.save_model(cpu_model, str(local), **_model_options())
         except Exception as e:
-            warnings.warn(f"Tracker.log_model: the model could not be saved: {e!r}", RuntimeWarning, stacklevel=2)
+            warnings.warn(f"Tracker.log_model: the model could not be copied: {e!r}", RuntimeWarning, stacklevel=2)
             return
-        self._append({"op": "model", "local": str(local)})
+        self._emit({"op": "model_object", "model": cpu_model})
 
     def close(self, status: str = "FINISHED") -> None:
         """End the MLflow run (FINISHED | FAILED | KILLED); says how to upload what could not be sent."""
@@ -653,6 +649,18 @@ class Tracker:
             return
         self._closed = True
         self._emit({"op": "end", "status": status, "timestamp": _now_ms()})
+        self._queue.put(None)
+        self._worker.join(CLOSE_WAIT_S)
+        if self._worker.is_alive():  # stuck in a call to a hung server: keep the rest locally
+            warnings.warn(f"Tracker: MLflow at {self.uri} did not answer within {CLOSE_WAIT_S:.0f} s; the events "
+                          "not sent yet are kept locally", RuntimeWarning, stacklevel=2)
+            while True:
+                try:
+                    event = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if event is not None:
+                    self._keep(event)
         if self.pending.exists():
             warnings.warn(f"Tracker: tracking server unreachable, events kept in {self.pending}; upload them "
                           f"with: python -m trainer.tracking upload {self.run_dir}", RuntimeWarning, stacklevel=2)
@@ -663,8 +671,22 @@ class Tracker:
     def __exit__(self, exc_type, exc, tb):
         self.close("FAILED" if exc_type else "FINISHED")
 
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every event logged so far is delivered (or kept locally); False on timeout."""
+        if not self.active:
+            return True
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._queue.all_tasks_done:
+            while self._queue.unfinished_tasks:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._queue.all_tasks_done.wait(left)
+        return True
+
     @property
     def online(self) -> bool:
+        """Whether the last call to the store worked (events may still be queued: see flush)."""
         return self.active and self._online
 
     # -- internals
@@ -746,16 +768,55 @@ class Tracker:
             log.debug("Tracker: MLflow still failing: %r", error)
 
     def _emit(self, event: dict) -> None:
+        self._queue.put(event)
+
+    def _work(self) -> None:
+        """The sender thread: connects, then delivers events in order until close() sends None."""
+        try:
+            self._connect()
+        finally:
+            self._started.set()
+        while True:
+            event = self._queue.get()
+            try:
+                if event is None:
+                    return
+                self._deliver(event)
+            except Exception as e:  # the thread must live on: the event is kept, the error reported
+                log.exception("Tracker: event %s could not be delivered nor kept: %r", event.get("op"), e)
+            finally:
+                self._queue.task_done()
+
+    def _deliver(self, event: dict) -> None:
         if self._online or self._reconnect_due():
             try:
-                self._store.apply(self.run_id, event)
+                if event["op"] == "model_object":
+                    self._store.log_model(self.run_id, event["model"])
+                else:
+                    self._store.apply(self.run_id, event)
                 return
             except Exception as e:
                 self._fail(e)
-        self._append(event)
+        self._keep(event)
 
-    def _append(self, event: dict) -> None:
-        with self.pending.open("a") as f:
+    def _keep(self, event: dict) -> None:
+        """Append an event to pending.jsonl (a model object is saved under tracking/model first)."""
+        if event["op"] == "model_object":
+            import shutil
+
+            import mlflow.pytorch
+
+            local = self.dir / "model"
+            if local.exists():
+                shutil.rmtree(local)
+            try:
+                mlflow.pytorch.save_model(event["model"], str(local), **_model_options())
+            except Exception as e:
+                warnings.warn(f"Tracker.log_model: the model could not be saved: {e!r}", RuntimeWarning,
+                              stacklevel=2)
+                return
+            event = {"op": "model", "local": str(local)}
+        with self._lock, self.pending.open("a") as f:
             f.write(json.dumps(event) + "\n")
 
     def _read_state(self) -> dict:
@@ -763,14 +824,15 @@ class Tracker:
         return json.loads(path.read_text()) if path.exists() else {}
 
     def _write_state(self, artifact_root: str | None = None) -> None:
-        state = self._read_state()
-        state.update({"tracking_uri": self.uri, "experiment": self.experiment, "run_name": self.run_name,
-                      "run_id": self.run_id, "eval_history": self._eval_history})
-        if artifact_root is not None:
-            state["artifact_root"] = artifact_root
-        tmp = self.dir / "state.json.tmp"
-        tmp.write_text(json.dumps(state, indent=1))
-        tmp.replace(self.dir / "state.json")
+        with self._lock:
+            state = self._read_state()
+            state.update({"tracking_uri": self.uri, "experiment": self.experiment, "run_name": self.run_name,
+                          "run_id": self.run_id, "eval_history": self._eval_history})
+            if artifact_root is not None:
+                state["artifact_root"] = artifact_root
+            tmp = self.dir / "state.json.tmp"
+            tmp.write_text(json.dumps(state, indent=1))
+            tmp.replace(self.dir / "state.json")
 
 
 def _now_ms() -> int:
