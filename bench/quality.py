@@ -1,0 +1,275 @@
+"""Retrieval quality of ProxyGML against well-known losses, its ablation and its N / r studies, in one trainer.
+
+    python bench/quality.py [--mode compare|ablation|sweep-n|sweep-r] [--entries A,B] [--seeds 2]
+                            [--steps 80] [--budget-s 150] [--data SHARDS] [--work DIR] [key=value ...]
+
+Every entry is trained by the project's trainer (`trainer.loop.Trainer`, in this process, one after the
+other) from the same preset (`--preset`, default trainer/configs/omniglot.yaml) with the same backbone, data,
+schedule (`--steps` optimizer steps of the same global batch, constant learning rates) and time budget
+(`--budget-s` seconds of training at most; an entry stopped by it is evaluated where it stands and its step
+count is shown); only the `loss.*` keys differ (baselines: `loss.name` = a pytorch-metric-learning class,
+trained through loss/baselines.py with the proxy lr on their own weights). Each entry runs with seeds
+0..`--seeds`-1 (model init and data order); the table shows mean ± std over the seeds of Recall@1/2/4/8, NMI,
+MAP@R on the test split and the training seconds, as markdown (printed and written to
+`<out>/quality-<mode>.md`) and as a PNG bar chart (`<out>/quality-<mode>.png`); `<out>/quality-<mode>.json`
+keeps every (entry, seed) result, and `--resume` skips those already there.
+
+Data: `--data DIR` (any shard set with DIR/train and DIR/test, written by `python -m data_shards write`), or by
+default Omniglot from ../shared/data/omniglot (relative to the repository root): its export.py PNG tree,
+sorted class folders, the first 811 classes train, the other 812 test (zero-shot), written to shards once under
+`--work`.
+
+Modes:
+  compare   ProxyGML vs NormalizedSoftmax, ProxyNCA, ProxyAnchor, SoftTriple, MultiSimilarity (+ its miner),
+            Triplet (+ semi-hard miner). Default entries: ProxyGML, NormalizedSoftmax, ProxyAnchor,
+            MultiSimilarity (`--entries all` for all seven).
+  ablation  the paper's 8 rows: S^pos (loss.pos_mask), M (loss.class_mask), L^p (loss.proxy_reg) on/off.
+  sweep-n   proxies per class N (`--values 1,2,4`).
+  sweep-r   share r of proxies kept per sample (`--values 0.01,0.05,0.1,0.2,0.4`).
+
+Default budget, chosen so that the default run (4 entries x 2 seeds) fits in 30 minutes on the shared 2-core
+development CPU: the omniglot preset's 32 px images and batch 128, but `model.small_cnn_width=32`, 80 steps
+(about 0.6 epoch of the 16,220 training images), lrs constant, evaluation on all 812 test classes (16,240
+images, with NMI and MAP@R). Pair-based losses see random batches (the data stream has no m-per-class
+sampler): about 10 positive pairs in a batch of 128 over 811 classes.
+
+Measured: see bench/results/quality.md (and the closing note of issue 10).
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+COLUMNS = [("recall_at_1", "R@1"), ("recall_at_2", "R@2"), ("recall_at_4", "R@4"), ("recall_at_8", "R@8"),
+           ("nmi", "NMI"), ("map_at_r", "MAP@R")]
+
+BASELINES = {
+    "ProxyGML": [],
+    "NormalizedSoftmax": ["loss.name=NormalizedSoftmaxLoss", "loss.kwargs.temperature=0.05"],
+    "ProxyNCA": ["loss.name=ProxyNCALoss", "loss.kwargs.softmax_scale=10"],
+    "ProxyAnchor": ["loss.name=ProxyAnchorLoss", "loss.kwargs.margin=0.1", "loss.kwargs.alpha=32"],
+    "SoftTriple": ["loss.name=SoftTripleLoss", "loss.kwargs.centers_per_class=2"],
+    "MultiSimilarity": ["loss.name=MultiSimilarityLoss", "loss.kwargs.alpha=2", "loss.kwargs.beta=50",
+                        "loss.kwargs.base=0.5", "loss.miner=MultiSimilarityMiner", "loss.miner_kwargs.epsilon=0.1"],
+    "Triplet": ["loss.name=TripletMarginLoss", "loss.kwargs.margin=0.1", "loss.miner=TripletMarginMiner",
+                "loss.miner_kwargs.margin=0.1", "loss.miner_kwargs.type_of_triplets=semihard"],
+}
+DEFAULT_COMPARE = ["ProxyGML", "NormalizedSoftmax", "ProxyAnchor", "MultiSimilarity"]
+DEFAULT_VALUES = {"sweep-n": "1,2,4", "sweep-r": "0.01,0.05,0.1,0.2,0.4"}
+
+
+def entries_for(mode: str, names: str, values: str) -> dict[str, list[str]]:
+    """{row name: loss overrides} of a mode; `names` picks rows (comma list, 'all', '' = the default)."""
+    if mode == "compare":
+        table = BASELINES
+        default = DEFAULT_COMPARE
+    elif mode == "ablation":
+        table = {}
+        for pos, mask, reg in itertools.product((False, True), repeat=3):
+            name = "S^pos {} / M {} / L^p {}".format(*("on" if b else "off" for b in (pos, mask, reg)))
+            table[name] = [f"loss.pos_mask={pos}", f"loss.class_mask={mask}", f"loss.proxy_reg={reg}"]
+        default = list(table)
+    else:
+        key = "proxies_per_class" if mode == "sweep-n" else "r"
+        table = {f"{'N' if mode == 'sweep-n' else 'r'}={v}": [f"loss.{key}={v}"]
+                 for v in (values or DEFAULT_VALUES[mode]).split(",")}
+        default = list(table)
+    if names in ("", None):
+        return {n: table[n] for n in default}
+    picked = list(table) if names == "all" else [n.strip() for n in names.split(",")]
+    unknown = [n for n in picked if n not in table]
+    if unknown:
+        raise SystemExit(f"--entries: unknown {unknown} for --mode {mode}; choose from {list(table)}")
+    return {n: table[n] for n in picked}
+
+
+def omniglot_shards(omniglot: str, work: str) -> str:
+    """Omniglot as shards (export.py PNG tree -> data_shards folder writer): first 811 classes train, 812 test."""
+    from data_shards import write_dataset
+
+    shards = os.path.join(work, "shards")
+    if os.path.exists(os.path.join(shards, "test", "manifest.json")):
+        return shards
+    tree = os.path.join(work, "png")
+    if not os.path.isdir(tree):
+        subprocess.run([sys.executable, os.path.join(omniglot, "export.py"), tree], check=True)
+    classes = sorted(os.listdir(tree))
+    if len(classes) != 1623:
+        raise SystemExit(f"--omniglot: expected 1623 class folders in {tree}, found {len(classes)}")
+    write_dataset("folder", tree, shards, train_classes=classes[:811], test_classes=classes[811:],
+                  shard_size="8MB", progress=False)
+    return shards
+
+
+def schedule_overrides(args, shards: str) -> list[str]:
+    """What every entry shares: data, backbone, schedule (steps, constant lrs), evaluation only at the end."""
+    from data_shards import read_manifest
+
+    cfg_batch = args.batch_size
+    per_epoch = max(1, read_manifest(os.path.join(shards, "train")).num_samples // cfg_batch)
+    epochs = args.steps // per_epoch + 2  # train.max_steps ends training before the last epoch
+    return [f"data.root={shards}", "run.device=cpu" if args.cpu else "run.device=auto",
+            f"run.output_dir={os.path.join(args.work, 'runs')}", f"train.batch_size={cfg_batch}",
+            f"train.max_steps={args.steps}", f"train.epochs={epochs}", "train.warmup_epochs=0",
+            "optim.lr_milestones=[]", "eval.every_epochs=0", "eval.at_start=false", "eval.nmi=true",
+            "eval.map_r=true", "checkpoint.every_epochs=0", "checkpoint.resume=false", "checkpoint.keep_last=1",
+            "tracking.enabled=false", f"model.small_cnn_width={args.width}"]
+
+
+def run_entry(args, shared: list[str], loss_overrides: list[str], seed: int, env) -> dict:
+    """Train one (entry, seed) with the trainer within the budget; evaluate; metrics + seconds + steps."""
+    from trainer.config import load_config
+    from trainer.loop import Trainer
+
+    name = f"q-{int(time.time() * 1000)}"
+    cfg = load_config(args.preset, [*shared, f"run.name={name}", f"run.seed={seed}", *loss_overrides,
+                                    *args.overrides])
+    trainer = Trainer(cfg, env)
+    timer = threading.Timer(args.budget_s, lambda: os.kill(os.getpid(), signal.SIGUSR1)) if args.budget_s else None
+    t0 = time.perf_counter()
+    if timer:
+        timer.start()
+    try:
+        trainer.fit()  # stops at train.max_steps (or at the budget: SIGUSR1) with a checkpoint, before evaluating
+    finally:
+        if timer:
+            timer.cancel()
+    train_s = time.perf_counter() - t0
+    metrics = trainer.evaluate(f"after {trainer.pos.step} steps")
+    return {**{k: float(v) for k, v in metrics.items()}, "train_s": train_s, "steps": trainer.pos.step}
+
+
+def summarize(results: list[dict], names: list[str]) -> list[dict]:
+    rows = []
+    for name in names:
+        runs = [r for r in results if r["entry"] == name]
+        if not runs:
+            continue
+        row = {"entry": name, "seeds": len(runs), "steps": min(r["steps"] for r in runs)}
+        for key in [c for c, _ in COLUMNS] + ["train_s"]:
+            vals = np.array([r.get(key, np.nan) for r in runs], dtype=float)
+            row[key] = (float(vals.mean()), float(vals.std()))  # population std over the seeds
+        rows.append(row)
+    return rows
+
+
+def markdown(rows: list[dict], steps: int) -> str:
+    head = "| entry | " + " | ".join(label for _, label in COLUMNS) + " | train s | steps |"
+    lines = [head, "|" + " --- |" * (len(COLUMNS) + 3)]
+    for row in rows:
+        cells = [f"{row[c][0] * 100:.1f} ± {row[c][1] * 100:.1f}" for c, _ in COLUMNS]
+        mean, std = row["train_s"]
+        steps_cell = str(row["steps"]) + ("" if row["steps"] >= steps else " (budget)")
+        lines.append(f"| {row['entry']} | " + " | ".join(cells) + f" | {mean:.0f} ± {std:.0f} | {steps_cell} |")
+    return "\n".join(lines)
+
+
+def bar_chart(rows: list[dict], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(7.0, 1.3 * len(COLUMNS) * len(rows) / 3), 4.2))
+    width = 0.8 / max(1, len(rows))
+    x = np.arange(len(COLUMNS))
+    for i, row in enumerate(rows):
+        means = [row[c][0] * 100 for c, _ in COLUMNS]
+        stds = [row[c][1] * 100 for c, _ in COLUMNS]
+        ax.bar(x + (i - (len(rows) - 1) / 2) * width, means, width, yerr=stds, capsize=2, label=row["entry"])
+    ax.set_xticks(x, [label for _, label in COLUMNS])
+    ax.set_ylabel("% (mean ± std over seeds)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--mode", choices=["compare", "ablation", "sweep-n", "sweep-r"], default="compare")
+    p.add_argument("--entries", default="", help="comma list of row names, 'all', or '' for the mode's default")
+    p.add_argument("--values", default="", help="sweep values, comma list")
+    p.add_argument("--seeds", type=int, default=2)
+    p.add_argument("--steps", type=int, default=80, help="optimizer steps per entry (the shared schedule)")
+    p.add_argument("--budget-s", type=float, default=150.0, help="training seconds per entry at most; 0 = none")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--width", type=int, default=32, help="model.small_cnn_width")
+    p.add_argument("--preset", default="omniglot")
+    p.add_argument("--data", default="", help="shard set (DIR/train, DIR/test); default: Omniglot from --omniglot")
+    p.add_argument("--omniglot", default=os.path.join(ROOT, "..", "shared", "data", "omniglot"))
+    p.add_argument("--work", default="/tmp/quality-bench", help="Omniglot shards and the run directories")
+    p.add_argument("--out", default="", help="where the table, chart and JSON go (default <work>/results)")
+    p.add_argument("--resume", action="store_true", help="skip (entry, seed) pairs already in the JSON")
+    p.add_argument("--cpu", action="store_true", help="run.device=cpu even where a GPU is present")
+    p.add_argument("overrides", nargs="*", help="config key=value for every entry (e.g. data.num_workers=1)")
+    args = p.parse_args(argv)
+    if args.seeds < 1 or args.steps < 1 or args.budget_s < 0:
+        p.error("--seeds and --steps must be >= 1, --budget-s >= 0")
+    return args
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_args(argv)
+    entries = entries_for(args.mode, args.entries, args.values)
+    out = args.out or os.path.join(args.work, "results")
+    os.makedirs(out, exist_ok=True)
+    t_start = time.time()
+    shards = args.data or omniglot_shards(os.path.abspath(args.omniglot), args.work)
+    shared = schedule_overrides(args, shards)
+    json_path = os.path.join(out, f"quality-{args.mode}.json")
+    results = []
+    if args.resume and os.path.exists(json_path):
+        with open(json_path) as f:
+            results = json.load(f)["results"]
+
+    from trainer import distributed
+    from trainer.config import load_config
+
+    for overrides in entries.values():  # every entry's config is valid before the first one trains
+        load_config(args.preset, [*shared, *overrides, *args.overrides])
+    env = distributed.setup("cpu" if args.cpu else "auto")
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # a budget timer firing just after an entry ended does no harm
+    try:
+        for seed in range(args.seeds):
+            for name, overrides in entries.items():
+                if any(r["entry"] == name and r["seed"] == seed for r in results):
+                    continue
+                result = {"entry": name, "seed": seed, **run_entry(args, shared, overrides, seed, env)}
+                results.append(result)
+                print(f"[quality] {name} seed {seed}: R@1 {result.get('recall_at_1', float('nan')):.4f}, "
+                      f"{result['steps']} steps in {result['train_s']:.0f} s", flush=True)
+                with open(json_path, "w") as f:
+                    json.dump({"args": vars(args), "shared": shared, "results": results}, f, indent=1)
+    finally:
+        distributed.teardown()
+
+    rows = summarize(results, list(entries))
+    table = markdown(rows, args.steps)
+    source = args.data or "Omniglot (811 train / 812 test classes)"
+    title = (f"{args.mode}: {source}, {args.steps} steps x batch {args.batch_size}, small_cnn width {args.width}, "
+             f"{args.seeds} seed(s)")
+    text = f"{title}; total {time.time() - t_start:.0f} s\n\n{table}\n"
+    print("\n" + text)
+    with open(os.path.join(out, f"quality-{args.mode}.md"), "w") as f:
+        f.write(text)
+    bar_chart(rows, os.path.join(out, f"quality-{args.mode}.png"), title)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
