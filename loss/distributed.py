@@ -449,10 +449,27 @@ class ShardedProxyGML(nn.Module):
 
     # checkpoints and statistics across world sizes
     def gather_rows(self, rows: Tensor) -> Tensor:
-        """The full (C*N, ...) tensor from every rank's block of proxy rows (collective)."""
-        if world(self.group)[0] == 1:
-            return rows.detach().clone()
-        full, _ = all_gather_rows(rows.detach(), self.group)
+        """The full (C*N, ...) tensor, on the CPU, from every rank's block of proxy rows (collective).
+
+        One rank's block at a time is broadcast, so the device holds one block more, not C*N rows.
+        """
+        size, rank = world(self.group)
+        rows = rows.detach()
+        if size == 1:
+            return rows.cpu().clone()
+        n = self.num_classes * self.proxies_per_class
+        parts = []
+        for src in range(size):
+            start, stop = block(self.num_classes, size, src)
+            if src == rank:
+                buf = rows.contiguous()
+            else:
+                buf = rows.new_empty((stop - start) * self.proxies_per_class, *rows.shape[1:])
+            dist.broadcast(buf, dist.get_global_rank(self.group, src) if self.group is not None else src,
+                           group=self.group)
+            parts.append(buf.cpu())
+        full = torch.cat(parts)
+        assert full.shape[0] == n
         return full
 
     def shard_rows(self, full: Tensor) -> Tensor:
