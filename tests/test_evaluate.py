@@ -119,15 +119,35 @@ def _evaluate_worker(rank, world_size, port, out_dir, shares, wrap_ddp):
             net = torch.nn.parallel.DistributedDataParallel(net)
         result = evaluate(net, batches(shares[rank]), device="cpu", cfg_eval=CFG)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+        _fail_on_last_rank(rank, world_size, out_dir)  # same group: saves starting processes again
     finally:
         dist.destroy_process_group()
 
 
+class Exploding:
+    def __iter__(self):
+        yield from batches(range(4))
+        raise OSError("shard unreadable")
+
+
+def _fail_on_last_rank(rank, world_size, out_dir):
+    loader = Exploding() if rank == world_size - 1 else batches(range(N))
+    try:
+        evaluate(model(), loader, device="cpu", cfg_eval=CFG)
+        outcome = "returned"
+    except Exception as e:  # noqa: BLE001
+        outcome = f"{type(e).__name__}: {e}"
+    with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
+        f.write(outcome)
+
+
 @pytest.mark.distributed
+@pytest.mark.timeout(300)
 @pytest.mark.parametrize(
     ("world_size", "wrap_ddp"), [(2, True), pytest.param(3, False, marks=pytest.mark.slow)]
 )
 def test_ranks_with_uneven_counts_count_every_sample_once(tmp_path, world_size, wrap_ddp):
+    """Then, in the same group, a rank failing mid-stream makes every rank raise instead of hanging."""
     shares = SHARES[:world_size] if world_size == 3 else [SHARES[0], SHARES[1]]
     spawn(_evaluate_worker, world_size, str(tmp_path), shares, wrap_ddp)
     results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
@@ -145,6 +165,10 @@ def test_ranks_with_uneven_counts_count_every_sample_once(tmp_path, world_size, 
     with torch.no_grad():
         torch.testing.assert_close(main.embeddings, model().eval()(x))
     assert main.labels.tolist() == labels.tolist()
+    last = world_size - 1
+    for r in range(last):
+        assert (tmp_path / f"rank{r}.txt").read_text() == f"RuntimeError: evaluation failed on rank(s) [{last}]"
+    assert (tmp_path / f"rank{last}.txt").read_text() == "OSError: shard unreadable"
 
 
 def _gather_worker(rank, world_size, port, out_dir):
@@ -169,35 +193,6 @@ def test_gather_pads_and_trims_uneven_counts(tmp_path):
     assert labels.tolist() == [0] * 5 + [2] * 2
     assert emb[:, 0].tolist() == [0, 1, 2, 3, 4, 2, 3]
     assert torch.load(tmp_path / "rank1.pt") is None
-
-
-class Exploding:
-    def __iter__(self):
-        yield from batches(range(4))
-        raise OSError("shard unreadable")
-
-
-def _failure_worker(rank, world_size, port, out_dir):
-    init(rank, world_size, port)
-    try:
-        loader = Exploding() if rank == 1 else batches(range(N))
-        try:
-            evaluate(model(), loader, device="cpu", cfg_eval=CFG)
-            outcome = "returned"
-        except Exception as e:  # noqa: BLE001
-            outcome = f"{type(e).__name__}: {e}"
-        with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
-            f.write(outcome)
-    finally:
-        dist.destroy_process_group()
-
-
-@pytest.mark.distributed
-@pytest.mark.timeout(120)
-def test_a_failing_rank_makes_every_rank_raise_instead_of_hanging(tmp_path):
-    spawn(_failure_worker, 2, str(tmp_path))
-    assert (tmp_path / "rank0.txt").read_text() == "RuntimeError: evaluation failed on rank(s) [1]"
-    assert (tmp_path / "rank1.txt").read_text() == "OSError: shard unreadable"
 
 
 def test_keys_survive_as_numpy_strings():
