@@ -93,7 +93,7 @@ class TrainConfig:
     amp: str = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU | bf16 | off
     compile: bool = False  # torch.compile the embedder
     grad_clip: float = 0.0  # max grad norm; 0 = off
-    log_every_steps: int = 10  # progress bar / console line cadence
+    log_every_steps: int = 10  # progress-bar update cadence (loss, img/s)
     max_steps: int = 0  # stop (with a checkpoint) after this many optimizer steps in total; 0 = no limit
 
 
@@ -122,7 +122,7 @@ class TrackingConfig:
     tracking_uri: str = ""  # "" = MLflow's default (sqlite:///mlflow.db in the working directory)
     experiment: str = "proxygml"
     run_name: str = ""  # "" = run.name
-    log_every_steps: int = 10  # training metrics cadence
+    log_every_steps: int = 10  # cadence of the training metrics (loss, parts, lrs, img/s) sent to MLflow; 0 = off
     retrieval_grid_queries: int = 8  # query rows in the logged retrieval picture; 0 = no picture
 
 

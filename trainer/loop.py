@@ -196,7 +196,9 @@ class Trainer:
             engine.step()
             pos.batch, pos.step, seen = pos.batch + 1, pos.step + 1, seen + labels.shape[0] * env.world_size
             bar.update(1)
-            if pos.step % cfg.train.log_every_steps == 0 or pos.batch == len(loader):
+            show = pos.step % cfg.train.log_every_steps == 0 or pos.batch == len(loader)
+            track = cfg.tracking.log_every_steps and pos.step % cfg.tracking.log_every_steps == 0
+            if show or track:
                 dt, t0 = time.perf_counter() - t0, time.perf_counter()
                 self.log_step(loss, seen / dt, bar)
                 seen = 0
@@ -241,13 +243,14 @@ class Trainer:
         return self.metrics
 
     def save(self) -> None:
-        """Collective (RNG states and sharded proxies are gathered); rank 0 writes."""
+        """Collective (RNG states, sharded proxies and ZeRO optimizer state are gathered); rank 0 writes."""
         crit, pos, env = self.criterion, self.pos, self.env
         crit_sd = crit.full_state_dict() if hasattr(crit, "full_state_dict") else crit.state_dict()
+        optimizer_sd = self.engine.optimizer_state_dict()
         rngs = D.all_gather_object(rng_state())
         if env.is_main:
             self.ckpt.save(dict(config=to_dict(self.cfg), model=self.embedder.state_dict(), criterion=crit_sd,
-                                optimizer=self.engine.optimizer_state_dict(), scheduler=self.scheduler.state_dict(),
+                                optimizer=optimizer_sd, scheduler=self.scheduler.state_dict(),
                                 epoch=pos.epoch, step=pos.step, batch_in_epoch=pos.batch, rng=rngs,
                                 mlflow_run_id=self.tracker.run_id, world_size=env.world_size), pos.step)
         D.barrier()
