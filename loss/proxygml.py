@@ -324,7 +324,8 @@ class ProxyGML(nn.Module):
         """Σ of the L^p cross-entropies of proxy rows ``rows`` (normalised p, all C*N rows given)."""
         n = self.proxies_per_class
         targets = torch.arange(rows.start, rows.stop, device=p.device) // n
-        return proxy_cross_entropy_sum(p[rows], class_sums(p, n), targets, self.chunk_elements, matmul_dtype)
+        mine = p if (rows.start, rows.stop) == (0, p.shape[0]) else p[rows]  # no slice backward when all
+        return proxy_cross_entropy_sum(mine, class_sums(p, n), targets, self.chunk_elements, matmul_dtype)
 
     def normalised(self, embeddings: Tensor, labels: Tensor):
         """fp32-or-fp64, L2-normalised (x, p) and int64 labels; call under autocast(enabled=False)."""
