@@ -176,8 +176,9 @@ def _exact_top_k(x, start, sims, idx, k):
     if sims.shape[1] > k:
         tied = (sims[:, k - 1] == sims[:, k]).nonzero().flatten()
         sims, idx = sims[:, :k].clone(), idx[:, :k].clone()
-        if len(tied):
-            sims[tied], idx[tied] = _full_rows_top_k(x, tied + start, k)
+        group = max(1, SIM_BUDGET // (4 * len(x)))  # rows recomputed at once (sims + int32 ranks)
+        for g in tied.split(group):
+            sims[g], idx[g] = _full_rows_top_k(x, g + start, k)
     return _sort_by_sim_then_index(sims, idx)
 
 
@@ -189,7 +190,7 @@ def _full_rows_top_k(x, rows, k):
     above = sims > kth
     at = sims == kth
     room = k - above.sum(1, keepdim=True)
-    chosen = above | (at & (at.cumsum(1) <= room))
+    chosen = above | (at & (at.cumsum(1, dtype=torch.int32) <= room))
     idx = chosen.nonzero()[:, 1].view(len(rows), k)
     return sims.gather(1, idx), idx
 
