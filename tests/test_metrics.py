@@ -80,6 +80,12 @@ def tied_set(n=150, dim=8, classes=20, seed=1):
     return x, labels
 
 
+def collapsed_set(n=60, classes=7, seed=2):
+    """A collapsed model: every embedding the same, so every row is one big tie (index order decides)."""
+    rng = np.random.default_rng(seed)
+    return np.ones((n, 5), np.float32), rng.integers(0, classes, n)
+
+
 @pytest.fixture(params=BACKENDS)
 def small_chunks(request, monkeypatch):
     """Force several query chunks (and several similarity chunks on the torch path)."""
@@ -95,7 +101,7 @@ def run(x, labels, backend, **kw):
 # ---------------------------------------------------------------- tests
 
 
-@pytest.mark.parametrize("make", [random_set, tied_set])
+@pytest.mark.parametrize("make", [random_set, tied_set, collapsed_set])
 def test_metrics_match_reference(make, small_chunks):
     x, labels = make()
     ks = (1, 2, 4, 8, 16, len(x) + 5)
