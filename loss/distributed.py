@@ -171,17 +171,31 @@ def order_keys(vals: Tensor, global_idx: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def sharded_topk(scores: Tensor, need: int, offset: int, group=None) -> tuple[Tensor, Tensor]:
+def sharded_topk(scores: Tensor, need: int, offset: int, group=None,
+                 candidates: int | None = None) -> tuple[Tensor, Tensor]:
     """This rank's share of each row's global top-``need`` by (score, lower global index first).
 
     ``scores`` (M, K_r) are this rank's columns, global index ``offset + j``. Returns (idx, mask), both
-    (M, min(need, K_r)); mask marks the local indices that are in the global top-need.
+    (M, kk); mask marks the local indices that are in the global top-need. Each rank first keeps
+    kk = ``candidates`` (default: need) local candidates per row; if some rank's list turns out too short
+    for the threshold found (all ranks agree on that), the selection is redone with kk = min(need, K_r).
     """
-    rows, cols = scores.shape
-    kk = min(need, cols)
-    if kk == 0:
-        empty = torch.zeros(rows, 0, dtype=torch.long, device=scores.device)
-        return empty, empty.bool()
+    full = min(need, scores.shape[1])
+    if candidates is None or world(group)[0] == 1:
+        return _topk_from_candidates(scores, full, need, offset, group)[:2]
+    idx, mask, complete = _topk_from_candidates(scores, max(1, min(full, candidates)), need, offset, group)
+    flag = complete.all().to(torch.int64).reshape(1)
+    if world(group)[0] > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
+    if bool(flag.item()):
+        return idx, mask
+    return _topk_from_candidates(scores, full, need, offset, group)[:2]
+
+
+def _topk_from_candidates(scores: Tensor, kk: int, need: int, offset: int, group):
+    """(idx, mask, complete): the selection from kk local candidates per row; complete marks the rows whose
+    candidates hold every local entry that can reach the threshold found (then the selection is exact)."""
+    cols = scores.shape[1]
     vals, idx = scores.topk(min(kk + 1, cols), dim=1)
     if vals.shape[1] > kk:  # a tie across the cut: take those rows by a stable sort (lower index first)
         straddle = (vals[:, kk - 1] == vals[:, kk]).nonzero()[:, 0]
@@ -194,12 +208,13 @@ def sharded_topk(scores: Tensor, need: int, offset: int, group=None) -> tuple[Te
     # the float value first (32 rounds); the global index only when a tie at the threshold must be split
     value_keys = ascending >> 32
     value = _bisect(value_keys, kk, need, -(1 << 31), 1 << 31, 32, group)
+    complete = (value_keys[:, 0] < value) | (kk == cols)  # entries left out are below the threshold value
     at_least = _count_at_least(value_keys, kk, value)
     _sum_over_ranks(at_least, group)
     if bool((at_least == need).all()):  # the same answer on every rank: no index rounds anywhere
-        return idx, ((keys >> 32) >= value[:, None]) & torch.isfinite(vals)
+        return idx, ((keys >> 32) >= value[:, None]) & torch.isfinite(vals), complete
     lo = _bisect(ascending, kk, need, value * (1 << 32), (value + 1) * (1 << 32), 32, group)
-    return idx, (keys >= lo[:, None]) & torch.isfinite(vals)
+    return idx, (keys >= lo[:, None]) & torch.isfinite(vals), complete
 
 
 def _sum_over_ranks(t: Tensor, group) -> None:
@@ -310,13 +325,17 @@ class ShardedProxyGML(nn.Module):
     """ProxyGML with a contiguous block of classes (and their proxies) per rank; see the module docstring.
 
     ``proxies`` (C_r*N, dim) are this rank's, global rows ``proxy_start:proxy_stop``; ``selection_counts``
-    likewise. The initialisation is the authors' distribution U(±1/sqrt(C*N)), drawn per block of 4,096
+    likewise. ``candidate_factor``: each rank first ranks ceil(factor * k / W) local candidates per sample
+    (exact whatever it is: a rank whose list is too short makes all ranks redo it with min(k, C_r*N));
+    the candidate lists are the largest memory term at millions of classes. The initialisation is the
+    authors' distribution U(±1/sqrt(C*N)), drawn per block of 4,096
     global rows from a generator seeded by (``seed``, block), so that it does not depend on the world size.
     """
 
     def __init__(self, num_classes: int, dim: int, proxies_per_class: int = 1, r: float = 0.05,
                  lam: float = 0.3, pos_mask: bool = True, class_mask: bool = True, proxy_reg: bool = True,
-                 *, group=None, chunk_elements: int = 2 ** 28, validate: bool = True, seed: int = 0):
+                 *, group=None, chunk_elements: int = 2 ** 28, validate: bool = True, seed: int = 0,
+                 candidate_factor: float = 2.0):
         super().__init__()
         check_config(num_classes, dim, proxies_per_class, r, lam)
         size, rank = world(group)
@@ -326,6 +345,9 @@ class ShardedProxyGML(nn.Module):
         self.r, self.lam = float(r), float(lam)
         self.pos_mask, self.class_mask, self.proxy_reg = bool(pos_mask), bool(class_mask), bool(proxy_reg)
         self.chunk_elements, self.validate, self.group = int(chunk_elements), bool(validate), group
+        if not candidate_factor > 0:
+            raise ValueError(f"candidate_factor must be > 0, got {candidate_factor!r}")
+        self.candidate_factor = float(candidate_factor)
         self.k = num_selected(self.r, num_classes * proxies_per_class)
         self.class_start, self.class_stop = block(num_classes, size, rank)
         n = proxies_per_class
@@ -380,7 +402,9 @@ class ShardedProxyGML(nn.Module):
         if self.pos_mask:
             saved = sim.gather(1, own)
             sim.scatter_(1, own, torch.where(own_mask, float("-inf"), saved))
-        idx, mask = sharded_topk(sim, need, self.proxy_start, self.group)
+        size = world(self.group)[0]
+        candidates = math.ceil(self.candidate_factor * need / size)
+        idx, mask = sharded_topk(sim, need, self.proxy_start, self.group, candidates)
         if not self.pos_mask:
             out["mask"] = mask
             return idx
