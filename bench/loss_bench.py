@@ -7,7 +7,7 @@ formulation is the released code's (dense W, dense label matrix Y^p, W @ Y^p, th
 times Y^p); ours never builds those. Cases are the issue's: CUB (C=100, N=12, M=32 and 256, lam=0.3), SOP
 (C=11318, N=1, M=256, lam=0 and 0.3), SOP N=4 lam=0.3, C=100,000 N=1 M=256 (lam=0: the regulariser is
 O((CN)^2 dim); on cuda also lam=0.3 and C=1,000,000 lam=0). On the CPU, M is capped at --cpu-batch (the
-regulariser does not depend on M) and a C=2,000 N=4 case is added so that a regulariser ratio is measured;
+regulariser does not depend on M) and a C=1,000 N=4 case is added so that a regulariser ratio is measured;
 a dense run whose estimated memory or flops exceed --max-dense-gb / --max-dense-gflop is skipped and the
 table says why; on cuda the dense one runs until it is out of memory and the table says so. Peak memory:
 on cuda max_memory_allocated over the step; on the CPU each measurement runs in a fresh process and reports
@@ -53,7 +53,7 @@ def cases(device: str, cpu_batch: int) -> list[Case]:
            Case("SOP N=4 lam=0.3", 11318, 4, 256, 0.3), Case("C=100k lam=0", 100_000, 1, 256, 0.0)]
     if device == "cuda":
         return out + [Case("C=100k lam=0.3", 100_000, 1, 256, 0.3), Case("C=1M lam=0", 1_000_000, 1, 256, 0.0)]
-    out.insert(5, Case("C=2000 N=4 lam=0.3", 2000, 4, 256, 0.3))
+    out.insert(5, Case("C=1000 N=4 lam=0.3", 1000, 4, 256, 0.3))
     for c in out:
         c.M = min(c.M, cpu_batch)
     return out
