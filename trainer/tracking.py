@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 TRACKING_DIR = "tracking"  # under the run directory: state.json, pending.jsonl, artifacts/, model/
 RETRY_INTERVAL_S = 60.0  # while offline, ask the server again at most this often
 START_WAIT_S = 30.0  # Tracker() waits at most this long for the first answer of the store (run id)
-CLOSE_WAIT_S = 120.0  # close() waits at most this long for the sender thread to deliver what is queued
+CLOSE_WAIT_S = 30.0  # close() waits at most this long for the sender thread to deliver what is queued
 HTTP_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
@@ -378,7 +378,8 @@ class _Store:
         self.artifact_root = artifact_root
         self.client = MlflowClient(tracking_uri=uri)
 
-    def ensure_run(self, experiment: str, run_name: str, run_id: str | None) -> str:
+    def ensure_run(self, experiment: str, run_name: str, run_id: str | None, reopen: bool = True) -> str:
+        """The id of run `run_id` (set RUNNING again if `reopen`), or of a new run when it is None or unknown."""
         from mlflow.exceptions import MlflowException
 
         if run_id:
@@ -390,7 +391,7 @@ class _Store:
                 warnings.warn(f"Tracker: MLflow run {run_id} does not exist at {self.uri}; starting a new run",
                               RuntimeWarning, stacklevel=3)
             else:
-                if run.info.status != "RUNNING":
+                if reopen and run.info.status != "RUNNING":
                     self.client.update_run(run_id, status="RUNNING")
                 return run_id
         return self.client.create_run(self._experiment_id(experiment), run_name=run_name or None).info.run_id
@@ -514,6 +515,7 @@ class Tracker:
         self.run_id: str | None = None
         self._eval_history: list[tuple[int, dict[int, float]]] = []
         self._closed = False
+        self._abandoned = False
         if not self.active:
             return
         container = _to_container(config)  # bad config type: an error before anything is created
@@ -652,6 +654,7 @@ class Tracker:
         self._queue.put(None)
         self._worker.join(CLOSE_WAIT_S)
         if self._worker.is_alive():  # stuck in a call to a hung server: keep the rest locally
+            self._abandoned = True
             warnings.warn(f"Tracker: MLflow at {self.uri} did not answer within {CLOSE_WAIT_S:.0f} s; the events "
                           "not sent yet are kept locally", RuntimeWarning, stacklevel=2)
             while True:
@@ -781,7 +784,10 @@ class Tracker:
             try:
                 if event is None:
                     return
-                self._deliver(event)
+                if self._abandoned:  # close() gave up waiting: no more calls to the store
+                    self._keep(event)
+                else:
+                    self._deliver(event)
             except Exception as e:  # the thread must live on: the event is kept, the error reported
                 log.exception("Tracker: event %s could not be delivered nor kept: %r", event.get("op"), e)
             finally:
@@ -872,7 +878,7 @@ def upload(run_dir: str | os.PathLike, tracking_uri: str | None = None) -> str:
     for key, value in HTTP_DEFAULTS.items():
         os.environ.setdefault(key, value)
     store = _Store(uri, state.get("artifact_root"))
-    run_id = store.ensure_run(state["experiment"], state["run_name"], state.get("run_id"))
+    run_id = store.ensure_run(state["experiment"], state["run_name"], state.get("run_id"), reopen=False)
     n = store.replay(run_id, tdir / "pending.jsonl")
     state.update({"run_id": run_id, "tracking_uri": uri})
     state_path.write_text(json.dumps(state, indent=1))
