@@ -17,9 +17,10 @@ for DDP (``value + (surrogate - surrogate.detach())``): local batches may differ
   against all class sums, weighted W; DDP's average then sums the blocks.
 - ``sharded``: rank r owns a contiguous block of classes, their proxies (outside DDP, see
   ``ddp_ignored_parameters``) and their optimizer state; embeddings are all-gathered (gradient scaled by W
-  for DDP); the top-k is global (local candidates, then a bisection on (similarity, -global index) keys
-  with all-reduced counts: 32 rounds on the value, 32 more only when a tie at the threshold must be split;
-  exact, ties to the lower global proxy index, O(M) communication whatever k is);
+  for DDP); the top-k is global: ceil(2k/W) local candidates per sample (all min(k, C_r N) of them when
+  some rank's list proves too short), then a bisection on (similarity, -global index) keys with all-reduced
+  counts: 32 rounds on the value, 32 more only when a tie at the threshold must be split; exact, ties to
+  the lower global proxy index, O(M) communication whatever k is;
   the masked softmax is global (an all-gather of each rank's max and sum of exponentials per sample; the
   backward is local); the target logit comes from the owning rank; L^p classifies each rank's proxies
   against all class sums, gathered with gradients. Proxy and similarity memory per rank fall as 1/W.
