@@ -219,3 +219,15 @@ def test_bad_input_is_named(kwargs, message):
     args.update(kwargs)
     with pytest.raises(ValueError, match=message):
         compute_metrics(**args)
+
+
+def test_float32_matmul_precision_is_restored():
+    """The metrics force IEEE float32 matmuls (no TF32) and put the trainer's setting back."""
+    x, labels = random_set(n=40, classes=4, singletons=0)
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        compute_metrics(x, labels, backend="torch")
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision(previous)

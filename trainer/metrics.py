@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import numpy as np
 import pandas as pd
@@ -62,7 +63,8 @@ def compute_metrics(
 
     others = sizes[y] - 1  # R: same-class samples besides the query
     k = min(max([1, *ks, int(others.max()) if map_r else 0]), len(x) - 1)
-    hits, ap, rp = _retrieval(x, torch.as_tensor(y, device=x.device), others, ks, k, map_r, backend)
+    with _ieee_fp32_matmul():
+        hits, ap, rp = _retrieval(x, torch.as_tensor(y, device=x.device), others, ks, k, map_r, backend)
 
     valid = others > 0
     metrics = {f"recall_at_{K}": _mean(hits[valid, i + 1]) for i, K in enumerate(ks)}
@@ -70,7 +72,8 @@ def compute_metrics(
         metrics["map_at_r"] = _mean(ap[valid])
         metrics["r_precision"] = _mean(rp[valid])
     if nmi:
-        clusters = kmeans(x, len(sizes), seed=seed, backend=backend)
+        with _ieee_fp32_matmul():
+            clusters = kmeans(x, len(sizes), seed=seed, backend=backend)
         metrics["nmi"] = float(normalized_mutual_info_score(y, clusters))
     per_class = _per_class_table(class_ids, sizes, y, valid, hits[:, 0], ap if map_r else None, class_names)
     return metrics, per_class
@@ -112,6 +115,17 @@ def _check_ks(recall_ks) -> tuple[int, ...]:
     if any(k < 1 for k in ks) or len(set(ks)) != len(ks):
         raise ValueError(f"recall_ks must be distinct integers >= 1, got {list(recall_ks)}")
     return ks
+
+
+@contextmanager
+def _ieee_fp32_matmul():
+    """Full float32 matmuls even where the trainer allows TF32 (10-bit mantissa) for speed."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
 
 
 def _mean(values: np.ndarray) -> float:
