@@ -205,3 +205,17 @@ def test_build_criterion_single_process_is_proxygml():
         assert crit(x, labels).item() == pytest.approx(want.item(), rel=1e-6)
     with pytest.raises(ValueError, match="mode"):
         build_criterion("ring", 7, 8)
+
+
+def test_bad_arguments_raise():
+    crit = build_criterion("sharded", 7, 8)
+    with pytest.raises(ValueError, match="criterion"):
+        ddp_ignore(nn.Linear(2, 2), crit)
+    with pytest.raises(ValueError, match="candidate_factor"):
+        build_criterion("sharded", 7, 8, candidate_factor=0)
+    with pytest.raises(ValueError, match="num_classes"):
+        build_criterion("gather", 1, 8)
+    with pytest.raises(ValueError, match="proxies"):
+        crit.load_full_state_dict({"weights": torch.zeros(7, 8)})
+    assert crit.ddp_ignored_parameters() == ["proxies", "selection_counts"]
+    assert build_criterion("local", 7, 8).ddp_ignored_parameters() == ["selection_counts"]
