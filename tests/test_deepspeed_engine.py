@@ -198,6 +198,7 @@ def worker(rank: int, world: int, port: int, tmp: str):
         module, opt, sched, engine = build(cfg, env)
         train(module, sched, engine, 0, 3, rank)
         opt_ref = engine.optimizer_state_dict()  # collective, like the loop's save
+        opt_state = engine.full_optimizer_state()
         plain = {"model": {k: v.clone() for k, v in module.embedder.state_dict().items()},
                  "criterion": {k: v.clone() for k, v in module.criterion.state_dict().items()},
                  "scheduler": sched.state_dict()}
@@ -213,7 +214,7 @@ def worker(rank: int, world: int, port: int, tmp: str):
         engine2.load_optimizer_state_dict(opt_ref)
         resumed, _ = train(module2, sched2, engine2, 3, STEPS, rank)
         out[f"ckpt{stage}"] = dict(cont=cont, resumed=resumed, final=final, final_resumed=flat_weights(module2),
-                                   ref=opt_ref, saved_weights=plain)
+                                   ref=opt_ref, saved_weights=plain, opt_state=opt_state)
         if rank == 0:
             from trainer.deepspeed_engine import consolidated_state_dict, split_state_dict
             model_sd, crit_sd = split_state_dict(consolidated_state_dict(opt_ref["deepspeed"]["dir"],
@@ -270,6 +271,52 @@ def test_save_resume_continue(two_ranks, stage):
     ref = results[0][f"ckpt{stage}"]["ref"]["deepspeed"]
     assert ref["tag"] == "step-000000003" and ref["stage"] == stage
     assert os.path.isdir(os.path.join(ref["dir"], ref["tag"]))
+
+
+def one_rank_resume_worker(rank: int, port: int, tmp: str, results_path: str):
+    """Resume the 2-rank checkpoints of `two_ranks` on 1 rank; report the optimizer state found."""
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                      DS_ACCELERATOR="cpu")
+    from trainer import distributed as D
+    env = D.setup("cpu")
+    saved = torch.load(results_path, weights_only=False)
+    out = {}
+    for stage in (0, 1, 2):
+        c = saved[f"ckpt{stage}"]
+        cfg = make_cfg("deepspeed", os.path.join(tmp, f"zero{stage}.json"), tmp)
+        module, opt, sched, engine = build(cfg, env, seed=7)
+        module.embedder.load_state_dict(c["saved_weights"]["model"])
+        module.criterion.load_state_dict(c["saved_weights"]["criterion"])
+        module.embedder.set_backbone_trainable(True)
+        engine.rewrap()
+        engine.load_optimizer_state_dict(c["ref"])
+        out[stage] = {"state": engine.full_optimizer_state(), "weights": flat_weights(module)}
+        loss = engine(*batch(0, 3))
+        engine.backward(loss)
+        engine.step()
+        out[stage]["loss"] = loss.item()
+    torch.save(out, os.path.join(tmp, "one_rank.pt"))
+    D.teardown()
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_resume_two_rank_checkpoint_on_one_rank(two_ranks):
+    """ZeRO 1/2 go through DeepSpeed's universal checkpoint; every Adam moment comes back exactly."""
+    results, tmp = two_ranks
+    mp.start_processes(one_rank_resume_worker, args=(free_port(), tmp, os.path.join(tmp, "rank0.pt")), nprocs=1,
+                       join=True, start_method="spawn")
+    one = torch.load(os.path.join(tmp, "one_rank.pt"), weights_only=False)
+    for stage in (0, 1, 2):
+        saved = results[0][f"ckpt{stage}"]["opt_state"]
+        got = one[stage]["state"]
+        assert set(got) == set(saved) and saved
+        for name, st in saved.items():
+            assert set(st) == {"exp_avg", "exp_avg_sq"}, name
+            for key, v in st.items():
+                torch.testing.assert_close(got[name][key], v, rtol=0, atol=0)
+        assert one[stage]["loss"] > 0
+    assert os.path.isdir(os.path.join(results[0]["ckpt2"]["ref"]["deepspeed"]["dir"], "step-000000003_universal"))
 
 
 @pytest.mark.distributed

@@ -19,9 +19,15 @@ What stays ours, so that a DeepSpeed run behaves like a DDP run:
   checkpoint dict holds the exact model for evaluation and export.
 
 DeepSpeed's checkpoint (optimizer partitions, loss scaler, step counters) sits in
-`<checkpoint dir>/deepspeed/step-NNNNNNNNN/`; the trainer's `.pt` names it in its `optimizer` entry.
+`<checkpoint dir>/deepspeed/step-NNNNNNNNN/`; the trainer's `.pt` names it in its `optimizer` entry (the
+last `checkpoint.keep_last` folders are kept, like the `.pt` files). Resuming on another number of ranks
+converts a ZeRO 1/2 checkpoint once to DeepSpeed's universal format and re-partitions it.
 `python -m trainer.deepspeed_engine export DS_DIR OUT.pt` turns a DeepSpeed checkpoint into a plain
 state dict with DeepSpeed's zero_to_fp32 helpers.
+
+Not supported, with a clear error: loss.mode=sharded (per-rank proxy blocks; DeepSpeed would average them),
+ZeRO stage 3, DeepSpeed's `bf16`/`fp16` sections (whole-module casts; use `torch_autocast`), an `optimizer`
+or `scheduler` section in the JSON.
 """
 from __future__ import annotations
 
@@ -29,13 +35,17 @@ import argparse
 import json
 import logging
 import os
+import re
 import shutil
+import subprocess
+import sys
 import warnings
 
 import torch
 import torch.distributed as dist
 
 TAG_FORMAT = "step-{:09d}"
+TAG = re.compile(r"step-\d{9}")
 PRECISION_KEYS = ("bf16", "fp16")  # DeepSpeed's own casts of the whole module: not for TrainModule
 OURS = ("optimizer", "scheduler")  # sections the trainer owns
 
@@ -312,25 +322,67 @@ class DeepSpeedEngine:
                               "world_size": self.env.world_size}}
 
     def load_optimizer_state_dict(self, sd: dict) -> None:
-        """Collective: DeepSpeed's load_checkpoint of the tag the trainer's checkpoint names."""
+        """Collective: DeepSpeed's load_checkpoint of the tag the trainer's checkpoint names.
+
+        On another world size, ZeRO 1/2 partitions do not fit: the checkpoint is converted once to DeepSpeed's
+        universal format (deepspeed.checkpoint.ds_to_universal, on rank 0, next to the original) and loaded
+        from there, re-partitioned over the new ranks.
+        """
         ref = sd.get("deepspeed") if isinstance(sd, dict) else None
         if ref is None:
             raise DeepSpeedConfigError("engine.name=deepspeed: this checkpoint was written by another engine "
                                        "(its optimizer entry is a torch state dict); resume it with that engine")
-        if ref["world_size"] != self.env.world_size and self.stage > 0:
-            raise DeepSpeedConfigError(
-                f"resume: ZeRO stage {self.stage} optimizer state was partitioned over {ref['world_size']} "
-                f"ranks, now {self.env.world_size}; resume on {ref['world_size']} ranks or convert it with "
-                "`python -m deepspeed.checkpoint.ds_to_universal` and load it with checkpoint.load_universal")
-        path, _ = self.ds.load_checkpoint(ref["dir"], tag=ref["tag"], load_module_strict=True,
-                                          load_optimizer_states=True, load_lr_scheduler_states=False)
+        universal = ref["world_size"] != self.env.world_size and self.stage > 0
+        tag = self._to_universal(ref["dir"], ref["tag"]) if universal else ref["tag"]
+        before = self.ds._config.load_universal_checkpoint  # read by load_checkpoint only
+        self.ds._config.load_universal_checkpoint = universal
+        try:
+            path, _ = self.ds.load_checkpoint(ref["dir"], tag=tag, load_module_strict=True,
+                                              load_optimizer_states=True, load_lr_scheduler_states=False)
+        finally:
+            self.ds._config.load_universal_checkpoint = before
         if path is None:
-            raise FileNotFoundError(f"resume: DeepSpeed checkpoint {ref['dir']}/{ref['tag']} is missing")
+            raise FileNotFoundError(f"resume: DeepSpeed checkpoint {ref['dir']}/{tag} is missing")
+
+    def _to_universal(self, ds_dir: str, tag: str) -> str:
+        """Rank 0 converts <tag> to <tag>_universal (once); every rank gets its name or the error."""
+        out = f"{tag}_universal"
+        status = [None]
+        if self.env.rank == 0 and not os.path.isdir(os.path.join(ds_dir, out)):
+            partial = os.path.join(ds_dir, out + ".partial")
+            shutil.rmtree(partial, ignore_errors=True)
+            proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                                   os.path.join(ds_dir, tag), "--output_folder", partial, "--inject_missing_state",
+                                   "--num_extract_workers", "1", "--num_merge_workers", "1"],
+                                  capture_output=True, text=True)
+            if proc.returncode == 0:
+                os.replace(partial, os.path.join(ds_dir, out))
+            else:
+                status = [f"resume on {self.env.world_size} ranks: converting {ds_dir}/{tag} to DeepSpeed's "
+                          f"universal checkpoint failed:\n{proc.stderr[-2000:]}"]
+        dist.broadcast_object_list(status, src=0)
+        if status[0]:
+            raise RuntimeError(status[0])
+        return out
+
+    def full_optimizer_state(self) -> dict:
+        """{parameter name: {state key: full fp32 tensor}} of the groups that stepped. Collective at ZeRO 1/2."""
+        names = {p: n for n, p in self.module.named_parameters()}
+        if _zero_optimizer(self.ds) is not None:
+            per_param = _export_zero_state(self.ds)["params"]
+            return {names[p]: st for p, st in per_param.items() if st}
+        return {names[p]: {k: v.clone() for k, v in st.items() if torch.is_tensor(v) and v.shape == p.shape}
+                for p, st in self.torch_optimizer.state.items() if p in names}
 
     def _prune(self) -> None:
-        tags = sorted(t for t in os.listdir(self.ckpt_dir) if t.startswith("step-"))
-        for old in tags[:-self.keep_last] if self.keep_last > 0 else []:
-            shutil.rmtree(os.path.join(self.ckpt_dir, old), ignore_errors=True)
+        """Keep the DeepSpeed folders (and their universal conversions) of the last `keep_last` saves."""
+        entries = os.listdir(self.ckpt_dir)
+        tags = sorted(t for t in entries if TAG.fullmatch(t))
+        keep = set(tags[-self.keep_last:]) if self.keep_last > 0 else set(tags)
+        for entry in entries:
+            base = TAG.match(entry)
+            if base and base.group(0) not in keep:
+                shutil.rmtree(os.path.join(self.ckpt_dir, entry), ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------------------
