@@ -373,7 +373,7 @@ def test_shard_image_lookup_reads_by_tar_key_and_by_path(shards, eval_result):
     assert all(im.size == (24, 24) for im in images.values())
     assert len(lookup(["00000000"])) == 1 or len(lookup(["00000010"])) == 1
     with pytest.raises(FileNotFoundError, match="split_dir"):
-        tracking.shard_image_lookup(shards / "nope")
+        tracking.shard_image_lookup(shards / "nope")(["00000000"])
 
 
 def test_store_back_during_the_run_gets_the_pending_events(tmp_path, monkeypatch):
@@ -401,3 +401,14 @@ def test_store_back_during_the_run_gets_the_pending_events(tmp_path, monkeypatch
     run = client.get_run(tracker.run_id)
     assert run.info.status == "FINISHED" and run.data.params == {"a.b": "1"}
     assert metric_steps(client, tracker.run_id, "loss") == [(s, float(s)) for s in range(8)]
+
+
+def test_picture_failure_is_reported_not_fatal(tmp_path, eval_result):
+    tracker = Tracker(TrackingConfig(enabled=True), tmp_path / "runs" / "r")
+    with pytest.warns(RuntimeWarning, match="could not draw.*not a local directory"):
+        tracker.log_evaluation(eval_result, 3, 1, image_lookup=tracking.shard_image_lookup(tmp_path / "remote"))
+    tracker.close()
+    run = client_for(tracker).get_run(tracker.run_id)
+    assert run.data.metrics["eval/recall_at_1"] == eval_result.metrics["recall_at_1"]
+    out = tmp_path / "runs" / "r" / "tracking" / "artifacts" / "evaluations" / "step-00000003"
+    assert (out / "recall_curve.png").exists() and not (out / "retrieval_grid.png").exists()

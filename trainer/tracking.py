@@ -308,11 +308,11 @@ def shard_image_lookup(split_dir: str | os.PathLike) -> Callable[[Iterable[str]]
     manifest.json (else every *.tar there); the first image extension of a sample (jpg, png, ...) is taken.
     """
     split = Path(split_dir)
-    if not split.is_dir():
-        raise FileNotFoundError(f"shard_image_lookup: split_dir {str(split)!r} is not a directory")
     index: dict[str, tuple[Path, tarfile.TarInfo]] = {}
 
-    def build() -> None:
+    def build() -> None:  # on first use: a remote split fails there (the tracker warns), not at construction
+        if not split.is_dir():
+            raise FileNotFoundError(f"shard_image_lookup: split_dir {str(split)!r} is not a local directory")
         if (split / "manifest.json").exists():
             from data_shards import read_manifest
 
