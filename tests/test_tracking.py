@@ -118,6 +118,7 @@ def test_sqlite_end_to_end(tmp_path, shards, eval_result):
     counts_before = crit.selection_counts.clone()
     tracker.log_proxy_stats(crit, step=10)
     assert int(crit.selection_counts.sum()) == 0, "counts are reset after logging"
+    tracker.log_proxy_stats(crit, step=11)  # no selections since: nothing logged
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU())
     tracker.log_model(model)
     tracker.close()
@@ -148,7 +149,9 @@ def test_sqlite_end_to_end(tmp_path, shards, eval_result):
     # proxy summaries only: never one metric key per class or proxy
     assert not any(k.startswith("proxy/") and k[-1].isdigit() for k in run.data.metrics)
     counts = counts_before.numpy()
-    assert run.data.metrics["proxy/never_selected_share"] == pytest.approx((counts == 0).mean())
+    assert metric_steps(client, tracker.run_id, "proxy/never_selected_share") == [
+        (10, pytest.approx((counts == 0).mean()))]
+    assert not (run_dir / "tracking" / "artifacts" / "proxies" / "step-00000011").exists()
     assert run.data.metrics["proxy/selections"] == counts.sum()
     assert len(run.data.metrics) < 40
 

@@ -605,7 +605,8 @@ class Tracker:
 
     def log_proxy_stats(self, criterion, step: int) -> None:
         """Summaries of the proxies' subgraph selections since the last call (metrics `proxy/*`), the full
-        per-proxy and per-class vectors as CSV artifacts; then resets the criterion's counts.
+        per-proxy and per-class vectors as CSV artifacts; then resets the criterion's counts. Nothing is logged
+        when no proxy was selected since the last call (e.g. an evaluation before training).
 
         Call on every rank: with the distributed criteria of loss.distributed the global counts and (sharded)
         the full proxies are gathered first (`global_selection_counts()`, `gather_rows()`: collectives)."""
@@ -615,7 +616,7 @@ class Tracker:
             proxies = criterion.proxies
             if hasattr(criterion, "gather_rows"):
                 proxies = criterion.gather_rows(proxies)
-            if self.active:
+            if self.active and int(counts.sum()) > 0:  # nothing selected since the last call: nothing to say
                 self._log_proxy_stats(counts.detach().cpu().numpy(), proxies.detach().float().cpu().numpy(),
                                       _proxies_per_class(criterion, len(counts)), step)
         criterion.reset_selection_counts()
