@@ -10,15 +10,17 @@
 Where it logs: `cfg.tracking_uri` if set, else $MLFLOW_TRACKING_URI, else a SQLite file
 `sqlite:///<parent of run_dir>/mlflow.db` (artifacts beside it in `mlartifacts/`).
 
-A failing or unreachable server never stops training: the first failure warns once, every later event
-is appended to `<run_dir>/tracking/pending.jsonl` (artifacts stay as files under `<run_dir>/tracking/`),
-the tracker retries the server every RETRY_INTERVAL_S and, once it answers, replays what is pending.
-Whatever is still pending at the end is uploaded with
+Every MLflow call is made by one sender thread, in order: a step only queues its event (pictures and
+tables are written to `<run_dir>/tracking/artifacts/` first). A failing, unreachable or hung server never
+stops nor stalls training: the first failure warns once, later events are appended to
+`<run_dir>/tracking/pending.jsonl`, the server is retried every RETRY_INTERVAL_S and, once it answers, gets
+what is pending. Tracker() waits at most START_WAIT_S for the run id, close() at most CLOSE_WAIT_S for the
+queue. Whatever is still pending at the end is uploaded with
 
     python -m trainer.tracking upload RUN_DIR [--tracking-uri URI]
 
 HTTP timeouts are kept short (MLFLOW_HTTP_REQUEST_TIMEOUT / _MAX_RETRIES / _BACKOFF_FACTOR default to
-10 s / 2 / 1 unless set in the environment) so a dead server costs seconds, not minutes.
+10 s / 2 / 1 unless set in the environment).
 """
 from __future__ import annotations
 
