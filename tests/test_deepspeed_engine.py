@@ -49,9 +49,10 @@ def write_json(tmp_path, obj, name="ds.json") -> str:
 
 @pytest.mark.parametrize("name", ["zero0_bf16", "zero1_bf16", "zero2_bf16", "zero2_fp16"])
 def test_shipped_configs_load(name):
+    clip = 0.0 if "fp16" in name else 1.0  # fp16 + ZeRO 2 + clipping is refused (see load_ds_config)
     ds = load_ds_config(os.path.join(ROOT, "launch", "deepspeed", f"{name}.json"), per_rank_batch=16,
-                        world_size=8, grad_clip=1.0)
-    assert ds["train_batch_size"] == 128 and ds["gradient_clipping"] == 1.0
+                        world_size=8, grad_clip=clip)
+    assert ds["train_batch_size"] == 128 and ds["gradient_clipping"] == clip
     assert ds["zero_optimization"]["stage"] == int(name[4])
     assert ds["torch_autocast"]["dtype"] == ("float16" if "fp16" in name else "bfloat16")
 
@@ -64,10 +65,12 @@ def test_shipped_configs_load(name):
     ({"zero_optimization": {"stage": 3}}, "zero_optimization.stage=3"),
     ({"train_micro_batch_size_per_gpu": 3}, "train_micro_batch_size_per_gpu=3"),
     ({"gradient_clipping": 5.0}, "gradient_clipping=5.0"),
+    ({"zero_optimization": {"stage": 2}, "torch_autocast": {"enabled": True, "dtype": "float16"}},
+     "train.grad_clip=1.0"),
 ])
 def test_bad_config_names_the_key(tmp_path, bad, key):
     with pytest.raises(DeepSpeedConfigError, match=key.replace("[", r"\[").replace(".", r"\.")):
-        load_ds_config(write_json(tmp_path, bad), per_rank_batch=4, world_size=2)
+        load_ds_config(write_json(tmp_path, bad), per_rank_batch=4, world_size=2, grad_clip=1.0)
 
 
 def test_missing_or_broken_file(tmp_path):
@@ -191,6 +194,16 @@ def worker(rank: int, world: int, port: int, tmp: str):
         losses, _ = train(module, sched, engine, 0, STEPS, rank, amp=torch.bfloat16)
         out[name] = dict(losses=losses, weights=flat_weights(module))
 
+    # fp16 with loss scaling: launch/deepspeed/zero2_fp16.json (DeepSpeed's torch_autocast fp16 + GradScaler),
+    # without clipping (refused with ZeRO 1/2 fp16, see load_ds_config), against DDP without clipping
+    for name, engine_name, ds_json in [("ddp_noclip", "ddp", ""),
+                                       ("zero2_fp16", "deepspeed", os.path.join(ROOT, "launch", "deepspeed",
+                                                                                "zero2_fp16.json"))]:
+        module, opt, sched, engine = build(make_cfg(engine_name, ds_json, tmp, grad_clip=0.0), env)
+        losses, _ = train(module, sched, engine, 0, STEPS, rank)
+        scaler = getattr(engine.optimizer, "torch_autocast_gradscaler", None)
+        out[name] = dict(losses=losses, scale=scaler.get_scale() if scaler is not None else None)
+
     # 3. checkpoint through DeepSpeed after step 3, continue to 6; resume a fresh build from it
     for stage in (0, 1, 2):
         cfg = make_cfg("deepspeed", fp32[stage], tmp)
@@ -257,6 +270,17 @@ def test_bf16_zero2_close_to_ddp_bf16(two_ranks):
         ddp, ds = results[r]["ddp_bf16"], results[r]["zero2_bf16"]
         torch.testing.assert_close(torch.tensor(ds["losses"]), torch.tensor(ddp["losses"]), rtol=1e-2, atol=0)
         assert not torch.equal(torch.tensor(ds["losses"]), torch.tensor(results[r]["ddp"]["losses"]))  # bf16 ran
+
+
+@pytest.mark.distributed
+def test_fp16_zero2_scales_the_loss_and_tracks_fp32(two_ranks):
+    """fp16 autocast (10-bit mantissa) with a dynamic loss scale: within 1% of the fp32 DDP run."""
+    results, _ = two_ranks
+    for r in range(2):
+        fp16 = results[r]["zero2_fp16"]
+        assert fp16["scale"] is not None and fp16["scale"] > 1.0  # a GradScaler scaled the loss
+        torch.testing.assert_close(torch.tensor(fp16["losses"]), torch.tensor(results[r]["ddp_noclip"]["losses"]),
+                                   rtol=1e-2, atol=0)
 
 
 @pytest.mark.distributed

@@ -127,6 +127,13 @@ def load_ds_config(path: str, *, per_rank_batch: int, world_size: int, grad_clip
     if stage not in (0, 1, 2):
         raise DeepSpeedConfigError(f"{path}: zero_optimization.stage={stage}: engine=deepspeed supports 0, 1, 2 "
                                    "(stage 3 partitions the weights that the loop and evaluation read whole)")
+    fp16 = ds.get("torch_autocast", {}).get("enabled", False) and ds["torch_autocast"].get("dtype") in (
+        "float16", "fp16", "half")
+    if fp16 and stage in (1, 2) and grad_clip > 0:
+        raise DeepSpeedConfigError(
+            f"{path}: torch_autocast float16 with zero_optimization.stage={stage} and train.grad_clip={grad_clip}: "
+            "DeepSpeed 0.19.8 clips the loss-scaled gradients there (measured: updates ~65536x too small); "
+            "set train.grad_clip=0, or use bf16 (no loss scale) or stage 0")
     ours = {"train_micro_batch_size_per_gpu": per_rank_batch, "gradient_accumulation_steps": 1,
             "train_batch_size": per_rank_batch * world_size, "gradient_clipping": float(grad_clip)}
     for key, value in ours.items():
