@@ -514,7 +514,7 @@ class Tracker:
                  world_size: int | None = None):
         self.cfg = cfg
         self.active = bool(cfg.enabled) and rank == 0
-        self.run_id: str | None = None
+        self._run_id: str | None = None
         self._eval_history: list[tuple[int, dict[int, float]]] = []
         self._closed = False
         self._abandoned = False
@@ -533,8 +533,8 @@ class Tracker:
         self.experiment = cfg.experiment or "proxygml"
         self.run_name = cfg.run_name or self.run_dir.name
         state = self._read_state()
-        self.run_id = resume_run_id or (state.get("run_id") if self.pending.exists() else None)
-        if self.run_id and state.get("run_id") == self.run_id:  # same run: the recall curve goes on
+        self._run_id = resume_run_id or (state.get("run_id") if self.pending.exists() else None)
+        if self._run_id and state.get("run_id") == self._run_id:  # same run: the recall curve goes on
             self._eval_history = [(int(s), {int(k): v for k, v in r.items()}) for s, r in state.get("eval_history", [])]
         self._artifact_root = artifact_root
         self._store: _Store | None = None
@@ -691,6 +691,14 @@ class Tracker:
         return True
 
     @property
+    def run_id(self) -> str | None:
+        """The MLflow run id (None off rank 0, when disabled, or while the store has not answered yet: then
+        this waits up to START_WAIT_S for the sender thread's first connection attempt)."""
+        if self.active and not self._started.is_set():
+            self._started.wait(START_WAIT_S)
+        return self._run_id
+
+    @property
     def online(self) -> bool:
         """Whether the last call to the store worked (events may still be queued: see flush)."""
         return self.active and self._online
@@ -745,9 +753,9 @@ class Tracker:
         try:
             if self._store is None:  # creating the client already touches a SQLite store
                 self._store = _Store(self.uri, self._artifact_root)
-            self.run_id = self._store.ensure_run(self.experiment, self.run_name, self.run_id)
+            self._run_id = self._store.ensure_run(self.experiment, self.run_name, self._run_id)
             self._write_state()
-            self._store.replay(self.run_id, self.pending)
+            self._store.replay(self._run_id, self.pending)
         except Exception as e:
             self._fail(e)
             return False
@@ -800,9 +808,9 @@ class Tracker:
         if self._online or self._reconnect_due():
             try:
                 if event["op"] == "model_object":
-                    self._store.log_model(self.run_id, event["model"])
+                    self._store.log_model(self._run_id, event["model"])
                 else:
-                    self._store.apply(self.run_id, event)
+                    self._store.apply(self._run_id, event)
                 return
             except Exception as e:
                 self._fail(e)
@@ -836,7 +844,7 @@ class Tracker:
         with self._lock:
             state = self._read_state()
             state.update({"tracking_uri": self.uri, "experiment": self.experiment, "run_name": self.run_name,
-                          "run_id": self.run_id, "eval_history": self._eval_history})
+                          "run_id": self._run_id, "eval_history": self._eval_history})
             if artifact_root is not None:
                 state["artifact_root"] = artifact_root
             tmp = self.dir / "state.json.tmp"
