@@ -12,7 +12,7 @@ trained through loss/baselines.py with the proxy lr on their own weights). Each 
 0..`--seeds`-1 (model init and data order); the table shows mean ± std over the seeds of Recall@1/2/4/8, NMI,
 MAP@R on the test split and the training seconds, as markdown (printed and written to
 `<out>/quality-<mode>.md`) and as a PNG bar chart (`<out>/quality-<mode>.png`); `<out>/quality-<mode>.json`
-keeps every (entry, seed) result, and `--resume` skips those already there.
+keeps every (entry, seed) result, `--resume` skips those already there, `--report-only` only redraws them.
 
 Data: `--data DIR` (any shard set with DIR/train and DIR/test, written by `python -m data_shards write`), or by
 default Omniglot from ../shared/data/omniglot (relative to the repository root): its export.py PNG tree,
@@ -28,7 +28,8 @@ Modes:
   sweep-r   share r of proxies kept per sample (`--values 0.01,0.05,0.1,0.2,0.4`).
 
 Default budget, chosen so that the default run (4 entries x 2 seeds) fits in 30 minutes on the shared 2-core
-development CPU: the omniglot preset's 32 px images and batch 128, but `model.small_cnn_width=32`, 80 steps
+development CPU: one torch thread (`--threads`; under the other jobs' load one thread ran 3-4x faster than two),
+the omniglot preset's 32 px images and batch 128, but `model.small_cnn_width=32`, 80 steps
 (about 0.6 epoch of the 16,220 training images), lrs constant, evaluation on all 812 test classes (16,240
 images, with NMI and MAP@R). Pair-based losses see random batches (the data stream has no m-per-class
 sampler): about 10 positive pairs in a batch of 128 over 811 classes.
@@ -215,12 +216,47 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--work", default="/tmp/quality-bench", help="Omniglot shards and the run directories")
     p.add_argument("--out", default="", help="where the table, chart and JSON go (default <work>/results)")
     p.add_argument("--resume", action="store_true", help="skip (entry, seed) pairs already in the JSON")
+    p.add_argument("--report-only", action="store_true", help="no training: the table and chart of the JSON")
     p.add_argument("--cpu", action="store_true", help="run.device=cpu even where a GPU is present")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads (on the loaded 2-core CPU one thread ran 3-4x faster than two); "
+                        "0 = torch's default")
     p.add_argument("overrides", nargs="*", help="config key=value for every entry (e.g. data.num_workers=1)")
     args = p.parse_args(argv)
     if args.seeds < 1 or args.steps < 1 or args.budget_s < 0:
         p.error("--seeds and --steps must be >= 1, --budget-s >= 0")
     return args
+
+
+def train_all(args, entries: dict, shared: list[str], results: list[dict], json_path: str) -> None:
+    """Every (entry, seed) not yet in `results`, seed by seed (a stopped run leaves whole seeds); JSON after each."""
+    import torch
+
+    from trainer import distributed
+    from trainer.config import load_config
+
+    for overrides in entries.values():  # every entry's config is valid before the first one trains
+        load_config(args.preset, [*shared, *overrides, *args.overrides])
+    threads_before = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    env = distributed.setup("cpu" if args.cpu else "auto")
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # a budget timer firing just after an entry ended does no harm
+    try:
+        for seed in range(args.seeds):
+            for name, overrides in entries.items():
+                if any(r["entry"] == name and r["seed"] == seed for r in results):
+                    continue
+                result = {"entry": name, "seed": seed, "threads": torch.get_num_threads(),
+                          **run_entry(args, shared, overrides, seed, env)}
+                results.append(result)
+                print(f"[quality] {name} seed {seed}: R@1 {result.get('recall_at_1', float('nan')):.4f}, "
+                      f"{result['steps']} steps in {result['train_s']:.0f} s", flush=True)
+                with open(json_path, "w") as f:
+                    json.dump({"args": vars(args), "shared": shared, "results": results}, f, indent=1)
+    finally:
+        distributed.teardown()
+        torch.set_num_threads(threads_before)
 
 
 def main(argv=None) -> list[dict]:
@@ -229,40 +265,22 @@ def main(argv=None) -> list[dict]:
     out = args.out or os.path.join(args.work, "results")
     os.makedirs(out, exist_ok=True)
     t_start = time.time()
-    shards = args.data or omniglot_shards(os.path.abspath(args.omniglot), args.work)
-    shared = schedule_overrides(args, shards)
     json_path = os.path.join(out, f"quality-{args.mode}.json")
     results = []
-    if args.resume and os.path.exists(json_path):
+    if (args.resume or args.report_only) and os.path.exists(json_path):
         with open(json_path) as f:
             results = json.load(f)["results"]
-
-    from trainer import distributed
-    from trainer.config import load_config
-
-    for overrides in entries.values():  # every entry's config is valid before the first one trains
-        load_config(args.preset, [*shared, *overrides, *args.overrides])
-    env = distributed.setup("cpu" if args.cpu else "auto")
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # a budget timer firing just after an entry ended does no harm
-    try:
-        for seed in range(args.seeds):
-            for name, overrides in entries.items():
-                if any(r["entry"] == name and r["seed"] == seed for r in results):
-                    continue
-                result = {"entry": name, "seed": seed, **run_entry(args, shared, overrides, seed, env)}
-                results.append(result)
-                print(f"[quality] {name} seed {seed}: R@1 {result.get('recall_at_1', float('nan')):.4f}, "
-                      f"{result['steps']} steps in {result['train_s']:.0f} s", flush=True)
-                with open(json_path, "w") as f:
-                    json.dump({"args": vars(args), "shared": shared, "results": results}, f, indent=1)
-    finally:
-        distributed.teardown()
+    if not args.report_only:
+        shards = args.data or omniglot_shards(os.path.abspath(args.omniglot), args.work)
+        train_all(args, entries, schedule_overrides(args, shards), results, json_path)
 
     rows = summarize(results, list(entries))
     table = markdown(rows, args.steps)
     source = args.data or "Omniglot (811 train / 812 test classes)"
+    seeds = max((row["seeds"] for row in rows), default=0)
+    threads = sorted({r.get("threads", "?") for r in results if r["entry"] in entries}, key=str)
     title = (f"{args.mode}: {source}, {args.steps} steps x batch {args.batch_size}, small_cnn width {args.width}, "
-             f"{args.seeds} seed(s)")
+             f"{seeds} seed(s), {'/'.join(map(str, threads))} thread(s)")
     text = f"{title}; total {time.time() - t_start:.0f} s\n\n{table}\n"
     print("\n" + text)
     with open(os.path.join(out, f"quality-{args.mode}.md"), "w") as f:

@@ -4,6 +4,7 @@ import os
 import sys
 
 import pytest
+import torch
 
 from trainer.demo import write_digits_shards
 
@@ -30,11 +31,13 @@ def test_two_entries_one_seed(tmp_path):
     argv = ["--data", data, "--work", str(tmp_path / "work"), "--entries", "ProxyGML,ProxyAnchor", "--seeds", "1",
             "--steps", "3", "--batch-size", "64", "--width", "8", "--cpu", "data.num_workers=0",
             "data.transform.image_size=16", "data.transform.resize_size=16", "model.dim=16"]
+    threads = torch.get_num_threads()
     try:
         rows = quality.main(argv)
     finally:
         for k in DIST_VARS:
             os.environ.pop(k, None)
+    assert torch.get_num_threads() == threads  # the bench's --threads does not leak into the caller
     assert [r["entry"] for r in rows] == ["ProxyGML", "ProxyAnchor"]
     for row in rows:
         assert row["steps"] == 3 and row["seeds"] == 1
@@ -47,5 +50,6 @@ def test_two_entries_one_seed(tmp_path):
     assert (out / "quality-compare.png").read_bytes()[:4] == b"\x89PNG"
     results = json.loads((out / "quality-compare.json").read_text())["results"]
     assert {(r["entry"], r["seed"]) for r in results} == {("ProxyGML", 0), ("ProxyAnchor", 0)}
+    assert quality.main([*argv, "--report-only"]) == rows  # the table again from the JSON, no training
     # the two losses trained differently from the same start (same seed, data, schedule)
     assert results[0]["recall_at_1"] != results[1]["recall_at_1"] or results[0]["nmi"] != results[1]["nmi"]
