@@ -27,6 +27,13 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWa
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(autouse=True)
+def no_mlflow_env(monkeypatch):
+    """Each test starts without MLflow's environment (a leaked MLFLOW_TRACKING_URI would redirect Trackers)."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+
+
 def full_config(extra_keys: int = 0):
     """The trainer's resolved config (a DictConfig), with `extra_keys` more keys to pass 100 params."""
     cfg = OmegaConf.structured(Config)
@@ -173,11 +180,13 @@ def test_sqlite_end_to_end(tmp_path, shards, eval_result):
     assert proxy_table["selection_count"].tolist() == counts.tolist()
     assert len(pd.read_csv(local / "proxies" / "step-00000010" / "class_proxy_stats.csv")) == 6
 
-    mlflow.set_tracking_uri(tracker.uri)
-    loaded = mlflow.pytorch.load_model(f"runs:/{tracker.run_id}/model")
+    assert "MLFLOW_TRACKING_URI" not in os.environ  # logging the model left the environment alone
+    with tracking.mlflow_globals(tracker.uri):
+        loaded = mlflow.pytorch.load_model(f"runs:/{tracker.run_id}/model")
+        by_uri = mlflow.pytorch.load_model(run.data.tags["model_uri"])
     x = torch.randn(5, 4)
     torch.testing.assert_close(loaded(x), model(x))
-    torch.testing.assert_close(mlflow.pytorch.load_model(run.data.tags["model_uri"])(x), model(x))
+    torch.testing.assert_close(by_uri(x), model(x))
 
 
 def test_resume_continues_the_same_run(tmp_path, eval_result):
@@ -283,8 +292,8 @@ def test_unreachable_server_keeps_training_and_uploads_later(tmp_path):
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.params == {"model.dim": "8"}
     assert [s for s, _ in metric_steps(client, run_id, "loss")] == list(range(20))
-    mlflow.set_tracking_uri(db)
-    assert mlflow.pytorch.load_model(f"runs:/{run_id}/model")(torch.ones(1, 3)).shape == (1, 2)
+    with tracking.mlflow_globals(db):
+        assert mlflow.pytorch.load_model(f"runs:/{run_id}/model")(torch.ones(1, 3)).shape == (1, 2)
 
 
 def test_hung_server_never_blocks_a_step(tmp_path, monkeypatch):

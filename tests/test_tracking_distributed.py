@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from tests.test_tracking import free_port
+from tests.test_tracking import free_port, no_mlflow_env  # noqa: F401 (autouse fixture)
 
 pytestmark = [pytest.mark.distributed, pytest.mark.filterwarnings("ignore::UserWarning")]
 MODES = ("local", "sharded")

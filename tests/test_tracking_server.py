@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.test_tracking import eval_result, free_port, metric_steps, shards  # noqa: F401 (fixtures)
+from tests.test_tracking import eval_result, free_port, metric_steps, no_mlflow_env, shards  # noqa: F401
 from trainer import tracking
 from trainer.config import TrackingConfig
 from trainer.tracking import Tracker
@@ -154,7 +154,7 @@ def test_server_killed_mid_run_then_uploaded(tmp_path, server, shards, eval_resu
         with Image.open(dl / step / "retrieval_grid.png") as im:
             im.load()
         assert len(pd.read_csv(dl / step / "per_class_recall.csv")) == len(eval_result.per_class)
-    mlflow.set_tracking_uri(server.uri)
-    loaded = mlflow.pytorch.load_model(f"runs:/{tracker.run_id}/model")
+    with tracking.mlflow_globals(server.uri):
+        loaded = mlflow.pytorch.load_model(f"runs:/{tracker.run_id}/model")
     x = torch.randn(3, 6)
     torch.testing.assert_close(loaded(x), model(x))

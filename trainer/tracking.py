@@ -457,13 +457,11 @@ class _Store:
             self.client.log_batch(run_id, tags=changed[i : i + MAX_PARAMS_PER_BATCH])
 
     def log_model(self, run_id: str, model) -> None:
-        import mlflow
         import mlflow.pytorch
 
         # mlflow.pytorch logs through the global client, and creates the LoggedModel in the active experiment
-        mlflow.set_tracking_uri(self.uri)
-        mlflow.set_experiment(experiment_id=self.client.get_run(run_id).info.experiment_id)
-        info = mlflow.pytorch.log_model(model, name="model", run_id=run_id, **_model_options())
+        with mlflow_globals(self.uri, self.client.get_run(run_id).info.experiment_id):
+            info = mlflow.pytorch.log_model(model, name="model", run_id=run_id, **_model_options())
         self.client.set_tag(run_id, "model_uri", info.model_uri)
 
     def replay(self, run_id: str, pending: Path) -> int:
@@ -483,6 +481,35 @@ class _Store:
             else:
                 pending.unlink()
         return done
+
+
+@contextlib.contextmanager
+def mlflow_globals(uri: str, experiment_id: str | None = None):
+    """MLflow's global tracking URI (and active experiment) set for a block, then put back.
+
+    mlflow.set_tracking_uri / set_experiment also export MLFLOW_TRACKING_URI / MLFLOW_EXPERIMENT_ID to the
+    environment, which would redirect every later Tracker of the process (and its child processes): the
+    environment and both globals are restored on exit. Also for loading: `with mlflow_globals(uri):
+    mlflow.pytorch.load_model(f"runs:/{run_id}/model")`."""
+    import mlflow
+    from mlflow.tracking import fluent
+    from mlflow.tracking._tracking_service import utils as service
+
+    env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID")}
+    saved_uri, saved_experiment = service._tracking_uri, fluent._active_experiment_id
+    try:
+        mlflow.set_tracking_uri(uri)
+        if experiment_id is not None:
+            mlflow.set_experiment(experiment_id=experiment_id)
+        yield
+    finally:
+        mlflow.set_tracking_uri(saved_uri)
+        fluent._active_experiment_id = saved_experiment
+        for key, value in env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def _model_options() -> dict:
