@@ -1,7 +1,7 @@
 """Retrieval quality of ProxyGML against well-known losses, its ablation and its N / r studies, in one trainer.
 
     python bench/quality.py [--mode compare|ablation|sweep-n|sweep-r] [--entries A,B] [--seeds 2]
-                            [--steps 80] [--budget-s 150] [--data SHARDS] [--work DIR] [key=value ...]
+                            [--steps 160] [--budget-s 150] [--data SHARDS] [--work DIR] [key=value ...]
 
 Every entry is trained by the project's trainer (`trainer.loop.Trainer`, in this process, one after the
 other) from the same preset (`--preset`, default trainer/configs/omniglot.yaml) with the same backbone, data,
@@ -28,11 +28,12 @@ Modes:
   sweep-r   share r of proxies kept per sample (`--values 0.01,0.05,0.1,0.2,0.4`).
 
 Default budget, chosen so that the default run (4 entries x 2 seeds) fits in 30 minutes on the shared 2-core
-development CPU: one torch thread (`--threads`; under the other jobs' load one thread ran 3-4x faster than two),
-the omniglot preset's 32 px images and batch 128, but `model.small_cnn_width=32`, 80 steps
-(about 0.6 epoch of the 16,220 training images), lrs constant, evaluation on all 812 test classes (16,240
-images, with NMI and MAP@R). Pair-based losses see random batches (the data stream has no m-per-class
-sampler): about 10 positive pairs in a batch of 128 over 811 classes.
+development CPU even under the other jobs' load (load average 13-19: ~0.7 s per step, ~90 s per evaluation, so
+8 x (110 + 90) s = 27 min; on the idle machine it takes a few minutes): one torch thread (`--threads`; under
+that load one thread ran 3-4x faster than two), the omniglot preset's 32 px images and batch 128, but
+`model.small_cnn_width=32`, 160 steps (1.26 epochs of the 16,220 training images), lrs constant, no warm-up,
+evaluation on all 812 test classes (16,240 images, with NMI and MAP@R). Pair-based losses see random batches
+(the data stream has no m-per-class sampler): about 10 positive pairs in a batch of 128 over 811 classes.
 
 Measured: see bench/results/quality.md (and the closing note of issue 10).
 """
@@ -170,10 +171,12 @@ def markdown(rows: list[dict], steps: int) -> str:
     head = "| entry | " + " | ".join(label for _, label in COLUMNS) + " | train s | steps |"
     lines = [head, "|" + " --- |" * (len(COLUMNS) + 3)]
     for row in rows:
-        cells = [f"{row[c][0] * 100:.1f} ± {row[c][1] * 100:.1f}" for c, _ in COLUMNS]
+        one = row["seeds"] == 1  # no spread to show
+        cells = [f"{row[c][0] * 100:.1f}" + ("" if one else f" ± {row[c][1] * 100:.1f}") for c, _ in COLUMNS]
         mean, std = row["train_s"]
         steps_cell = str(row["steps"]) + ("" if row["steps"] >= steps else " (budget)")
-        lines.append(f"| {row['entry']} | " + " | ".join(cells) + f" | {mean:.0f} ± {std:.0f} | {steps_cell} |")
+        secs = f"{mean:.0f}" + ("" if one else f" ± {std:.0f}")
+        lines.append(f"| {row['entry']} | " + " | ".join(cells) + f" | {secs} | {steps_cell} |")
     return "\n".join(lines)
 
 
@@ -206,7 +209,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--entries", default="", help="comma list of row names, 'all', or '' for the mode's default")
     p.add_argument("--values", default="", help="sweep values, comma list")
     p.add_argument("--seeds", type=int, default=2)
-    p.add_argument("--steps", type=int, default=80, help="optimizer steps per entry (the shared schedule)")
+    p.add_argument("--steps", type=int, default=160, help="optimizer steps per entry (the shared schedule)")
     p.add_argument("--budget-s", type=float, default=150.0, help="training seconds per entry at most; 0 = none")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--width", type=int, default=32, help="model.small_cnn_width")
@@ -270,6 +273,8 @@ def main(argv=None) -> list[dict]:
     if (args.resume or args.report_only) and os.path.exists(json_path):
         with open(json_path) as f:
             results = json.load(f)["results"]
+    if args.report_only and not results:
+        raise SystemExit(f"--report-only: no results in {json_path}")
     if not args.report_only:
         shards = args.data or omniglot_shards(os.path.abspath(args.omniglot), args.work)
         train_all(args, entries, schedule_overrides(args, shards), results, json_path)
