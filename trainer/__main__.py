@@ -16,6 +16,8 @@ def parse_args(argv=None):
     p.add_argument("--config", default=DEFAULT_CONFIG,
                    help="YAML file or preset name (cub200, cars196, sop, omniglot, demo); default: demo")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    # DeepSpeed's launcher appends --local_rank unless given --no_local_rank; LOCAL_RANK comes from the env
+    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.epochs=10 loss.mode=local")
     return p.parse_args(argv)
 

@@ -119,7 +119,7 @@ class CheckpointConfig:
 @dataclass
 class TrackingConfig:
     enabled: bool = False  # MLflow tracking on rank 0
-    tracking_uri: str = ""  # "" = MLflow's default (sqlite:///mlflow.db in the working directory)
+    tracking_uri: str = ""  # "" = $MLFLOW_TRACKING_URI, else sqlite:///<run.output_dir>/mlflow.db
     experiment: str = "proxygml"
     run_name: str = ""  # "" = run.name
     log_every_steps: int = 10  # cadence of the training metrics (loss, parts, lrs, img/s) sent to MLflow; 0 = off

@@ -91,3 +91,10 @@ def all_gather_object(obj) -> list:
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def broadcast_buffers(module: torch.nn.Module) -> None:
+    """Give every rank rank 0's buffers (BatchNorm statistics drift apart in the last training forward)."""
+    if world_size() > 1:
+        for b in module.buffers():
+            dist.broadcast(b, 0)

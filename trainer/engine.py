@@ -13,6 +13,7 @@ mode: each rank owns a block of proxies) come from `criterion.ddp_ignored_parame
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -42,6 +43,28 @@ def ddp_ignored_names(module: TrainModule) -> list[str]:
             for x in ignored]
 
 
+def clip_grad_norm(module: nn.Module, max_norm: float, sharded: set[str]) -> torch.Tensor:
+    """Clip by the global gradient norm. DDP's gradients are the same on every rank; the `sharded` ones
+    (a block of proxies per rank) are summed over ranks first, so every rank scales by the same factor."""
+    grads = {n: p.grad for n, p in module.named_parameters() if p.grad is not None}
+    dev = next(module.parameters()).device
+
+    def sum_sq(names):
+        return sum((grads[n].detach().float().pow(2).sum().to(dev) for n in names), torch.zeros((), device=dev))
+
+    total = sum_sq([n for n in grads if n not in sharded])
+    if sharded:
+        part = sum_sq([n for n in grads if n in sharded])
+        if dist.is_initialized():
+            dist.all_reduce(part)
+        total = total + part
+    norm = total.sqrt()
+    coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    for g in grads.values():
+        g.mul_(coef.to(g.device, g.dtype))
+    return norm
+
+
 class DDPEngine:
     def __init__(self, module: TrainModule, optimizer: torch.optim.Optimizer, env, grad_clip: float = 0.0,
                  find_unused_parameters: bool = False):
@@ -68,8 +91,7 @@ class DDPEngine:
 
     def step(self):
         if self.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_([p for p in self.module.parameters() if p.grad is not None],
-                                           self.grad_clip)
+            clip_grad_norm(self.module, self.grad_clip, set(ddp_ignored_names(self.module)))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 

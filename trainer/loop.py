@@ -27,6 +27,23 @@ from trainer.model import build_model
 from trainer.tracking import Tracker, shard_image_lookup
 
 
+class Timed:
+    """Iterate `it`, adding up in `.wait` the seconds spent waiting for the next item (the data wait)."""
+
+    def __init__(self, it):
+        self.it, self.wait = iter(it), 0.0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        t = time.perf_counter()
+        try:
+            return next(self.it)
+        finally:
+            self.wait += time.perf_counter() - t
+
+
 @dataclass
 class Position:
     """Where training continues: batch `batch` of epoch `epoch`; `step` optimizer steps done so far."""
@@ -80,10 +97,16 @@ def build_optimizer(cfg_optim, embedder, criterion) -> torch.optim.Optimizer:
     return opt(groups, lr=cfg_optim.lr, eps=cfg_optim.eps, weight_decay=wd)
 
 
-def drop_group_state(optimizer_sd: dict, name: str) -> dict:
-    """A copy of an optimizer state dict without the per-parameter state of param group `name`."""
-    drop = {i for g in optimizer_sd["param_groups"] if g.get("name") == name for i in g["params"]}
-    return {**optimizer_sd, "state": {i: v for i, v in optimizer_sd["state"].items() if i not in drop}}
+def map_group_rows(optimizer_sd: dict, name: str, rows: int, fn) -> dict:
+    """A copy of an optimizer state dict whose per-row state tensors (first dim `rows`) of param group
+    `name` went through `fn`. Sharded proxies: gather a rank's rows to the full table or cut them back."""
+    ids = [i for g in optimizer_sd["param_groups"] if g.get("name") == name for i in g["params"]]
+    state = dict(optimizer_sd["state"])
+    for i in ids:  # the same ids and keys, in the same order, on every rank: fn may be collective
+        if i in state:
+            state[i] = {k: fn(v) if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == rows else v
+                        for k, v in state[i].items()}
+    return {**optimizer_sd, "state": state}
 
 
 def amp_dtype(cfg_train, device: torch.device):
@@ -111,6 +134,9 @@ class Trainer:
             os.makedirs(self.run_dir, exist_ok=True)
             with open(os.path.join(self.run_dir, "config.yaml"), "w") as f:
                 f.write(to_yaml(cfg))
+        if cfg.data.decode == "gpu":  # the device is known only now: fail before any work
+            from data_shards.gpu_transforms import check_decode_device
+            check_decode_device(cfg.data.decode, env.device)
         prepare_data(cfg, env)
         torch.manual_seed(cfg.run.seed)
         if cfg.run.deterministic:
@@ -188,8 +214,8 @@ class Trainer:
         bar = tqdm(total=len(loader), initial=pos.batch, disable=not env.is_main, dynamic_ncols=True,
                    desc=f"epoch {pos.epoch}" + (" (warm-up: head + proxies)" if self.warm else ""))
         self.module.train()
-        seen, t0 = 0, time.perf_counter()
-        for images, labels in self.device_batches(loader):
+        seen, t0, batches = 0, time.perf_counter(), Timed(self.device_batches(loader))
+        for images, labels in batches:
             with autocast:
                 loss = engine(images, labels)
             engine.backward(loss)
@@ -200,8 +226,8 @@ class Trainer:
             track = cfg.tracking.log_every_steps and pos.step % cfg.tracking.log_every_steps == 0
             if show or track:
                 dt, t0 = time.perf_counter() - t0, time.perf_counter()
-                self.log_step(loss, seen / dt, bar)
-                seen = 0
+                self.log_step(loss, seen / dt, batches.wait / dt, bar)
+                seen, batches.wait = 0, 0.0
             if cfg.checkpoint.every_steps and pos.step % cfg.checkpoint.every_steps == 0:
                 self.save()
             if D.any_rank(stop.raised or pos.step == cfg.train.max_steps, env.device):
@@ -214,15 +240,16 @@ class Trainer:
         """(images, labels) on the device: CPU-decoded tensors moved over, or bytes decoded on the GPU."""
         if self.cfg.data.decode == "gpu":
             from data_shards.gpu_transforms import device_batches
-            yield from device_batches(loader, self.cfg.data.transform, self.env.device, train=True)
+            yield from device_batches(loader, self.cfg.data.transform, self.env.device, train=True,
+                                      seed=self.cfg.run.seed + self.env.rank)
             return
         for images, labels in loader:
             yield images.to(self.env.device, non_blocking=True), labels.to(self.env.device, non_blocking=True)
 
-    def log_step(self, loss, img_per_s: float, bar) -> None:
+    def log_step(self, loss, img_per_s: float, data_wait: float, bar) -> None:
         logs = {"loss": loss.item(), **{k: float(v) for k, v in self.criterion.last_parts.items()},
                 **{f"lr/{g['name']}": g["lr"] for g in self.optimizer.param_groups},
-                "img_per_s": img_per_s, "epoch": self.pos.epoch}
+                "img_per_s": img_per_s, "data_wait_share": data_wait, "epoch": self.pos.epoch}
         bar.set_postfix(loss=f"{logs['loss']:.4f}", img_s=f"{img_per_s:.0f}", refresh=False)
         self.tracker.log_metrics(logs, self.pos.step)
 
@@ -230,7 +257,12 @@ class Trainer:
         """Collective. Test-split retrieval metrics, printed and logged on rank 0."""
         cfg, env = self.cfg, self.env
         loader = eval_loader(self.test_dir, batch_size=cfg.eval.batch_size, num_workers=cfg.data.num_workers,
-                             rank=env.rank, world_size=env.world_size, transform=cfg.data.transform)
+                             rank=env.rank, world_size=env.world_size, transform=cfg.data.transform,
+                             decode="none" if cfg.data.decode == "gpu" else "cpu")
+        if cfg.data.decode == "gpu":
+            from data_shards.gpu_transforms import device_batches
+            loader = device_batches(loader, cfg.data.transform, env.device, train=False)
+        D.broadcast_buffers(self.embedder)  # every rank embeds with rank 0's BatchNorm statistics
         result = evaluate(self.embedder, loader, device=env.device, cfg_eval=cfg.eval,
                           class_names=self.test_manifest.class_names, amp_dtype=self.amp)
         self.embedder.train()
@@ -247,6 +279,8 @@ class Trainer:
         crit, pos, env = self.criterion, self.pos, self.env
         crit_sd = crit.full_state_dict() if hasattr(crit, "full_state_dict") else crit.state_dict()
         optimizer_sd = self.engine.optimizer_state_dict()
+        if self.cfg.loss.mode == "sharded":  # each rank holds its block's moments: save the full table
+            optimizer_sd = map_group_rows(optimizer_sd, "proxies", crit.proxies.shape[0], crit.gather_rows)
         rngs = D.all_gather_object(rng_state())
         if env.is_main:
             self.ckpt.save(dict(config=to_dict(self.cfg), model=self.embedder.state_dict(), criterion=crit_sd,
@@ -261,9 +295,10 @@ class Trainer:
         (crit.load_full_state_dict if hasattr(crit, "load_full_state_dict") else crit.load_state_dict)(
             state["criterion"])
         optimizer_sd = state["optimizer"]
-        if self.cfg.loss.mode == "sharded" and state["world_size"] != self.env.world_size:
-            optimizer_sd = drop_group_state(optimizer_sd, "proxies")  # its proxy blocks have another shape
-            self.log("resume on another world size with sharded proxies: the proxies' optimizer state restarts")
+        if self.cfg.loss.mode == "sharded":  # the full table was saved: take this rank's block, any world size
+            rows = crit.num_classes * crit.proxies_per_class
+            optimizer_sd = map_group_rows(optimizer_sd, "proxies", rows,
+                                          lambda t: crit.shard_rows(t).to(crit.proxies.device))
         self.engine.load_optimizer_state_dict(optimizer_sd)
         self.scheduler.load_state_dict(state["scheduler"])
         rngs = state["rng"]  # one per rank of the saving run; on another world size rank r takes r mod n
