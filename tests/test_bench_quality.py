@@ -18,7 +18,7 @@ DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 def test_modes_list_their_rows():
     assert len(quality.entries_for("ablation", "", "")) == 8
     assert list(quality.entries_for("compare", "", "")) == quality.DEFAULT_COMPARE
-    assert len(quality.entries_for("compare", "all", "")) == 7
+    assert len(quality.entries_for("compare", "all", "")) == 8
     assert quality.entries_for("sweep-n", "", "1,3") == {"N=1": ["loss.proxies_per_class=1"],
                                                          "N=3": ["loss.proxies_per_class=3"]}
     with pytest.raises(SystemExit, match="--entries"):
