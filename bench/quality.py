@@ -288,7 +288,8 @@ def main(argv=None) -> list[dict]:
     threads = sorted({r.get("threads", "?") for r in results if r["entry"] in entries}, key=str)
     title = (f"{args.mode}: {source}, {args.steps} steps x batch {args.batch_size}, small_cnn width {args.width}, "
              f"{seeds} seed(s), {'/'.join(map(str, threads))} thread(s)")
-    text = f"{title}; total {time.time() - t_start:.0f} s\n\n{table}\n"
+    when = "redrawn from the JSON" if args.report_only else f"total {time.time() - t_start:.0f} s"
+    text = f"{title}; {when}\n\n{table}\n"
     print("\n" + text)
     with open(os.path.join(out, f"quality-{args.mode}.md"), "w") as f:
         f.write(text)
