@@ -254,7 +254,9 @@ def train_all(args, entries: dict, shared: list[str], results: list[dict], json_
     if args.threads:
         torch.set_num_threads(args.threads)
     env = distributed.setup("cpu" if args.cpu else "auto")
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # a budget timer firing just after an entry ended does no harm
+    # a budget timer firing just after an entry ended does no harm; the caller's handler comes back afterwards
+    # (an ignored SIGUSR1 would be inherited by every process started later, which then could not trap it)
+    old_usr1 = signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     try:
         for seed in range(args.seeds):
             for name, overrides in entries.items():
@@ -268,6 +270,7 @@ def train_all(args, entries: dict, shared: list[str], results: list[dict], json_
                 with open(json_path, "w") as f:
                     json.dump({"args": vars(args), "shared": shared, "results": results}, f, indent=1)
     finally:
+        signal.signal(signal.SIGUSR1, old_usr1)
         distributed.teardown()
         torch.set_num_threads(threads_before)
 
