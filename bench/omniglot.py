@@ -2,8 +2,8 @@
 
     python bench/omniglot.py [--minutes 18] [--work /tmp/omniglot-bench] [key=value ...]
 
-1,623 handwritten characters x 20 drawers (/work/shared/data/omniglot, or --omniglot DIR). Sorted class
-folders: the first 811 train, the other 812 test (never seen in training). The script exports the PNG
+1,623 handwritten characters x 20 drawers (../shared/data/omniglot beside the repository, or --omniglot
+DIR). Sorted class folders: the first 811 train, the other 812 test (never seen in training). The script exports the PNG
 tree (the dataset's export.py), writes shards with data_shards, then in this same run measures
   1. the raw-pixel floor (28x28 grey, ink 1 on 0, cosine kNN; the dataset README gives R@1 0.292),
   2. the untrained small CNN (random init, the trainer's evaluation before training),
@@ -28,36 +28,24 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
-from data_shards import TransformConfig, eval_loader, write_dataset  # noqa: E402
+from quality import omniglot_shards as write_shards  # noqa: E402  (bench/ is on sys.path as the script's dir)
+
+from data_shards import TransformConfig, eval_loader  # noqa: E402
 from trainer import distributed  # noqa: E402
 from trainer.config import load_config  # noqa: E402
 from trainer.loop import Trainer  # noqa: E402
 from trainer.metrics import compute_metrics  # noqa: E402
 
 COLUMNS = ["recall_at_1", "recall_at_2", "recall_at_4", "recall_at_8", "nmi"]
-
-
-def write_shards(omniglot: str, work: str) -> str:
-    shards = os.path.join(work, "shards")
-    if os.path.exists(os.path.join(shards, "test", "manifest.json")):
-        return shards
-    tree = os.path.join(work, "png")
-    if not os.path.isdir(tree):
-        subprocess.run([sys.executable, os.path.join(omniglot, "export.py"), tree], check=True)
-    classes = sorted(os.listdir(tree))
-    assert len(classes) == 1623, len(classes)
-    write_dataset("folder", tree, shards, train_classes=classes[:811], test_classes=classes[811:],
-                  shard_size="8MB", progress=False)
-    return shards
 
 
 def raw_pixel_metrics(shards: str) -> dict:
@@ -75,7 +63,7 @@ def raw_pixel_metrics(shards: str) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--omniglot", default="/work/shared/data/omniglot")
+    p.add_argument("--omniglot", default=os.path.join(ROOT, "..", "shared", "data", "omniglot"))
     p.add_argument("--work", default="/tmp/omniglot-bench")
     p.add_argument("--minutes", type=float, default=16.0,
                    help="budget up to the end of training (the final evaluation follows; the whole stays < 20)")
