@@ -6,8 +6,6 @@ import sys
 import pytest
 import torch
 
-from trainer.demo import write_digits_shards
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 import quality  # noqa: E402
@@ -25,9 +23,8 @@ def test_modes_list_their_rows():
         quality.entries_for("compare", "ProxyGML,Nope", "")
 
 
-def test_two_entries_one_seed(tmp_path):
-    data = str(tmp_path / "digits")
-    write_digits_shards(data)
+def test_two_entries_one_seed(tmp_path, shards):
+    data = shards
     argv = ["--data", data, "--work", str(tmp_path / "work"), "--entries", "ProxyGML,ProxyAnchor", "--seeds", "1",
             "--steps", "3", "--batch-size", "64", "--width", "8", "--cpu", "data.num_workers=0",
             "data.transform.image_size=16", "data.transform.resize_size=16", "model.dim=16"]

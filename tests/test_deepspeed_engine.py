@@ -425,11 +425,8 @@ def last_checkpoint(run_dir):
 
 
 @pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    from trainer.demo import write_digits_shards
-    root = str(tmp_path_factory.mktemp("digits"))
-    write_digits_shards(root)
-    return root
+def digits(shards):
+    return shards
 
 
 @pytest.mark.slow

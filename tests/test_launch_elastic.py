@@ -27,15 +27,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    """The demo's digits shards (train: digits 0-4, test: 5-9), written once for the module."""
-    from trainer.demo import write_digits_shards
-    root = str(tmp_path_factory.mktemp("digits-shards"))
-    write_digits_shards(root)
-    return root
-
-
 class Jobs:
     """Started launch scripts, each in its own session; anything still alive at teardown is killed."""
 

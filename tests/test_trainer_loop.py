@@ -12,19 +12,11 @@ import torch
 from trainer import distributed
 from trainer.checkpoint import Checkpointer, load
 from trainer.config import load_config
-from trainer.demo import write_digits_shards
 from trainer.loop import Trainer
 from trainer.model import build_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("digits"))
-    write_digits_shards(root)
-    return root
 
 
 def tiny(shards, out, *more):
