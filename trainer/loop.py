@@ -270,8 +270,7 @@ class Trainer:
             self.log(f"[eval {when}] " + "  ".join(f"{k} {v:.4f}" for k, v in result.metrics.items()))
             self.tracker.log_evaluation(result, self.pos.step, self.pos.epoch, image_lookup=self.images_of)
             self.metrics = result.metrics
-        if hasattr(self.criterion, "selection_counts"):  # ProxyGML only (baseline losses have no subgraphs)
-            self.tracker.log_proxy_stats(self.criterion, self.pos.step)
+        self.tracker.log_proxy_stats(self.criterion, self.pos.step)
         return self.metrics
 
     def save(self) -> None:

@@ -638,7 +638,10 @@ class Tracker:
         when no proxy was selected since the last call (e.g. an evaluation before training).
 
         Call on every rank: with the distributed criteria of loss.distributed the global counts and (sharded)
-        the full proxies are gathered first (`global_selection_counts()`, `gather_rows()`: collectives)."""
+        the full proxies are gathered first (`global_selection_counts()`, `gather_rows()`: collectives).
+        A criterion without subgraphs (the pytorch-metric-learning baselines) has nothing to log."""
+        if not hasattr(criterion, "selection_counts"):
+            return
         if getattr(self.cfg, "enabled", False):
             counts = (criterion.global_selection_counts() if hasattr(criterion, "global_selection_counts")
                       else criterion.selection_counts)
