@@ -171,6 +171,7 @@ def worker(rank, size, port, mode, shapes, switches, extras):
             check_tie_break(rank, size)
         if "reshard" in extras:
             check_resharding(rank, size)
+        dist.barrier()  # no rank tears the group down while another still talks to it (SIGABRT at exit)
     finally:
         dist.destroy_process_group()
 

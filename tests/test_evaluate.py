@@ -120,6 +120,7 @@ def _evaluate_worker(rank, world_size, port, out_dir, shares, wrap_ddp):
         result = evaluate(net, batches(shares[rank]), device="cpu", cfg_eval=CFG)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
         _fail_on_last_rank(rank, world_size, out_dir)  # same group: saves starting processes again
+        dist.barrier()  # no rank tears the group down while another still talks to it (SIGABRT at exit)
     finally:
         dist.destroy_process_group()
 
