@@ -102,6 +102,7 @@ def _worker(rank, world, port, name, miner, out):
             g /= world
         if rank == 0:
             out.put((loss.item(), [g.numpy() for g in grads]))  # by value: tensors die with the process
+        dist.barrier()  # no rank tears the group down while another still talks to it (SIGABRT at exit)
     finally:
         dist.destroy_process_group()
 

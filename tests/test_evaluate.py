@@ -181,6 +181,7 @@ def _gather_worker(rank, world_size, port, out_dir):
         keys = [f"r{rank}-{i}" for i in range(n)]
         got = gather_to_rank0((emb, torch.full((n,), rank), keys), device=torch.device("cpu"))
         torch.save(got, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # no rank tears the group down while another still talks to it (SIGABRT at exit)
     finally:
         dist.destroy_process_group()
 

@@ -41,6 +41,7 @@ def _worker(rank: int, port: int, tmp: str) -> None:
             assert int(crit.selection_counts.sum()) == 0
         assert (tracker.run_id is None) == (rank != 0)
         tracker.close()
+        dist.barrier()  # no rank tears the group down while another still talks to it (SIGABRT at exit)
     finally:
         dist.destroy_process_group()
 

@@ -50,6 +50,7 @@ def _worker(rank, world, port, out):
                                       zip(embedder.parameters(), full_before)],
                             full=sd["state"][pid]["exp_avg"].numpy(), blocks=blocks,
                             back_equal=bool(torch.equal(back["state"][pid]["exp_avg"], local)))))
+        dist.barrier()  # no rank tears the group down while another still talks to it (SIGABRT at exit)
     finally:
         dist.destroy_process_group()
 
