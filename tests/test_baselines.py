@@ -105,6 +105,11 @@ def _worker(rank, world, port, name, miner, out):
         dist.barrier()  # no rank tears the group down while another still talks to it (SIGABRT at exit)
     finally:
         dist.destroy_process_group()
+    # Success: flush the queue, then leave without C++ static destructors (gloo's threads sometimes abort
+    # the process at interpreter exit, "terminate called without an active exception").
+    out.close()
+    out.join_thread()
+    os._exit(0)
 
 
 @pytest.mark.distributed
