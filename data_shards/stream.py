@@ -28,6 +28,7 @@ import logging
 import math
 import random
 import signal
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -306,10 +307,25 @@ def _ignore_stop_signals(_worker_id):
     """Loader workers leave SIGTERM/SIGUSR1 to the main process, which checkpoints and stops them.
 
     torchrun stops its workers with killpg and SLURM signals every process of a step; torch's DataLoader
-    workers would die of such a signal and break the step that should write the checkpoint.
+    workers would die of such a signal and break the step that should write the checkpoint. Since they ignore
+    SIGTERM, they ask the kernel for SIGKILL when their parent dies (Linux prctl PR_SET_PDEATHSIG): a main
+    process that fails and exits never leaves a worker behind, nor waits for one at interpreter exit.
     """
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    _die_with_parent()
+
+
+def _die_with_parent() -> None:
+    """SIGKILL this process when its parent exits (Linux; a no-op elsewhere)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        pass  # then torch's own worker watchdog still ends the worker once it notices the parent is gone
 
 
 def _loader(dataset, num_workers, pin_memory, prefetch_factor):

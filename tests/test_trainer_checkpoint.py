@@ -5,30 +5,36 @@ import random
 import pytest
 import torch
 
-from trainer.checkpoint import Checkpointer, load, rng_state, set_rng_state
+from trainer.checkpoint import REQUIRED, Checkpointer, load, rng_state, set_rng_state
+
+
+def state_of(step, **more):
+    """A dict with every key a trainer checkpoint has (load() checks them)."""
+    return {**{k: None for k in REQUIRED}, "step": step, **more}
 
 
 def test_keep_last_and_latest(tmp_path):
     ck = Checkpointer(str(tmp_path / "ck"), keep_last=2)
     assert ck.latest() is None and ck.load_latest() is None
     for step in (5, 10, 15):
-        ck.save({"step": step, "w": torch.full((3,), float(step))}, step)
+        ck.save(state_of(step, w=torch.full((3,), float(step))), step)
     names = sorted(os.listdir(tmp_path / "ck"))
-    assert names == ["step-000000010.pt", "step-000000015.pt"]  # no temp files left, oldest deleted
+    assert names == ["step-000000010.json", "step-000000010.pt", "step-000000015.json",
+                     "step-000000015.pt"]  # no temp files left, oldest deleted with its sidecar
     assert ck.load_latest()["step"] == 15
 
 
 def test_failed_write_leaves_previous_checkpoint(tmp_path):
     ck = Checkpointer(str(tmp_path), keep_last=3)
-    ck.save({"step": 1}, 1)
+    ck.save(state_of(1), 1)
 
     class Unpicklable:
         def __reduce__(self):
             raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError, match="boom"):
-        ck.save({"step": 2, "bad": Unpicklable()}, 2)
-    assert sorted(os.listdir(tmp_path)) == ["step-000000001.pt"]
+        ck.save(state_of(2, bad=Unpicklable()), 2)
+    assert sorted(os.listdir(tmp_path)) == ["step-000000001.json", "step-000000001.pt"]
     assert load(ck.latest())["step"] == 1
 
 

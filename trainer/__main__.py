@@ -1,13 +1,18 @@
 """python -m trainer [--config FILE|PRESET] [key=value ...]   (also under torchrun: one process per device)
 
 Without --config the demo preset runs (scikit-learn digits, CPU, < 2 min). Presets: trainer/configs/*.yaml.
+Exit status: 0 done (or stopped by SIGTERM/SIGUSR1 with a checkpoint), 2 a user error (one line on stderr:
+the config, the data, the run directory, a checkpoint, the disk), 1 a bug (traceback) or another rank failed.
+Whatever fails, the process ends at once with its loader workers, so torchrun sees it and restarts or stops.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from trainer.config import DEFAULT_CONFIG, ConfigError, load_config
+from trainer.errors import exit_now, report
 
 
 def parse_args(argv=None):
@@ -23,28 +28,36 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
+    """Train; returns the exit status. A failure returns its status with the loader workers already killed
+    and the process group left as it is (peers may be gone): the caller exits at once (see `__main__`)."""
     args = parse_args(argv)
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     try:
         cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+    except ConfigError as e:  # every rank has the same one: rank 0 says it
+        return report(e, rank, world_size, quiet_ranks=True)
     if args.print_config:
         from trainer.config import to_yaml
         print(to_yaml(cfg), end="")
         return 0
     from trainer import distributed
     from trainer.loop import train
-    env = distributed.setup(cfg.run.device)
     try:
+        env = distributed.setup(cfg.run.device)
         train(cfg, env)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        distributed.teardown()
+    except BaseException as e:  # noqa: BLE001 - every failure ends the same way: told, non-zero, at once
+        code = report(e, rank, world_size, quiet_ranks=isinstance(e, ConfigError))
+        from trainer.errors import kill_children
+        kill_children()
+        if world_size == 1:
+            distributed.teardown()
+        return code
+    distributed.teardown()
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    if status:
+        exit_now(status)  # no interpreter teardown: it could wait on a dead peer or a stuck worker
+    sys.exit(0)

@@ -1,24 +1,77 @@
-"""Checkpoints: atomic writes (temp file + rename), the last K kept, automatic resume.
+"""Checkpoints: atomic, verified writes; the last K kept; on resume the newest intact one.
 
-A checkpoint is a `torch.save`d dict (docs/architecture.md): config, model, criterion, optimizer,
-scheduler, epoch, step, batch_in_epoch, rng, mlflow_run_id, world_size. `epoch` / `batch_in_epoch` is the
-data position where training continues: batches `batch_in_epoch..` of epoch `epoch`.
+A checkpoint is a `torch.save`d dict (docs/architecture.md): config, model, criterion, optimizer, scheduler,
+epoch, step, batch_in_epoch, rng, mlflow_run_id, world_size, run_uid, train_classes, train_samples.
+`epoch` / `batch_in_epoch` is the data position where training continues: batches `batch_in_epoch..` of epoch
+`epoch`. Files in the checkpoint directory:
+
+    step-000000042.pt          the checkpoint (renamed into place only once complete: readers never see half)
+    step-000000042.json        its sidecar: sha256, bytes, step, epoch, run_uid; renamed in just before the .pt
+    step-000000042.pt.damaged  one that failed to load or verify, moved aside on resume (nothing is deleted)
+    .tmp-*                     a write in progress; left behind by a killed write, removed at the next start
 
     ckpt = Checkpointer(run_dir / "checkpoints", keep_last=3)
-    ckpt.save(state, step)          # rank 0 only
-    state = ckpt.load_latest()      # None when there is none
+    ckpt.save(state, step)                # rank 0 only; CheckpointWriteError when the disk refuses
+    path, state = ckpt.find_latest()      # (None, None) when there is none; damaged ones are skipped
 """
 from __future__ import annotations
 
+import errno
+import hashlib
+import json
 import os
 import random
 import re
+import shutil
 import tempfile
+import time
+import warnings
 
 import numpy as np
 import torch
 
+from trainer.errors import UserError
+
 NAME = re.compile(r"^step-(\d{9})\.pt$")
+TMP_PREFIX = ".tmp-"
+REQUIRED = ("config", "model", "criterion", "optimizer", "scheduler", "epoch", "step", "batch_in_epoch", "rng")
+
+
+class CheckpointError(UserError):
+    """A checkpoint file that cannot be used: truncated, garbled, failing its sha256, or not a trainer checkpoint."""
+
+
+class CheckpointWriteError(UserError):
+    """The disk refused a checkpoint (full, read-only, gone); the previous checkpoints are untouched."""
+
+
+class _Digesting:
+    """A write-only file wrapper for torch.save: hashes (sha256) and counts what passes, keeps the OSError the
+    disk raised (torch reports a failed write as 'unexpected pos ...', without the errno)."""
+
+    def __init__(self, f):
+        self.f, self.sha, self.bytes, self.error = f, hashlib.sha256(), 0, None
+
+    def write(self, b) -> int:
+        try:
+            n = self.f.write(b)
+        except OSError as e:
+            self.error = e
+            raise
+        self.sha.update(b)
+        self.bytes += len(b)
+        return n
+
+    def flush(self):
+        self.f.flush()
+
+
+def sidecar(path: str) -> str:
+    return path[:-len(".pt")] + ".json"
+
+
+def step_of(path: str) -> int:
+    return int(NAME.match(os.path.basename(path)).group(1))
 
 
 class Checkpointer:
@@ -27,40 +80,162 @@ class Checkpointer:
         self.keep_last = keep_last
 
     def paths(self) -> list[str]:
-        """Existing checkpoints, oldest first."""
+        """Existing checkpoints, oldest (lowest step) first."""
         if not os.path.isdir(self.dir):
             return []
-        return [os.path.join(self.dir, f) for f in sorted(os.listdir(self.dir)) if NAME.match(f)]
+        names = sorted((int(m.group(1)), f) for f in os.listdir(self.dir) if (m := NAME.match(f)))
+        return [os.path.join(self.dir, f) for _, f in names]
 
     def latest(self) -> str | None:
         paths = self.paths()
         return paths[-1] if paths else None
 
+    def clean_temporaries(self) -> list[str]:
+        """Remove the temporary files of writes that were killed. Only while no other writer can exist (the run
+        directory's lock is held, trainer/run_dir.py)."""
+        if not os.path.isdir(self.dir):
+            return []
+        gone = [os.path.join(self.dir, f) for f in os.listdir(self.dir) if f.startswith(TMP_PREFIX)]
+        for path in gone:
+            (shutil.rmtree if os.path.isdir(path) else os.remove)(path)
+        return gone
+
     def save(self, state: dict, step: int) -> str:
-        os.makedirs(self.dir, exist_ok=True)
+        """Write `state` as step-<step>.pt (atomically, with its sha256 sidecar), then keep the last K.
+
+        Raises CheckpointWriteError naming the file and the cause (e.g. no space left on device); the earlier
+        checkpoints are untouched and no partial file stays behind."""
         path = os.path.join(self.dir, f"step-{step:09d}.pt")
-        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".tmp-", suffix=".pt")
+        tmp = side_tmp = None
         try:
+            os.makedirs(self.dir, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=TMP_PREFIX, suffix=".pt")
             with os.fdopen(fd, "wb") as f:
-                torch.save(state, f)
+                out = _Digesting(f)
+                try:
+                    torch.save(state, out)
+                except RuntimeError as e:  # torch hides the disk's errno behind "unexpected pos"
+                    if out.error is not None:
+                        raise out.error from e
+                    raise
                 f.flush()
                 os.fsync(f.fileno())
+            meta = dict(sha256=out.sha.hexdigest(), bytes=out.bytes, step=step, epoch=state.get("epoch"),
+                        run_uid=state.get("run_uid"), written=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+            fd, side_tmp = tempfile.mkstemp(dir=self.dir, prefix=TMP_PREFIX, suffix=".json")
+            with os.fdopen(fd, "w") as f:
+                json.dump(meta, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(side_tmp, sidecar(path))  # the sidecar first: a .pt in place always has its digest
             os.replace(tmp, path)  # atomic: a reader sees the old set or the new file, never half of it
+            _fsync_dir(self.dir)
+        except OSError as e:
+            for t in (tmp, side_tmp):
+                if t and os.path.exists(t):
+                    os.remove(t)
+            raise CheckpointWriteError(_describe_write_error(e, path, self.latest())) from None
         except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+            for t in (tmp, side_tmp):
+                if t and os.path.exists(t):
+                    os.remove(t)
             raise
         for old in self.paths()[:-self.keep_last]:
             os.remove(old)
+            if os.path.exists(sidecar(old)):
+                os.remove(sidecar(old))
         return path
 
+    def find_latest(self, log=None) -> tuple[str | None, dict | None]:
+        """The newest checkpoint that loads and verifies, and its state; (None, None) if there is none.
+
+        Each damaged one met on the way (truncated, garbled, failing its sha256) is reported through `log` (or
+        warnings.warn), naming the file and why, and renamed to <name>.damaged so that it can neither be picked
+        again nor outrank good checkpoints in keep-last. Rank 0 only (the others load the path it picks)."""
+        for path in reversed(self.paths()):
+            try:
+                return path, load(path)
+            except CheckpointError as e:
+                aside = path + ".damaged"
+                os.replace(path, aside)
+                if os.path.exists(sidecar(path)):
+                    os.replace(sidecar(path), aside[:-len(".pt.damaged")] + ".json.damaged")
+                msg = f"warning: skipping a damaged checkpoint ({e}); moved to {aside}; trying an older one"
+                log(msg) if log else warnings.warn(msg, stacklevel=2)
+        return None, None
+
     def load_latest(self) -> dict | None:
-        path = self.latest()
-        return load(path) if path else None
+        return self.find_latest()[1]
 
 
-def load(path: str) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=False)
+def verify(path: str) -> None:
+    """Check `path` against its sidecar (size and sha256). Checkpoints without a sidecar (older versions) pass.
+    Raises CheckpointError naming the file."""
+    side = sidecar(path) if NAME.match(os.path.basename(path)) else None
+    if not side or not os.path.exists(side):
+        return
+    try:
+        with open(side) as f:
+            meta = json.load(f)
+        want_sha, want_bytes = meta["sha256"], meta["bytes"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{side}: unreadable sidecar ({e})") from None
+    size = os.path.getsize(path)
+    if size != want_bytes:
+        raise CheckpointError(f"{path}: {size} bytes, its sidecar says {want_bytes} (truncated or overwritten)")
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            sha.update(chunk)
+    if sha.hexdigest() != want_sha:
+        raise CheckpointError(f"{path}: sha256 differs from the one written with it (the file is damaged)")
+
+
+def load(path: str, check_keys: bool = True) -> dict:
+    """A trainer checkpoint as a dict (tensors on the CPU), verified against its sidecar.
+
+    Raises CheckpointError naming `path` when it is missing, truncated, garbled, fails its digest or is not a
+    trainer checkpoint (with `check_keys`: a dict with the keys every trainer checkpoint has)."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    verify(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - unpickling garbage raises anything from EOFError to UnicodeError
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {first})") from None
+    if check_keys:
+        missing = [k for k in REQUIRED if not isinstance(state, dict) or k not in state]
+        if missing:
+            raise CheckpointError(f"{path}: not a trainer checkpoint (no {', '.join(missing)})")
+    return state
+
+
+def _fsync_dir(directory: str) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _describe_write_error(e: OSError, path: str, previous: str | None) -> str:
+    kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        try:
+            free = shutil.disk_usage(os.path.dirname(path)).free
+            where = f" ({free / 2**20:.1f} MiB free there)"
+        except OSError:
+            where = ""
+        return (f"checkpoint.dir: no space left on device writing {path}{where}; {kept}. Free space on that disk "
+                f"or point checkpoint.dir at another one, then run the same command again to resume.")
+    return (f"checkpoint.dir: cannot write {path}: {e.strerror or e} (errno {e.errno}); {kept}. Make the folder "
+            f"writable or set checkpoint.dir to one that is.")
 
 
 def rng_state() -> dict:

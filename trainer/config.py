@@ -7,6 +7,7 @@ invalid values raise `ConfigError` naming the key, before any work starts. Each 
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -214,6 +215,7 @@ def validate(cfg: DictConfig) -> None:
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ConfigError(f"{missing[0]}: required, give it in the YAML file or as {missing[0]}=...")
+    check_finite(cfg)
     get = lambda key: OmegaConf.select(cfg, key)  # noqa: E731
     for key, allowed in CHOICES.items():
         if get(key) not in allowed:
@@ -254,6 +256,19 @@ def validate(cfg: DictConfig) -> None:
         if not timm.is_model(cfg.model.backbone):
             raise ConfigError(f"model.backbone: {cfg.model.backbone!r} is not a timm model, 'bninception' "
                               "or 'small_cnn'")
+
+
+def check_finite(cfg: DictConfig) -> None:
+    """Every float anywhere in the config (loss kwargs included) must be a finite number: inf and nan pass
+    every `<`/`>` check (`nan < 0` is False) and then train silently or fail deep inside torch."""
+    def walk(node, prefix):
+        items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+        for k, v in items:
+            key = f"{prefix}.{k}" if prefix else str(k)
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ConfigError(f"{key}: must be a finite number, got {v}")
+            walk(v, key)
+    walk(OmegaConf.to_container(cfg, resolve=True), "")
 
 
 def validate_metric_loss(cfg: DictConfig) -> None:

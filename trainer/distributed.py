@@ -85,6 +85,26 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     return bool(t.item())
 
 
+def any_ranks(flags, device: torch.device) -> list[bool]:
+    """Each of `flags` (bools or 0-dim device tensors) made True on every rank if it is True on any rank.
+
+    One all-reduce for all of them (the per-step stop check). With one rank it still reads tensors back (a sync)."""
+    t = torch.stack([f.to(device=device, dtype=torch.float32).reshape(()) if torch.is_tensor(f)
+                     else torch.tensor(1.0 if f else 0.0, device=device) for f in flags])
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [v > 0 for v in t.tolist()]
+
+
+def broadcast_object(obj, src: int = 0):
+    """`obj` from rank `src` on every rank (pickled); the object itself with one rank."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
 def all_gather_object(obj) -> list:
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return [obj]

@@ -1,12 +1,92 @@
-"""Expected user errors: one base class, so every entry point can print them as one or two lines and exit 2.
+"""Expected user errors, and how a failing process ends: one line for a user error, a traceback for a bug,
+then every process exits non-zero at once (its loader workers killed), so torchrun can restart or fail the job.
 
 A `UserError` means the input is wrong (a config key, a data folder, a checkpoint file, a disk), never a bug:
-its message names the input and the way out. Anything else that escapes is a bug and keeps its traceback.
+its message names the input and the way out. `data_shards.DataError` is one too (data_shards imports nothing
+from trainer). Anything else that escapes is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
+import contextlib
+import multiprocessing
+import os
+import sys
+import traceback
+
+from data_shards.errors import DataError
+
 EXIT_USER_ERROR = 2  # as argparse: the command line or its inputs are wrong
+EXIT_BUG = 1
 
 
 class UserError(Exception):
     """A wrong input, told in words: the message names the input (a config key, a path) and the fix."""
+
+
+USER_ERRORS = (UserError, DataError)
+
+# What a collective raises on a rank whose peer died (gloo: the TCP pair closes; NCCL: the watchdog aborts).
+PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL communicator was aborted",
+             "ProcessGroupNCCL", "Socket Timeout", "connection was closed", "Timed out")
+
+
+def is_peer_failure(e: BaseException) -> bool:
+    """True when `e` is a collective failing because another rank is gone (not this rank's own error)."""
+    import torch.distributed as dist
+    return isinstance(e, (RuntimeError, dist.DistBackendError)) and any(s in str(e) for s in PEER_GONE)
+
+
+def report(e: BaseException, rank: int = 0, world_size: int = 1, quiet_ranks: bool = False) -> int:
+    """Print `e` for the user and return the exit status.
+
+    UserError / DataError: `error: <message>` (1-2 lines, no traceback), status 2; with `quiet_ranks`, or an
+    error marked `same_on_every_rank` (decided on rank 0, raised everywhere), only rank 0 prints it. A collective
+    that failed because a peer died: one line, status 1. KeyboardInterrupt: status 130. Anything else is a bug:
+    its traceback, status 1.
+    """
+    tag = f"[rank {rank}] " if world_size > 1 else ""
+    if isinstance(e, USER_ERRORS):
+        if rank == 0 or not (quiet_ranks or getattr(e, "same_on_every_rank", False)):
+            print(f"{tag}error: {one_line(e)}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    if isinstance(e, KeyboardInterrupt):
+        print(f"{tag}interrupted", file=sys.stderr)
+        return 130
+    if isinstance(e, SystemExit):
+        return e.code if isinstance(e.code, int) else EXIT_BUG
+    if world_size > 1 and is_peer_failure(e):
+        first = str(e).strip().splitlines()[0][:300]
+        print(f"{tag}stopped: another rank failed first (see its error above); here: {first}", file=sys.stderr)
+        return EXIT_BUG
+    traceback.print_exception(e)
+    return EXIT_BUG
+
+
+def one_line(e: BaseException) -> str:
+    """The message of `e`; for an error a DataLoader worker raised (its message carries the worker's traceback),
+    the original message alone."""
+    msg = str(e)
+    if "Original Traceback" in msg:
+        last = msg.strip().splitlines()[-1]
+        msg = last.split(": ", 1)[1] if last.startswith(type(e).__name__ + ": ") else last
+    return msg
+
+
+def kill_children() -> None:
+    """SIGKILL this process's multiprocessing children (DataLoader workers ignore SIGTERM by design)."""
+    for child in multiprocessing.active_children():
+        try:
+            child.kill()
+            child.join(timeout=5)
+        except (OSError, ValueError, AssertionError):
+            pass
+
+
+def exit_now(code: int) -> None:
+    """End the process with `code` right away: loader workers killed, output flushed, no interpreter teardown
+    (which waits for workers and for peers in a process group that may be gone)."""
+    kill_children()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    os._exit(code)

@@ -14,6 +14,7 @@ Standalone: `python -m trainer.evaluate CHECKPOINT --data SHARDS_SPLIT_DIR` (see
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -176,15 +177,8 @@ def deduplicate(emb: torch.Tensor, labels: torch.Tensor, keys: list):
 def main(argv=None) -> int:
     """`python -m trainer.evaluate CHECKPOINT --data SPLIT_DIR`; under torchrun every rank embeds a share."""
     import argparse
-    import json
-    from types import SimpleNamespace
 
-    from omegaconf import OmegaConf
-
-    from data_shards import TransformConfig, eval_loader, read_manifest
-    from trainer import checkpoint, config, distributed
-    from trainer.export import export_embeddings, write_table
-    from trainer.model import build_model
+    from trainer.errors import USER_ERRORS, report
 
     p = argparse.ArgumentParser(prog="python -m trainer.evaluate", description=__doc__.split("\n")[0])
     p.add_argument("checkpoint", help="a checkpoint file written by the trainer (dict with config and model)")
@@ -203,10 +197,31 @@ def main(argv=None) -> int:
     if a.faiss_index and not a.export:
         p.error("--faiss-index needs --export DIR")
 
-    state = checkpoint.load(a.checkpoint)
+    try:
+        return _evaluate_checkpoint(a)
+    except USER_ERRORS as e:  # a wrong file or folder: one line, status 2 (tracebacks are for bugs)
+        return report(e, int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), quiet_ranks=True)
+
+
+def _evaluate_checkpoint(a) -> int:
+    import json
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from data_shards import TransformConfig, eval_loader, read_manifest
+    from trainer import checkpoint, config, distributed
+    from trainer.export import export_embeddings, write_table
+    from trainer.model import build_model
+
+    state = checkpoint.load(a.checkpoint, check_keys=False)
     if not isinstance(state, dict) or not {"config", "model"} <= state.keys():
-        p.error(f"{a.checkpoint}: not a trainer checkpoint (a dict with 'config' and 'model')")
-    cfg = config.from_dict(state["config"])
+        raise checkpoint.CheckpointError(f"{a.checkpoint}: not a trainer checkpoint (a dict with 'config' and "
+                                         f"'model'); give a step-*.pt from a run's checkpoints folder")
+    try:
+        cfg = config.from_dict(state["config"])
+    except config.ConfigError as e:
+        raise checkpoint.CheckpointError(f"{a.checkpoint}: its config does not validate ({e})") from None
     cfg.model.pretrained, cfg.model.weights_file = False, ""  # the checkpoint has the weights
     manifest = read_manifest(a.data)
     cfg_eval = SimpleNamespace(
@@ -216,7 +231,13 @@ def main(argv=None) -> int:
     env = distributed.setup(a.device)
     try:
         model = build_model(cfg.model).to(env.device)
-        model.load_state_dict(state["model"])
+        try:
+            model.load_state_dict(state["model"])
+        except RuntimeError as e:
+            lines = str(e).strip().splitlines()
+            why = lines[1].strip() if len(lines) > 1 else lines[0]
+            raise checkpoint.CheckpointError(f"{a.checkpoint}: its weights do not fit the model its own config "
+                                             f"describes ({why})") from None
         transform = TransformConfig(**OmegaConf.to_container(cfg.data.transform))
         loader = eval_loader(manifest, batch_size=cfg_eval.batch_size, num_workers=a.num_workers,
                              rank=env.rank, world_size=env.world_size, transform=transform)

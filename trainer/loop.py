@@ -8,9 +8,11 @@ the stop flag per step so that all ranks stop at the same step).
 """
 from __future__ import annotations
 
+import math
 import os
 import signal
 import time
+import uuid
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -19,12 +21,20 @@ from tqdm import tqdm
 
 from data_shards import eval_loader, read_manifest, train_loader
 from trainer import distributed as D
-from trainer.checkpoint import Checkpointer, rng_state, set_rng_state
+from trainer.checkpoint import Checkpointer, load, rng_state, set_rng_state
 from trainer.config import check_world_size, to_dict, to_yaml
 from trainer.engine import TrainModule, build_engine
+from trainer.errors import UserError
 from trainer.evaluate import evaluate
 from trainer.model import build_model
+from trainer.preflight import check_data
+from trainer.resume import apply_optim_hyperparameters, at_epoch_end, check_resume
+from trainer.run_dir import RunDir
 from trainer.tracking import Tracker, shard_image_lookup
+
+
+class DivergedError(UserError):
+    """The loss or the state to be saved is not finite: training stops, and nothing non-finite is saved."""
 
 
 class Timed:
@@ -128,12 +138,16 @@ class Trainer:
     def __init__(self, cfg, env):
         self.cfg, self.env = cfg, env
         self.stop = StopFlag()  # from the start: a preemption during setup still ends in a checkpoint
+        self.run_lock: RunDir | None = None
+        try:
+            self._build(cfg, env)
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self, cfg, env) -> None:
         self.per_rank_batch = check_world_size(cfg, env.world_size)  # fail before any work
         self.run_dir = os.path.join(cfg.run.output_dir, cfg.run.name)
-        if env.is_main:
-            os.makedirs(self.run_dir, exist_ok=True)
-            with open(os.path.join(self.run_dir, "config.yaml"), "w") as f:
-                f.write(to_yaml(cfg))
         if cfg.data.decode == "gpu":  # the device is known only now: fail before any work
             from data_shards.gpu_transforms import check_decode_device
             check_decode_device(cfg.data.decode, env.device)
@@ -145,7 +159,14 @@ class Trainer:
         self.train_dir = os.path.join(cfg.data.root, cfg.data.train_split)
         self.test_dir = os.path.join(cfg.data.root, cfg.data.test_split)
         train_manifest, self.test_manifest = read_manifest(self.train_dir), read_manifest(self.test_dir)
+        check_data(cfg, train_manifest, self.test_manifest, env.world_size)  # what the manifests tell, now
         self.batches_per_epoch = train_manifest.num_samples // cfg.train.batch_size  # as data_shards counts
+        self.data_info = {"classes": train_manifest.num_classes, "samples": train_manifest.num_samples}
+        self.ckpt = Checkpointer(cfg.checkpoint.dir or os.path.join(self.run_dir, "checkpoints"),
+                                 cfg.checkpoint.keep_last)
+        state, self.resumed_from = self.claim_run_dir()  # before anything is written: lock, checks, config.yaml
+        self.run_uid = state.get("run_uid") if state else None
+        self.run_uid = self.run_uid or uuid.uuid4().hex
 
         self.embedder = build_model(cfg.model).to(env.device)
         self.criterion = build_criterion(cfg.loss, train_manifest.num_classes, cfg.model.dim).to(env.device)
@@ -153,9 +174,6 @@ class Trainer:
         self.optimizer = build_optimizer(cfg.optim, self.embedder, self.criterion)
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, list(cfg.optim.lr_milestones),
                                                               cfg.optim.lr_gamma)
-        self.ckpt = Checkpointer(cfg.checkpoint.dir or os.path.join(self.run_dir, "checkpoints"),
-                                 cfg.checkpoint.keep_last)
-        state = self.ckpt.load_latest() if cfg.checkpoint.resume else None
         if cfg.train.compile:
             self.embedder.compile()
         self.warm = (state["epoch"] if state else 0) < cfg.train.warmup_epochs
@@ -167,11 +185,64 @@ class Trainer:
         self.images_of = shard_image_lookup(self.test_dir) if cfg.tracking.enabled and env.is_main else None
         self.amp = amp_dtype(cfg.train, env.device)
         self.metrics, self.first_metrics = {}, {}
+        self.first_bad_step = torch.tensor(math.inf, device=env.device)  # first step whose loss was not finite
+
+    def claim_run_dir(self) -> tuple[dict | None, str | None]:
+        """Collective. Rank 0 takes the run directory's lock (another live trainer on it: refused), removes the
+        temporaries of killed writes, then either finds the newest intact checkpoint and checks that the current
+        config may resume it, or (checkpoint.resume=false) moves an earlier run aside; only then writes
+        config.yaml. Every rank gets the same outcome: the checkpoint's state and path, or the same UserError."""
+        cfg, env = self.cfg, self.env
+        outcome = (None, None)
+        state = None
+        if env.is_main:
+            try:
+                self.run_lock = RunDir(self.run_dir, self.ckpt.dir).claim()
+                for tmp in self.ckpt.clean_temporaries():
+                    self.log(f"removed {tmp} (a checkpoint write that was killed)")
+                path = None
+                if cfg.checkpoint.resume:
+                    path, state = self.ckpt.find_latest(log=self.log)
+                elif (archived := self.run_lock.archive_previous()) is not None:
+                    self.log(f"checkpoint.resume=false: the earlier run's config.yaml and checkpoints moved to "
+                             f"{archived} (nothing deleted); starting over")
+                if state is not None:
+                    boundary = state["batch_in_epoch"] == 0 or at_epoch_end(state)
+                    changes = check_resume(state["config"], cfg, path, at_epoch_start=boundary,
+                                           saved_data={"classes": state.get("train_classes"),
+                                                       "samples": state.get("train_samples")},
+                                           data_now=self.data_info)
+                    if changes:
+                        self.log("resume: carried over from the current config: " + "; ".join(changes))
+                with open(os.path.join(self.run_dir, "config.yaml"), "w") as f:
+                    f.write(to_yaml(cfg))
+                outcome = (path, None)
+            except UserError as e:
+                e.same_on_every_rank = True  # every rank raises it; rank 0 alone prints it
+                outcome = (None, e)
+        path, error = D.broadcast_object(outcome)
+        if error is not None:
+            raise error
+        if path is not None and state is None:
+            state = load(path)
+        return state, path
+
+    def close(self) -> None:
+        """Give back the signal handlers and the run directory's lock (also after a failure)."""
+        self.stop.restore()
+        if self.run_lock is not None:
+            self.run_lock.release()
+            self.run_lock = None
 
     def fit(self) -> dict:
         """The whole run. Returns the last evaluation's metrics (on rank 0; {} elsewhere)."""
         cfg, pos, stop = self.cfg, self.pos, self.stop
         try:
+            if cfg.train.max_steps and pos.step >= cfg.train.max_steps:
+                self.log(f"train.max_steps={cfg.train.max_steps} already reached (step {pos.step}): nothing to train; "
+                         f"raise train.max_steps to go on")
+                self.tracker.close(status="FINISHED")
+                return self.metrics
             if cfg.eval.at_start and pos.step == 0:
                 self.first_metrics = self.evaluate("before training")
             while pos.epoch < cfg.train.epochs:
@@ -187,10 +258,10 @@ class Trainer:
                 self.scheduler.step()
                 pos.epoch, pos.batch = pos.epoch + 1, 0
                 last = pos.epoch == cfg.train.epochs
+                if last or (cfg.checkpoint.every_epochs and pos.epoch % cfg.checkpoint.every_epochs == 0):
+                    self.save()  # before the evaluation: an evaluation that fails loses no training
                 if last or (cfg.eval.every_epochs and pos.epoch % cfg.eval.every_epochs == 0):
                     self.evaluate(f"epoch {pos.epoch}")
-                if last or (cfg.checkpoint.every_epochs and pos.epoch % cfg.checkpoint.every_epochs == 0):
-                    self.save()
             if self.first_metrics and self.metrics:
                 self.log("test Recall@1: {:.4f} before training -> {:.4f} after".format(
                     self.first_metrics["recall_at_1"], self.metrics["recall_at_1"]))
@@ -201,10 +272,11 @@ class Trainer:
             self.tracker.close(status="FAILED")
             raise
         finally:
-            stop.restore()
+            self.close()
 
     def train_epoch(self, stop: StopFlag) -> bool:
-        """Batches pos.batch.. of epoch pos.epoch; advances `pos`. False when stopped early."""
+        """Batches pos.batch.. of epoch pos.epoch; advances `pos`. False when stopped early (signal, max_steps).
+        Raises DivergedError at the first step whose loss is not finite, on every rank, before any save."""
         cfg, env, pos, engine = self.cfg, self.env, self.pos, self.engine
         loader = train_loader(self.train_dir, batch_size=self.per_rank_batch, num_workers=cfg.data.num_workers,
                               seed=cfg.run.seed, epoch=pos.epoch, rank=env.rank, world_size=env.world_size,
@@ -221,6 +293,12 @@ class Trainer:
             engine.backward(loss)
             engine.step()
             pos.batch, pos.step, seen = pos.batch + 1, pos.step + 1, seen + labels.shape[0] * env.world_size
+            self.first_bad_step = torch.where(torch.isfinite(loss.detach()), self.first_bad_step,
+                                              self.first_bad_step.clamp(max=pos.step))
+            stopped, diverged = D.any_ranks([stop.raised, self.first_bad_step < math.inf], env.device)
+            if diverged:
+                bar.close()
+                self.diverged(self.first_bad_step)
             bar.update(1)
             show = pos.step % cfg.train.log_every_steps == 0 or pos.batch == len(loader)
             track = cfg.tracking.log_every_steps and pos.step % cfg.tracking.log_every_steps == 0
@@ -230,11 +308,23 @@ class Trainer:
                 seen, batches.wait = 0, 0.0
             if cfg.checkpoint.every_steps and pos.step % cfg.checkpoint.every_steps == 0:
                 self.save()
-            if D.any_rank(stop.raised or pos.step == cfg.train.max_steps, env.device):
+            if stopped or (cfg.train.max_steps and pos.step >= cfg.train.max_steps):
                 bar.close()
                 return False
         bar.close()
         return True
+
+    def diverged(self, first_bad_step: torch.Tensor) -> None:
+        """Collective: stop on every rank, naming the first bad step (the earliest over the ranks)."""
+        bad = first_bad_step.clone()
+        if D.world_size() > 1:
+            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MIN)
+        cfg = self.cfg
+        raise DivergedError(
+            f"step {int(bad.item())}: the training loss is not finite (nan/inf); training stopped at step "
+            f"{self.pos.step} and nothing after step {int(bad.item()) - 1} was saved. Last good checkpoint: "
+            f"{self.ckpt.latest() or 'none'}. Lower the learning rates (optim.lr={cfg.optim.lr}, "
+            f"optim.proxy_lr={cfg.optim.proxy_lr}) or set train.grad_clip, then resume or start over")
 
     def device_batches(self, loader):
         """(images, labels) on the device: CPU-decoded tensors moved over, or bytes decoded on the GPU."""
@@ -274,19 +364,37 @@ class Trainer:
         return self.metrics
 
     def save(self) -> None:
-        """Collective (RNG states, sharded proxies and ZeRO optimizer state are gathered); rank 0 writes."""
+        """Collective (RNG states, sharded proxies and ZeRO optimizer state are gathered); rank 0 writes.
+        Raises DivergedError instead of saving when a weight or buffer is not finite (on any rank)."""
         crit, pos, env = self.criterion, self.pos, self.env
+        tensors = [t for m in (self.embedder, crit) for t in m.state_dict().values()
+                   if torch.is_tensor(t) and t.is_floating_point()]
+        finite = torch.stack([torch.isfinite(t).all() for t in tensors]).all() if tensors else True
+        if D.any_ranks([~finite if torch.is_tensor(finite) else False], env.device)[0]:
+            raise DivergedError(
+                f"step {pos.step}: a model weight, BatchNorm statistic or proxy is not finite (nan/inf): not saved. "
+                f"Last good checkpoint: {self.ckpt.latest() or 'none'}. Lower the learning rates "
+                f"(optim.lr={self.cfg.optim.lr}) or set train.grad_clip, then resume or start over")
         crit_sd = crit.full_state_dict() if hasattr(crit, "full_state_dict") else crit.state_dict()
         optimizer_sd = self.engine.optimizer_state_dict()
         if self.cfg.loss.mode == "sharded":  # each rank holds its block's moments: save the full table
             optimizer_sd = map_group_rows(optimizer_sd, "proxies", crit.proxies.shape[0], crit.gather_rows)
         rngs = D.all_gather_object(rng_state())
+        error = None
         if env.is_main:
-            self.ckpt.save(dict(config=to_dict(self.cfg), model=self.embedder.state_dict(), criterion=crit_sd,
-                                optimizer=optimizer_sd, scheduler=self.scheduler.state_dict(),
-                                epoch=pos.epoch, step=pos.step, batch_in_epoch=pos.batch, rng=rngs,
-                                mlflow_run_id=self.tracker.run_id, world_size=env.world_size), pos.step)
-        D.barrier()
+            try:
+                self.ckpt.save(dict(config=to_dict(self.cfg), model=self.embedder.state_dict(), criterion=crit_sd,
+                                    optimizer=optimizer_sd, scheduler=self.scheduler.state_dict(),
+                                    epoch=pos.epoch, step=pos.step, batch_in_epoch=pos.batch, rng=rngs,
+                                    mlflow_run_id=self.tracker.run_id, world_size=env.world_size,
+                                    run_uid=self.run_uid, train_classes=self.data_info["classes"],
+                                    train_samples=self.data_info["samples"]), pos.step)
+            except UserError as e:  # e.g. the disk is full: every rank stops with it
+                e.same_on_every_rank = True
+                error = e
+        error = D.broadcast_object(error)
+        if error is not None:
+            raise error
 
     def restore(self, state: dict) -> Position:
         self.embedder.load_state_dict(state["model"])
@@ -300,10 +408,13 @@ class Trainer:
                                           lambda t: crit.shard_rows(t).to(crit.proxies.device))
         self.engine.load_optimizer_state_dict(optimizer_sd)
         self.scheduler.load_state_dict(state["scheduler"])
+        apply_optim_hyperparameters(self.optimizer, self.scheduler, self.cfg.optim)  # changed lrs carry over
         rngs = state["rng"]  # one per rank of the saving run; on another world size rank r takes r mod n
         set_rng_state(rngs[self.env.rank % len(rngs)])
         pos = Position(state["epoch"], state["batch_in_epoch"], state["step"])
-        self.log(f"resumed from {self.ckpt.latest()}: epoch {pos.epoch}, batch {pos.batch}, step {pos.step} "
+        if at_epoch_end(state):  # saved after its last batch: the epoch's end work is next, whatever the batch now
+            pos.batch = self.batches_per_epoch
+        self.log(f"resumed from {self.resumed_from}: epoch {pos.epoch}, batch {pos.batch}, step {pos.step} "
                  f"(saved on {state['world_size']} ranks, now {self.env.world_size})")
         return pos
 

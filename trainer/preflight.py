@@ -1,0 +1,21 @@
+"""Start-up checks: what the manifests already tell (sizes, classes, batch fit) is checked before any work,
+so a run never trains an epoch to then crash on an empty test split, nor ends after 0 steps with status 0."""
+from __future__ import annotations
+
+from data_shards import Manifest
+from trainer.config import ConfigError
+
+
+def check_data(cfg, train: Manifest, test: Manifest, world_size: int) -> None:
+    """Raise ConfigError (naming the key, the split and the fix) when the splits cannot make a run:
+    fewer than 2 train classes, a global batch larger than the train split, an empty test split."""
+    if train.num_classes < 2:
+        raise ConfigError(f"data.root: the train split {train.location} has {train.num_classes} class; metric "
+                          f"learning needs at least 2 (rewrite the shards with more classes)")
+    if train.num_samples < cfg.train.batch_size:
+        raise ConfigError(f"train.batch_size: the global batch {cfg.train.batch_size} is larger than the train split "
+                          f"{train.location} ({train.num_samples} samples), so no step would run; lower "
+                          f"train.batch_size (at most {train.num_samples // world_size * world_size})")
+    if test.num_samples < 2:
+        raise ConfigError(f"data.test_split: the test split {test.location} has {test.num_samples} sample(s): "
+                          f"nothing to evaluate retrieval on; write a test split (python -m data_shards write ...)")

@@ -1,0 +1,127 @@
+"""What may change when a run resumes: the checkpoint's config against the current one, before anything is touched.
+
+    changes = check_resume(saved_cfg, cfg, saved_info, at_epoch_start=batch_in_epoch == 0)  # ConfigError if refused
+    apply_optim_hyperparameters(optimizer, scheduler, cfg.optim)                          # after the restore
+
+Keys are of three kinds:
+- FIXED: the saved weights or optimizer state would not fit or would mean something else (model shape, loss
+  family, N, optimizer, engine). A change refuses to resume, in one line naming the key, both values and the
+  ways out (keep the old value, or start a new run).
+- AT_EPOCH_START: the data position (batch index inside the epoch) would point elsewhere. They may change only
+  when the checkpoint sits at an epoch boundary.
+- everything else carries over (learning rates, epochs, eval, logging, workers, world size ...), each change
+  logged as `key: old -> new`. Optimizer hyperparameters are applied on top of the restored optimizer and
+  schedule (a restore would otherwise bring back the saved ones).
+"""
+from __future__ import annotations
+
+from bisect import bisect_right
+from collections import Counter
+
+from omegaconf import DictConfig, OmegaConf
+
+from trainer.config import ConfigError
+
+FIXED = {
+    "model.backbone": "the saved weights belong to another network",
+    "model.dim": "the saved embedding layer and proxies have another width",
+    "model.pooling": "the saved embedding layer expects another pooled width",
+    "model.normalize": "the saved proxies were learnt for another embedding",
+    "model.small_cnn_width": "the saved weights have another shape",
+    "loss.name": "the saved criterion is another loss",
+    "loss.proxies_per_class": "the saved proxy table has another number of rows",
+    "optim.name": "the saved optimizer state belongs to another optimizer",
+    "engine.name": "the saved optimizer state is in another engine's format",
+}
+AT_EPOCH_START = {
+    "train.batch_size": "the checkpoint is inside an epoch whose batches were cut for the old batch size",
+}
+IGNORED = {"model.pretrained", "model.weights_file", "checkpoint.resume"}  # the checkpoint has the weights
+SHARDED_MODES = {"sharded"}  # gather and local hold the same parameters; sharded keeps another layout
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and k not in ("kwargs", "miner_kwargs"):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def check_resume(saved: dict, cfg: DictConfig, path: str, at_epoch_start: bool,
+                 saved_data: dict | None = None, data_now: dict | None = None) -> list[str]:
+    """Compare checkpoint `path`'s config dict `saved` with `cfg`; the changes that carry over, as
+    `key: old -> new` lines. Raises ConfigError (one line: key, both values, the ways out) for a change that
+    cannot carry over. `saved_data` / `data_now`: {"classes": int, "samples": int} of the train split then
+    and now (the data root may move; its content may not)."""
+    now = flatten(OmegaConf.to_container(cfg, resolve=True))
+    then = flatten(saved)
+    ways_out = (f"; resume with {{key}}={{old}}, or start a new run (another run.name=..., or "
+                f"checkpoint.resume=false to move this run's checkpoints to {cfg.run.name}/previous/ and start over)")
+    changes = []
+    for key in sorted(set(now) | set(then)):
+        if key in IGNORED or key not in then or now.get(key) == then.get(key):
+            continue
+        old, new = then.get(key), now.get(key)
+        reason = FIXED.get(key)
+        if key == "loss.mode" and ({old, new} & SHARDED_MODES):
+            reason = "sharded proxies keep another checkpoint layout than gather/local"
+        if key in AT_EPOCH_START and not at_epoch_start:
+            reason = AT_EPOCH_START[key]
+        if reason:
+            raise ConfigError(f"{key}: the checkpoint {path} was written with {key}={old!r}, now {new!r}: {reason}"
+                              + ways_out.format(key=key, old=_cli(old)))
+        changes.append(f"{key}: {old!r} -> {new!r}")
+    if saved_data and data_now:
+        if saved_data.get("classes") not in (None, data_now["classes"]):
+            raise ConfigError(f"data.root: the checkpoint {path} trained on {saved_data['classes']} classes, "
+                              f"{cfg.data.root}/{cfg.data.train_split} has {data_now['classes']}; point data.root at "
+                              f"the split it trained on, or start a new run (another run.name=...)")
+        if saved_data.get("samples") not in (None, data_now["samples"]):
+            if not at_epoch_start:
+                raise ConfigError(f"data.root: the checkpoint {path} is inside an epoch of {saved_data['samples']} "
+                                  f"samples, {cfg.data.root}/{cfg.data.train_split} has {data_now['samples']}; point "
+                                  f"data.root at the split it trained on, or start a new run (another run.name=...)")
+            changes.append(f"train split samples: {saved_data['samples']} -> {data_now['samples']}")
+    return changes
+
+
+def at_epoch_end(state: dict) -> bool:
+    """True when checkpoint `state` was saved after the last batch of its epoch (before the epoch's end work)."""
+    batches = (state.get("train_samples") or 0) // state["config"]["train"]["batch_size"]
+    return 0 < batches <= state["batch_in_epoch"]
+
+
+def _cli(v) -> str:
+    if isinstance(v, bool):
+        return str(v).lower()
+    return str(v)
+
+
+GROUP_LR = {"backbone": "lr", "head": "head_lr", "proxies": "proxy_lr"}
+
+
+def apply_optim_hyperparameters(optimizer, scheduler, cfg_optim) -> None:
+    """Put the current config's learning rates (through the schedule's milestones and gamma), weight decay, eps
+    and momentum on a restored optimizer and MultiStepLR schedule. With an unchanged config this changes
+    nothing; with a changed one the new values hold from this epoch on, as if the run had used them from the
+    start (lr = base x gamma^(milestones passed))."""
+    scheduler.milestones = Counter(cfg_optim.lr_milestones)
+    scheduler.gamma = cfg_optim.lr_gamma
+    passed = bisect_right(sorted(cfg_optim.lr_milestones), scheduler.last_epoch)
+    bases = []
+    for group in optimizer.param_groups:
+        base = cfg_optim[GROUP_LR[group["name"]]] if group.get("name") in GROUP_LR else group["initial_lr"]
+        group["initial_lr"] = base
+        group["lr"] = base * cfg_optim.lr_gamma ** passed
+        group["weight_decay"] = cfg_optim.weight_decay
+        if "eps" in group:
+            group["eps"] = cfg_optim.eps
+        if "momentum" in group:
+            group["momentum"] = cfg_optim.momentum
+        bases.append(base)
+    scheduler.base_lrs = bases
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
