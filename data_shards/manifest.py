@@ -54,6 +54,10 @@ class Manifest:
         """Shard paths or URLs, in manifest order."""
         return [resolve(self.location, n) for n in self.shard_names]
 
+    def shard_url(self, i: int) -> str:
+        """The path or URL of shard i (`shards[i]` without building the whole list)."""
+        return resolve(self.location, self.shard_names[i])
+
 
 def sha256_file(path: str, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()

@@ -103,7 +103,7 @@ class SkipCounter:
 def read_unit(m: Manifest, unit: Unit, skips: SkipCounter, verify: bool = True):
     """The samples of one unit; a shard that ends before its manifest count (truncated) is reported.
     verify: the shard's size and first sample are checked against the manifest (raises DamagedShard)."""
-    url = m.shards[unit.shard]
+    url = m.shard_url(unit.shard)
     if verify:
         check_size(m, unit.shard)
     samples = wds.tarfile_samples([{"url": url}], handler=skips.handler)

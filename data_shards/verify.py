@@ -32,7 +32,7 @@ _verified: set[tuple] = set()   # (mode, url, identity of the file) checked by t
 
 
 def damaged(m: Manifest, i: int, what: str) -> DamagedShard:
-    return DamagedShard(f"damaged shard {m.shards[i]}: {what}.\nRewrite the split: {rewrite_hint(m)}")
+    return DamagedShard(f"damaged shard {m.shard_url(i)}: {what}.\nRewrite the split: {rewrite_hint(m)}")
 
 
 def check_size(m: Manifest, i: int) -> tuple | None:
@@ -40,7 +40,7 @@ def check_size(m: Manifest, i: int) -> tuple | None:
     identity (size, mtime, inode), None for remote splits. Raises MissingData, DamagedShard."""
     if not is_local(m.location):
         return None
-    path = m.shards[i]
+    path = m.shard_url(i)
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -118,7 +118,7 @@ def verify_shards(m: Manifest, mode: str = "quick", rank: int = 0, world_size: i
         return
     ids = [check_size(m, i) for i in range(len(m.shard_names))]
     for i in range(rank, len(m.shard_names), world_size):
-        url = m.shards[i]
+        url = m.shard_url(i)
         if any((done, url, ids[i]) in _verified for done in (mode, "sha256")):
             continue
         try:

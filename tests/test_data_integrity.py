@@ -305,3 +305,11 @@ def test_symlink_loops_and_linked_files_add_no_duplicates(tmp_path, caplog):
         images = [s["jpg"] for s in samples]
         assert len(samples) == n and len(set(images)) == n         # no image twice
         assert all(json.loads(s["json"])["split"] == split for s in samples)
+
+
+def test_data_verify_config_key():
+    from trainer.config import ConfigError, load_config
+    assert load_config(None, ["data.root=x"]).data.verify == "quick"
+    assert load_config(None, ["data.root=x", "data.verify=sha256"]).data.verify == "sha256"
+    with pytest.raises(ConfigError, match=r"^data\.verify: 'full' is not one of 'quick', 'sha256', 'off'"):
+        load_config(None, ["data.root=x", "data.verify=full"])
