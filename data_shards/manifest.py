@@ -72,9 +72,10 @@ def rewrite_hint(m: "Manifest | None" = None) -> str:
     if m is None:
         return "python -m data_shards write FORMAT --src SRC --out OUT --overwrite"
     out = os.path.dirname(os.path.abspath(m.location)) if is_local(m.location) else "OUT"
-    opts = "".join(f" --{k} {m.raw[k]}" for k in ("seed", "reencode") if m.raw.get(k) not in (None, 0))
-    return (f"python -m data_shards write {m.dataset} --src {m.raw.get('source', 'SRC')} --out {out}{opts} "
-            "--overwrite")
+    given = {k: m.raw.get(k) for k in ("seed", "reencode", "shard_size")} | dict(m.raw.get("options") or {})
+    opts = "".join(f" --{k.replace('_', '-')} {','.join(map(str, v)) if isinstance(v, list) else v}"
+                   for k, v in given.items() if v not in (None, 0))
+    return f"python -m data_shards write {m.dataset} --src {m.raw.get('source', 'SRC')} --out {out}{opts} --overwrite"
 
 
 def read_manifest(location) -> Manifest:

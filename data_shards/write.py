@@ -173,8 +173,10 @@ def verify_split(split_dir: str, dataset: str, split: str, num_records: int, pro
 
 
 def write_split(fmt: str, split: str, records: list[Record], split_dir: str, *, src: str, shard_size: int,
-                workers: int, seed: int, reencode: int | None, progress: bool, left_out: list[str]) -> dict:
-    """Write the shards and manifest of one split; left_out: what was dropped before (duplicates)."""
+                workers: int, seed: int, reencode: int | None, progress: bool, left_out: list[str],
+                options: dict) -> dict:
+    """Write the shards and manifest of one split; left_out: what was dropped before (duplicates); options:
+    the format reader's, recorded in the manifest (with seed, reencode, shard_size) to rewrite it the same way."""
     classes = sorted({(r.class_id, r.class_name) for r in records})
     if len({cid for cid, _ in classes}) != len(classes):
         raise DataError(f"{fmt}: a class id has several names in split {split} of {src}; fix the source's labels")
@@ -209,7 +211,8 @@ def write_split(fmt: str, split: str, records: list[Record], split_dir: str, *, 
                     num_samples=sum(e["num_samples"] for e in entries), num_classes=len(classes),
                     class_names=[n for _, n in classes], class_ids=[c for c, _ in classes],
                     shards=entries, skipped=dict(count=len(skipped), paths=skipped),
-                    source=os.path.abspath(src), seed=seed, reencode=reencode)
+                    source=os.path.abspath(src), seed=seed, reencode=reencode, shard_size=shard_size,
+                    options=options)
     write_manifest(split_dir, manifest)
     return dict(split=split, status="written", num_samples=manifest["num_samples"], num_classes=len(classes),
                 num_shards=len(entries), skipped=len(skipped), skipped_paths=skipped)
@@ -250,7 +253,8 @@ def write_dataset(fmt: str, src, out, *, shard_size="256MB", workers: int | None
             else:
                 summary[split] = write_split(fmt, split, records, split_dir, src=src, shard_size=size,
                                              workers=workers, seed=seed, reencode=reencode, progress=progress,
-                                             left_out=dropped[split])
+                                             left_out=dropped[split],
+                                             options={k: v for k, v in options.items() if k != "tmp_dir"})
     return summary
 
 

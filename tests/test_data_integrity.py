@@ -104,7 +104,7 @@ def test_a_test_shard_copied_over_a_train_shard_is_refused(out, case):
         text = one_line_or_two(info.value)
         assert f"damaged shard {victim}: " in text and expected[case] in text
         assert f"Rewrite the split: python -m data_shards write folder --src {written_src(out)}" in text
-        assert f"--out {out} --overwrite" in text
+        assert f"--out {out} --shard-size 5120 --overwrite" in text   # the options it was written with
     # off: the old behaviour, test classes train silently (labels in range, so nothing else notices)
     assert len(list(train_loader(train, batch_size=4, num_workers=0, transform=TF, verify="off"))) == 3
 
