@@ -1,9 +1,11 @@
-"""Datasets as webdataset shards (write.py, formats/) and the train / eval streams (stream.py)."""
+"""Datasets as webdataset shards: writers, manifests, integrity checks, data errors, train / eval streams."""
 
-from .errors import DataError
+from .errors import BadManifest, DamagedShard, DataError, MissingData
 from .manifest import Manifest, read_manifest
 from .stream import eval_loader, train_loader
 from .transforms import TransformConfig
+from .verify import VERIFY, verify_shards
 from .write import write_dataset
 
-__all__ = ["DataError", "Manifest", "TransformConfig", "eval_loader", "read_manifest", "train_loader", "write_dataset"]
+__all__ = ["BadManifest", "DamagedShard", "DataError", "Manifest", "MissingData", "TransformConfig", "VERIFY",
+           "eval_loader", "read_manifest", "train_loader", "verify_shards", "write_dataset"]

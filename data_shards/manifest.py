@@ -1,4 +1,4 @@
-"""manifest.json of one split: what was written (counts, classes, shards with sample counts and sha256).
+"""manifest.json of one split: what was written (counts, classes, shards with sample counts, bytes and sha256).
 
 A split location is a local directory, an http(s) base URL, or any webdataset URL template holding the
 literal `{name}`, e.g. `pipe:aws s3 cp s3://bucket/cub/train/{name} -`: the manifest is read from
@@ -11,6 +11,8 @@ import os
 from dataclasses import dataclass, field
 
 import webdataset as wds
+
+from .errors import BadManifest, MissingData
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -42,6 +44,7 @@ class Manifest:
     shard_names: list[str]
     shard_counts: list[int]
     shard_sha256: list[str]
+    shard_bytes: list = field(default_factory=list)  # int per shard; None where the manifest has no "bytes"
     skipped: dict = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
     raw: dict = field(default_factory=dict, repr=False)
@@ -50,6 +53,10 @@ class Manifest:
     def shards(self) -> list[str]:
         """Shard paths or URLs, in manifest order."""
         return [resolve(self.location, n) for n in self.shard_names]
+
+    def shard_url(self, i: int) -> str:
+        """The path or URL of shard i (`shards[i]` without building the whole list)."""
+        return resolve(self.location, self.shard_names[i])
 
 
 def sha256_file(path: str, chunk: int = 1 << 20) -> str:
@@ -60,31 +67,66 @@ def sha256_file(path: str, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def rewrite_hint(m: "Manifest | None" = None) -> str:
+    """The command that rewrites the split of manifest `m` (its dataset, source and options, when known)."""
+    if m is None:
+        return "python -m data_shards write FORMAT --src SRC --out OUT --overwrite"
+    out = os.path.dirname(os.path.abspath(m.location)) if is_local(m.location) else "OUT"
+    given = {k: m.raw.get(k) for k in ("seed", "reencode", "shard_size")} | dict(m.raw.get("options") or {})
+    opts = "".join(f" --{k.replace('_', '-')} {','.join(map(str, v)) if isinstance(v, list) else v}"
+                   for k, v in given.items() if v not in (None, 0))
+    return f"python -m data_shards write {m.dataset} --src {m.raw.get('source', 'SRC')} --out {out}{opts} --overwrite"
+
+
 def read_manifest(location) -> Manifest:
-    """Read and check the manifest of the split at `location` (directory, URL or `{name}` template)."""
+    """Read and check the manifest of the split at `location` (directory, URL or `{name}` template).
+
+    Raises MissingData (also a FileNotFoundError) when the split or its manifest.json is not there, and
+    BadManifest when it is unreadable, of another format version or inconsistent (counts, classes, shards).
+    Manifests without per-shard "bytes" (hand-made or foreign ones) are read; their shards' size is not checked.
+    """
     location = os.fspath(location)
     url = resolve(location, MANIFEST)
     try:
         if is_local(location):
             with open(url, encoding="utf-8") as f:
-                raw = json.load(f)
+                text = f.read()
         else:
             with wds.gopen(url, "rb") as f:
-                raw = json.loads(f.read().decode("utf-8"))
-    except (OSError, ValueError) as exn:
-        raise FileNotFoundError(f"read_manifest: no readable {MANIFEST} at {url!r} ({exn})") from exn
-    if raw.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"read_manifest: {url} has format_version {raw.get('format_version')!r}, "
-                         f"this code reads {FORMAT_VERSION}")
-    shards = raw["shards"]
-    m = Manifest(location=location, dataset=raw["dataset"], split=raw["split"],
-                 num_samples=raw["num_samples"], num_classes=raw["num_classes"],
-                 class_names=raw["class_names"], class_ids=raw["class_ids"],
-                 shard_names=[s["name"] for s in shards], shard_counts=[s["num_samples"] for s in shards],
-                 shard_sha256=[s["sha256"] for s in shards], skipped=raw.get("skipped", {}), raw=raw)
-    if sum(m.shard_counts) != m.num_samples or len(m.class_names) != m.num_classes:
-        raise ValueError(f"read_manifest: {url} is inconsistent (shard counts sum to {sum(m.shard_counts)}, "
-                         f"num_samples {m.num_samples}; {len(m.class_names)} names, {m.num_classes} classes)")
+                text = f.read().decode("utf-8")
+    except (OSError, UnicodeDecodeError) as exn:
+        what = ("the split directory does not exist" if is_local(location) and not os.path.isdir(location)
+                else "not a finished split" if is_local(location) else str(exn))
+        raise MissingData(f"no readable {MANIFEST} at {url} ({what}); write the split first: "
+                          f"{rewrite_hint().replace(' --overwrite', '')}") from None
+    fix = f"rewrite the split ({rewrite_hint()})"
+    try:
+        raw = json.loads(text)
+    except ValueError as exn:
+        raise BadManifest(f"{url} is not valid JSON ({exn}); {fix}") from None
+    if not isinstance(raw, dict) or raw.get("format_version") != FORMAT_VERSION:
+        version = raw.get("format_version") if isinstance(raw, dict) else None
+        raise BadManifest(f"{url} has format_version {version!r}, this code reads {FORMAT_VERSION}; {fix}")
+    try:
+        shards = raw["shards"]
+        m = Manifest(location=location, dataset=raw["dataset"], split=raw["split"],
+                     num_samples=int(raw["num_samples"]), num_classes=int(raw["num_classes"]),
+                     class_names=list(raw["class_names"]), class_ids=list(raw["class_ids"]),
+                     shard_names=[s["name"] for s in shards], shard_counts=[int(s["num_samples"]) for s in shards],
+                     shard_sha256=[s["sha256"] for s in shards], shard_bytes=[s.get("bytes") for s in shards],
+                     skipped=raw.get("skipped", {}), raw=raw)
+    except (KeyError, TypeError, ValueError, AttributeError) as exn:
+        raise BadManifest(f"{url} lacks or garbles a field ({exn!r}); {fix}") from None
+    problems = []
+    if sum(m.shard_counts) != m.num_samples:
+        problems.append(f"shard counts sum to {sum(m.shard_counts)}, num_samples is {m.num_samples}")
+    if not len(m.class_names) == len(m.class_ids) == m.num_classes:
+        problems.append(f"{len(m.class_names)} class names and {len(m.class_ids)} class ids "
+                        f"for {m.num_classes} classes")
+    if min(m.shard_counts, default=0) < 0 or len(set(m.shard_names)) != len(m.shard_names):
+        problems.append("negative shard counts or repeated shard names")
+    if problems:
+        raise BadManifest(f"{url} is inconsistent ({'; '.join(problems)}); rewrite the split ({rewrite_hint(m)})")
     return m
 
 

@@ -19,7 +19,10 @@ split of the data over ranks and workers is planned here from the manifest, so t
   batches b.. of the same epoch;
 - eval: each sample is read by exactly one slot, once; the last batch of a slot may be short;
 - a sample that cannot be read or decoded is skipped with a counted warning. In a train batch it is
-  replaced by another sample of the same batch, so batch sizes and counts never change (no DDP hang).
+  replaced by another sample of the same batch, so batch sizes and counts never change (no DDP hang);
+- a shard that does not match its manifest (`verify`, data_shards/verify.py: checked when the loader is made
+  and again at every shard open) raises DamagedShard. Raised in a loader worker, a DataError reaches the main
+  process as an item of the stream, which ShardLoader raises there with its own short message.
 """
 
 import itertools
@@ -35,8 +38,10 @@ import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
+from .errors import DataError
 from .manifest import Manifest, read_manifest
 from .transforms import TransformConfig, as_transform_config, decode_image, eval_transform, train_transform
+from .verify import VERIFY, check_sample, check_size, verify_shards
 
 log = logging.getLogger("data_shards")
 
@@ -96,9 +101,15 @@ class SkipCounter:
         return True
 
 
-def read_unit(url: str, unit: Unit, skips: SkipCounter):
-    """The samples of one unit; a shard that ends before its manifest count (truncated) is reported."""
+def read_unit(m: Manifest, unit: Unit, skips: SkipCounter, verify: bool = True):
+    """The samples of one unit; a shard that ends before its manifest count (truncated) is reported.
+    verify: the shard's size and first sample are checked against the manifest (raises DamagedShard)."""
+    url = m.shard_url(unit.shard)
+    if verify:
+        check_size(m, unit.shard)
     samples = wds.tarfile_samples([{"url": url}], handler=skips.handler)
+    if verify:
+        samples = first_checked(m, unit.shard, samples)
     n = 0
     for sample in itertools.islice(samples, unit.start, unit.stop):
         n += 1
@@ -106,6 +117,24 @@ def read_unit(url: str, unit: Unit, skips: SkipCounter):
     if n < unit.size:
         skips.skip(f"{unit.size - n} of {unit.size} samples of {url} (samples {unit.start}..{unit.stop - 1}): "
                    "the shard ended early (truncated or unreadable)", unit.size - n)
+
+
+def first_checked(m: Manifest, shard: int, samples):
+    for k, sample in enumerate(samples):
+        if k == 0:
+            check_sample(m, shard, sample)
+        yield sample
+
+
+def handed_to_main(batches):
+    """In a loader worker, a DataError ends the stream as its last item instead of being raised: torch would
+    re-raise it in the main process with the worker's traceback folded into its message. ShardLoader raises it."""
+    try:
+        yield from batches
+    except DataError as exn:
+        if get_worker_info() is None:
+            raise
+        yield exn
 
 
 def image_bytes(sample: dict) -> bytes:
@@ -133,12 +162,12 @@ def _worker() -> tuple[int, int]:
 
 class TrainStream(IterableDataset):
     def __init__(self, m: Manifest, batch_size, seed, epoch, rank, world_size, slots_per_rank,
-                 start_batch, transform, decode, shuffle_buffer):
+                 start_batch, transform, decode, shuffle_buffer, verify="quick"):
         super().__init__()
         self.m, self.batch_size, self.seed, self.epoch = m, batch_size, seed, epoch
         self.rank, self.world_size, self.V = rank, world_size, slots_per_rank
         self.start_batch, self.transform, self.decode = start_batch, transform, decode
-        self.shuffle_buffer = shuffle_buffer
+        self.shuffle_buffer, self.verify = shuffle_buffer, verify != "off"
         self.batches_per_epoch = m.num_samples // (batch_size * world_size)
 
     def _tag(self, *more) -> str:
@@ -160,7 +189,7 @@ class TrainStream(IterableDataset):
 
         def read(order):
             for u in order:
-                yield from read_unit(urls[u.shard], u, skips)
+                yield from read_unit(self.m, u, skips, self.verify)
 
         for cycle in itertools.count():
             order = list(units)
@@ -171,10 +200,14 @@ class TrainStream(IterableDataset):
                 got += 1
                 yield sample
             if got == 0:
-                raise RuntimeError(f"data_shards: no readable sample in shards "
-                                   f"{sorted({urls[u.shard] for u in units})} (slot {slot})")
+                raise DataError(f"data_shards: no readable sample in shards "
+                                f"{sorted({urls[u.shard] for u in units})}; check them with verify='sha256' "
+                                "or rewrite the split (python -m data_shards write ... --overwrite)")
 
     def __iter__(self):
+        return handed_to_main(self.batches())
+
+    def batches(self):
         w, W = _worker()
         assert W == self.V, (W, self.V)
         L, B, b = self.batches_per_epoch, self.batch_size, self.start_batch
@@ -209,8 +242,8 @@ class TrainStream(IterableDataset):
             if good:
                 break
             if attempt == 10:
-                raise RuntimeError(f"data_shards: {10 * B} samples in a row were unreadable "
-                                   f"(shards of {self.m.location}); see the warnings above")
+                raise DataError(f"data_shards: {10 * B} samples in a row of {self.m.location} were unreadable "
+                                "(see the warnings above); rewrite the split (python -m data_shards write ...)")
             log.error("data_shards: a whole batch (%d samples) was unreadable; reading on", B)
         # replace each bad sample by the nearest good one before it (else after it) in the same batch
         filled, last = [], None
@@ -225,10 +258,10 @@ class TrainStream(IterableDataset):
 
 
 class EvalStream(IterableDataset):
-    def __init__(self, m: Manifest, batch_size, rank, world_size, slots_per_rank, transform, decode):
+    def __init__(self, m: Manifest, batch_size, rank, world_size, slots_per_rank, transform, decode, verify="quick"):
         super().__init__()
         self.m, self.batch_size, self.rank, self.world_size = m, batch_size, rank, world_size
-        self.V, self.transform, self.decode = slots_per_rank, transform, decode
+        self.V, self.transform, self.decode, self.verify = slots_per_rank, transform, decode, verify != "off"
 
     def plan(self) -> list[list[Unit]]:
         """The shards in manifest order cut into world_size * V pieces whose sizes differ by at most one."""
@@ -237,14 +270,17 @@ class EvalStream(IterableDataset):
                    [n // slots + (k < n % slots) for k in range(slots)])
 
     def __iter__(self):
+        return handed_to_main(self.batches())
+
+    def batches(self):
         w, W = _worker()
         assert W == self.V, (W, self.V)
         slot = self.rank * self.V + w
         skips = SkipCounter(f"eval rank {self.rank} worker {w}")
         tf = eval_transform(self.transform) if self.decode == "cpu" else None
-        urls, batch = self.m.shards, []
+        batch = []
         for u in self.plan()[slot]:
-            for s in read_unit(urls[u.shard], u, skips):
+            for s in read_unit(self.m, u, skips, self.verify):
                 try:
                     data, label = image_bytes(s), label_of(s, self.m.num_classes)
                     x = as_uint8(data) if tf is None else tf(decode_image(data))
@@ -279,20 +315,24 @@ def hash_seed(tag: str) -> int:
 
 
 class ShardLoader:
-    """An iterable of batches with `len()` = batches per epoch (train) or batches of this rank (eval)."""
+    """An iterable of batches with `len()` = batches per epoch (train) or batches of this rank (eval).
+    Iterating raises the DataError (e.g. DamagedShard) a worker met."""
 
     def __init__(self, loader, length: int, manifest: Manifest, **info):
         self.loader, self.length, self.manifest = loader, length, manifest
         self.__dict__.update(info)
 
     def __iter__(self):
-        return iter(self.loader)
+        for batch in self.loader:
+            if isinstance(batch, DataError):
+                raise batch
+            yield batch
 
     def __len__(self):
         return self.length
 
 
-def _check(batch_size, num_workers, rank, world_size, decode):
+def _check(batch_size, num_workers, rank, world_size, decode, verify):
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     if num_workers < 0:
@@ -301,6 +341,8 @@ def _check(batch_size, num_workers, rank, world_size, decode):
         raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank!r}")
     if decode not in DECODES:
         raise ValueError(f"decode must be one of {DECODES}, got {decode!r}")
+    if verify not in VERIFY:
+        raise ValueError(f"verify must be one of {VERIFY}, got {verify!r}")
 
 
 def _ignore_stop_signals(_worker_id):
@@ -336,32 +378,39 @@ def _loader(dataset, num_workers, pin_memory, prefetch_factor):
 def train_loader(split_dir, batch_size: int, num_workers: int = 2, seed: int = 0, epoch: int = 0,
                  rank: int = 0, world_size: int = 1, transform: TransformConfig | None = None,
                  start_batch: int = 0, decode: str = "cpu", shuffle_buffer: int = 1000,
-                 pin_memory: bool = False, prefetch_factor: int = 2) -> ShardLoader:
+                 pin_memory: bool = False, prefetch_factor: int = 2, verify: str = "quick") -> ShardLoader:
     """Batches `(images float (B,3,H,W), labels int64 (B,))` of one rank for one epoch (decode="none":
-    `(list of uint8 tensors of the encoded images, labels)`). `len()` is the same on every rank."""
-    _check(batch_size, num_workers, rank, world_size, decode)
+    `(list of uint8 tensors of the encoded images, labels)`). `len()` is the same on every rank.
+
+    verify: "quick" (size and first sample of each shard), "sha256" (also every shard's hash, once per
+    process) or "off"; see data_shards/verify.py. Raises MissingData / BadManifest (read_manifest),
+    DamagedShard (here or while iterating), DataError when the split gives no full batch, ValueError on bad
+    arguments."""
+    _check(batch_size, num_workers, rank, world_size, decode, verify)
     m = split_dir if isinstance(split_dir, Manifest) else read_manifest(split_dir)
     L = m.num_samples // (batch_size * world_size)
     if L == 0:
-        raise ValueError(f"train_loader: {m.num_samples} samples in {m.location} give no full batch of "
-                         f"batch_size={batch_size} on world_size={world_size} ranks")
+        raise DataError(f"train_loader: {m.num_samples} samples in {m.location} give no full batch of "
+                        f"batch_size={batch_size} on world_size={world_size} ranks; lower the batch size")
     if not 0 <= start_batch < L:
         raise ValueError(f"train_loader: start_batch must be in [0, {L}), got {start_batch!r}")
+    verify_shards(m, verify, rank, world_size)
     stream = TrainStream(m, batch_size, seed, epoch, rank, world_size, max(1, num_workers), start_batch,
-                         as_transform_config(transform), decode, shuffle_buffer)
+                         as_transform_config(transform), decode, shuffle_buffer, verify)
     loader = _loader(stream, num_workers, pin_memory, prefetch_factor).with_epoch(L - start_batch)
     return ShardLoader(loader, L, m, batches_per_epoch=L, start_batch=start_batch, epoch=epoch)
 
 
 def eval_loader(split_dir, batch_size: int, num_workers: int = 2, rank: int = 0, world_size: int = 1,
                 transform: TransformConfig | None = None, decode: str = "cpu",
-                pin_memory: bool = False, prefetch_factor: int = 2) -> ShardLoader:
+                pin_memory: bool = False, prefetch_factor: int = 2, verify: str = "quick") -> ShardLoader:
     """Batches `(images, labels, keys)`; over all ranks and workers every sample comes exactly once
-    (counts per rank may differ). keys are the original image paths."""
-    _check(batch_size, num_workers, rank, world_size, decode)
+    (counts per rank may differ). keys are the original image paths. verify and errors: as train_loader."""
+    _check(batch_size, num_workers, rank, world_size, decode, verify)
     m = split_dir if isinstance(split_dir, Manifest) else read_manifest(split_dir)
+    verify_shards(m, verify, rank, world_size)
     V = max(1, num_workers)
-    stream = EvalStream(m, batch_size, rank, world_size, V, as_transform_config(transform), decode)
+    stream = EvalStream(m, batch_size, rank, world_size, V, as_transform_config(transform), decode, verify)
     plan = stream.plan()
     per_slot = [sum(u.size for u in plan[rank * V + w]) for w in range(V)]
     length = sum(math.ceil(n / batch_size) for n in per_slot)

@@ -4,9 +4,12 @@
 
 Each sample of a shard: `<key>.<ext>` the image bytes as stored (or re-encoded as JPEG with --reencode),
 `<key>.cls` the contiguous class index 0..C-1 within the split (classes in original-id order), and
-`<key>.json` {path, class_id, class_name, label, ...}. Samples are shuffled (seeded) before being cut into
-shards of about --shard-size bytes, and every image is decoded once: one that cannot be is reported
-(count and paths, also in the manifest) and left out. Shards are written in parallel, one process per
+`<key>.json` {dataset, split, path, class_id, class_name, label, ...}. Samples are shuffled (seeded) before
+being cut into shards of about --shard-size bytes, and every image is decoded once: one that cannot be is
+reported (count and paths, also in the manifest) and left out. So is anything that is not a regular file
+(a FIFO, socket or device named like an image is never opened for a blocking read), and a path that
+resolves to a file already taken (a symlink or hard link to it, in any split: the first in split order,
+then listing order, is kept). Shards are written in parallel, one process per
 shard (webdataset's TarWriter with a fixed mtime: the same input gives byte-identical shards);
 ShardWriter is sequential, which is why it is not used. Re-running on a finished split verifies the
 shards against the manifest (sha256, counts) instead of rewriting them (--overwrite rewrites).
@@ -19,6 +22,7 @@ import logging
 import os
 import random
 import re
+import stat
 import tempfile
 from concurrent.futures import ProcessPoolExecutor, as_completed
 
@@ -26,8 +30,9 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
+from .errors import DamagedShard, DataError, MissingData
 from .formats import Record, collect
-from .manifest import FORMAT_VERSION, MANIFEST, read_manifest, sha256_file, write_manifest
+from .manifest import FORMAT_VERSION, MANIFEST, read_manifest, rewrite_hint, sha256_file, write_manifest
 from .transforms import to_rgb
 
 log = logging.getLogger("data_shards")
@@ -40,8 +45,24 @@ def parse_size(value) -> int:
         return value
     m = re.fullmatch(r"\s*([\d.]+)\s*([kmgt]?)i?b?\s*", str(value).lower())
     if not m:
-        raise ValueError(f"shard_size: cannot read {value!r} (examples: 256MB, 1GB, 500000)")
+        raise DataError(f"shard_size: cannot read {value!r} (examples: 256MB, 1GB, 500000)")
     return int(float(m.group(1)) * 1024 ** " kmgt".index(m.group(2) or " "))
+
+
+FILE_KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a character device",
+              stat.S_IFBLK: "a block device", stat.S_IFDIR: "a directory"}
+
+
+def read_regular(path: str) -> bytes:
+    """The bytes of the regular file at `path` (symlinks followed). Anything else raises ValueError without
+    blocking: the file is opened non-blocking (a FIFO without a writer opens at once) and checked on the open
+    descriptor, so it cannot be swapped between the check and the read."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    with open(fd, "rb") as f:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise ValueError(f"not a regular file ({FILE_KINDS.get(stat.S_IFMT(mode), 'not a file')})")
+        return f.read()
 
 
 def check_image(data: bytes) -> None:
@@ -65,27 +86,52 @@ def image_ext(path: str) -> str:
     return {"jpeg": "jpg", "tif": "tiff"}.get(ext, ext) or "jpg"
 
 
-def write_shard(path: str, items: list[tuple[int, int, Record]], reencode: int | None) -> dict:
-    """Write one shard (to a temp name, then renamed); returns its manifest entry and skipped paths."""
+def write_shard(path: str, items: list[tuple[int, int, Record]], reencode: int | None, tags: dict) -> dict:
+    """Write one shard (to a temp name, then renamed); returns its manifest entry and skipped paths.
+    tags ({dataset, split}) go into every sample's json."""
     tmp, skipped, count = path + ".tmp", [], 0
     with open(tmp, "wb") as f, wds.TarWriter(f, encoder=False, mtime=0.0) as tw:
         for index, label, rec in items:
             try:
-                with open(rec.file, "rb") as src:
-                    data = src.read()
+                data = read_regular(rec.file)
                 check_image(data)
                 if reencode:
                     data = reencode_jpeg(data, reencode)
-            except Exception as exn:  # unreadable or undecodable: reported, left out
+            except Exception as exn:  # unreadable, not a regular file or undecodable: reported, left out
                 skipped.append(f"{rec.path}: {exn}")
                 continue
-            meta = dict(path=rec.path, class_id=rec.class_id, class_name=rec.class_name, label=label, **rec.extra)
+            meta = dict(**tags, path=rec.path, class_id=rec.class_id, class_name=rec.class_name, label=label,
+                        **rec.extra)
             tw.write({"__key__": f"{index:08d}", "jpg" if reencode else image_ext(rec.file): data,
                       "cls": str(label).encode(), "json": json.dumps(meta).encode()})
             count += 1
     os.replace(tmp, path)
     return dict(name=os.path.basename(path), num_samples=count, sha256=sha256_file(path),
                 bytes=os.path.getsize(path), skipped=skipped)
+
+
+def drop_duplicates(splits: dict[str, list[Record]]) -> dict[str, list[str]]:
+    """Keep every real file once per dataset: a record whose file is one already taken (same device and inode:
+    a symlink or hard link to it, or the same path listed again) is removed from its split (in place) and
+    reported. The first in split order, then listing order, stays. Returns {split: [what was left out]}."""
+    taken: dict[tuple[int, int], str] = {}
+    dropped: dict[str, list[str]] = {}
+    for split, records in splits.items():
+        keep, dropped[split] = [], []
+        for rec in records:
+            try:
+                st = os.stat(rec.file)
+            except OSError:          # reported when the shard writer cannot read it
+                keep.append(rec)
+                continue
+            first = taken.get((st.st_dev, st.st_ino))
+            if first is None:
+                taken[st.st_dev, st.st_ino] = f"{rec.path} ({split})"
+                keep.append(rec)
+            else:
+                dropped[split].append(f"{rec.path}: the same file as {first} (a link or a repeat); left out")
+        records[:] = keep
+    return dropped
 
 
 def plan_shards(records: list[Record], shard_size: int) -> list[list[int]]:
@@ -104,6 +150,7 @@ def plan_shards(records: list[Record], shard_size: int) -> list[list[int]]:
 
 
 def verify_split(split_dir: str, dataset: str, split: str, num_records: int, progress: bool) -> dict:
+    """A finished split against the source and its manifest (sha256 of every shard). Raises DamagedShard."""
     m = read_manifest(split_dir)
     problems = []
     if (m.dataset, m.split) != (dataset, split):
@@ -119,17 +166,20 @@ def verify_split(split_dir: str, dataset: str, split: str, num_records: int, pro
         elif sha256_file(path) != sha:
             problems.append(f"{name} does not match its sha256")
     if problems:
-        raise RuntimeError(f"data_shards write: {split_dir} exists but does not verify: " + "; ".join(problems)
-                           + " (pass overwrite=True / --overwrite to rewrite it)")
+        raise DamagedShard(f"data_shards write: {split_dir} exists but does not verify: " + "; ".join(problems)
+                           + f".\nRewrite it: {rewrite_hint(m)} (overwrite=True from Python)")
     return dict(split=split, status="verified", num_samples=m.num_samples, num_classes=m.num_classes,
                 num_shards=len(m.shard_names), skipped=m.skipped.get("count", 0), skipped_paths=[])
 
 
 def write_split(fmt: str, split: str, records: list[Record], split_dir: str, *, src: str, shard_size: int,
-                workers: int, seed: int, reencode: int | None, progress: bool) -> dict:
+                workers: int, seed: int, reencode: int | None, progress: bool, left_out: list[str],
+                options: dict) -> dict:
+    """Write the shards and manifest of one split; left_out: what was dropped before (duplicates); options:
+    the format reader's, recorded in the manifest (with seed, reencode, shard_size) to rewrite it the same way."""
     classes = sorted({(r.class_id, r.class_name) for r in records})
     if len({cid for cid, _ in classes}) != len(classes):
-        raise ValueError(f"{fmt}: a class id has several names in split {split}")
+        raise DataError(f"{fmt}: a class id has several names in split {split} of {src}; fix the source's labels")
     label = {cid: i for i, (cid, _) in enumerate(classes)}
     records = list(records)
     random.Random(seed).shuffle(records)
@@ -142,24 +192,27 @@ def write_split(fmt: str, split: str, records: list[Record], split_dir: str, *, 
     with ProcessPoolExecutor(max_workers=workers) as pool, \
             tqdm(total=len(records), desc=f"{fmt} {split}", unit="img", disable=not progress) as bar:
         futures = {pool.submit(write_shard, os.path.join(split_dir, f"{fmt}-{k:06d}.tar"),
-                               [(i, label[records[i].class_id], records[i]) for i in g], reencode): (k, len(g))
+                               [(i, label[records[i].class_id], records[i]) for i in g], reencode,
+                               dict(dataset=fmt, split=split)): (k, len(g))
                    for k, g in enumerate(groups)}
         for fut in as_completed(futures):
             k, n = futures[fut]
             entries[k] = fut.result()
             bar.update(n)
-    skipped = sorted(p for e in entries for p in e.pop("skipped"))
+    skipped = sorted([p for e in entries for p in e.pop("skipped")] + left_out)
     for e in [e for e in entries if e["num_samples"] == 0]:  # every image of the shard was undecodable
         os.remove(os.path.join(split_dir, e["name"]))
         entries.remove(e)
     if skipped:
-        log.warning("data_shards write: %d image(s) of %s/%s could not be decoded and were left out: %s",
+        log.warning("data_shards write: %d file(s) of %s/%s were left out (unreadable, undecodable, not regular "
+                    "files or duplicates): %s",
                     len(skipped), fmt, split, "; ".join(skipped[:20]) + (" ..." if len(skipped) > 20 else ""))
     manifest = dict(format_version=FORMAT_VERSION, dataset=fmt, split=split,
                     num_samples=sum(e["num_samples"] for e in entries), num_classes=len(classes),
                     class_names=[n for _, n in classes], class_ids=[c for c, _ in classes],
                     shards=entries, skipped=dict(count=len(skipped), paths=skipped),
-                    source=os.path.abspath(src), seed=seed, reencode=reencode)
+                    source=os.path.abspath(src), seed=seed, reencode=reencode, shard_size=shard_size,
+                    options=options)
     write_manifest(split_dir, manifest)
     return dict(split=split, status="written", num_samples=manifest["num_samples"], num_classes=len(classes),
                 num_shards=len(entries), skipped=len(skipped), skipped_paths=skipped)
@@ -169,23 +222,26 @@ def write_dataset(fmt: str, src, out, *, shard_size="256MB", workers: int | None
                   reencode: int | None = None, overwrite: bool = False, progress: bool = True,
                   **options) -> dict[str, dict]:
     """Write every split of `src` (format `fmt`) under `out/<split>/`; returns a summary per split.
+    Raises DataError (MissingData, DamagedShard: a finished split that does not verify) naming the input and
+    the fix; OSError when the output cannot be written.
 
     options go to the format's reader: cub200/cars196 `train_classes` (the last train class id), folder
     `train_fraction` or `train_classes` / `test_classes` (lists or comma-separated folder names).
     """
     if fmt not in FORMATS:
-        raise ValueError(f"write_dataset: fmt must be one of {FORMATS}, got {fmt!r}")
+        raise DataError(f"write_dataset: fmt must be one of {FORMATS}, got {fmt!r}")
     src, out = os.fspath(src), os.fspath(out)
     if not os.path.exists(src):
-        raise FileNotFoundError(f"write_dataset: src {src} does not exist")
+        raise MissingData(f"write_dataset: src {src} does not exist; give the dataset's folder (--src)")
     if reencode is not None and not 1 <= int(reencode) <= 100:
-        raise ValueError(f"write_dataset: reencode is a JPEG quality in 1..100, got {reencode!r}")
+        raise DataError(f"write_dataset: reencode is a JPEG quality in 1..100, got {reencode!r}")
     size, workers = parse_size(shard_size), workers or min(8, os.cpu_count() or 1)
     os.makedirs(out, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out, prefix=".unpack-") as tmp:
         if fmt == "cub200" and os.path.isfile(src):
             options["tmp_dir"] = tmp
         splits = collect(fmt, src, **options)
+        dropped = drop_duplicates(splits)
         summary = {}
         for split, records in splits.items():
             split_dir = os.path.join(out, split)
@@ -193,10 +249,12 @@ def write_dataset(fmt: str, src, out, *, shard_size="256MB", workers: int | None
                 log.warning("data_shards write: split %s of %s is empty; nothing written", split, src)
                 continue
             if os.path.isfile(os.path.join(split_dir, MANIFEST)) and not overwrite:
-                summary[split] = verify_split(split_dir, fmt, split, len(records), progress)
+                summary[split] = verify_split(split_dir, fmt, split, len(records) + len(dropped[split]), progress)
             else:
                 summary[split] = write_split(fmt, split, records, split_dir, src=src, shard_size=size,
-                                             workers=workers, seed=seed, reencode=reencode, progress=progress)
+                                             workers=workers, seed=seed, reencode=reencode, progress=progress,
+                                             left_out=dropped[split],
+                                             options={k: v for k, v in options.items() if k != "tmp_dir"})
     return summary
 
 
@@ -227,15 +285,19 @@ def run_write(args) -> int:
             if getattr(args, key) is not None:
                 options[key] = getattr(args, key)
     elif args.train_fraction is not None or args.test_classes is not None:
-        raise SystemExit("--train-fraction and --test-classes only apply to the folder format")
+        raise DataError("--train-fraction and --test-classes only apply to the folder format")
     elif args.train_classes is not None:
-        options["train_classes"] = int(args.train_classes)
+        try:
+            options["train_classes"] = int(args.train_classes)
+        except ValueError:
+            raise DataError(f"--train-classes: {args.format} takes the last train class id (a number), "
+                            f"got {args.train_classes!r}") from None
     summary = write_dataset(args.format, args.src, args.out, shard_size=args.shard_size, workers=args.workers,
                             seed=args.seed, reencode=args.reencode, overwrite=args.overwrite,
                             progress=not args.no_progress, **options)
     for split, s in summary.items():
         print(f"{split}: {s['status']}: {s['num_samples']} images, {s['num_classes']} classes, "
-              f"{s['num_shards']} shards, {s['skipped']} undecodable left out -> {os.path.join(args.out, split)}")
+              f"{s['num_shards']} shards, {s['skipped']} left out -> {os.path.join(args.out, split)}")
         for p in s["skipped_paths"]:
             print(f"  left out: {p}")
     return 0

@@ -4,6 +4,7 @@ real cars_annos.mat written by scipy), converted by the writers; also used by th
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -13,7 +14,7 @@ import pytest
 import scipy.io
 from PIL import Image
 
-from data_shards import read_manifest, write_dataset
+from data_shards import DamagedShard, read_manifest, write_dataset
 from data_shards.__main__ import main as cli_main
 from data_shards.manifest import sha256_file
 from data_shards.transforms import decode_image
@@ -235,14 +236,14 @@ def test_rerun_verifies_instead_of_rewriting(tmp_path):
     with open(shard, "r+b") as f:       # damage one shard: the re-run says so and rewrites nothing
         f.seek(600)
         f.write(b"XXXX")
-    with pytest.raises(RuntimeError, match="does not match its sha256"):
+    with pytest.raises(DamagedShard, match="does not match its sha256"):
         write_dataset("folder", src, out, shard_size="4kB", progress=False)
     rewritten = write_dataset("folder", src, out, shard_size="4kB", overwrite=True, progress=False)
     assert rewritten["train"]["status"] == "written"
     assert write_dataset("folder", src, out, shard_size="4kB", progress=False)["train"]["status"] == "verified"
 
 
-def test_cli(tmp_path):
+def test_cli(tmp_path, capsys):
     src = make_sop(str(tmp_path))
     cmd = [sys.executable, "-m", "data_shards", "write", "sop", "--src", src, "--out", str(tmp_path / "o"),
            "--shard-size", "4kB", "--workers", "2", "--no-progress"]
@@ -251,8 +252,10 @@ def test_cli(tmp_path):
     assert "train: written: 15 images, 6 classes" in r.stdout
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert "train: verified: 15 images" in r.stdout, r.stdout + r.stderr
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        cli_main(cmd[3:5] + ["--src", str(tmp_path / "missing"), "--out", str(tmp_path / "x")])
+    capsys.readouterr()
+    assert cli_main(cmd[3:5] + ["--src", str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 2
+    assert re.fullmatch(r"python -m data_shards write: error: write_dataset: src \S*missing does not exist.*\n",
+                        capsys.readouterr().err)
     with pytest.raises(SystemExit):
         cli_main(["write", "imagenet", "--src", src, "--out", str(tmp_path / "x")])
 

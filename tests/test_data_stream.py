@@ -11,7 +11,7 @@ import tarfile
 import pytest
 import torch
 
-from data_shards import TransformConfig, eval_loader, read_manifest, train_loader, write_dataset
+from data_shards import DamagedShard, TransformConfig, eval_loader, read_manifest, train_loader, write_dataset
 from data_shards.transforms import decode_image
 from tests.test_data_layouts import make_folder, read_split
 
@@ -135,9 +135,12 @@ def damaged_copy(src_split, dst):
 
 
 def test_truncated_tar_and_corrupt_jpeg_are_skipped_with_a_count(shards, tmp_path, caplog):
+    """With verify="off" (checks: test_data_integrity.py, where the default "quick" refuses this split)."""
     split = damaged_copy(shards / "many" / "train", tmp_path / "damaged")
     caplog.set_level(logging.WARNING, logger="data_shards")
-    tl = train_loader(split, batch_size=8, num_workers=0, seed=1, transform=TF)
+    with pytest.raises(DamagedShard, match="folder-000000.tar: .* bytes, the manifest says"):
+        train_loader(split, batch_size=8, num_workers=0, transform=TF)
+    tl = train_loader(split, batch_size=8, num_workers=0, seed=1, transform=TF, verify="off")
     got = batches(tl)
     assert len(got) == len(tl) == 11 and all(x.shape[0] == 8 for x, _ in got)
     skipped = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
@@ -146,12 +149,12 @@ def test_truncated_tar_and_corrupt_jpeg_are_skipped_with_a_count(shards, tmp_pat
     counts = [int(re.search(r"\((\d+) skipped so far", s).group(1)) for s in skipped]
     assert counts == sorted(counts) and counts[-1] >= 5            # counted: 4 lost to the truncation + 1
     caplog.clear()
-    keys = [k for _, _, ks in eval_loader(split, batch_size=8, num_workers=0, transform=TF) for k in ks]
+    keys = [k for _, _, ks in eval_loader(split, batch_size=8, num_workers=0, transform=TF, verify="off") for k in ks]
     assert 70 < len(keys) < 90 and len(set(keys)) == len(keys)
     assert any("skipped sample" in r.getMessage() for r in caplog.records)
     # with workers too: nothing crashes, nothing hangs, counts stay
-    assert sum(1 for _ in train_loader(split, batch_size=8, num_workers=2, transform=TF)) == 11
-    el = eval_loader(split, batch_size=8, num_workers=2, transform=TF)
+    assert sum(1 for _ in train_loader(split, batch_size=8, num_workers=2, transform=TF, verify="off")) == 11
+    el = eval_loader(split, batch_size=8, num_workers=2, transform=TF, verify="off")
     assert len([k for _, _, ks in el for k in ks]) == len(keys)
 
 

@@ -16,6 +16,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from data_shards.transforms import TransformConfig
+from data_shards.verify import VERIFY
 from trainer.errors import UserError
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
@@ -44,6 +45,8 @@ class DataConfig:
     decode: str = "cpu"  # cpu: workers decode + augment | gpu: workers only read bytes; decode + augment
     #                      batched on the device (data_shards.gpu_transforms; on a CPU device it runs inline)
     prepare: str = "none"  # none | digits: write the shards of a built-in dataset first if <root> has none
+    verify: str = "quick"  # shard checks against the manifest: quick (size + first sample at every shard open) |
+    #                      sha256 (also every shard's hash, once per process at start-up) | off
     transform: TransformConfig = field(default_factory=TransformConfig)
 
 
@@ -153,6 +156,7 @@ CHOICES = {
     "run.device": ("auto", "cpu", "cuda"),
     "data.decode": ("cpu", "gpu"),
     "data.prepare": ("none", "digits"),
+    "data.verify": VERIFY,
     "model.pooling": ("avg", "max", "avgmax", "catavgmax"),
     "loss.mode": ("gather", "local", "sharded"),
     "optim.name": ("adam", "adamw", "sgd"),

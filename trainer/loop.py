@@ -281,7 +281,7 @@ class Trainer:
         loader = train_loader(self.train_dir, batch_size=self.per_rank_batch, num_workers=cfg.data.num_workers,
                               seed=cfg.run.seed, epoch=pos.epoch, rank=env.rank, world_size=env.world_size,
                               transform=cfg.data.transform, start_batch=pos.batch,
-                              decode="none" if cfg.data.decode == "gpu" else "cpu")
+                              decode="none" if cfg.data.decode == "gpu" else "cpu", verify=cfg.data.verify)
         autocast = torch.autocast(env.device.type, dtype=self.amp) if self.amp else nullcontext()
         bar = tqdm(total=len(loader), initial=pos.batch, disable=not env.is_main, dynamic_ncols=True,
                    desc=f"epoch {pos.epoch}" + (" (warm-up: head + proxies)" if self.warm else ""))
@@ -348,7 +348,7 @@ class Trainer:
         cfg, env = self.cfg, self.env
         loader = eval_loader(self.test_dir, batch_size=cfg.eval.batch_size, num_workers=cfg.data.num_workers,
                              rank=env.rank, world_size=env.world_size, transform=cfg.data.transform,
-                             decode="none" if cfg.data.decode == "gpu" else "cpu")
+                             decode="none" if cfg.data.decode == "gpu" else "cpu", verify=cfg.data.verify)
         if cfg.data.decode == "gpu":
             from data_shards.gpu_transforms import device_batches
             loader = device_batches(loader, cfg.data.transform, env.device, train=False)

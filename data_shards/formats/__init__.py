@@ -1,6 +1,11 @@
-"""Readers of the source layouts: each `collect(src, **options)` returns {split: [Record, ...]}."""
+"""Readers of the source layouts: each `collect(src, **options)` returns {split: [Record, ...]}.
 
+A source that is missing or does not parse raises DataError (MissingData) naming the file and the problem."""
+
+import os
 from dataclasses import dataclass, field
+
+from ..errors import DataError, MissingData
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm", ".pbm")
 
@@ -18,12 +23,11 @@ def collect(fmt: str, src: str, **options) -> dict[str, list[Record]]:
     from . import cars196, cub200, folder, sop
     readers = {"cub200": cub200.collect, "cars196": cars196.collect, "sop": sop.collect, "folder": folder.collect}
     if fmt not in readers:
-        raise ValueError(f"unknown format {fmt!r}; choose one of {sorted(readers)}")
+        raise DataError(f"unknown format {fmt!r}; choose one of {sorted(readers)}")
     return readers[fmt](src, **options)
 
 
 def require(path: str, what: str) -> str:
-    import os
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{what}: {path} not found")
+        raise MissingData(f"{what}: {path} not found")
     return path

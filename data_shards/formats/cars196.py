@@ -8,23 +8,29 @@ import os
 import numpy as np
 import scipy.io
 
+from ..errors import DataError
 from . import Record, require
 
 
 def collect(src: str, train_classes: int = 98) -> dict[str, list[Record]]:
     mat_path = require(os.path.join(src, "cars_annos.mat"), "cars196 --src")
-    mat = scipy.io.loadmat(mat_path, squeeze_me=True)
+    try:
+        mat = scipy.io.loadmat(mat_path, squeeze_me=True)
+    except (ValueError, TypeError, OSError) as exn:
+        raise DataError(f"cars196: cannot read {mat_path} ({exn}); download cars_annos.mat again") from None
     for key in ("annotations", "class_names"):
         if key not in mat:
-            raise ValueError(f"cars196: {mat_path} has no {key!r}")
+            raise DataError(f"cars196: {mat_path} has no {key!r}")
     names = [str(n) for n in np.atleast_1d(mat["class_names"])]
     splits: dict[str, list[Record]] = {"train": [], "test": []}
     for a in np.atleast_1d(mat["annotations"]):
-        rel = str(a["relative_im_path"])
-        cid = int(a["class"])
+        try:
+            rel, cid, test = str(a["relative_im_path"]), int(a["class"]), int(a["test"])
+            bbox = [int(a[k]) for k in ("bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2")]
+        except (ValueError, IndexError, TypeError) as exn:
+            raise DataError(f"cars196: an annotation of {mat_path} lacks a field ({exn})") from None
         if not 1 <= cid <= len(names):
-            raise ValueError(f"cars196: {rel} has class {cid} outside 1..{len(names)}")
-        bbox = [int(a[k]) for k in ("bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2")]
-        rec = Record(os.path.join(src, rel), rel, cid, names[cid - 1], {"bbox": bbox, "test": int(a["test"])})
+            raise DataError(f"cars196: {rel} has class {cid} outside 1..{len(names)}")
+        rec = Record(os.path.join(src, rel), rel, cid, names[cid - 1], {"bbox": bbox, "test": test})
         splits["train" if cid <= train_classes else "test"].append(rec)
     return splits

@@ -4,6 +4,7 @@ after its product: `bicycle_final/111085122871`."""
 
 import os
 
+from ..errors import DataError
 from . import Record, require
 
 
@@ -12,16 +13,21 @@ def read_list(root: str, name: str) -> list[Record]:
     with open(path, encoding="utf-8") as f:
         header = f.readline().split()
         if header[:4] != ["image_id", "class_id", "super_class_id", "path"]:
-            raise ValueError(f"sop: {path} does not start with 'image_id class_id super_class_id path'")
+            raise DataError(f"sop: {path} does not start with 'image_id class_id super_class_id path'")
         records = []
-        for line in f:
+        for n, line in enumerate(f, 2):
             if not line.strip():
                 continue
-            image_id, class_id, super_id, rel = line.split()
+            try:
+                image_id, class_id, super_id, rel = line.split()
+                extra = {"image_id": int(image_id), "super_class_id": int(super_id)}
+                class_id = int(class_id)
+            except ValueError:
+                raise DataError(f"sop: {path} line {n} is not 'image_id class_id super_class_id path': "
+                                f"{line.strip()[:80]!r}") from None
             product = rel.rsplit("/", 1)
             name = product[0] + "/" + product[-1].rsplit("_", 1)[0]
-            records.append(Record(os.path.join(root, rel), rel, int(class_id), name,
-                                  {"image_id": int(image_id), "super_class_id": int(super_id)}))
+            records.append(Record(os.path.join(root, rel), rel, class_id, name, extra))
     return records
 
 
