@@ -71,13 +71,14 @@ def test_cli_prints_metrics_and_exports(setup, capsys):
     assert nearest[:, 0].tolist() == list(range(5))  # each vector finds itself
 
 
-def test_cli_rejects_bad_arguments(setup, tmp_path):
+def test_cli_rejects_bad_arguments(setup, tmp_path, capsys):
     _, ckpt, split, _ = setup
     with pytest.raises(SystemExit):
         main([str(ckpt), "--data", split, "--faiss-index"])
     torch.save({"model": {}}, tmp_path / "bad.pt")
-    with pytest.raises(SystemExit):
-        main([str(tmp_path / "bad.pt"), "--data", split])
+    assert main([str(tmp_path / "bad.pt"), "--data", split]) == 2  # one line, no traceback
+    err = capsys.readouterr().err
+    assert f"error: {tmp_path / 'bad.pt'}: not a trainer checkpoint" in err and "Traceback" not in err
     with pytest.raises(ValueError, match=r"\.csv or \.parquet"):
         write_table(setup[3].per_class, tmp_path / "table.xlsx")
 

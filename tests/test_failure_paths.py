@@ -57,7 +57,8 @@ def one_error_line(stderr):
 def test_exception_with_loader_workers_exits_nonzero_fast(shards, tmp_path):
     """Every train shard garbage, one loader worker: before, the error printed and the process never exited."""
     bad = garbage_copy(shards, tmp_path / "bad")
-    code, err, secs = cli(tiny(bad, tmp_path / "runs", "data.num_workers=1", *no_tracking()), timeout=90)
+    code, err, secs = cli(tiny(bad, tmp_path / "runs", "data.num_workers=1", "data.verify='off'", *no_tracking()),
+                          timeout=90)  # verify=off: the workers meet the damage, not the start-up check
     assert code != 0 and secs < 60, (code, secs, err[-2000:])
     assert "no readable sample" in err
 
@@ -331,3 +332,23 @@ def test_evaluate_cli_on_a_bad_checkpoint_file_is_one_line(shards, mid_epoch_run
     code, err, _ = cli([str(path), "--data", os.path.join(shards, "test"), "--num-workers", "0"],
                        module="trainer.evaluate", timeout=60)
     assert code == 2 and str(path) in one_error_line(err), err[-2000:]
+
+
+@pytest.mark.distributed
+def test_a_user_error_decided_on_rank_0_stops_both_ranks_with_one_line(shards, tmp_path):
+    """The run directory is held by another trainer: rank 0 finds out, every rank raises the same error, rank 0
+    alone prints it, torchrun exits non-zero within seconds."""
+    from trainer.distributed import free_port
+    holder = RunDir(str(tmp_path / "t"), str(tmp_path / "t" / "checkpoints")).claim()
+    try:
+        t = time.monotonic()
+        p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                            "127.0.0.1", "--master_port", str(free_port()), "-m", "trainer",
+                            *tiny(shards, tmp_path, *no_tracking())],
+                           capture_output=True, text=True, timeout=120, env=clean_env())
+        secs = time.monotonic() - t
+    finally:
+        holder.release()
+    assert p.returncode != 0 and secs < 90, (p.returncode, secs, p.stderr[-3000:])
+    said = [ln for ln in p.stderr.splitlines() if "in use by another trainer" in ln]
+    assert len(said) == 1 and said[0].startswith("[rank 0] error: run.name:"), p.stderr[-3000:]
