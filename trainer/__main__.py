@@ -35,7 +35,7 @@ def main(argv=None) -> int:
         return 0
     from trainer import distributed
     from trainer.loop import train
-    env = distributed.setup(cfg.run.device)
+    env = distributed.setup(cfg.run.device, backend=cfg.run.dist_backend)
     try:
         train(cfg, env)
     except ConfigError as e:
