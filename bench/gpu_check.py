@@ -325,7 +325,8 @@ def judge_versions(pins: dict[str, str], requirements: dict[str, str]) -> Callab
         broken = [f"{m}: {e}" for m, e in got["import_errors"].items()]
         image = [f"{n} {got['versions'].get(n) or 'missing'} (pin {requirements[n]})" for n in sorted(ON_IMAGE)
                  if n in requirements and got["versions"].get(n) != requirements[n]]
-        figure = "; ".join(wrong + broken) or (f"{len(pins)} carried ok; image: " + ", ".join(image))
+        problems = wrong + broken + ([] if got["bf16"] else ["torch reports no bf16 support"])
+        figure = "; ".join(problems) or f"{len(pins)} carried ok; image: {', '.join(image) or 'our pins'}"
         met = not wrong and not broken and got["bf16"]
         return [verdict("versions", "carried = manifest; imports work; bf16", outcome, met, figure)]
     return judge
