@@ -311,7 +311,7 @@ def test_two_rank_launch_trains_the_demo_on_the_cpu(tmp_path):
     args = G.parse_args(["--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")])
     gloo = next(s for s in G.plan(args, G.read_manifest(), G.read_requirements()) if s.after_refusal_of)
     swap = {"run.device=cuda": "run.device=cpu", "data.decode=gpu": "data.decode=cpu",
-            "train.compile=true": "train.compile=false", "train.amp=bf16": "train.amp=off"}
+            "train.compile=true": "train.compile=false", "train.amp=bf16": "train.amp=auto"}
     argv = [[swap.get(a, a) for a in cmd] for cmd in gloo.argv]
     env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
     o = G.run_processes(argv, [{**env, **G.step_env(args), **e} for e in gloo.env], 240)
