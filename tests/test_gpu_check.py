@@ -225,14 +225,31 @@ def test_table_escapes_pipes_and_names_every_column():
 
 # ---------------------------------------------------------------- each bench's real output, parsed
 
-def test_loss_bench_output_is_parsed(tmp_path):
-    o = run_bench(["bench/loss_bench.py", "--only", "CUB M=32", "--reps", "1", "--cpu-batch", "8",
-                   "--threads", "1"])
-    assert o.ok, o.output[-2000:]
+def test_loss_bench_output_is_parsed():
+    """Two runs one after another, as the loss step makes them (fp32, then bf16 autocast)."""
+    cmd = [PY, "bench/loss_bench.py", "--only", "CUB M=32", "--reps", "1", "--cpu-batch", "8", "--threads", "1"]
+    o = G.run_processes([cmd, cmd + ["--amp", "bf16"]], [ENV, ENV], 120, together=False)
+    assert o.ok and o.output.count("----- process") == 2, o.output[-2000:]
     row = G.judge_loss(o, case="CUB M=32", target_ms=1e6)[0]
-    assert row.result == "PASS" and " ms" in row.figure and "dense " in row.figure, row
+    fp32, bf16 = row.figure.split("; ")
+    assert row.result == "PASS" and fp32.startswith("fp32 ") and " ms" in fp32 and "(dense " in fp32, row
+    assert bf16.startswith("bf16 autocast ") and bf16.endswith((" ms", " ms*")), row
     assert G.judge_loss(o, case="CUB M=32", target_ms=1e-3)[0].result == "FAILED (target missed)"
     assert G.judge_loss(o)[0].result == "FAILED (no figure in its output)"  # SOP lam=0.3 was not run
+
+
+def test_sequential_processes_share_one_limit():
+    sleep = [PY, "-c", "import time; time.sleep(30)"]
+    t = time.perf_counter()
+    o = G.run_processes([[PY, "-c", "print(1)"], sleep, [PY, "-c", "print(3)"]], [{}, {}, {}], 3, together=False)
+    assert o.timed_out and time.perf_counter() - t < 10 and o.output.count("----- process") == 2
+
+
+def test_the_plan_fits_in_eight_minutes():
+    args = G.parse_args([])
+    steps = G.plan(args, G.read_manifest(), G.read_requirements())
+    assert sum(s.limit_s for s in steps) <= args.budget_s <= 8 * 60 - 10
+    assert [s.key for s in steps if not s.after_refusal_of] == G.STEPS
 
 
 def test_throughput_output_is_parsed():
