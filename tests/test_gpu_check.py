@@ -209,8 +209,10 @@ def test_gloo_runs_only_after_nccl_refused_two_ranks_on_one_gpu(tmp_path):
                                                           "PASS"]),
         (f"print({demo_line!r})", ["PASS"]),
         ("import sys; print('CUDA error: out of memory'); sys.exit(1)", ["FAILED (exit 1)"]),
+        (f"import time; print({refusal!r}, flush=True); time.sleep(30)",  # the other rank hangs: still refused
+         ["REFUSED (NCCL: two ranks on one device; gloo next)", "PASS"]),
     ]:
-        nccl = step("demo2", nccl_code, judge=G.judge_demo_nccl)
+        nccl = step("demo2", nccl_code, limit=3, judge=G.judge_demo_nccl)
         with open(tmp_path / "log", "w") as log:
             rows = G.run_plan([nccl, gloo], [], 60, ENV, log)
         assert [r.result for r in rows] == expect
