@@ -336,3 +336,23 @@ def test_two_rank_launch_trains_the_demo_on_the_cpu(tmp_path):
     o = G.run_processes(argv, [{**env, **G.step_env(args), **e} for e in gloo.env], 240)
     assert o.ok, o.output[-3000:]
     assert gloo.judge(o)[0].result == "PASS", o.output[-2000:]
+
+
+def test_main_runs_the_plan_after_the_checks_and_writes_log_table_and_results(tmp_path, monkeypatch, capsys):
+    """main() past the CUDA check (stood in for): wheels, then the steps; a failed row makes the exit 1."""
+    monkeypatch.setattr(G, "cuda_line", lambda: (True, "a stand-in device"))
+    monkeypatch.setattr(G, "plan", lambda args, pins, req: [step("install", "print('installed')"),
+                                                            step("loss", "import sys; print('slow'); sys.exit(4)")])
+    whl, out = fake_wheels(tmp_path / "whl", G.read_manifest()), tmp_path / "out"
+    assert G.main(["--wheels", str(whl), "--out", str(out)]) == 1
+    text = capsys.readouterr().out
+    assert text.rstrip().endswith("gpu_check: 3 of 4 rows passed; FAILED: loss")
+    assert [r["check"] for r in json.loads((out / "results.json").read_text())] == [
+        "CUDA device", "wheels", "install", "loss"]
+    assert "| loss | FAILED (exit 4) |" in (out / "table.md").read_text()
+    assert "installed" in (out / "gpu_check.log").read_text()
+    assert G.main(["--wheels", str(whl), "--out", str(out), "--only", "pytest"]) == 0  # install runs always
+    next(whl.glob("webdataset-*.whl")).unlink()
+    assert G.main(["--wheels", str(whl), "--out", str(out)]) == 1
+    rows = json.loads((out / "results.json").read_text())
+    assert [r["result"] for r in rows[2:]] == ["FAILED (not run: the wheels are wrong)"] * 2
