@@ -412,7 +412,7 @@ def plan(args, pins: dict[str, str], requirements: dict[str, str]) -> list[Step]
                   "--workers", "4", "--steps", "20", "--warmup", "5", "--device", "cuda"]
     evaluation = [py, "bench/eval_bench.py", "--only-sop", "--device", "cuda", "--forward-backbone", "resnet50"]
     return [
-        Step("install", "install wheels", [install], 40, judge_install),
+        Step("install", "install wheels", [install], 35, judge_install),
         Step("versions", "versions", [versions], 30, judge_versions(pins, requirements)),
         Step("pytest", "pytest -m gpu", [pytest], 60, judge_pytest),
         Step("loss", "loss_bench cuda", [loss, sop + ["--tf32"], sop + ["--amp", "bf16"]], 70, judge_loss,
@@ -458,8 +458,10 @@ def show(cmd: list[str]) -> str:
     return " ".join(parts)
 
 
-def tail(text: str, n: int = 15) -> str:
-    return "\n".join("    " + ln for ln in text.rstrip().splitlines()[-n:])
+def tail(text: str, n: int = 15, width: int = 300) -> str:
+    """The last n lines (progress bars' carriage returns split lines too), each cut to `width` characters."""
+    lines = [ln for ln in re.split(r"[\r\n]+", text.rstrip()) if ln.strip()]
+    return "\n".join("    " + ln[:width] for ln in lines[-n:])
 
 
 def run_plan(steps: list[Step], rows: list[Row], budget_s: float, common_env: dict, log,
@@ -515,7 +517,8 @@ def parse_args(argv=None):
     p.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "gpu_check_work"),
                    help="the demo runs' output folder (shards, checkpoints)")
     p.add_argument("--only", default="", help="comma-separated checks (default: all)")
-    p.add_argument("--budget-s", type=float, default=470.0, help="the whole run's time budget in seconds")
+    p.add_argument("--budget-s", type=float, default=470.0,
+                   help="the whole run's time budget in seconds, from its start")
     p.add_argument("--dry-run", action="store_true",
                    help="no CUDA needed: check the wheels, print the plan and the table unfilled")
     args = p.parse_args(argv)
@@ -529,6 +532,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
+    started = time.perf_counter()
     args = parse_args(argv)
     if not args.dry_run:
         usable, line = cuda_line()
@@ -558,7 +562,7 @@ def main(argv=None) -> int:
                  if not s.after_refusal_of]
     else:
         with open(os.path.join(args.out, "gpu_check.log"), "w") as log:
-            run_plan(steps, rows, args.budget_s, step_env(args), log)
+            run_plan(steps, rows, args.budget_s - (time.perf_counter() - started), step_env(args), log)
     table = format_table(rows)
     print("\n" + table, flush=True)
     with open(os.path.join(args.out, "table.md"), "w") as f:

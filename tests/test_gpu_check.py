@@ -219,6 +219,13 @@ def test_gloo_runs_only_after_nccl_refused_two_ranks_on_one_gpu(tmp_path):
     assert not any(r.failed for r in G.judge_demo_nccl(G.Outcome([1, 1], refusal.replace("\\n", "\n"), 3.0)))
 
 
+def test_failure_tails_are_short_lines():
+    text = "start\n" + "\r".join(f"epoch 0: {i}%" + "#" * 500 for i in range(100)) + "\nTraceback\nValueError: x\n"
+    lines = G.tail(text, n=3).splitlines()
+    assert [ln.strip()[:12] for ln in lines] == ["epoch 0: 99%", "Traceback", "ValueError: "]
+    assert max(len(ln) for ln in lines) <= 304
+
+
 def test_table_escapes_pipes_and_names_every_column():
     table = G.format_table([G.Row("a", "PASS", "x | y", "< 1 s")])
     assert table.splitlines() == ["| check | result | figure | target |", "| --- | --- | --- | --- |",
