@@ -10,6 +10,14 @@ set's shape; timing does not depend on the values.
 
     python bench/eval_bench.py                    # CUB-size and Cars-size vs baseline, then SOP size (ours)
     python bench/eval_bench.py --skip-sop         # just the comparison
+    python bench/eval_bench.py --only-sop --device cuda --forward-backbone resnet50   # the GPU targets
+
+On CUDA (`--device cuda`, SOP size only) the kNN is torch matmul + top-k and the k-means torch, timed after a
+warm-up on 4% of the classes (CUDA context, cuBLAS handles); the target is under 1 s. `--forward-backbone` also times
+the embedder's bf16 inference forward (random init, batch 256, synthetic tensors on the device, channels_last)
+and estimates the whole SOP evaluation as 60,502 forward passes at that rate + the metric step (target: under
+10 s; image loading and decoding are not in the estimate). `--size tiny` swaps the SOP size for a smoke-test
+size (500 x 25 classes) with the same output.
 
 Measured 2026-11-27 on the 2-core dev CPU while other jobs ran (load average 15-21, so wall times are
 stretched several-fold; CPU seconds are the stable figure):
@@ -44,6 +52,7 @@ SIZES = {  # name: (N, classes, recall ks)
     "cub": (5924, 100, (1, 2, 4, 8)),
     "cars": (8131, 98, (1, 2, 4, 8)),
     "sop": (60502, 11316, (1, 10, 100, 1000)),
+    "tiny": (500, 25, (1, 2, 4, 8)),  # a smoke test of the script, not a benchmark
 }
 
 
@@ -81,26 +90,64 @@ def baseline(x, labels, ks, seed=0):
     return out
 
 
-def ours(x, labels, ks, seed=0):
+def ours(x, labels, ks, seed=0, device="cpu"):
     from trainer.metrics import compute_metrics
 
-    return compute_metrics(x, labels, recall_ks=ks, nmi=True, map_r=True, seed=seed)[0]
+    return compute_metrics(x, labels, recall_ks=ks, nmi=True, map_r=True, seed=seed, device=device)[0]
 
 
-def measure(impl: str, size: str, dim: int) -> dict:
-    """One measurement in this process: seconds and peak memory of the metric computation."""
+def measure(impl: str, size: str, dim: int, device: str = "cpu") -> dict:
+    """One measurement in this process: seconds and peak memory of the metric computation (on cuda: after a
+    warm-up on the rows of 4% of the classes; peak_gpu_gib is the device's peak allocation)."""
+    import torch
+
     n, classes, ks = SIZES[size]
     x, labels = clustered(n, classes, dim)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    if device == "cuda":
+        few = labels < max(2, classes // 25)  # ~4% of the rows, whole classes
+        ours(x[few], labels[few], tuple(k for k in ks if k < 100), device=device)
+        sync()
+        torch.cuda.reset_peak_memory_stats()
     t, cpu = time.perf_counter(), time.process_time()
-    values = (ours if impl == "ours" else baseline)(x, labels, ks)
+    values = ours(x, labels, ks, device=device) if impl == "ours" else baseline(x, labels, ks)
+    sync()
     seconds, cpu = time.perf_counter() - t, time.process_time() - cpu
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    return {"impl": impl, "size": size, "n": n, "classes": classes, "seconds": seconds, "cpu_s": cpu,
-            "peak_gib": peak, "metrics": values}
+    out = {"impl": impl, "size": size, "n": n, "classes": classes, "seconds": seconds, "cpu_s": cpu,
+           "peak_gib": peak, "metrics": values, "device": device}
+    if device == "cuda":
+        out["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return out
 
 
-def run_child(impl: str, size: str, dim: int) -> dict:
-    cmd = [sys.executable, __file__, "--one", impl, "--size", size, "--dim", str(dim)]
+def forward_rate(backbone: str, dim: int, device: str, batch: int = 256, warmup: int = 3, batches: int = 10,
+                 image_size: int = 224) -> float:
+    """Images/s of the embedder's inference forward (bf16 autocast on cuda, channels_last), synthetic input."""
+    import torch
+
+    from trainer.config import ModelConfig
+    from trainer.model import build_model
+
+    model = build_model(ModelConfig(backbone=backbone, pretrained=False, dim=dim)).to(device).eval()
+    x = torch.randn(batch, 3, image_size, image_size, device=device)
+    if device == "cuda":
+        model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+        torch.backends.cudnn.benchmark = True
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    with torch.inference_mode(), torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+        for _ in range(warmup):
+            model(x)
+        sync()
+        t = time.perf_counter()
+        for _ in range(batches):
+            model(x)
+        sync()
+    return batch * batches / (time.perf_counter() - t)
+
+
+def run_child(impl: str, size: str, dim: int, device: str = "cpu") -> dict:
+    cmd = [sys.executable, __file__, "--one", impl, "--size", size, "--dim", str(dim), "--device", device]
     out = subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -122,13 +169,26 @@ def main() -> None:
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--skip-sop", action="store_true")
     p.add_argument("--only-sop", action="store_true")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="where ours runs (cuda: torch kNN and k-means; implies --only-sop)")
+    p.add_argument("--size", choices=["sop", "tiny"], default="sop",
+                   help="the size of the single-set run (tiny: a smoke test of this script)")
+    p.add_argument("--forward-backbone", default="",
+                   help="also time this embedder's forward and estimate the whole evaluation (e.g. resnet50)")
+    p.add_argument("--forward-batches", type=int, default=10, help="timed forward batches (after 3 warm-up ones)")
+    p.add_argument("--forward-batch", type=int, default=256, help="forward batch size")
+    p.add_argument("--forward-image-size", type=int, default=224, help="forward input size in pixels")
     p.add_argument("--one", choices=["ours", "baseline"], help=argparse.SUPPRESS)
-    p.add_argument("--size", choices=list(SIZES), help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.one:
         sys.path.insert(0, str(ROOT))
-        print(json.dumps(measure(a.one, a.size, a.dim)))
+        print(json.dumps(measure(a.one, a.size, a.dim, a.device)))
         return
+    if a.device == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda: no CUDA device is available")
+        a.only_sop, a.skip_sop = True, False
     print(f"dim {a.dim}; each line one process; peak = its peak RSS incl. Python and torch; CPU = user+system "
           f"seconds of all its threads; {os.cpu_count()} cores, load average now {os.getloadavg()[0]:.1f} "
           f"(a shared machine stretches wall time, not CPU time)")
@@ -137,12 +197,26 @@ def main() -> None:
         mine = run_child("ours", size, a.dim)
         print(row(base))
         print(row(mine, base), f"  speed-up x{base['seconds'] / mine['seconds']:.1f}", flush=True)
-    if not a.skip_sop:
-        mine = run_child("ours", "sop", a.dim)
-        print(row(mine))
+    if a.skip_sop:
+        return
+    mine = run_child("ours", a.size, a.dim, a.device)
+    print(row(mine))
+    if a.device == "cpu":
         print(f"target 120 s / 4 GiB: wall {mine['seconds']:.0f} s, CPU {mine['cpu_s']:.0f} s "
               f"(= {mine['cpu_s'] / os.cpu_count():.0f} s on {os.cpu_count()} free cores), "
               f"peak {mine['peak_gib']:.2f} GiB; load average now {os.getloadavg()[0]:.1f}")
+    peak = f"GPU {mine['peak_gpu_gib']:.2f}" if a.device == "cuda" else f"{mine['peak_gib']:.2f}"
+    print(f"metric step on {a.device}: {mine['seconds']:.3f} s, peak {peak} GiB"
+          + (" (target < 1 s)" if a.device == "cuda" else ""))
+    if a.forward_backbone:
+        sys.path.insert(0, str(ROOT))
+        rate = forward_rate(a.forward_backbone, a.dim, a.device, a.forward_batch, batches=a.forward_batches,
+                            image_size=a.forward_image_size)
+        n = mine["n"]
+        print(f"whole evaluation estimate: {n / rate + mine['seconds']:.2f} s = {n:,} {a.forward_backbone} "
+              f"forward passes at {rate:,.0f} img/s ({n / rate:.2f} s; batch {a.forward_batch}, "
+              f"{a.forward_image_size} px) + metric step {mine['seconds']:.2f} s on {a.device} "
+              f"(target < 10 s; loading and decoding not included)")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """ProxyGML forward+backward: `loss/` (sparse, exact) against the dense formulation, in the same run.
 
-    python bench/loss_bench.py [--device cpu|cuda] [--reps 5] [--cpu-batch 64]
+    python bench/loss_bench.py [--device cpu|cuda] [--reps 5] [--cpu-batch 64] [--amp bf16] [--tf32]
 
 Prints one table: median forward+backward time and peak memory of each, and the ratios. The dense
 formulation is the released code's (dense W, dense label matrix Y^p, W @ Y^p, the CN x CN proxy-proxy matrix
@@ -11,7 +11,9 @@ regulariser does not depend on M) and a C=1,000 N=4 case is added so that a regu
 a dense run whose estimated memory or flops exceed --max-dense-gb / --max-dense-gflop is skipped and the
 table says why; on cuda the dense one runs until it is out of memory and the table says so. Peak memory:
 on cuda max_memory_allocated over the step; on the CPU each measurement runs in a fresh process and reports
-its resident-set high-water mark above the resident set before the step.
+its resident-set high-water mark above the resident set before the step. `--amp bf16` runs both under bf16
+autocast (ours then does its proxy-proxy product in bf16 with fp32 accumulation, the rest in fp32); `--tf32`
+lets CUDA fp32 matmuls use TF32. Both are named in the table's title line.
 
 Measured on the development machine (2 shared cores, load ~8 from other jobs, CPU, dim 512, r 0.05, M
 capped at 64; `python bench/loss_bench.py --reps 3`): see the loss section of the README.
@@ -20,6 +22,7 @@ capped at 64; `python bench/loss_bench.py --reps 3`): see the loss section of th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -90,18 +93,29 @@ def rss_kib(field: str) -> int:
         return next(int(line.split()[1]) for line in f if line.startswith(field))
 
 
-def measure(c: Case, impl: str, device: str, reps: int, slow_s: float) -> dict:
+def set_precision(device: str, amp: str, tf32: bool):
+    """TF32 for fp32 matmuls (cuda) as asked; returns the autocast context of one step."""
+    if device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    return torch.autocast(device, dtype=torch.bfloat16) if amp == "bf16" else contextlib.nullcontext()
+
+
+def measure(c: Case, impl: str, device: str, reps: int, slow_s: float, amp: str = "none",
+            tf32: bool = False) -> dict:
     """Median fwd+bwd seconds and peak extra bytes of one implementation on one case (this process)."""
+    autocast = set_precision(device, amp, tf32)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(c.M, c.dim, generator=g).to(device).requires_grad_()
     labels = torch.randint(0, c.C, (c.M,), generator=g).to(device)
     crit = ProxyGML(c.C, c.dim, c.N, r=c.r, lam=c.lam).to(device)
     if impl == "ours":
         def step():
-            return crit(x, labels)
+            with autocast:
+                return crit(x, labels)
     else:
         def step():
-            return dense_proxygml(x, crit.proxies, labels, c.C, c.N, c.r, c.lam)
+            with autocast:
+                return dense_proxygml(x, crit.proxies, labels, c.C, c.N, c.r, c.lam)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     times, peak = [], 0
     if device == "cuda":
@@ -134,11 +148,11 @@ def run_one(c: Case, impl: str, args) -> dict:
             return {"skip": f"est. {need_f / 1e12:.1f} TFLOP"}
     if args.device == "cuda":
         try:
-            return measure(c, impl, "cuda", args.reps, args.slow_s)
+            return measure(c, impl, "cuda", args.reps, args.slow_s, args.amp, args.tf32)
         except torch.OutOfMemoryError:
             torch.cuda.empty_cache()
             return {"skip": "out of memory"}
-    child = json.dumps([asdict(c), impl, args.reps, args.slow_s])
+    child = json.dumps([asdict(c), impl, args.reps, args.slow_s, args.amp])
     cmd = [sys.executable, __file__, "--threads", str(torch.get_num_threads()), "--child", child]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -170,19 +184,22 @@ def main() -> None:
     ap.add_argument("--max-dense-gflop", type=float, default=400.0, help="CPU: skip dense runs estimated above")
     ap.add_argument("--threads", type=int, default=0, help="CPU threads per run (default: torch's)")
     ap.add_argument("--only", default="", help="comma-separated case names to run (default: all)")
+    ap.add_argument("--amp", choices=["none", "bf16"], default="none", help="run each step under bf16 autocast")
+    ap.add_argument("--tf32", action="store_true", help="cuda: fp32 matmuls may use TF32")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.child:
-        c, impl, reps, slow_s = json.loads(args.child)
-        print(json.dumps(measure(Case(**c), impl, "cpu", reps, slow_s)))
+        c, impl, reps, slow_s, amp = json.loads(args.child)
+        print(json.dumps(measure(Case(**c), impl, "cpu", reps, slow_s, amp)))
         return
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available")
     chosen = [c for c in cases(args.device, args.cpu_batch) if not args.only or c.name in args.only.split(",")]
     name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"# ProxyGML fwd+bwd, {name}, torch {torch.__version__}, dim 512, r 0.05, median of up to "
+    precision = ("bf16 autocast" if args.amp == "bf16" else "fp32") + (", TF32 matmuls" if args.tf32 else "")
+    print(f"# ProxyGML fwd+bwd, {name}, torch {torch.__version__}, {precision}, dim 512, r 0.05, median of up to "
           f"{args.reps} after a warm-up (* = a single run)")
     print("| case | C | N | M | lam | dense time | ours time | speed-up | dense peak | ours peak | memory ratio |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")

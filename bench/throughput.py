@@ -28,7 +28,8 @@ small_cnn --image-size 64 --resize-size 72 --batch-size 32 --workers 1,2 --steps
 On the CPU the "device" path decodes in the training process, serially with the step, so it cannot win there;
 the figure that matters, ResNet-50 at batch 256 bf16 on an H100/H200 (target: >= 90% of the ceiling with
 <= 4 workers per GPU), is still open: no GPU was lent to this work. Run there:
-`python bench/throughput.py --backbone resnet50 --batch-size 256 --workers 1,4,8,16`.
+`python bench/throughput.py --backbone resnet50 --batch-size 256 --workers 1,4,8,16` (bench/gpu_check.sh runs it
+at 4 workers and checks the target).
 """
 
 from __future__ import annotations

@@ -45,11 +45,23 @@ def test_overrides_and_roundtrip():
     (["model.backbone=no_such_net"], "model.backbone"),
     (["train.warmup_epochs=50"], "train.warmup_epochs"),
     (["engine.name=horovod"], "engine.name"),
+    (["run.dist_backend=mpi"], "run.dist_backend"),
     (["train.epochs"], "train.epochs"),
 ])
 def test_bad_values_name_the_key(overrides, key):
     with pytest.raises(ConfigError, match="^" + key.replace(".", r"\.")):
         load_config("cub200", overrides)
+
+
+def test_dist_backend_auto_follows_the_device_and_gloo_may_carry_cuda():
+    import torch
+
+    from trainer.distributed import pick_backend
+    assert pick_backend("auto", torch.device("cpu")) == "gloo"
+    assert pick_backend("auto", torch.device("cuda", 0)) == "nccl"
+    assert pick_backend("gloo", torch.device("cuda", 0)) == "gloo"
+    with pytest.raises(RuntimeError, match="^run.dist_backend: 'nccl' needs a CUDA device"):
+        pick_backend("nccl", torch.device("cpu"))
 
 
 def test_missing_root_and_unknown_preset():

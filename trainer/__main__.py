@@ -43,7 +43,7 @@ def main(argv=None) -> int:
     from trainer import distributed
     from trainer.loop import train
     try:
-        env = distributed.setup(cfg.run.device)
+        env = distributed.setup(cfg.run.device, backend=cfg.run.dist_backend)
         train(cfg, env)
     except BaseException as e:  # noqa: BLE001 - every failure ends the same way: told, non-zero, at once
         code = report(e, rank, world_size, quiet_ranks=isinstance(e, ConfigError))

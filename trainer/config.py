@@ -33,6 +33,7 @@ class RunConfig:
     output_dir: str = "runs"
     seed: int = 0  # model init, data order (with epoch, rank, world size) and augmentation
     device: str = "auto"  # auto (cuda if available, else cpu) | cpu | cuda
+    dist_backend: str = "auto"  # auto (nccl on cuda, gloo on cpu) | nccl | gloo (e.g. two ranks sharing one GPU)
     deterministic: bool = False  # torch.use_deterministic_algorithms; cudnn.benchmark off
 
 
@@ -154,6 +155,7 @@ class Config:
 
 CHOICES = {
     "run.device": ("auto", "cpu", "cuda"),
+    "run.dist_backend": ("auto", "nccl", "gloo"),
     "data.decode": ("cpu", "gpu"),
     "data.prepare": ("none", "digits"),
     "data.verify": VERIFY,

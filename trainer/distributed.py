@@ -5,8 +5,9 @@
     ...
     teardown()
 
-NCCL on CUDA devices, gloo on the CPU. A single process without torchrun's variables still gets a (gloo
-or NCCL) group of one on a free local port, so the code below it has one path.
+NCCL on CUDA devices, gloo on the CPU (`run.dist_backend` can ask for gloo on CUDA). A single process
+without torchrun's variables still gets a (gloo or NCCL) group of one on a free local port, so the code below
+it has one path.
 """
 from __future__ import annotations
 
@@ -46,8 +47,18 @@ def pick_device(kind: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def setup(device: str = "auto", timeout_s: int = 1800) -> DistEnv:
-    """Join (or create) the default process group; idempotent."""
+def pick_backend(backend: str, dev: torch.device) -> str:
+    """auto: NCCL on a CUDA device, gloo on the CPU. nccl on the CPU is refused here, before the group starts."""
+    if backend == "auto":
+        return "nccl" if dev.type == "cuda" else "gloo"
+    if backend == "nccl" and dev.type != "cuda":
+        raise RuntimeError(f"run.dist_backend: 'nccl' needs a CUDA device, but the device is {str(dev)!r}")
+    return backend
+
+
+def setup(device: str = "auto", timeout_s: int = 1800, backend: str = "auto") -> DistEnv:
+    """Join (or create) the default process group; idempotent. backend: auto | nccl | gloo (gloo also carries
+    CUDA tensors, e.g. for two ranks sharing one GPU, which NCCL refuses)."""
     if "RANK" not in os.environ:  # plain `python -m trainer`: a group of one
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
@@ -55,8 +66,8 @@ def setup(device: str = "auto", timeout_s: int = 1800) -> DistEnv:
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     dev = pick_device(device, local_rank)
     if not dist.is_initialized():
-        backend = "nccl" if dev.type == "cuda" else "gloo"
-        kwargs = {"device_id": dev} if dev.type == "cuda" else {}
+        backend = pick_backend(backend, dev)
+        kwargs = {"device_id": dev} if backend == "nccl" else {}
         dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s),
                                 **kwargs)
     return DistEnv(rank, world_size, local_rank, dev)
