@@ -71,7 +71,8 @@ def finish(proc, timeout: float) -> int:
 def trainer_args(tmp_path, shards, name: str, **overrides) -> list[str]:
     """The demo preset (small CNN on 8x8 digits, CPU) on the shared shards, without evaluation before training."""
     values = {"run.output_dir": str(tmp_path / "runs"), "run.name": name, "data.root": shards,
-              "run.device": "cpu", "eval.at_start": "false", "data.num_workers": 1, **overrides}
+              "run.device": "cpu", "eval.at_start": "false", "data.num_workers": 1, "tracking.enabled": "false",
+              **overrides}
     return ["--config", "demo", *(f"{k}={v}" for k, v in values.items())]
 
 
