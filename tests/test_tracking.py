@@ -401,9 +401,10 @@ def test_store_back_during_the_run_gets_the_pending_events(tmp_path, monkeypatch
         tracker.log_metrics({"loss": float(step)}, step)
     assert tracker.flush(timeout=120) and not tracker.online and tracker.run_id is None
     store_dir.unlink()
-    tracker.log_metrics({"loss": 5.0}, 5)  # within RETRY_INTERVAL_S: not retried yet
+    monkeypatch.setattr(tracking, "LOCAL_RETRY_INTERVAL_S", 3600.0)
+    tracker.log_metrics({"loss": 5.0}, 5)  # within the retry interval: not retried yet
     assert tracker.flush(timeout=120) and not tracker.online
-    monkeypatch.setattr(tracking, "RETRY_INTERVAL_S", 0.0)
+    monkeypatch.setattr(tracking, "LOCAL_RETRY_INTERVAL_S", 0.0)
     for step in range(6, 8):
         tracker.log_metrics({"loss": float(step)}, step)
     assert tracker.flush(timeout=120) and tracker.online

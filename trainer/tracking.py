@@ -13,7 +13,8 @@ Where it logs: `cfg.tracking_uri` if set, else $MLFLOW_TRACKING_URI, else a SQLi
 Every MLflow call is made by one sender thread, in order: a step only queues its event (pictures and
 tables are written to `<run_dir>/tracking/artifacts/` first). A failing, unreachable or hung server never
 stops nor stalls training: the first failure warns once, later events are appended to
-`<run_dir>/tracking/pending.jsonl`, the server is retried every RETRY_INTERVAL_S and, once it answers, gets
+`<run_dir>/tracking/pending.jsonl`, the server is retried every RETRY_INTERVAL_S (a local SQLite store every
+LOCAL_RETRY_INTERVAL_S: busy, not down) and, once it answers, gets
 what is pending. Tracker() waits at most START_WAIT_S for the run id, close() at most CLOSE_WAIT_S for the
 queue. Whatever is still pending at the end is uploaded with
 
@@ -50,6 +51,8 @@ log = logging.getLogger(__name__)
 
 TRACKING_DIR = "tracking"  # under the run directory: state.json, pending.jsonl, artifacts/, model/
 RETRY_INTERVAL_S = 60.0  # while offline, ask the server again at most this often
+LOCAL_RETRY_INTERVAL_S = 2.0  # the same for a local store (SQLite file): busy for a moment, not down
+STORE_LOCK_WAIT_S = 120.0  # creating or upgrading a SQLite store waits at most this long for another process
 START_WAIT_S = 30.0  # Tracker() waits at most this long for the first answer of the store (run id)
 CLOSE_WAIT_S = 30.0  # close() waits at most this long for the sender thread to deliver what is queued
 HTTP_DEFAULTS = {
@@ -73,6 +76,16 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 def default_tracking_uri(run_dir: str | os.PathLike) -> str:
     return f"sqlite:///{Path(run_dir).resolve().parent / 'mlflow.db'}"
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a `sqlite:///PATH` URI (None for any other store)."""
+    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+
+
+def is_local_store(uri: str) -> bool:
+    """A store this process opens itself (SQLite, file): retried within seconds, not a minute."""
+    return uri.startswith(("sqlite:", "file:")) or "://" not in uri
 
 
 def resolve_tracking_uri(cfg_uri: str | None, run_dir: str | os.PathLike) -> str:
@@ -378,7 +391,18 @@ class _Store:
 
         self.uri = uri
         self.artifact_root = artifact_root
-        self.client = MlflowClient(tracking_uri=uri)
+        db = sqlite_path(uri)
+        if db is None:
+            self.client = MlflowClient(tracking_uri=uri)
+            return
+        # Opening a SQLite store creates or upgrades its schema; runs starting together on a new store race
+        # there ("duplicate column name"). One process at a time does it, under a lock file beside the store.
+        from filelock import FileLock
+
+        db.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(f"{db}.lock", timeout=STORE_LOCK_WAIT_S):
+            self.client = MlflowClient(tracking_uri=uri)
+            self.client.search_experiments(max_results=1)  # the store is ready before the lock is let go
 
     def ensure_run(self, experiment: str, run_name: str, run_id: str | None, reopen: bool = True) -> str:
         """The id of run `run_id` (set RUNNING again if `reopen`), or of a new run when it is None or unknown."""
@@ -568,6 +592,7 @@ class Tracker:
         self._online = False
         self._warned = False
         self._last_try = -math.inf
+        self._local = is_local_store(self.uri)
         self._lock = threading.Lock()  # pending.jsonl and state.json are written by both threads
         self._write_state(artifact_root)
         # every MLflow call happens in one sender thread: a slow or hung server never blocks a step
@@ -794,8 +819,12 @@ class Tracker:
         self._online = True
         return True
 
+    @property
+    def _retry_s(self) -> float:
+        return LOCAL_RETRY_INTERVAL_S if self._local else RETRY_INTERVAL_S
+
     def _reconnect_due(self) -> bool:
-        if time.monotonic() - self._last_try < RETRY_INTERVAL_S:
+        if time.monotonic() - self._last_try < self._retry_s:
             return False
         return self._connect()
 
@@ -805,7 +834,7 @@ class Tracker:
         if not self._warned:
             self._warned = True
             warnings.warn(f"Tracker: MLflow at {self.uri} failed ({type(error).__name__}: {error}); training "
-                          f"goes on, events are kept in {self.pending} and retried every {RETRY_INTERVAL_S:.0f}"
+                          f"goes on, events are kept in {self.pending} and retried every {self._retry_s:.0f}"
                           f" s (or: python -m trainer.tracking upload {self.run_dir})", RuntimeWarning,
                           stacklevel=4)
         else:
@@ -823,7 +852,9 @@ class Tracker:
         while True:
             event = self._queue.get()
             try:
-                if event is None:
+                if event is None:  # close(): a last try for what is pending, whatever the retry interval
+                    if not self._online and not self._abandoned and self.pending.exists():
+                        self._connect()
                     return
                 if self._abandoned:  # close() gave up waiting: no more calls to the store
                     self._keep(event)
