@@ -24,6 +24,7 @@ from trainer.config import check_world_size, to_dict, to_yaml
 from trainer.engine import TrainModule, build_engine
 from trainer.evaluate import evaluate
 from trainer.model import build_model
+from trainer.summary import RunReport
 from trainer.tracking import Tracker, shard_image_lookup
 
 
@@ -167,11 +168,15 @@ class Trainer:
         self.images_of = shard_image_lookup(self.test_dir) if cfg.tracking.enabled and env.is_main else None
         self.amp = amp_dtype(cfg.train, env.device)
         self.metrics, self.first_metrics = {}, {}
+        self.report = RunReport.start(self)  # rank 0 says what the run is about to do
 
     def fit(self) -> dict:
         """The whole run. Returns the last evaluation's metrics (on rank 0; {} elsewhere)."""
         cfg, pos, stop = self.cfg, self.pos, self.stop
         try:
+            if pos.epoch >= cfg.train.epochs:  # a finished run started again: say so, train nothing
+                self.tracker.close(status="FINISHED")
+                return self.report.already_complete()
             if cfg.eval.at_start and pos.step == 0:
                 self.first_metrics = self.evaluate("before training")
             while pos.epoch < cfg.train.epochs:
@@ -196,6 +201,7 @@ class Trainer:
                     self.first_metrics["recall_at_1"], self.metrics["recall_at_1"]))
             self.tracker.log_model(self.embedder)
             self.tracker.close(status="FINISHED")
+            self.report.end()  # rank 0: best and final Recall@1, where the run, its checkpoint and MLflow run are
             return self.metrics
         except BaseException:
             self.tracker.close(status="FAILED")
@@ -270,6 +276,7 @@ class Trainer:
             self.log(f"[eval {when}] " + "  ".join(f"{k} {v:.4f}" for k, v in result.metrics.items()))
             self.tracker.log_evaluation(result, self.pos.step, self.pos.epoch, image_lookup=self.images_of)
             self.metrics = result.metrics
+            self.report.evaluated(result.metrics, self.pos)
         self.tracker.log_proxy_stats(self.criterion, self.pos.step)
         return self.metrics
 

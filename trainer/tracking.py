@@ -400,6 +400,7 @@ class _Store:
         from filelock import FileLock
 
         db.parent.mkdir(parents=True, exist_ok=True)
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # "Creating initial ... tables"
         with FileLock(f"{db}.lock", timeout=STORE_LOCK_WAIT_S):
             self.client = MlflowClient(tracking_uri=uri)
             self.client.search_experiments(max_results=1)  # the store is ready before the lock is let go
@@ -534,6 +535,16 @@ def mlflow_globals(uri: str, experiment_id: str | None = None):
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+class _QuietPickleWarning(logging.Filter):
+    """mlflow.pytorch warns on every pickled model; the tracker chose pickle on purpose (see _model_options)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Pickle or CloudPickle" not in record.getMessage()
+
+
+logging.getLogger("mlflow.pytorch").addFilter(_QuietPickleWarning())
 
 
 def _model_options() -> dict:
