@@ -177,6 +177,7 @@ def main(argv=None) -> int:
     """`python -m trainer.evaluate CHECKPOINT --data SPLIT_DIR`; under torchrun every rank embeds a share."""
     import argparse
     import json
+    from pathlib import Path
     from types import SimpleNamespace
 
     from omegaconf import OmegaConf
@@ -202,6 +203,13 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.faiss_index and not a.export:
         p.error("--faiss-index needs --export DIR")
+    if a.per_class and Path(a.per_class).suffix not in (".csv", ".parquet"):
+        p.error(f"--per-class {a.per_class}: the table file must end in .csv or .parquet")
+    for folder in ([a.export] if a.export else []) + ([Path(a.per_class).parent] if a.per_class else []):
+        try:  # before any work: an output that cannot be written fails now, not after the evaluation
+            Path(folder).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            p.error(f"cannot create the output folder {folder}: {e.strerror}")
 
     state = checkpoint.load(a.checkpoint)
     if not isinstance(state, dict) or not {"config", "model"} <= state.keys():
