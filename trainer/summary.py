@@ -2,6 +2,7 @@
 
     report = RunReport.start(trainer)   # end of Trainer.__init__: dataset, model, loss, ranks, engine, steps planned
     report.evaluated(metrics, pos)      # after each evaluation: kept in <run_dir>/summary.json (survives resumes)
+                                        # and the MLflow run description (mlflow.note.content) shows its Recall@1
     report.end()                        # end of fit(): best and final Recall@1, MAP@R, paths, MLflow run, `mlflow ui`
     report.already_complete()           # a finished run started again: says so, its final metrics, how to start anew
 
@@ -56,6 +57,7 @@ class RunReport:
         self.t = trainer
         self.path = os.path.join(trainer.run_dir, SUMMARY_FILE)
         self.history: list[Evaluation] = []
+        self._train_manifest = None
         if os.path.exists(self.path):  # a resumed run: its evaluations up to the checkpoint it resumed from
             with open(self.path) as f:
                 saved = json.load(f).get("evaluations", [])
@@ -69,7 +71,33 @@ class RunReport:
         if trainer.pos.epoch < trainer.cfg.train.epochs:
             for line in report.start_lines():
                 trainer.log(line)
+            trainer.tracker.log_dataset(report.train_manifest, "train")
+            trainer.tracker.log_dataset(trainer.test_manifest, "test")
+            trainer.tracker.set_description(report.description())
         return report
+
+    @property
+    def train_manifest(self):
+        if self._train_manifest is None:
+            self._train_manifest = read_manifest(self.t.train_dir)
+        return self._train_manifest
+
+    def description(self) -> str:
+        """The MLflow run description (markdown): what was trained on what, and the latest Recall@1."""
+        t, cfg = self.t, self.t.cfg
+        train, test = self.train_manifest, t.test_manifest
+        text = (f"**{describe_loss(cfg.loss)}** on **{train.dataset}** (train {train.num_samples:,} images / "
+                f"{train.num_classes:,} classes, test {test.num_samples:,} / {test.num_classes:,}), backbone "
+                f"**{cfg.model.backbone}** -> {cfg.model.dim}-d, {t.env.world_size} rank(s) on {t.env.device.type} "
+                f"({cfg.engine.name}), {cfg.train.epochs} epochs of {t.batches_per_epoch} steps.")
+        scored = [e for e in self.history if "recall_at_1" in e.metrics]
+        if scored:
+            last, best = scored[-1], max(scored, key=lambda e: e.metrics["recall_at_1"])
+            done = "final" if last.epoch >= cfg.train.epochs else "latest"
+            text += (f"\n\n**Recall@1 {last.metrics['recall_at_1']:.4f}** ({done}, epoch {last.epoch}, step "
+                     f"{last.step}; MAP@R {_fmt(last.metrics, 'map_at_r')}); best {best.metrics['recall_at_1']:.4f} "
+                     f"at epoch {best.epoch}.")
+        return text
 
     @property
     def complete(self) -> bool:
@@ -77,7 +105,7 @@ class RunReport:
 
     def start_lines(self) -> list[str]:
         t, cfg = self.t, self.t.cfg
-        train, test = read_manifest(t.train_dir), t.test_manifest
+        train, test = self.train_manifest, t.test_manifest
         total = cfg.train.epochs * t.batches_per_epoch
         left = total - t.pos.step
         lines = [
@@ -98,6 +126,7 @@ class RunReport:
         self.history.append(Evaluation(int(pos.epoch), int(pos.step), {k: float(v) for k, v in metrics.items()}))
         if not self.t.env.is_main:
             return
+        self.t.tracker.set_description(self.description())
         tmp = self.path + ".tmp"
         with open(tmp, "w") as f:
             json.dump({"evaluations": [vars(e) for e in self.history]}, f, indent=1)
