@@ -522,16 +522,17 @@ class _Store:
 
 
 def _dataset_source(location: str):
-    """An mlflow.data source for a split location: a local folder or an http(s) URL as MLflow resolves them,
-    anything else (a `pipe:` command) as a code source carrying the location."""
-    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    """An mlflow.data source for a split location: the first registered source type that takes it (a local
+    folder, an http(s) URL; mlflow's own resolver warns when two registered types match), else a code source
+    carrying the location (a `pipe:` command)."""
+    from mlflow.data.code_dataset_source import CodeDatasetSource
+    from mlflow.data.dataset_source_registry import get_registered_sources
 
-    try:
-        return resolve_dataset_source(location)
-    except Exception:  # no source type for it: keep the location as text
-        from mlflow.data.code_dataset_source import CodeDatasetSource
-
-        return CodeDatasetSource({"location": location})
+    for source in get_registered_sources():
+        with contextlib.suppress(Exception):
+            if source._can_resolve(location):
+                return source._resolve(location)
+    return CodeDatasetSource({"location": location})
 
 
 def shard_dataset(location: str, name: str, digest: str, profile: dict):
