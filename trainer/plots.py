@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from PIL import Image, ImageDraw, ImageOps
+from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 GREEN = (40, 170, 60)
 RED = (215, 40, 40)
@@ -78,13 +78,14 @@ def retrieval_grid(
 
 def _header(draw: ImageDraw.ImageDraw, title: str, queries: int, neighbours: int) -> None:
     """Title line and legend (frame colours) at the top of the retrieval grid."""
-    draw.text((4, 3), f"{title}: {queries} queries (one class each where possible), top-{neighbours} "
-                      "neighbours by cosine similarity", fill=(0, 0, 0))
+    font = ImageFont.load_default(size=13)
+    draw.text((4, 2), f"{title}: {queries} queries (one class each where possible), top-{neighbours} "
+                      "neighbours by cosine similarity", fill=(0, 0, 0), font=font)
     x = 4
     for colour, label in ((QUERY, "query"), (GREEN, "same class"), (RED, "other class"), (GREY, "image missing")):
         draw.rectangle([x, 22, x + 12, 34], fill=colour)
-        draw.text((x + 16, 23), label, fill=(0, 0, 0))
-        x += 22 + 7 * len(label)
+        draw.text((x + 16, 21), label, fill=(0, 0, 0), font=font)
+        x += 28 + int(draw.textlength(label, font=font))
 
 
 def recall_curve(history: Sequence[tuple[int, Mapping[int, float]]], path: str) -> tuple[float, float]:
