@@ -4,6 +4,8 @@
     tracker.log_metrics({"loss": 0.3, "lr/backbone": 1e-4}, step)
     tracker.log_evaluation(eval_result, step, epoch, image_lookup=shard_image_lookup(test_split_dir))
     tracker.log_proxy_stats(criterion, step)  # every rank (gathers counts of distributed criteria)
+    tracker.log_dataset(read_manifest(split_dir), "train")   # an mlflow.data input: name, digest, counts
+    tracker.set_description("**ProxyGML** on cub200 ...")    # the run description in the UI (markdown)
     tracker.log_model(model)
     tracker.close()
 
