@@ -133,7 +133,8 @@ def node_line(args, worker_group, omp: str) -> str:
     local = [w.local_rank for w in workers]
     ranks = [w.global_rank for w in workers]
     span = lambda xs: f"{xs[0]}-{xs[-1]}" if len(xs) > 1 else str(xs[0])  # noqa: E731
-    endpoint = "standalone (this machine)" if args.standalone else f"{args.rdzv_endpoint} (id {args.rdzv_id!r})"
+    where = args.rdzv_endpoint or f"{worker_group.master_addr}:{worker_group.master_port}"
+    endpoint = "standalone (this machine)" if args.standalone else f"{where} (id {args.rdzv_id!r})"
     return (f"launch: node {worker_group.group_rank} of {worker_group.group_world_size} joined rendezvous "
             f"{endpoint}: local ranks {span(local)} = global ranks {span(ranks)} of world size "
             f"{workers[0].world_size}, OMP_NUM_THREADS={omp}")
