@@ -67,5 +67,6 @@ def test_four_trainer_runs_started_together_on_a_fresh_store(shards, tmp_path):
     assert sorted(r.info.run_name for r in found) == ["t0", "t1", "t2", "t3"]
     for run in found:
         assert run.info.status == "FINISHED"
-        assert len(client.get_metric_history(run.info.run_id, "loss")) == 14 // 2
+        steps = {m.step for m in client.get_metric_history(run.info.run_id, "loss")}
+        assert set(range(2, 15, 2)) <= steps  # every tracking.log_every_steps (and the progress bar's steps)
         assert "eval/recall_at_1" in run.data.metrics
