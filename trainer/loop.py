@@ -30,6 +30,7 @@ from trainer.model import build_model
 from trainer.preflight import check_data
 from trainer.resume import apply_optim_hyperparameters, at_epoch_end, check_resume
 from trainer.run_dir import RunDir
+from trainer.summary import RunReport
 from trainer.tracking import Tracker, shard_image_lookup
 
 
@@ -186,6 +187,7 @@ class Trainer:
         self.amp = amp_dtype(cfg.train, env.device)
         self.metrics, self.first_metrics = {}, {}
         self.first_bad_step = torch.tensor(math.inf, device=env.device)  # first step whose loss was not finite
+        self.report = RunReport.start(self)  # rank 0 says what the run is about to do
 
     def claim_run_dir(self) -> tuple[dict | None, str | None]:
         """Collective. Rank 0 takes the run directory's lock (another live trainer on it: refused), removes the
@@ -238,6 +240,9 @@ class Trainer:
         """The whole run. Returns the last evaluation's metrics (on rank 0; {} elsewhere)."""
         cfg, pos, stop = self.cfg, self.pos, self.stop
         try:
+            if pos.epoch >= cfg.train.epochs:  # a finished run started again: say so, train nothing
+                self.tracker.close(status="FINISHED")
+                return self.report.already_complete()
             if cfg.train.max_steps and pos.step >= cfg.train.max_steps:
                 self.log(f"train.max_steps={cfg.train.max_steps} already reached (step {pos.step}): nothing to train; "
                          f"raise train.max_steps to go on")
@@ -267,6 +272,7 @@ class Trainer:
                     self.first_metrics["recall_at_1"], self.metrics["recall_at_1"]))
             self.tracker.log_model(self.embedder)
             self.tracker.close(status="FINISHED")
+            self.report.end()  # rank 0: best and final Recall@1, where the run, its checkpoint and MLflow run are
             return self.metrics
         except BaseException:
             self.tracker.close(status="FAILED")
@@ -360,6 +366,7 @@ class Trainer:
             self.log(f"[eval {when}] " + "  ".join(f"{k} {v:.4f}" for k, v in result.metrics.items()))
             self.tracker.log_evaluation(result, self.pos.step, self.pos.epoch, image_lookup=self.images_of)
             self.metrics = result.metrics
+            self.report.evaluated(result.metrics, self.pos)
         self.tracker.log_proxy_stats(self.criterion, self.pos.step)
         return self.metrics
 
