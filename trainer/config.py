@@ -200,6 +200,12 @@ def load_config(path: str | None = None, overrides: list[str] | tuple = ()) -> D
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([quote_bool_word(item)]))
     except OmegaConfBaseException as e:
         raise ConfigError(_describe(e)) from None
+    except yaml.YAMLError as e:  # a file that is not YAML: where, in one line
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise ConfigError(f"--config {path}: not valid YAML{where}: {getattr(e, 'problem', None) or e}") from None
+    except (TypeError, ValueError) as e:  # e.g. a YAML list where a mapping of sections is expected
+        raise ConfigError(f"--config {path}: not a mapping of config sections ({e})") from None
     validate(cfg)
     return cfg
 
@@ -293,6 +299,9 @@ def validate(cfg: DictConfig) -> None:
     if missing:
         raise ConfigError(f"{missing[0]}: required, give it in the YAML file or as {missing[0]}=...")
     check_finite(cfg)
+    if not cfg.run.name or cfg.run.name in (".", "..") or "/" in cfg.run.name or os.sep in cfg.run.name:
+        raise ConfigError(f"run.name: {cfg.run.name!r} must be a plain folder name (no '/', not '.' or '..'): "
+                          f"the run directory is <run.output_dir>/<run.name>")
     get = lambda key: OmegaConf.select(cfg, key)  # noqa: E731
     for key, allowed in CHOICES.items():
         if get(key) not in allowed:
