@@ -198,6 +198,8 @@ def load_config(path: str | None = None, overrides: list[str] | tuple = ()) -> D
             if "=" not in item:
                 raise ConfigError(f"{item}: overrides are key=value (e.g. train.epochs=10)")
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([quote_bool_word(item)]))
+    except ConfigError:
+        raise
     except OmegaConfBaseException as e:
         raise ConfigError(_describe(e)) from None
     except yaml.YAMLError as e:  # a file that is not YAML: where, in one line
