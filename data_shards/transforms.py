@@ -6,8 +6,8 @@ Both end in float (3,H,W): values in [0, pixel_scale], channels in `channel_orde
 with mean and std given in that channel order (BN-Inception: bgr, 255, mean [104, 117, 128], std [1, 1, 1]).
 
 The train stream runs the same augmentation split in two (`TrainAugment`: bytes to uint8 crops, per sample;
-`batch_to_float`: the float conversion of the stacked batch, once per batch), which gives exactly
-`train_transform`'s values for the same torch RNG state, with less work per sample. TrainAugment can decode
+`batch_to_float`: the float conversion, one pass per channel over the batch), which gives `train_transform`'s
+values (to float rounding) for the same torch RNG state, with less work per sample. TrainAugment can decode
 JPEGs at reduced size (PIL's draft mode) where the crop allows it.
 """
 
@@ -128,9 +128,26 @@ def train_transform(cfg: TransformConfig) -> v2.Compose:
     return v2.Compose(steps + _to_tensor(cfg))
 
 
-def batch_to_float(cfg: TransformConfig) -> v2.Compose:
-    """uint8 (B, 3, H, W) crops of `TrainAugment` to the float32 (B, 3, H, W) that `train_transform` gives."""
-    return v2.Compose(_to_float(cfg))
+class BatchToFloat:
+    """A list of B uint8 crops (3, H, W) (TrainAugment's) to float32 (B, 3, H, W): `train_transform`'s values
+    up to float rounding (a few ulp), computed per output channel c as one multiply-add over the whole batch,
+    x[source channel] * pixel_scale / (255 std_c) - mean_c / std_c (bgr: source channel 2 - c)."""
+
+    def __init__(self, cfg: TransformConfig):
+        source = (2, 1, 0) if cfg.channel_order == "bgr" else (0, 1, 2)
+        self.terms = [(k, cfg.pixel_scale / (255.0 * sd), -m / sd) for k, m, sd in zip(source, cfg.mean, cfg.std)]
+
+    def __call__(self, crops: list[torch.Tensor]) -> torch.Tensor:
+        # pil_to_tensor's (3, H, W) is a view of (H, W, 3) memory: stacked that way it is a plain copy
+        x = torch.stack([c.permute(1, 2, 0) for c in crops])
+        out = torch.empty((x.shape[0], 3, x.shape[1], x.shape[2]), dtype=torch.float32)
+        for c, (k, scale, shift) in enumerate(self.terms):
+            torch.mul(x[..., k], scale, out=out[:, c]).add_(shift)
+        return out
+
+
+def batch_to_float(cfg: TransformConfig) -> BatchToFloat:
+    return BatchToFloat(cfg)
 
 
 DRAFT_SCALES = (8, 4, 2)  # the JPEG decoder's reductions (PIL Image.draft), largest first
@@ -139,7 +156,7 @@ DRAFT_SCALES = (8, 4, 2)  # the JPEG decoder's reductions (PIL Image.draft), lar
 class TrainAugment:
     """Encoded image bytes to a uint8 (3, image_size, image_size) crop: `train_transform` without its float
     conversion (`batch_to_float` does it per batch); the same torch RNG draws in the same order (crop box on
-    the full image size, then the flip), so the same RNG state gives exactly train_transform's pixels.
+    the full image size, then the flip), so the same RNG state gives exactly train_transform's uint8 pixels.
 
     draft=True: a JPEG whose crop box spans at least s * image_size pixels in both directions is decoded at
     1/s of its size (s = 8, 4 or 2, the largest that fits; PIL's draft mode, the DCT scaling of libjpeg) and
