@@ -26,7 +26,9 @@ With 2 workers on 2 busy cores the per-worker numbers halve: the cores, not the 
 """
 
 import argparse
+import gc
 import os
+import resource
 import statistics
 import sys
 import tempfile
@@ -58,13 +60,25 @@ def make_images(root: str, n: int, classes: int = 20, seed: int = 0) -> str:
     return root
 
 
-def timed(loader) -> tuple[int, float]:
-    it = iter(loader)
-    next(it)
+def cpu_seconds() -> float:
+    """CPU time of this process and of its children that have ended (the loader workers, once joined)."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def timed(make) -> tuple[float, float]:
+    """(images/s of wall time from the first batch on, images per CPU second of the whole run, workers included:
+    the images/s one core gives, whatever else the machine runs)."""
+    c0 = cpu_seconds()
+    it = iter(make())
+    n0 = len(next(it)[1])
     t0, n = time.perf_counter(), 0
     for batch in it:
         n += len(batch[1])
-    return n, time.perf_counter() - t0
+    wall = time.perf_counter() - t0
+    del it, batch
+    gc.collect()  # the loader's workers are joined: their CPU time is counted
+    return n / wall, (n0 + n) / (cpu_seconds() - c0)
 
 
 def rgb_loader(path):
@@ -73,16 +87,27 @@ def rgb_loader(path):
         return to_rgb(img)
 
 
+def paired_rounds(makers: dict, rounds: int) -> dict[str, list[tuple[float, float]]]:
+    """(wall images/s, images per CPU second) of each loader per round; the order of the loaders alternates
+    (reversed every other round), so that a drifting machine load hits both sides of a pair alike."""
+    rates: dict[str, list[tuple[float, float]]] = {name: [] for name in makers}
+    for r in range(rounds):
+        for name in (list(makers) if r % 2 == 0 else list(makers)[::-1]):
+            rates[name].append(timed(makers[name]))
+    return rates
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--src", help="class-per-folder tree (default: generated CUB-like JPEGs)")
-    p.add_argument("--images", type=int, default=1200)
+    p.add_argument("--images", type=int, default=600)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, nargs="+", default=[0, 2])
-    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--image-size", type=int, default=224, help="crop size (draft decode helps below ~1/2 source)")
     args = p.parse_args()
     torch.set_num_threads(1)
-    cfg = TransformConfig()
+    cfg = TransformConfig(image_size=args.image_size, resize_size=max(args.image_size, 256))
     with tempfile.TemporaryDirectory() as tmp:
         src = args.src or make_images(os.path.join(tmp, "src"), args.images)
         write_dataset("folder", src, os.path.join(tmp, "shards"), train_fraction=1.0, shard_size="16MB",
@@ -90,27 +115,43 @@ def main():
         split = os.path.join(tmp, "shards", "train")
         folder = ImageFolder(src, transform=train_transform(cfg), loader=rgb_loader)
         print(f"{len(folder)} images, batch {args.batch_size}, transform {cfg}, torch threads 1, "
-              f"{os.cpu_count()} cpus")
-        results = {}
-        for _ in range(args.rounds):
-            for w in args.workers:
-                runs = {
-                    "ImageFolder (torchvision)": lambda w=w: DataLoader(folder, batch_size=args.batch_size,
-                                                                         shuffle=True, num_workers=w, drop_last=True),
-                    "data_shards train_loader": lambda w=w: train_loader(split, batch_size=args.batch_size,
-                                                                         num_workers=w, transform=cfg),
-                    "data_shards decode=none": lambda w=w: train_loader(split, batch_size=args.batch_size,
-                                                                        num_workers=w, decode="none"),
-                }
-                for name, make in runs.items():
-                    n, s = timed(make())
-                    results.setdefault((name, w), []).append(n / s)
-        print(f"\n| loader | workers | img/s (median of {args.rounds}) | img/s per worker | vs ImageFolder |")
-        print("| --- | --- | --- | --- | --- |")
-        for (name, w), rates in results.items():
-            rate = statistics.median(rates)
-            base = statistics.median(results[("ImageFolder (torchvision)", w)])
-            print(f"| {name} | {w} | {rate:.1f} | {rate / max(1, w):.1f} | {rate / base:.2f}x |")
+              f"{os.cpu_count()} cpus; load average at start: {load()}")
+        base = "ImageFolder (torchvision)"
+        rows = []
+        for w in args.workers:
+            makers = {
+                base: lambda w=w: DataLoader(folder, batch_size=args.batch_size, shuffle=True, num_workers=w,
+                                             drop_last=True),
+                "data_shards train_loader": lambda w=w: train_loader(split, batch_size=args.batch_size,
+                                                                     num_workers=w, transform=cfg),
+                "data_shards draft decode": lambda w=w: train_loader(split, batch_size=args.batch_size,
+                                                                     num_workers=w, transform=cfg, draft=True),
+                "data_shards decode=none": lambda w=w: train_loader(split, batch_size=args.batch_size,
+                                                                    num_workers=w, decode="none"),
+            }
+            rates = paired_rounds(makers, args.rounds)
+            for name, r in rates.items():
+                wall = [a / b for (a, _), (b, _) in zip(r, rates[base])]
+                cpu = [a / b for (_, a), (_, b) in zip(r, rates[base])]
+                rows.append((name, w, statistics.median(x for x, _ in r), statistics.median(c for _, c in r),
+                             statistics.median(cpu), min(cpu), max(cpu), statistics.median(wall), min(wall),
+                             max(wall)))
+            rows.append(("load", w, load()))
+        print(f"\n| loader | workers | img/s (wall) | img per CPU s | vs ImageFolder per CPU s: median of "
+              f"{args.rounds} pairs | range | vs ImageFolder wall: median | range |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+        for row in rows:
+            if row[0] == "load":
+                print(f"| (load average after the {row[1]}-worker rounds: {row[2]}) | | | | | | | |")
+                continue
+            name, w, rate, per_cpu, ratio, lo, hi, wratio, wlo, whi = row
+            print(f"| {name} | {w} | {rate:.1f} | {per_cpu:.1f} | {ratio:.2f}x | {lo:.2f}-{hi:.2f} | {wratio:.2f}x "
+                  f"| {wlo:.2f}-{whi:.2f} |")
+
+
+def load() -> str:
+    with open("/proc/loadavg") as f:
+        return " ".join(f.read().split()[:3])
 
 
 if __name__ == "__main__":
