@@ -239,7 +239,7 @@ class TrainStream(IterableDataset):
         to_float = batch_to_float(self.transform) if tf is not None else None
         for p in range(v + self.V * done_before, L, self.V):
             xs, labels = self.make_batch(samples, p, tf, skips)
-            yield (xs if tf is None else to_float(xs)), labels
+            yield (xs if tf is None else to_float(xs, shared=get_worker_info() is not None)), labels
 
     def make_batch(self, samples, position: int, tf, skips: SkipCounter):
         """Batch `position` of this epoch from the next batch_size raw samples: (list of B uint8 tensors: the

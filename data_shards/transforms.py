@@ -12,6 +12,7 @@ JPEGs at reduced size (PIL's draft mode) where the crop allows it.
 """
 
 import io
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import partial
@@ -137,10 +138,17 @@ class BatchToFloat:
         source = (2, 1, 0) if cfg.channel_order == "bgr" else (0, 1, 2)
         self.terms = [(k, cfg.pixel_scale / (255.0 * sd), -m / sd) for k, m, sd in zip(source, cfg.mean, cfg.std)]
 
-    def __call__(self, crops: list[torch.Tensor]) -> torch.Tensor:
+    def __call__(self, crops: list[torch.Tensor], shared: bool = False) -> torch.Tensor:
+        """shared: the result in shared memory (as torch's default_collate makes a batch in a loader worker), so
+        that handing it to the main process copies nothing."""
         # pil_to_tensor's (3, H, W) is a view of (H, W, 3) memory: stacked that way it is a plain copy
         x = torch.stack([c.permute(1, 2, 0) for c in crops])
-        out = torch.empty((x.shape[0], 3, x.shape[1], x.shape[2]), dtype=torch.float32)
+        shape = (x.shape[0], 3, x.shape[1], x.shape[2])
+        if shared:
+            empty = torch.empty(0, dtype=torch.float32)
+            out = empty.new(empty._typed_storage()._new_shared(math.prod(shape))).view(shape)
+        else:
+            out = torch.empty(shape, dtype=torch.float32)
         for c, (k, scale, shift) in enumerate(self.terms):
             torch.mul(x[..., k], scale, out=out[:, c]).add_(shift)
         return out

@@ -39,6 +39,10 @@ def test_split_augmentation_gives_train_transform_values(jpegs, preset, interpol
     assert drafted == 0 and got.dtype == torch.float32 and got.is_contiguous()
     torch.testing.assert_close(got, whole_path(jpegs + png, cfg, seed=3), rtol=1e-5, atol=1e-5 * cfg.pixel_scale)
     assert not torch.allclose(got, whole_path(jpegs + png, cfg, seed=4))
+    torch.manual_seed(3)
+    aug = TrainAugment(cfg)
+    shared = batch_to_float(cfg)([aug(b) for b in jpegs + png], shared=True)  # as made in a loader worker
+    assert shared.is_shared() and not got.is_shared() and torch.equal(shared, got)
 
 
 def test_draft_decode_keeps_each_crop(jpegs):
