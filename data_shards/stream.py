@@ -17,6 +17,10 @@ split of the data over ranks and workers is planned here from the manifest, so t
   Batch contents and augmentation are a function of (seed, epoch, rank, world_size) for a given
   batch_size and num_workers, so `start_batch=b` (skipping raw samples, no decoding) yields exactly
   batches b.. of the same epoch;
+- train across epochs: `ShardLoader.set_epoch(epoch, start_batch)` moves one loader on (its stream reads the two
+  numbers from shared memory at each iteration), giving exactly a new loader's batches; with persistent_workers
+  the DataLoader keeps its workers, so an epoch starts without spawning them. Per sample a worker only decodes
+  and crops (uint8, `TrainAugment`); the float conversion is done once per batch (`batch_to_float`);
 - eval: each sample is read by exactly one slot, once; the last batch of a slot may be short;
 - a sample that cannot be read or decoded is skipped with a counted warning. In a train batch it is
   replaced by another sample of the same batch, so batch sizes and counts never change (no DDP hang);
