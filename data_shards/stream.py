@@ -17,6 +17,10 @@ split of the data over ranks and workers is planned here from the manifest, so t
   Batch contents and augmentation are a function of (seed, epoch, rank, world_size) for a given
   batch_size and num_workers, so `start_batch=b` (skipping raw samples, no decoding) yields exactly
   batches b.. of the same epoch;
+- train across epochs: `ShardLoader.set_epoch(epoch, start_batch)` moves one loader on (its stream reads the two
+  numbers from shared memory at each iteration), giving exactly a new loader's batches; with persistent_workers
+  the DataLoader keeps its workers, so an epoch starts without spawning them. Per sample a worker only decodes
+  and crops (uint8, `TrainAugment`); the float conversion is done once per batch (`batch_to_float`);
 - eval: each sample is read by exactly one slot, once; the last batch of a slot may be short;
 - a sample that cannot be read or decoded is skipped with a counted warning. In a train batch it is
   replaced by another sample of the same batch, so batch sizes and counts never change (no DDP hang);
@@ -36,11 +40,11 @@ from dataclasses import dataclass
 
 import torch
 import webdataset as wds
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .errors import DataError
 from .manifest import Manifest, read_manifest
-from .transforms import TransformConfig, as_transform_config, decode_image, eval_transform, train_transform
+from .transforms import TrainAugment, TransformConfig, as_transform_config, batch_to_float, decode_image, eval_transform
 from .verify import VERIFY, check_sample, check_size, verify_shards
 
 log = logging.getLogger("data_shards")
@@ -161,14 +165,30 @@ def _worker() -> tuple[int, int]:
 
 
 class TrainStream(IterableDataset):
+    """The batches of one rank for epoch `epoch` from batch `start_batch` on; `set_epoch` moves it to another
+    (epoch, start_batch), which loader workers that live across epochs see at their next iteration (the two
+    numbers are in shared memory)."""
+
     def __init__(self, m: Manifest, batch_size, seed, epoch, rank, world_size, slots_per_rank,
-                 start_batch, transform, decode, shuffle_buffer, verify="quick"):
+                 start_batch, transform, decode, shuffle_buffer, verify="quick", draft=False):
         super().__init__()
-        self.m, self.batch_size, self.seed, self.epoch = m, batch_size, seed, epoch
+        self.m, self.batch_size, self.seed = m, batch_size, seed
         self.rank, self.world_size, self.V = rank, world_size, slots_per_rank
-        self.start_batch, self.transform, self.decode = start_batch, transform, decode
+        self.transform, self.decode, self.draft = transform, decode, draft
         self.shuffle_buffer, self.verify = shuffle_buffer, verify != "off"
         self.batches_per_epoch = m.num_samples // (batch_size * world_size)
+        self.where = torch.tensor([epoch, start_batch], dtype=torch.int64).share_memory_()
+
+    @property
+    def epoch(self) -> int:
+        return int(self.where[0])
+
+    @property
+    def start_batch(self) -> int:
+        return int(self.where[1])
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.where.copy_(torch.tensor([epoch, start_batch]))
 
     def _tag(self, *more) -> str:
         return "/".join(map(str, (self.seed, self.epoch, self.world_size) + more))
@@ -219,11 +239,15 @@ class TrainStream(IterableDataset):
         done_before = len(range(v, b, self.V))     # this slot's batches before start_batch
         for _ in range(done_before * B):
             next(samples)
-        tf = train_transform(self.transform) if self.decode == "cpu" else None
+        tf = TrainAugment(self.transform, self.draft) if self.decode == "cpu" else None
+        to_float = batch_to_float(self.transform) if tf is not None else None
         for p in range(v + self.V * done_before, L, self.V):
-            yield self.make_batch(samples, p, tf, skips)
+            xs, labels = self.make_batch(samples, p, tf, skips)
+            yield (xs if tf is None else to_float(xs, shared=get_worker_info() is not None)), labels
 
     def make_batch(self, samples, position: int, tf, skips: SkipCounter):
+        """Batch `position` of this epoch from the next batch_size raw samples: (list of B uint8 tensors: the
+        augmented crops (3, S, S), or with tf None the encoded bytes; labels int64 (B,))."""
         B, C = self.batch_size, self.m.num_classes
         for attempt in itertools.count(1):
             raw = list(itertools.islice(samples, B))
@@ -233,7 +257,7 @@ class TrainStream(IterableDataset):
                 for s in raw:
                     try:
                         data, label = image_bytes(s), label_of(s, C)
-                        x = as_uint8(data) if tf is None else tf(decode_image(data))
+                        x = as_uint8(data) if tf is None else tf(data)
                         items.append((x, label))
                     except Exception as exn:
                         skips.skip(f"sample {s.get('__key__')} of {s.get('__url__')}: {exn!r}")
@@ -253,8 +277,7 @@ class TrainStream(IterableDataset):
         first = good[0]
         filled = [it if it is not None else first for it in filled]
         labels = torch.tensor([lab for _, lab in filled], dtype=torch.int64)
-        xs = [x for x, _ in filled]
-        return (xs if tf is None else torch.stack(xs)), labels
+        return [x for x, _ in filled], labels
 
 
 class EvalStream(IterableDataset):
@@ -316,14 +339,33 @@ def hash_seed(tag: str) -> int:
 
 class ShardLoader:
     """An iterable of batches with `len()` = batches per epoch (train) or batches of this rank (eval).
-    Iterating raises the DataError (e.g. DamagedShard) a worker met."""
+    Iterating raises the DataError (e.g. DamagedShard) a worker met.
 
-    def __init__(self, loader, length: int, manifest: Manifest, **info):
+    Train: one iteration yields the batches start_batch.. of `epoch`; `set_epoch` moves it on, so that the
+    same loader (and with persistent_workers its worker processes) serves every epoch."""
+
+    def __init__(self, loader, length: int, manifest: Manifest, stream=None, verify: str = "off", **info):
         self.loader, self.length, self.manifest = loader, length, manifest
+        self.stream, self.verify = stream, verify
         self.__dict__.update(info)
 
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> "ShardLoader":
+        """Train loaders: the next iteration yields batches start_batch.. of `epoch`, exactly those a new
+        train_loader(epoch=epoch, start_batch=start_batch) would; the shards are checked as when one is made
+        (`verify`). Returns self. Raises ValueError (start_batch outside [0, len)), MissingData, DamagedShard."""
+        if self.stream is None:
+            raise TypeError("set_epoch: only train loaders have epochs")
+        if not 0 <= start_batch < self.length:
+            raise ValueError(f"set_epoch: start_batch must be in [0, {self.length}), got {start_batch!r}")
+        verify_shards(self.manifest, self.verify, self.stream.rank, self.stream.world_size)
+        self.stream.set_epoch(epoch, start_batch)
+        self.epoch, self.start_batch = epoch, start_batch
+        return self
+
     def __iter__(self):
-        for batch in self.loader:
+        batches = self.loader if self.stream is None else \
+            itertools.islice(self.loader, self.length - self.stream.start_batch)
+        for batch in batches:
             if isinstance(batch, DataError):
                 raise batch
             yield batch
@@ -370,17 +412,24 @@ def _die_with_parent() -> None:
         pass  # then torch's own worker watchdog still ends the worker once it notices the parent is gone
 
 
-def _loader(dataset, num_workers, pin_memory, prefetch_factor):
-    kw = dict(prefetch_factor=prefetch_factor, worker_init_fn=_ignore_stop_signals) if num_workers > 0 else {}
-    return wds.WebLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory, **kw)
+def _loader(dataset, num_workers, pin_memory, prefetch_factor, persistent_workers=False):
+    kw = dict(prefetch_factor=prefetch_factor, worker_init_fn=_ignore_stop_signals,
+              persistent_workers=persistent_workers) if num_workers > 0 else {}
+    return DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory, **kw)
 
 
 def train_loader(split_dir, batch_size: int, num_workers: int = 2, seed: int = 0, epoch: int = 0,
                  rank: int = 0, world_size: int = 1, transform: TransformConfig | None = None,
                  start_batch: int = 0, decode: str = "cpu", shuffle_buffer: int = 1000,
-                 pin_memory: bool = False, prefetch_factor: int = 2, verify: str = "quick") -> ShardLoader:
+                 pin_memory: bool = False, prefetch_factor: int = 2, verify: str = "quick",
+                 persistent_workers: bool = False, draft: bool = False) -> ShardLoader:
     """Batches `(images float (B,3,H,W), labels int64 (B,))` of one rank for one epoch (decode="none":
     `(list of uint8 tensors of the encoded images, labels)`). `len()` is the same on every rank.
+
+    The next epochs: `loader.set_epoch(epoch, start_batch)`, then iterate again (the same batches as a new
+    loader for that epoch). persistent_workers: the worker processes live from the first iteration to the
+    loader's end, so an epoch starts without spawning them. draft: decode JPEGs at reduced size where the
+    crop allows it (transforms.TrainAugment; the crops keep their distribution, the pixels differ slightly).
 
     verify: "quick" (size and first sample of each shard), "sha256" (also every shard's hash, once per
     process) or "off"; see data_shards/verify.py. Raises MissingData / BadManifest (read_manifest),
@@ -396,9 +445,9 @@ def train_loader(split_dir, batch_size: int, num_workers: int = 2, seed: int = 0
         raise ValueError(f"train_loader: start_batch must be in [0, {L}), got {start_batch!r}")
     verify_shards(m, verify, rank, world_size)
     stream = TrainStream(m, batch_size, seed, epoch, rank, world_size, max(1, num_workers), start_batch,
-                         as_transform_config(transform), decode, shuffle_buffer, verify)
-    loader = _loader(stream, num_workers, pin_memory, prefetch_factor).with_epoch(L - start_batch)
-    return ShardLoader(loader, L, m, batches_per_epoch=L, start_batch=start_batch, epoch=epoch)
+                         as_transform_config(transform), decode, shuffle_buffer, verify, draft)
+    loader = _loader(stream, num_workers, pin_memory, prefetch_factor, persistent_workers)
+    return ShardLoader(loader, L, m, stream, verify, batches_per_epoch=L, start_batch=start_batch, epoch=epoch)
 
 
 def eval_loader(split_dir, batch_size: int, num_workers: int = 2, rank: int = 0, world_size: int = 1,

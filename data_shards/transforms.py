@@ -4,9 +4,15 @@ Every image becomes 3-channel RGB first, whatever its mode (1-bit, grey, palette
 train: RandomResizedCrop(image_size, scale, ratio) + horizontal flip; eval: Resize(resize_size) + CenterCrop.
 Both end in float (3,H,W): values in [0, pixel_scale], channels in `channel_order`, then (x - mean) / std
 with mean and std given in that channel order (BN-Inception: bgr, 255, mean [104, 117, 128], std [1, 1, 1]).
+
+The train stream runs the same augmentation split in two (`TrainAugment`: bytes to uint8 crops, per sample;
+`batch_to_float`: the float conversion, one pass per channel over the batch), which gives `train_transform`'s
+values (to float rounding) for the same torch RNG state, with less work per sample. TrainAugment can decode
+JPEGs at reduced size (PIL's draft mode) where the crop allows it.
 """
 
 import io
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import partial
@@ -95,23 +101,107 @@ def decode_image(data: bytes) -> Image.Image:
         return to_rgb(img)
 
 
-def _to_tensor(cfg: TransformConfig) -> list:
-    steps = [v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True)]
+def _to_float(cfg: TransformConfig) -> list:
+    """uint8 (..., 3, H, W) to the normalised float32 (..., 3, H, W): one image or a batch alike."""
+    steps = [v2.ToDtype(torch.float32, scale=True)]
     if cfg.pixel_scale != 1.0:
         steps.append(v2.Lambda(partial(torch.mul, other=float(cfg.pixel_scale))))
     if cfg.channel_order == "bgr":
-        steps.append(v2.Lambda(partial(torch.flip, dims=(0,))))
+        steps.append(v2.Lambda(partial(torch.flip, dims=(-3,))))
     steps.append(v2.Normalize(mean=list(cfg.mean), std=list(cfg.std)))
     return steps
 
 
+def _to_tensor(cfg: TransformConfig) -> list:
+    return [v2.PILToTensor()] + _to_float(cfg)
+
+
+def _random_resized_crop(cfg: TransformConfig) -> v2.RandomResizedCrop:
+    return v2.RandomResizedCrop(cfg.image_size, scale=tuple(cfg.scale), ratio=tuple(cfg.ratio),
+                                interpolation=INTERPOLATIONS[cfg.interpolation], antialias=True)
+
+
 def train_transform(cfg: TransformConfig) -> v2.Compose:
-    interp = INTERPOLATIONS[cfg.interpolation]
-    steps = [v2.RandomResizedCrop(cfg.image_size, scale=tuple(cfg.scale), ratio=tuple(cfg.ratio),
-                                  interpolation=interp, antialias=True)]
+    """RGB PIL image to float (3, image_size, image_size); draws from the torch RNG."""
+    steps = [_random_resized_crop(cfg)]
     if cfg.hflip > 0:
         steps.append(v2.RandomHorizontalFlip(cfg.hflip))
     return v2.Compose(steps + _to_tensor(cfg))
+
+
+class BatchToFloat:
+    """A list of B uint8 crops (3, H, W) (TrainAugment's) to float32 (B, 3, H, W): `train_transform`'s values
+    up to float rounding (a few ulp), computed per output channel c as one multiply-add over the whole batch,
+    x[source channel] * pixel_scale / (255 std_c) - mean_c / std_c (bgr: source channel 2 - c)."""
+
+    def __init__(self, cfg: TransformConfig):
+        source = (2, 1, 0) if cfg.channel_order == "bgr" else (0, 1, 2)
+        self.terms = [(k, cfg.pixel_scale / (255.0 * sd), -m / sd) for k, m, sd in zip(source, cfg.mean, cfg.std)]
+
+    def __call__(self, crops: list[torch.Tensor], shared: bool = False) -> torch.Tensor:
+        """shared: the result in shared memory (as torch's default_collate makes a batch in a loader worker), so
+        that handing it to the main process copies nothing."""
+        # pil_to_tensor's (3, H, W) is a view of (H, W, 3) memory: stacked that way it is a plain copy
+        x = torch.stack([c.permute(1, 2, 0) for c in crops])
+        shape = (x.shape[0], 3, x.shape[1], x.shape[2])
+        if shared:
+            empty = torch.empty(0, dtype=torch.float32)
+            out = empty.new(empty._typed_storage()._new_shared(math.prod(shape))).view(shape)
+        else:
+            out = torch.empty(shape, dtype=torch.float32)
+        for c, (k, scale, shift) in enumerate(self.terms):
+            torch.mul(x[..., k], scale, out=out[:, c]).add_(shift)
+        return out
+
+
+def batch_to_float(cfg: TransformConfig) -> BatchToFloat:
+    return BatchToFloat(cfg)
+
+
+DRAFT_SCALES = (8, 4, 2)  # the JPEG decoder's reductions (PIL Image.draft), largest first
+
+
+class TrainAugment:
+    """Encoded image bytes to a uint8 (3, image_size, image_size) crop: `train_transform` without its float
+    conversion (`batch_to_float` does it per batch); the same torch RNG draws in the same order (crop box on
+    the full image size, then the flip), so the same RNG state gives exactly train_transform's uint8 pixels.
+
+    draft=True: a JPEG whose crop box spans at least s * image_size pixels in both directions is decoded at
+    1/s of its size (s = 8, 4 or 2, the largest that fits; PIL's draft mode, the DCT scaling of libjpeg) and
+    the box, scaled by 1/s, is resized from there. The box is drawn from the full size before, so crop
+    positions, scales, aspects and flips keep their distribution exactly; the pixels differ by the decoder's
+    downscaling instead of PIL's (a slight blur difference). Other formats and smaller crops decode in full.
+    Raises what PIL raises on undecodable data."""
+
+    def __init__(self, cfg: TransformConfig, draft: bool = False):
+        self.cfg, self.draft, self.drafted = cfg, draft, 0
+        self.crop = _random_resized_crop(cfg)
+        self.interp = INTERPOLATIONS[cfg.interpolation]
+        self.resample = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
+                         "bicubic": Image.Resampling.BICUBIC}[cfg.interpolation]
+
+    def draft_scale(self, width: int, height: int) -> int:
+        """The largest JPEG reduction s that leaves a (width, height) crop >= image_size px; 1 if none."""
+        return next((s for s in DRAFT_SCALES if min(width, height) >= s * self.cfg.image_size), 1)
+
+    def __call__(self, data: bytes) -> torch.Tensor:
+        size = self.cfg.image_size
+        with Image.open(io.BytesIO(data)) as img:
+            p, full = self.crop.make_params([img]), img.size
+            top, left, h, w = p["top"], p["left"], p["height"], p["width"]
+            s = self.draft_scale(w, h) if self.draft and img.format == "JPEG" else 1
+            drafted = s > 1 and img.draft(img.mode, (img.width // s, img.height // s))
+            img.load()
+            rgb = to_rgb(img)
+        if drafted:  # decoded at 1/k of the full size (k = s, what PIL's draft returns: its box is W/k x H/k)
+            k = full[0] / drafted[1][2]
+            self.drafted += 1
+            out = rgb.resize((size, size), self.resample, box=(left / k, top / k, (left + w) / k, (top + h) / k))
+        else:
+            out = v2.functional.resized_crop(rgb, top, left, h, w, [size, size], self.interp, antialias=True)
+        if self.cfg.hflip > 0 and torch.rand(1) < self.cfg.hflip:
+            out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return v2.functional.pil_to_tensor(out)
 
 
 def eval_transform(cfg: TransformConfig) -> v2.Compose:

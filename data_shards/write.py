@@ -10,7 +10,8 @@ reported (count and paths, also in the manifest) and left out. So is anything th
 (a FIFO, socket or device named like an image is never opened for a blocking read), and a path that
 resolves to a file already taken (a symlink or hard link to it, in any split: the first in split order,
 then listing order, is kept). Shards are written in parallel, one process per
-shard (webdataset's TarWriter with a fixed mtime: the same input gives byte-identical shards);
+shard (webdataset's TarWriter with a fixed integer mtime: plain ustar headers, no PAX record per member, and
+the same input gives byte-identical shards; shards of earlier versions, with PAX records, still read);
 ShardWriter is sequential, which is why it is not used. Re-running on a finished split verifies the
 shards against the manifest (sha256, counts) instead of rewriting them (--overwrite rewrites).
 """
@@ -90,7 +91,7 @@ def write_shard(path: str, items: list[tuple[int, int, Record]], reencode: int |
     """Write one shard (to a temp name, then renamed); returns its manifest entry and skipped paths.
     tags ({dataset, split}) go into every sample's json."""
     tmp, skipped, count = path + ".tmp", [], 0
-    with open(tmp, "wb") as f, wds.TarWriter(f, encoder=False, mtime=0.0) as tw:
+    with open(tmp, "wb") as f, wds.TarWriter(f, encoder=False, mtime=0) as tw:
         for index, label, rec in items:
             try:
                 data = read_regular(rec.file)

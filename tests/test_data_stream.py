@@ -212,3 +212,39 @@ def test_bad_arguments(shards):
         train_loader(split, batch_size=8, decode="gpu")
     with pytest.raises(FileNotFoundError, match="manifest.json"):
         eval_loader(shards / "nothing-here", batch_size=8)
+
+
+def worker_pids(loader) -> list[int]:
+    it = loader.loader._iterator  # torch keeps the iterator (and its workers) of a persistent_workers loader
+    return [w.pid for w in it._workers] if it is not None else []
+
+
+@pytest.mark.parametrize("world_size,rank", [(1, 0), (2, 1)])
+def test_persistent_workers_serve_every_epoch_and_resume_exactly(shards, world_size, rank):
+    """One loader with persistent workers, moved on by set_epoch: every epoch (also one started mid-way, and
+    one after an epoch left half-read) gives exactly the batches of a new loader for it, from the same workers."""
+    split = shards / "many" / "train"
+    kw = dict(batch_size=4, num_workers=2, seed=7, rank=rank, world_size=world_size, transform=TF)
+    fresh = {e: batches(train_loader(split, epoch=e, **kw)) for e in (0, 1, 2)}
+    loader = train_loader(split, epoch=0, persistent_workers=True, **kw)
+    assert same(batches(loader), fresh[0]) and len(fresh[0]) == len(loader) == 90 // (4 * world_size)
+    pids = worker_pids(loader)
+    assert len(pids) == 2
+    assert same(batches(loader.set_epoch(1)), fresh[1])
+    half = [b for _, b in zip(range(3), loader.set_epoch(2))]  # stopped after 3 batches
+    assert same([(x.clone(), y.clone()) for x, y in half], fresh[2][:3])
+    for b in (0, 5, len(loader) - 1):
+        assert loader.set_epoch(2, start_batch=b) is loader and loader.start_batch == b and loader.epoch == 2
+        assert same(batches(loader), fresh[2][b:])
+    assert worker_pids(loader) == pids and all(os.path.exists(f"/proc/{p}") for p in pids)
+    with pytest.raises(ValueError, match="start_batch"):
+        loader.set_epoch(3, start_batch=len(loader))
+
+
+def test_set_epoch_without_workers_and_draft(shards):
+    """num_workers=0 (the stream in this process) and draft decode: set_epoch gives a new loader's batches."""
+    split = shards / "many" / "train"
+    kw = dict(batch_size=8, num_workers=0, seed=2, transform=TF, draft=True)
+    loader = train_loader(split, epoch=0, **kw)
+    batches(loader)
+    assert same(batches(loader.set_epoch(4, start_batch=2)), batches(train_loader(split, epoch=4, **kw))[2:])

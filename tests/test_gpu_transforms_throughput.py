@@ -27,3 +27,12 @@ def test_throughput_bench_runs_tiny(capsys):
 def test_throughput_bench_rejects_bad_workers():
     with pytest.raises(SystemExit):
         throughput.parse_args(["--workers", "1,four"])
+
+
+def test_throughput_trainer_comparison_runs_tiny(capsys):
+    """--trainer: the demo's Trainer.train_epoch, a plain loop on its loader and over tensors in memory."""
+    res = throughput.main(["--trainer", "--rounds", "1", "--trainer-workers", "0"])
+    assert set(res["rates"]) == {"trainer", "plain loop, same loader", "plain loop, tensors in memory"}
+    assert all(len(r) == 1 and r[0] > 0 for r in res["rates"].values())
+    out = capsys.readouterr().out
+    assert "| plain loop, same loader |" in out and "load average" in out

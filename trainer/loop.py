@@ -253,6 +253,7 @@ class Trainer:
     def close(self) -> None:
         """Give back the signal handlers and the run directory's lock (also after a failure)."""
         self.stop.restore()
+        self.train_batches = None  # the train loader: its persistent workers end with it
         if self.run_lock is not None:
             self.run_lock.release()
             self.run_lock = None
@@ -305,10 +306,15 @@ class Trainer:
         """Batches pos.batch.. of epoch pos.epoch; advances `pos`. False when stopped early (signal, max_steps).
         Raises DivergedError at the first step whose loss is not finite, on every rank, before any save."""
         cfg, env, pos, engine = self.cfg, self.env, self.pos, self.engine
-        loader = train_loader(self.train_dir, batch_size=self.per_rank_batch, num_workers=cfg.data.num_workers,
-                              seed=cfg.run.seed, epoch=pos.epoch, rank=env.rank, world_size=env.world_size,
-                              transform=cfg.data.transform, start_batch=pos.batch,
-                              decode="none" if cfg.data.decode == "gpu" else "cpu", verify=cfg.data.verify)
+        loader = getattr(self, "train_batches", None)  # made once: its workers serve every epoch
+        if loader is None:
+            loader = self.train_batches = train_loader(
+                self.train_dir, batch_size=self.per_rank_batch, num_workers=cfg.data.num_workers, seed=cfg.run.seed,
+                epoch=pos.epoch, rank=env.rank, world_size=env.world_size, transform=cfg.data.transform,
+                start_batch=pos.batch, decode="none" if cfg.data.decode == "gpu" else "cpu", verify=cfg.data.verify,
+                persistent_workers=cfg.data.persistent_workers, draft=cfg.data.draft_decode)
+        else:
+            loader.set_epoch(pos.epoch, pos.batch)
         autocast = torch.autocast(env.device.type, dtype=self.amp) if self.amp else nullcontext()
         bar = tqdm(total=len(loader), initial=pos.batch, disable=not env.is_main, dynamic_ncols=True,
                    desc=f"epoch {pos.epoch}" + (" (warm-up: head + proxies)" if self.warm else ""))
