@@ -30,6 +30,7 @@ else is contributed by rank 0 only (rank 0's values, like the .pt checkpoint).
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -60,17 +61,19 @@ METADATA = ".metadata"
 
 
 class Blob:
-    """A picklable object as one DCP bytes entry (DCP's Stateful protocol: loaded in place). DCP leaves out an
-    empty dict: readers treat a missing `*/other` entry as {}."""
+    """A picklable object as one DCP bytes entry (DCP's Stateful protocol: loaded in place). The object is
+    serialised here (torch.save) because DCP drops empty dicts and lists found inside state dicts."""
 
     def __init__(self, value=None):
         self.value = value
 
     def state_dict(self) -> dict:
-        return {"value": self.value}
+        buf = io.BytesIO()
+        torch.save(self.value, buf)
+        return {"value": buf.getvalue()}
 
     def load_state_dict(self, sd: dict) -> None:
-        self.value = sd["value"]
+        self.value = torch.load(io.BytesIO(sd["value"]), weights_only=False)
 
 
 def annotate_rows(t: torch.Tensor, start: int, total: int) -> torch.Tensor:
@@ -213,8 +216,12 @@ def _broadcast(obj):
     return box[0]
 
 
+def _dist_up() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
 def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    return dist.get_rank() if _dist_up() else 0
 
 
 class DCPSaver:
@@ -248,13 +255,13 @@ class DCPSaver:
         writer = FileSystemWriter(tmp)
         try:
             if async_save:
-                if self._pg is None and dist.is_available() and dist.is_initialized():
+                if self._pg is None and _dist_up():
                     self._pg = dist.new_group(backend="gloo")  # DCP's collectives off the training thread
                 future = dcp.async_save(sd, storage_writer=writer, planner=planner, process_group=self._pg,
                                         async_stager=_CloneStager(), no_dist=self._pg is None)
                 self.pending = dict(future=future, tmp=tmp, final=final, step=step, meta=meta)
                 return
-            dcp.save(sd, storage_writer=writer, planner=planner)
+            dcp.save(sd, storage_writer=writer, planner=planner, no_dist=not _dist_up())
         except Exception as e:  # noqa: BLE001 - DCP wraps each rank's failure
             self._fail(e, tmp, final)
         self._publish(tmp, final, step, meta)
@@ -271,8 +278,7 @@ class DCPSaver:
         self._publish(p["tmp"], p["final"], p["step"], p["meta"])
 
     def _fail(self, e: BaseException, tmp: str, final: str):
-        dist_up = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-        if dist_up:
+        if _dist_up() and dist.get_world_size() > 1:
             dist.barrier()  # no rank still writes into the folder
         if _rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -383,7 +389,7 @@ def metadata(path: str):
 def _load(path: str, target: dict, no_dist: bool) -> None:
     try:
         planner = DefaultLoadPlanner(flatten_state_dict=False, flatten_sharded_tensors=False)
-        dcp.load(target, storage_reader=FileSystemReader(path), planner=planner, no_dist=no_dist)
+        dcp.load(target, storage_reader=FileSystemReader(path), planner=planner, no_dist=no_dist or not _dist_up())
     except Exception as e:  # noqa: BLE001 - DCP wraps each rank's failure
         first = (str(e).strip().splitlines() or [type(e).__name__])[-1][:200]
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {first})") from None
@@ -465,7 +471,7 @@ def _assemble(loaded: dict, fqns: list[str] | None) -> dict:
             if k.startswith("optim/") and torch.is_tensor(v):
                 name, key = k[len("optim/"):].rsplit("/", 1)
                 state.setdefault(ids[name], {})[key] = plain(v)
-        for name, st in (loaded["optim/other"].value if "optim/other" in loaded else {}).items():
+        for name, st in loaded["optim/other"].value.items():
             state.setdefault(ids[name], {}).update(st)
         optimizer = {"state": dict(sorted(state.items())),
                      "param_groups": [{**g, "params": [ids[n] for n in g["params"]]} for g in groups]}
