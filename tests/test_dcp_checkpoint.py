@@ -207,3 +207,40 @@ def test_keep_last_and_mixed_formats(tmp_path):
     (tmp_path / ".tmp-step-000000004" / "__0_0.distcp").write_bytes(b"x")
     assert ck.clean_temporaries() == [str(tmp_path / ".tmp-step-000000004")]
     assert load(ck.latest())["step"] == 3
+
+
+# ------------------------------------------------------------------ the trainer: 2 ranks -> 3 ranks -> 1 rank
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_sharded_run_on_two_ranks_resumes_on_three_then_one(shards, tmp_path):
+    """The demo's sharded run, DCP checkpoints (the default format): steps continue across world sizes."""
+    import subprocess
+    import sys
+
+    from tests.test_trainer_loop import ROOT, clean_env, tiny
+
+    def run(ranks, epochs):
+        args = tiny(shards, tmp_path, f"train.epochs={epochs}", "train.warmup_epochs=0", "loss.mode=sharded",
+                    "train.batch_size=96", "tracking.enabled=false", "checkpoint.async_save=true",
+                    "checkpoint.every_steps=4")
+        launcher = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_addr",
+                     "127.0.0.1", "--master_port", str(free_port())] if ranks > 1 else [sys.executable])
+        r = subprocess.run(launcher + ["-m", "trainer", "--config", "demo", *args], cwd=ROOT, env=clean_env(),
+                           capture_output=True, text=True, timeout=400)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return r.stdout + r.stderr
+
+    run(2, 1)
+    ck = Checkpointer(str(tmp_path / "t" / "checkpoints"))
+    from data_shards import read_manifest
+    steps = read_manifest(os.path.join(shards, "train")).num_samples // 96  # batches per epoch
+    assert os.path.isdir(ck.latest()) and load(ck.latest())["step"] == steps
+    said = run(3, 2)
+    assert "saved on 2 ranks, now 3" in said and f"step {steps}" in said
+    assert load(ck.latest())["step"] == 2 * steps and load(ck.latest())["world_size"] == 3
+    said = run(1, 3)
+    assert "saved on 3 ranks, now 1" in said
+    state = load(ck.latest())
+    assert (state["step"], state["epoch"], state["world_size"]) == (3 * steps, 3, 1)
+    assert not [f for f in os.listdir(ck.dir) if f.startswith(".tmp-")]
