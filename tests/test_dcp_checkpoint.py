@@ -244,3 +244,17 @@ def test_sharded_run_on_two_ranks_resumes_on_three_then_one(shards, tmp_path):
     state = load(ck.latest())
     assert (state["step"], state["epoch"], state["world_size"]) == (3 * steps, 3, 1)
     assert not [f for f in os.listdir(ck.dir) if f.startswith(".tmp-")]
+
+
+def test_async_saves_are_published_and_the_last_save_waits(shards, tmp_path):
+    """checkpoint.async_save: steps 3 and 6 written in the background (published at the next save), the stop at
+    train.max_steps=8 (the SIGTERM path) waits: three complete folders, no temporary left, exact resume data."""
+    from tests.test_trainer_loop import run_in_process, tiny
+    run_in_process(tiny(shards, tmp_path, "checkpoint.async_save=true", "checkpoint.every_steps=3",
+                        "train.max_steps=8", "tracking.enabled=false"))
+    ck = Checkpointer(str(tmp_path / "t" / "checkpoints"))
+    assert [os.path.basename(p) for p in ck.paths()] == ["step-000000003", "step-000000006", "step-000000008"]
+    assert not [f for f in os.listdir(ck.dir) if f.startswith(".tmp-")]
+    states = [load(p) for p in ck.paths()]
+    assert [s["step"] for s in states] == [3, 6, 8]
+    assert not torch.equal(states[0]["criterion"]["proxies"], states[1]["criterion"]["proxies"])  # staged copies

@@ -46,6 +46,7 @@ from torch.distributed.checkpoint import (
     FileSystemReader,
     FileSystemWriter,
 )
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
 from trainer.checkpoint import (
@@ -262,7 +263,7 @@ class DCPSaver:
                 self.pending = dict(future=future, tmp=tmp, final=final, step=step, meta=meta)
                 return
             dcp.save(sd, storage_writer=writer, planner=planner, no_dist=not _dist_up())
-        except Exception as e:  # noqa: BLE001 - DCP wraps each rank's failure
+        except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP wraps each rank's failure (a BaseException)
             self._fail(e, tmp, final)
         self._publish(tmp, final, step, meta)
 
@@ -273,7 +274,7 @@ class DCPSaver:
         p, self.pending = self.pending, None
         try:
             p["future"].result()
-        except Exception as e:  # noqa: BLE001
+        except (Exception, CheckpointException) as e:  # noqa: BLE001
             self._fail(e, p["tmp"], p["final"])
         self._publish(p["tmp"], p["final"], p["step"], p["meta"])
 
@@ -390,7 +391,7 @@ def _load(path: str, target: dict, no_dist: bool) -> None:
     try:
         planner = DefaultLoadPlanner(flatten_state_dict=False, flatten_sharded_tensors=False)
         dcp.load(target, storage_reader=FileSystemReader(path), planner=planner, no_dist=no_dist or not _dist_up())
-    except Exception as e:  # noqa: BLE001 - DCP wraps each rank's failure
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP wraps each rank's failure (a BaseException)
         first = (str(e).strip().splitlines() or [type(e).__name__])[-1][:200]
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {first})") from None
 
