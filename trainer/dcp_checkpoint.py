@@ -133,10 +133,11 @@ def param_names(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> li
     return [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
 
 
-def build_state(meta: dict, embedder, criterion, optimizer_sd: dict, fqns: list[str], scheduler_sd: dict,
+def build_state(meta: dict, embedder, criterion, optimizer_sd: dict, fqns, scheduler_sd: dict,
                 rank: int) -> dict:
     """This rank's flat DCP state dict (see the module docstring). `optimizer_sd`: the engine's optimizer state
-    dict (ids as in `fqns`) or DeepSpeed's reference {"deepspeed": {...}}."""
+    dict, whose ids are the positions in `fqns` (parameter names, or a callable giving them), or DeepSpeed's
+    reference {"deepspeed": {...}} (its own checkpoint holds the optimizer)."""
     rows = sharded_rows(criterion)
     sd: dict = {}
     if rows is not None:
@@ -154,6 +155,7 @@ def build_state(meta: dict, embedder, criterion, optimizer_sd: dict, fqns: list[
         if rank == 0:
             sd["optim/engine"] = Blob(optimizer_sd)
         return sd
+    fqns = fqns() if callable(fqns) else fqns
     other = {}
     for i, st in optimizer_sd["state"].items():
         name = fqns[i]
@@ -439,15 +441,15 @@ def load_train_state(path: str, module, optimizer, criterion, device=None) -> di
         else:
             target[k] = torch.empty(m.size, dtype=m.properties.dtype)
     _load(path, target, no_dist=False)
-    out = _assemble(target, param_names(module, optimizer))
+    out = _assemble(target, lambda: param_names(module, optimizer))
     if device is not None:
         out["criterion"] = {k: v.to(device) for k, v in out["criterion"].items()}
     return out
 
 
-def _assemble(loaded: dict, fqns: list[str] | None) -> dict:
-    """The .pt layout from a loaded flat dict: model, criterion, optimizer (ids as in `fqns`, or in the saved
-    order when None), scheduler."""
+def _assemble(loaded: dict, fqns) -> dict:
+    """The .pt layout from a loaded flat dict: model, criterion, optimizer (ids as in `fqns`, a callable giving
+    the current parameter names, or in the saved order when None), scheduler."""
     def plain(v):
         if _is_rows(v):
             for a in ("global_shape", "global_offsets", "local_offsets", "local_sizes"):
@@ -462,7 +464,7 @@ def _assemble(loaded: dict, fqns: list[str] | None) -> dict:
     else:
         groups = loaded["optim/param_groups"].value
         saved_order = [n for g in groups for n in g["params"]]
-        order = fqns if fqns is not None else saved_order
+        order = fqns() if fqns is not None else saved_order
         ids = {n: i for i, n in enumerate(order)}
         missing = [n for n in saved_order if n not in ids]
         if missing:

@@ -390,7 +390,7 @@ class Trainer:
             last = stopping or pos.epoch >= self.cfg.train.epochs or bool(
                 self.cfg.train.max_steps and pos.step >= self.cfg.train.max_steps)
             sd = build_state(meta, self.embedder, crit, self.engine.optimizer_state_dict(),
-                             param_names(self.module, self.optimizer), self.scheduler.state_dict(), env.rank)
+                             lambda: param_names(self.module, self.optimizer), self.scheduler.state_dict(), env.rank)
             try:
                 self.dcp_saver.save(sd, pos.step, meta, async_save=self.cfg.checkpoint.async_save and not last)
             except UserError as e:  # e.g. the disk is full: the same on every rank
