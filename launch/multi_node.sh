@@ -50,6 +50,6 @@ exec "$PYTHON" -m launch.torchrun \
   --rdzv-backend c10d \
   --rdzv-endpoint "$endpoint" \
   --rdzv-id "$rdzv_id" \
-  --rdzv-conf "join_timeout=$join_timeout" \
+  --join-timeout "$join_timeout" \
   --max-restarts "$max_restarts" \
   -m trainer "$@"

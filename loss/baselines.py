@@ -22,12 +22,60 @@ import torch.distributed as dist
 from pytorch_metric_learning import losses, miners
 from torch import nn
 
-# Argument names under which pytorch-metric-learning's classifier-style losses take the class count.
-_CLASS_ARGS = ("num_classes", "embedding_size")
+# Constructor arguments under which pytorch-metric-learning's classifier-style losses take the class count
+# and the embedding size (P2SGradLoss calls the latter descriptors_dim).
+_CLASS_ARGS = {"num_classes": "classes", "embedding_size": "dim", "descriptors_dim": "dim"}
 
 
 def available_losses() -> list[str]:
     return sorted(n for n, obj in vars(losses).items() if n.endswith("Loss") and inspect.isclass(obj))
+
+
+def init_parameters(cls: type) -> set[str]:
+    """Names a class's constructor accepts, following `*args, **kwargs` to the parent classes' constructors
+    (CosFaceLoss(*args, margin, scale, **kwargs) passes num_classes and embedding_size on to its parent)."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        init = vars(klass).get("__init__")
+        if init is None:
+            continue
+        params = inspect.signature(init).parameters.values()
+        names |= {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            break
+    return names - {"self"}
+
+
+def check(name: str, dim: int, kwargs: dict | None = None, miner: str | None = None,
+          miner_kwargs: dict | None = None) -> None:
+    """Build the loss (and miner) on a 4-class toy and run one forward and backward on 8 random embeddings.
+
+    Raises ValueError whose message starts with the key at fault (`loss.name: ...`, `loss.kwargs: ...`,
+    `loss.miner: ...`, `loss.miner_kwargs: ...`) for anything that goes wrong, whatever the exception."""
+    try:
+        crit = MetricLoss(name, 4, dim, kwargs, miner, miner_kwargs, gather=False)
+    except ValueError:
+        raise
+    except Exception as e:  # a constructor failing in its own way (KeyError, AssertionError, ...)
+        key = "loss.kwargs" if kwargs else "loss.name"
+        raise ValueError(f"{key}: {name}({kwargs or ''}) fails: {type(e).__name__}: {_first_line(e)}") from e
+    gen = torch.Generator().manual_seed(0)
+    emb = torch.randn(8, dim, generator=gen).requires_grad_()
+    labels = torch.arange(4).repeat_interleave(2)
+    try:
+        loss = crit(emb, labels)
+        loss.backward()
+    except Exception as e:
+        raise ValueError(f"loss.name: {name} cannot train on a batch of (embeddings, class labels): "
+                         f"{type(e).__name__}: {_first_line(e)}") from e
+    if loss.dim() != 0 or not torch.isfinite(loss):
+        raise ValueError(f"loss.name: {name} gives {loss.shape} / {loss.detach()} on a toy batch, not a finite "
+                         "scalar")
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else repr(error)
 
 
 def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
@@ -65,11 +113,9 @@ class MetricLoss(nn.Module):
         if not (inspect.isclass(cls) and name.endswith("Loss")):
             raise ValueError(f"loss.name: unknown loss {name!r}; choose 'proxygml' or one of {available_losses()}")
         kwargs = dict(kwargs or {})
-        params = inspect.signature(cls.__init__).parameters
-        if "num_classes" in params:
-            kwargs.setdefault("num_classes", int(num_classes))
-        if "embedding_size" in params:
-            kwargs.setdefault("embedding_size", int(dim))
+        sizes = {"classes": int(num_classes), "dim": int(dim)}
+        for arg in init_parameters(cls) & _CLASS_ARGS.keys():
+            kwargs.setdefault(arg, sizes[_CLASS_ARGS[arg]])
         try:
             self.loss_fn = cls(**kwargs)
         except TypeError as e:

@@ -407,7 +407,7 @@ def tiny_cli(shards, out, ds_json, *more):
             "data.num_workers=0", "model.small_cnn_width=8", "model.dim=16", "data.transform.image_size=16",
             "data.transform.resize_size=16", "train.epochs=2", "train.batch_size=64", "train.warmup_epochs=1",
             "optim.lr_milestones=[1]", "eval.every_epochs=0", "eval.at_start=false", "eval.nmi=false",
-            "eval.map_r=false", "checkpoint.every_epochs=1", *engine, *more]
+            "eval.map_r=false", "checkpoint.every_epochs=1", "tracking.enabled=false", *engine, *more]
 
 
 def run_cli(cmd, launcher=()):

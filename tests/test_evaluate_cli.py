@@ -71,6 +71,29 @@ def test_cli_prints_metrics_and_exports(setup, capsys):
     assert nearest[:, 0].tolist() == list(range(5))  # each vector finds itself
 
 
+def test_cli_creates_the_folders_it_writes_into(setup, tmp_path, capsys):
+    _, ckpt, split, expected = setup
+    fresh = tmp_path / "fresh" / "out"  # neither folder exists
+    assert main([str(ckpt), "--data", split, "--num-workers", "0", "--export", str(fresh),
+                 "--per-class", str(fresh / "tables" / "x.parquet")]) == 0
+    assert "export:" in capsys.readouterr().out
+    assert load_export(fresh)[1] == expected.keys
+    assert pd.read_parquet(fresh / "tables" / "x.parquet")["class_name"].tolist() == ["5", "6", "7", "8", "9"]
+
+
+def test_cli_refuses_an_unwritable_output_before_evaluating(setup, tmp_path, capsys):
+    _, ckpt, split, _ = setup
+    (tmp_path / "file").write_text("in the way")
+    with pytest.raises(SystemExit) as e:
+        main([str(ckpt), "--data", split, "--num-workers", "0", "--export", str(tmp_path / "file" / "out")])
+    assert e.value.code == 2
+    captured = capsys.readouterr()
+    assert "cannot create the output folder" in captured.err and "recall_at_1" not in captured.out
+    with pytest.raises(SystemExit):
+        main([str(ckpt), "--data", split, "--per-class", str(tmp_path / "table.xlsx")])
+    assert ".csv or .parquet" in capsys.readouterr().err
+
+
 def test_cli_rejects_bad_arguments(setup, tmp_path, capsys):
     _, ckpt, split, _ = setup
     with pytest.raises(SystemExit):

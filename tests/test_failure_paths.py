@@ -357,3 +357,104 @@ def test_a_user_error_decided_on_rank_0_stops_both_ranks_with_one_line(shards, t
     assert p.returncode != 0 and secs < 90, (p.returncode, secs, p.stderr[-3000:])
     said = [ln for ln in p.stderr.splitlines() if "in use by another trainer" in ln]
     assert len(said) == 1 and said[0].startswith("[rank 0] error: run.name:"), p.stderr[-3000:]
+
+
+# ------------------------------------------------------------------ found by a fresh attacker, each now a test
+
+def test_a_checkpoint_dir_shared_by_two_runs_is_locked_and_not_resumed_by_the_other(shards, tmp_path):
+    shared = tmp_path / "shared-ck"
+    a = RunDir(str(tmp_path / "a"), str(shared)).claim()
+    with pytest.raises(UserError, match="^checkpoint.dir: .*in use by another trainer"):
+        RunDir(str(tmp_path / "b"), str(shared)).claim()
+    a.release()
+    run_in_process(tiny(shards, tmp_path, "run.name=a", f"checkpoint.dir={shared}", "train.max_steps=3",
+                        *no_tracking()))
+    with pytest.raises(ConfigError, match="^run.name: .*another run"):
+        run_in_process(tiny(shards, tmp_path, "run.name=b", f"checkpoint.dir={shared}", *no_tracking()))
+
+
+def test_a_train_split_with_other_classes_is_refused(mid_epoch_run, tmp_path):
+    from omegaconf import OmegaConf
+
+    from trainer.resume import check_resume, class_digest
+    cfg = load_config("demo", ["data.root=/x"])
+    with pytest.raises(ConfigError, match="^data.root: .*other classes"):
+        check_resume(OmegaConf.to_container(cfg), cfg, "ck.pt", at_epoch_start=True,
+                     saved_data={"classes": 5, "samples": 9, "class_names": class_digest(["0", "1", "2", "3", "4"])},
+                     data_now={"classes": 5, "samples": 9, "class_names": class_digest(["5", "6", "7", "8", "9"])})
+
+
+def test_checkpoint_dir_that_is_the_run_dir_archives_cleanly(shards, tmp_path):
+    run_dir = tmp_path / "t"
+    run_in_process(tiny(shards, tmp_path, f"checkpoint.dir={run_dir}", "train.max_steps=3", *no_tracking()))
+    run_in_process(tiny(shards, tmp_path, f"checkpoint.dir={run_dir}", "checkpoint.resume=false",
+                        "train.max_steps=2", *no_tracking()))
+    (archived,) = os.listdir(run_dir / "previous")
+    assert sorted(os.listdir(run_dir / "previous" / archived)) == ["checkpoints", "config.yaml"]
+    assert len(os.listdir(run_dir / "previous" / archived / "checkpoints")) == 2  # step-3 .pt and .json
+    assert [load(p)["step"] for p in Checkpointer(str(run_dir)).paths()] == [2]
+
+
+def test_a_checkpoint_dir_that_cannot_be_written_fails_before_training(shards, tmp_path):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(UserError, match="^checkpoint.dir: cannot write checkpoints into"):
+        run_in_process(tiny(shards, tmp_path, f"checkpoint.dir={tmp_path / 'afile'}", *no_tracking()))
+    assert not os.path.exists(tmp_path / "t" / "config.yaml")
+
+
+def test_when_every_checkpoint_is_damaged_the_run_is_not_silently_started_over(tmp_path):
+    from trainer.checkpoint import REQUIRED, CheckpointError
+    ck = Checkpointer(str(tmp_path))
+    for step in (1, 2):
+        ck.save({**{k: None for k in REQUIRED}, "step": step}, step)
+        with open(ck.latest(), "r+b") as f:
+            f.write(b"garbage")
+    with pytest.raises(CheckpointError, match="every checkpoint .* is damaged"):
+        ck.find_latest(log=lambda m: None)
+
+
+def test_checkpoints_are_readable_by_the_group(tmp_path):
+    from trainer.checkpoint import REQUIRED
+    old = os.umask(0o022)
+    try:
+        path = Checkpointer(str(tmp_path)).save({k: None for k in REQUIRED}, 1)
+    finally:
+        os.umask(old)
+    assert oct(os.stat(path).st_mode & 0o777) == "0o644"
+
+
+@pytest.mark.parametrize("text,match", [("a: [1\n", "not valid YAML"), ("- 1\n- 2\n", "not a mapping")])
+def test_a_config_file_that_is_not_a_config_is_one_line(tmp_path, text, match):
+    (tmp_path / "c.yaml").write_text(text)
+    with pytest.raises(ConfigError, match=match):
+        load_config(str(tmp_path / "c.yaml"))
+
+
+@pytest.mark.parametrize("name", ["../../etc", "a/b", ".."])
+def test_run_name_cannot_leave_the_output_dir(name):
+    with pytest.raises(ConfigError, match="^run.name: "):
+        load_config("demo", [f"run.name={name}"])
+
+
+def test_weights_that_overflow_stop_as_divergence_not_a_traceback(shards, tmp_path):
+    from trainer.loop import DivergedError
+    with pytest.raises(DivergedError, match="^step "):
+        run_in_process(tiny(shards, tmp_path, "optim.lr=1e35", "optim.head_lr=1e35", "optim.proxy_lr=1e35",
+                            "train.warmup_epochs=0", "checkpoint.every_steps=1", *no_tracking()))
+
+
+def test_a_loss_kwarg_that_changes_a_shape_is_refused_before_config_yaml_is_touched(shards, tmp_path):
+    base = ["loss.name=SoftTripleLoss", "loss.mode=local", "train.max_steps=2", *no_tracking()]
+    run_in_process(tiny(shards, tmp_path, *base, "loss.kwargs.centers_per_class=2"))
+    before = (tmp_path / "t" / "config.yaml").read_text()
+    with pytest.raises(ConfigError, match="^checkpoint.resume: .*does not fit the current config"):
+        run_in_process(tiny(shards, tmp_path, *base, "loss.kwargs.centers_per_class=5", "train.max_steps=4"))
+    assert (tmp_path / "t" / "config.yaml").read_text() == before
+
+
+def test_evaluate_cli_refuses_nonsense_numbers_before_work(shards, mid_epoch_run):
+    from trainer.evaluate import main
+    ckpt = Checkpointer(str(mid_epoch_run / "t" / "checkpoints")).latest()
+    for bad in (["--recall-ks", "0"], ["--batch-size", "0"]):
+        with pytest.raises(SystemExit):
+            main([ckpt, "--data", os.path.join(shards, "test"), *bad])

@@ -35,6 +35,7 @@ class Jobs:
 
     def start(self, name: str, cmd: list[str], **env) -> subprocess.Popen:
         environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable, **env}
+        environment = {k: v for k, v in environment.items() if v is not None}  # None: leave the variable unset
         with open(self.tmp / f"{name}.log", "w") as log:  # the child keeps its own descriptor
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=environment, cwd=self.tmp,
                                     start_new_session=True)
@@ -71,7 +72,8 @@ def finish(proc, timeout: float) -> int:
 def trainer_args(tmp_path, shards, name: str, **overrides) -> list[str]:
     """The demo preset (small CNN on 8x8 digits, CPU) on the shared shards, without evaluation before training."""
     values = {"run.output_dir": str(tmp_path / "runs"), "run.name": name, "data.root": shards,
-              "run.device": "cpu", "eval.at_start": "false", "data.num_workers": 1, **overrides}
+              "run.device": "cpu", "eval.at_start": "false", "data.num_workers": 1, "tracking.enabled": "false",
+              **overrides}
     return ["--config", "demo", *(f"{k}={v}" for k, v in values.items())]
 
 
@@ -144,11 +146,52 @@ def test_node_that_never_joins_times_out_with_an_explanation(jobs, tmp_path, sha
     took = time.monotonic() - t0
     out = output(node)
     assert rc == 1, out
-    assert "timed out after join_timeout=5 s: not all of --nnodes 2 nodes joined" in out
-    assert f"127.0.0.1:{port}" in out and "--rdzv-conf join_timeout=SECONDS" in out
+    assert "timed out after --join-timeout 5 s: not all of --nnodes 2 nodes joined" in out
+    assert f"127.0.0.1:{port}" in out and "Wait longer with --join-timeout SECONDS" in out
+    assert "rdzv-conf" not in out and "join_timeout" not in out  # the launcher's option, not torchrun's
     assert "Traceback" not in out
     assert not checkpoints(tmp_path, "lonely")  # the trainer never started
     assert took < 60, f"took {took:.0f} s for a 5 s join timeout"
+
+
+# --- what each node joined; a user error in the workers ---------------------------------------------------------
+
+
+NODE_LINE = re.compile(r"launch: node (\d+) of (\d+) joined rendezvous (\S+) \(id '([^']+)'\): local ranks (\S+) = "
+                       r"global ranks (\S+) of world size (\d+), OMP_NUM_THREADS=(\d+)")
+
+
+def test_every_node_prints_what_it_joined_and_shares_the_cores(jobs, tmp_path):
+    """Two nodes of one process each on this machine: each says its node rank, ranks, endpoint and world
+    size; the launcher gives their workers the machine's CPUs split between them (OMP_NUM_THREADS unset)."""
+    from launch.torchrun import usable_cpus
+
+    port = free_port()
+    args = [MULTI, "--endpoint", f"127.0.0.1:{port}", "--nnodes", "2", "--nproc-per-node", "1",
+            "--rdzv-id", "lines", "--join-timeout", "60", "--", "--config", "demo", "--print-config"]
+    nodes = [jobs.start(f"node{i}", args, OMP_NUM_THREADS=None) for i in range(2)]
+    for node in nodes:
+        assert finish(node, timeout=120) == 0, output(node)[-3000:]
+    lines = [NODE_LINE.findall(output(node)) for node in nodes]
+    assert [len(found) for found in lines] == [1, 1], [output(node)[-2000:] for node in nodes]
+    (a,), (b,) = lines
+    assert sorted([a[0], b[0]]) == ["0", "1"] and sorted([a[5], b[5]]) == ["0", "1"]
+    for _, nnodes, endpoint, rdzv_id, local, _, world, omp in (a, b):
+        assert (nnodes, endpoint, rdzv_id, local, world) == ("2", f"127.0.0.1:{port}", "lines", "0", "2")
+        assert int(omp) == max(1, usable_cpus() // 2)  # 2 nodes x 1 process on this machine's CPUs
+
+
+def test_user_error_in_the_workers_is_one_line_exit_2_and_no_restart(jobs, tmp_path, shards):
+    job = jobs.start("bad", [SINGLE, *trainer_args(tmp_path, shards, "bad", **{"train.amp": "bogus"})],
+                     NPROC_PER_NODE="2", MAX_RESTARTS="2")
+    rc = finish(job, timeout=120)
+    out = output(job)
+    assert rc == 2, out
+    assert "train.amp: 'bogus' is not one of" in out
+    assert out.count("launch: the trainer refused its input") == 1, out
+    assert out.count("launch: node 0 of 1 joined") == 1, out  # started once: a user error is not restarted
+    assert "ChildFailedError" not in out and "Traceback" not in out and "exitcode" not in out, out
+    assert not checkpoints(tmp_path, "bad")
 
 
 # --- SIGTERM: checkpoint, then exit within 30 s --------------------------------------------------------------
@@ -191,13 +234,12 @@ def test_two_nodes_train_and_evaluate_together(jobs, tmp_path, shards):
     args = [MULTI, "--endpoint", f"127.0.0.1:{port}", "--nnodes", "2", "--nproc-per-node", "1",
             "--max-restarts", "0", "--rdzv-id", "two-nodes", "--join-timeout", "120", "--",
             *trainer_args(tmp_path, shards, "two", **{"train.epochs": 2, "eval.every_epochs": 1})]
-    nodes = [jobs.start(f"node{i}", args, LOGLEVEL="INFO") for i in range(2)]
+    nodes = [jobs.start(f"node{i}", args) for i in range(2)]
     for node in nodes:
         assert finish(node, timeout=300) == 0, output(node)[-4000:]
     outs = [output(node) for node in nodes]
-    group_ranks = sorted(int(re.search(r"group_rank=(\d+)", out).group(1)) for out in outs)
-    assert group_ranks == [0, 1]
-    assert all("group_world_size=2" in out for out in outs)
+    joined = [NODE_LINE.search(out).groups() for out in outs]
+    assert sorted(j[0] for j in joined) == ["0", "1"] and all(j[1] == j[6] == "2" for j in joined)
     evals = [re.findall(r"\[eval epoch (\d+)\] recall_at_1 ([\d.]+)", out) for out in outs]
     assert sorted(len(e) for e in evals) == [0, 2]  # rank 0 (on one of the nodes) reports both evaluations
     recall = float(max(evals, key=len)[-1][1])

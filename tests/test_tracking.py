@@ -153,21 +153,24 @@ def test_sqlite_end_to_end(tmp_path, shards, eval_result):
     assert run.data.metrics["eval/class_r1/mean"] == pytest.approx(per_class_r1.mean())
     assert run.data.metrics["eval/class_r1/zero_share"] == pytest.approx((per_class_r1 == 0).mean())
     assert "R@1" in tags["eval.worst_classes"]
+    assert "eval/class_r1/classes" not in run.data.metrics  # constant by construction: the dataset input says it
     # proxy summaries only: never one metric key per class or proxy
     assert not any(k.startswith("proxy/") and k[-1].isdigit() for k in run.data.metrics)
     counts = counts_before.numpy()
     assert metric_steps(client, tracker.run_id, "proxy/never_selected_share") == [
         (10, pytest.approx((counts == 0).mean()))]
-    assert not (run_dir / "tracking" / "artifacts" / "proxies" / "step-00000011").exists()
+    assert not (run_dir / "tracking" / "artifacts" / "proxies" / "step-000000011").exists()
     assert run.data.metrics["proxy/selections"] == counts.sum()
     assert len(run.data.metrics) < 40
 
     local = Path(mlflow.artifacts.download_artifacts(run_id=tracker.run_id, artifact_path="",
                                                      dst_path=str(tmp_path / "dl"), tracking_uri=tracker.uri))
     assert OmegaConf.load(local / "config.yaml").optim.lr_milestones == [20, 40]
-    ev = local / "evaluations" / "step-00000010"
+    ev = local / "evaluations" / "step-000000010"
     table = pd.read_csv(ev / "per_class_recall.csv")
-    assert len(table) == 6 and np.allclose(table["recall_at_1"], per_class_r1)
+    assert len(table) == 6 and np.allclose(table["recall_at_1"], per_class_r1, atol=1e-5)
+    header = (ev / "per_class_recall.csv").read_text().splitlines()[0]
+    assert header == "class_index,class_name,size,recall_at_1,map_at_r"
     worst = pd.read_csv(ev / "worst_classes.csv")
     assert worst["recall_at_1"].is_monotonic_increasing
     for png in ("retrieval_grid.png", "recall_curve.png", "per_class_recall_hist.png"):
@@ -175,10 +178,10 @@ def test_sqlite_end_to_end(tmp_path, shards, eval_result):
             im.load()
             assert im.width > 100 and im.height > 100
     with Image.open(ev / "retrieval_grid.png") as grid:
-        assert grid.height == 4 * (112 + 14)  # 4 query rows
-    proxy_table = pd.read_csv(local / "proxies" / "step-00000010" / "proxy_selection.csv")
+        assert grid.height == 40 + 4 * (112 + 14)  # the title and legend band, 4 query rows
+    proxy_table = pd.read_csv(local / "proxies" / "step-000000010" / "proxy_selection.csv")
     assert proxy_table["selection_count"].tolist() == counts.tolist()
-    assert len(pd.read_csv(local / "proxies" / "step-00000010" / "class_proxy_stats.csv")) == 6
+    assert len(pd.read_csv(local / "proxies" / "step-000000010" / "class_proxy_stats.csv")) == 6
 
     assert "MLFLOW_TRACKING_URI" not in os.environ  # logging the model left the environment alone
     with tracking.mlflow_globals(tracker.uri):
@@ -401,9 +404,10 @@ def test_store_back_during_the_run_gets_the_pending_events(tmp_path, monkeypatch
         tracker.log_metrics({"loss": float(step)}, step)
     assert tracker.flush(timeout=120) and not tracker.online and tracker.run_id is None
     store_dir.unlink()
-    tracker.log_metrics({"loss": 5.0}, 5)  # within RETRY_INTERVAL_S: not retried yet
+    monkeypatch.setattr(tracking, "LOCAL_RETRY_INTERVAL_S", 3600.0)
+    tracker.log_metrics({"loss": 5.0}, 5)  # within the retry interval: not retried yet
     assert tracker.flush(timeout=120) and not tracker.online
-    monkeypatch.setattr(tracking, "RETRY_INTERVAL_S", 0.0)
+    monkeypatch.setattr(tracking, "LOCAL_RETRY_INTERVAL_S", 0.0)
     for step in range(6, 8):
         tracker.log_metrics({"loss": float(step)}, step)
     assert tracker.flush(timeout=120) and tracker.online
@@ -422,5 +426,46 @@ def test_picture_failure_is_reported_not_fatal(tmp_path, eval_result):
     tracker.close()
     run = client_for(tracker).get_run(tracker.run_id)
     assert run.data.metrics["eval/recall_at_1"] == eval_result.metrics["recall_at_1"]
-    out = tmp_path / "runs" / "r" / "tracking" / "artifacts" / "evaluations" / "step-00000003"
+    out = tmp_path / "runs" / "r" / "tracking" / "artifacts" / "evaluations" / "step-000000003"
     assert (out / "recall_curve.png").exists() and not (out / "retrieval_grid.png").exists()
+
+
+def test_description_and_dataset_inputs_in_the_store(tmp_path, shards):
+    from data_shards import read_manifest
+
+    manifest = read_manifest(shards)
+    tracker = Tracker(TrackingConfig(enabled=True, experiment="described"), tmp_path / "runs" / "d")
+    tracker.set_description("**first**")
+    tracker.set_description("**ProxyGML** on folder: Recall@1 0.9")  # replaced, not appended
+    tracker.log_dataset(manifest, "test")
+    tracker.close()
+    run = client_for(tracker).get_run(tracker.run_id)
+    assert run.data.tags["mlflow.note.content"] == "**ProxyGML** on folder: Recall@1 0.9"
+    (ds,) = run.inputs.dataset_inputs
+    assert ds.dataset.name == "folder/test" and len(ds.dataset.digest) == 8
+    assert json.loads(ds.dataset.profile) == {"samples": manifest.num_samples, "classes": 6,
+                                              "shards": len(manifest.shard_names), "skipped": 0}
+    assert str(shards) in ds.dataset.source
+    assert [(t.key, t.value) for t in ds.tags] == [("mlflow.data.context", "test")]
+
+
+def test_queries_spread_over_as_many_classes_as_possible():
+    keys = [f"k{i:02d}" for i in range(30)]
+    labels = np.repeat(np.arange(3), 10)
+    counts = np.bincount(labels[tracking.pick_queries(keys, labels, 8)], minlength=3)
+    assert sorted(counts.tolist()) == [2, 3, 3]  # round-robin: no class twice before every class once
+    few = tracking.pick_queries(keys[:12], np.array([0] * 10 + [1, 2]), 5)
+    assert len(few) == 5 and len(set(few.tolist())) == 5 and {1, 2} <= set(np.array([0] * 10 + [1, 2])[few])
+
+
+def test_recall_curve_zooms_to_the_data_and_grid_has_a_legend(tmp_path):
+    from trainer import plots
+
+    low, high = plots.recall_curve([(10, {1: 0.90, 2: 0.95, 4: 0.97}), (20, {1: 0.93, 2: 0.96, 4: 0.98})],
+                                   str(tmp_path / "c.png"))
+    assert 0.85 <= low < 0.90 and 0.98 < high <= 1.0
+    rows = [{"key": "a", "label": 0, "neighbours": [("b", 0), ("c", 1)]}]
+    plots.retrieval_grid(rows, {}, str(tmp_path / "g.png"), title="retrieval at step 28, epoch 2")
+    with Image.open(tmp_path / "g.png") as grid:
+        legend = {grid.getpixel((x, 28)) for x in range(0, grid.width)}
+    assert {plots.QUERY, plots.GREEN, plots.RED} <= legend

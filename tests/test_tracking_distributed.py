@@ -15,6 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from tests.test_tracking import free_port, no_mlflow_env  # noqa: F401 (autouse fixture)
+from trainer import tracking
 
 pytestmark = [pytest.mark.distributed, pytest.mark.filterwarnings("ignore::UserWarning")]
 MODES = ("local", "sharded")
@@ -60,7 +61,8 @@ def test_proxy_stats_gathered_over_ranks(tmp_path):
             counts = torch.cat([p["counts"] for p in parts]).numpy()
             proxies = torch.cat([p["proxies"] for p in parts]).numpy()
         assert counts.shape == (12,) and counts.sum() > 0
-        csv = tmp_path / "run" / "tracking" / "artifacts" / "proxies" / f"step-{step:08d}" / "proxy_selection.csv"
+        csv = tmp_path / "run" / "tracking" / "artifacts" / "proxies" / tracking.STEP_DIR.format(step)
+        csv = csv / "proxy_selection.csv"
         table = pd.read_csv(csv)
         assert table["selection_count"].tolist() == counts.tolist(), mode
         assert np.allclose(table["norm"], np.linalg.norm(proxies, axis=1), atol=1e-6), mode

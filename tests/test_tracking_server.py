@@ -116,11 +116,11 @@ def test_server_dies_mid_run(tmp_path, server, shards, eval_result):  # noqa: F8
     assert run.info.status == "RUNNING" and run.data.params == {"train.epochs": "3", "loss.r": "0.05"}
     assert [s for s, _ in metric_steps(backend, tracker.run_id, "loss")] == list(range(5))
     assert run.data.metrics["eval/recall_at_1"] == eval_result.metrics["recall_at_1"]
-    grids = list((server.root / "artifacts").rglob("step-00000004/retrieval_grid.png"))
+    grids = list((server.root / "artifacts").rglob("step-000000004/retrieval_grid.png"))
     assert len(grids) == 1
     with Image.open(grids[0]) as im:
         im.load()
-    table = next((server.root / "artifacts").rglob("step-00000004/per_class_recall.csv"))
+    table = next((server.root / "artifacts").rglob("step-000000004/per_class_recall.csv"))
     assert len(pd.read_csv(table)) == len(eval_result.per_class)
     pending = [json.loads(line) for line in (tracker.dir / "pending.jsonl").read_text().splitlines()]
     steps = [e["step"] for e in pending if e["op"] == "metrics" and "loss" in e["metrics"]]
@@ -150,7 +150,7 @@ def test_server_killed_mid_run_then_uploaded(tmp_path, server, shards, eval_resu
     assert [s for s, _ in metric_steps(client, tracker.run_id, "eval/recall_at_1")] == [4, 24]
     dl = Path(mlflow.artifacts.download_artifacts(run_id=tracker.run_id, artifact_path="evaluations",
                                                   dst_path=str(tmp_path / "dl"), tracking_uri=server.uri))
-    for step in ("step-00000004", "step-00000024"):  # logged live, and uploaded afterwards
+    for step in ("step-000000004", "step-000000024"):  # logged live, and uploaded afterwards
         with Image.open(dl / step / "retrieval_grid.png") as im:
             im.load()
         assert len(pd.read_csv(dl / step / "per_class_recall.csv")) == len(eval_result.per_class)

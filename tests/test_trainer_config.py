@@ -83,3 +83,29 @@ def test_cli_fails_before_work(tmp_path):
                         "train.epochs=oops"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "train.epochs" in r.stderr
     assert not any(tmp_path.iterdir())  # nothing was written
+
+
+@pytest.mark.parametrize("word", ["off", "on", "yes", "no", "true", "false", "y", "n", "Off", "NO"])
+def test_yaml_boolean_words_stay_words_in_string_fields(word, tmp_path):
+    """YAML 1.1 reads these words as booleans; a string field keeps the word, on the command line and in files."""
+    cfg = load_config("demo", [f"run.name={word}", f"tracking.experiment={word}"])
+    assert (cfg.run.name, cfg.tracking.experiment) == (word, word)
+    path = tmp_path / "c.yaml"
+    path.write_text(f"data:\n  root: x\nrun:\n  name: {word}\n")
+    assert load_config(str(path)).run.name == word
+
+
+def test_documented_amp_off_is_accepted_and_bool_fields_still_read_words(tmp_path):
+    assert load_config("demo", ["train.amp=off"]).train.amp == "off"
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  root: x\ntrain:\n  amp: off\nmodel:\n  pretrained: no\neval:\n  nmi: off\n"
+                    "loss:\n  name: TripletMarginLoss\n  kwargs: {smooth_loss: yes}\n")
+    cfg = load_config(str(path))
+    assert cfg.train.amp == "off" and cfg.model.pretrained is False and cfg.eval.nmi is False
+    assert cfg.loss.kwargs == {"smooth_loss": True}  # a free dict: the word is a boolean there
+    with pytest.raises(ConfigError, match="^train.amp: 'yes' is not one of"):
+        load_config("demo", ["train.amp=yes"])  # a word, but not a legal value: refused as the word
+
+
+def test_tracking_is_on_by_default():
+    assert load_config("demo").tracking.enabled is True

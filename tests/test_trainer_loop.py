@@ -26,7 +26,7 @@ def tiny(shards, out, *more):
             "data.transform.image_size=16", "data.transform.resize_size=16", "train.epochs=2",
             "train.batch_size=64", "train.warmup_epochs=1", "optim.lr_milestones=[1]", "eval.every_epochs=1",
             "eval.at_start=false", "eval.nmi=false", "train.log_every_steps=5", "checkpoint.every_epochs=1",
-            *more]
+            "tracking.enabled=false", *more]
 
 
 def run_in_process(overrides):

@@ -20,7 +20,8 @@ def tiny(shards, out, *more):
     return ["data.prepare=none", f"data.root={shards}", f"run.output_dir={out}", "run.name=t", "run.device=cpu",
             "data.num_workers=0", "model.small_cnn_width=8", "model.dim=16", "data.transform.image_size=16",
             "data.transform.resize_size=16", "train.epochs=2", "train.batch_size=64", "train.warmup_epochs=1",
-            "optim.lr_milestones=[1]", "eval.every_epochs=1", "eval.nmi=false", "train.log_every_steps=5", *more]
+            "optim.lr_milestones=[1]", "eval.every_epochs=1", "eval.nmi=false", "train.log_every_steps=5",
+            "tracking.enabled=false", *more]
 
 
 @pytest.mark.parametrize("overrides, key", [
@@ -92,3 +93,73 @@ def test_pair_based_loss_on_two_gloo_ranks(shards, tmp_path):
     assert (state["epoch"], state["step"], state["world_size"]) == (1, 14, 2)
     assert state["config"]["loss"]["miner"] == "MultiSimilarityMiner"
     assert "recall_at_1" in r.stdout + r.stderr
+
+
+# Losses that cannot run without arguments of their own or on (embeddings, labels) batches; each must be
+# refused by the config with the reason, every other one must train.
+NEEDS_ARGUMENTS = {"GenericPairLoss", "ManifoldLoss", "RankedListLoss", "SelfSupervisedLoss"}
+NOT_FOR_LABELS = {"VICRegLoss"}
+
+
+def one_step(cfg, num_classes=4):
+    """One optimizer step of the trainer's own parts (model, criterion, optimizer) on a random 16 px batch;
+    returns the loss and whether the embedder's weights moved."""
+    from trainer.engine import TrainModule
+    from trainer.loop import build_criterion, build_optimizer
+    from trainer.model import build_model
+
+    torch.manual_seed(0)
+    embedder = build_model(cfg.model)
+    module = TrainModule(embedder, build_criterion(cfg.loss, num_classes, cfg.model.dim))
+    optimizer = build_optimizer(cfg.optim, embedder, module.criterion)
+    before = [p.detach().clone() for p in embedder.parameters()]
+    loss = module(torch.randn(16, 3, 16, 16), torch.arange(num_classes).repeat_interleave(16 // num_classes))
+    loss.backward()
+    optimizer.step()
+    return loss, any(not torch.equal(b, p) for b, p in zip(before, embedder.parameters()))
+
+
+def test_every_pml_loss_trains_one_step_or_is_refused_with_its_reason():
+    from loss.baselines import available_losses
+
+    base = ["data.root=x", "model.small_cnn_width=4", "model.dim=8"]
+    trained, refused = [], {}
+    for name in available_losses():
+        try:
+            cfg = load_config("demo", [*base, f"loss.name={name}"])
+        except ConfigError as e:
+            refused[name] = str(e)
+            continue
+        loss, moved = one_step(cfg)
+        assert loss.dim() == 0 and torch.isfinite(loss) and moved, name
+        trained.append(name)
+    assert set(refused) == NEEDS_ARGUMENTS | NOT_FOR_LABELS, refused
+    for name, msg in refused.items():
+        assert "\n" not in msg and name in msg, msg
+        assert msg.startswith("loss.kwargs:" if name in NEEDS_ARGUMENTS else "loss.name:"), msg
+    assert {"CosFaceLoss", "SubCenterArcFaceLoss", "P2SGradLoss", "ProxyAnchorLoss"} <= set(trained)
+    assert len(trained) == len(available_losses()) - len(refused) >= 30
+
+
+def test_a_refused_loss_trains_once_given_its_arguments():
+    base = ["data.root=x", "model.small_cnn_width=4", "model.dim=8"]
+    cfg = load_config("demo", [*base, "loss.name=RankedListLoss", "loss.kwargs.margin=0.4", "loss.kwargs.Tn=10"])
+    loss, moved = one_step(cfg)
+    assert torch.isfinite(loss) and moved
+    with pytest.raises(ConfigError, match="^loss.name: ManifoldLoss cannot train on a batch of"):
+        load_config("demo", [*base, "loss.name=ManifoldLoss", "loss.kwargs.l=8"])  # unsupervised: no labels
+
+
+def test_star_kwargs_loss_gets_its_sizes_and_trains_in_the_trainer(shards, tmp_path):
+    """CosFaceLoss(*args, **kwargs) takes num_classes and embedding_size through its parent's constructor."""
+    cfg = load_config("demo", tiny(shards, tmp_path, "loss.name=CosFaceLoss", "train.max_steps=3"))
+    env = distributed.setup("cpu")
+    try:
+        trainer = Trainer(cfg, env)
+        assert trainer.criterion.loss_fn.W.shape == (16, 5)  # embedding_size x the 5 train classes
+        trainer.fit()
+    finally:
+        distributed.teardown()
+        for k in DIST_VARS:
+            os.environ.pop(k, None)
+    assert Checkpointer(str(tmp_path / "t" / "checkpoints")).load_latest()["step"] == 3

@@ -10,9 +10,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 from trainer.config import DEFAULT_CONFIG, ConfigError, load_config
 from trainer.errors import exit_now, report
+
+QUIET_RANK_DELAY_S = 3.0
 
 
 def parse_args(argv=None):
@@ -35,7 +38,7 @@ def main(argv=None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:  # every rank has the same one: rank 0 says it
-        return report(e, rank, world_size, quiet_ranks=True)
+        return _let_rank0_speak(report(e, rank, world_size, quiet_ranks=True), rank)
     if args.print_config:
         from trainer.config import to_yaml
         print(to_yaml(cfg), end="")
@@ -46,14 +49,25 @@ def main(argv=None) -> int:
         env = distributed.setup(cfg.run.device, backend=cfg.run.dist_backend)
         train(cfg, env)
     except BaseException as e:  # noqa: BLE001 - every failure ends the same way: told, non-zero, at once
-        code = report(e, rank, world_size, quiet_ranks=isinstance(e, ConfigError))
+        quiet = isinstance(e, ConfigError) or getattr(e, "same_on_every_rank", False)
+        code = report(e, rank, world_size, quiet_ranks=quiet)
         from trainer.errors import kill_children
         kill_children()
+        if quiet:
+            _let_rank0_speak(code, rank)
         if world_size == 1:
             distributed.teardown()
         return code
     distributed.teardown()
     return 0
+
+
+def _let_rank0_speak(code: int, rank: int) -> int:
+    """An error every rank has is printed by rank 0 alone; the other ranks wait a moment before they exit, so that
+    torchrun, which stops the whole group at the first exit it sees, does not stop rank 0 before it has said it."""
+    if rank != 0 and code:
+        time.sleep(QUIET_RANK_DELAY_S)
+    return code
 
 
 if __name__ == "__main__":

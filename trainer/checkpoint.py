@@ -123,6 +123,7 @@ class Checkpointer:
         try:
             os.makedirs(self.dir, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=TMP_PREFIX, suffix=".pt")
+            os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600: teammates must read checkpoints too
             with os.fdopen(fd, "wb") as f:
                 out = _Digesting(f)
                 try:
@@ -136,6 +137,7 @@ class Checkpointer:
             meta = dict(sha256=out.sha.hexdigest(), bytes=out.bytes, step=step, epoch=state.get("epoch"),
                         run_uid=state.get("run_uid"), written=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
             fd, side_tmp = tempfile.mkstemp(dir=self.dir, prefix=TMP_PREFIX, suffix=".json")
+            os.fchmod(fd, 0o666 & ~_umask())
             with os.fdopen(fd, "w") as f:
                 json.dump(meta, f)
                 f.flush()
@@ -163,28 +165,44 @@ class Checkpointer:
             if os.path.exists(sidecar(old)):
                 os.remove(sidecar(old))
 
-    def find_latest(self, log=None) -> tuple[str | None, dict | None]:
+    def find_latest(self, log=None, check=None) -> tuple[str | None, dict | None]:
         """The newest checkpoint that loads and verifies, and its state; (None, None) if there is none.
 
-        Each damaged one met on the way (truncated, garbled, failing its sha256) is reported through `log` (or
-        warnings.warn), naming the file and why, and renamed to <name>.damaged so that it can neither be picked
-        again nor outrank good checkpoints in keep-last. Rank 0 only (the others load the path it picks).
+        `check(state)` may raise CheckpointError for more (e.g. DeepSpeed's folder beside it is missing). Each
+        damaged one met on the way (truncated, garbled, failing its sha256 or `check`) is reported through `log`
+        (or warnings.warn), naming the file and why, and renamed to <name>.damaged so that it can neither be picked
+        again nor outrank good checkpoints in keep-last. When every checkpoint is damaged, CheckpointError: the
+        run is not silently started over. Rank 0 only (the others load the path it picks).
         For a DCP folder, `state` is its small `trainer` entry (dcp_checkpoint.read_meta): the tensors are loaded
         later, by every rank, for its own share."""
+        damaged = []
         for path in reversed(self.paths()):
             try:
                 if is_folder(path):
                     from trainer import dcp_checkpoint
                     dcp_checkpoint.verify(path)
-                    return path, dcp_checkpoint.read_meta(path)
-                return path, load(path)
+                    state = dcp_checkpoint.read_meta(path)
+                else:
+                    state = load(path)
+                if check is not None:
+                    check(state)
+                return path, state
             except CheckpointError as e:
                 aside = path + ".damaged"
-                os.replace(path, aside)
-                if os.path.exists(sidecar(path)):
-                    os.replace(sidecar(path), sidecar(path)[:-len(".json")] + ".json.damaged")
+                try:
+                    os.replace(path, aside)
+                    if os.path.exists(sidecar(path)):
+                        os.replace(sidecar(path), sidecar(path)[:-len(".json")] + ".json.damaged")
+                except OSError as err:
+                    raise CheckpointWriteError(f"checkpoint.dir: {e}; it cannot be moved aside ({err.strerror}): make "
+                                               f"{self.dir} writable, or move it away yourself") from None
+                damaged.append(aside)
                 msg = f"warning: skipping a damaged checkpoint ({e}); moved to {aside}; trying an older one"
                 log(msg) if log else warnings.warn(msg, stacklevel=2)
+        if damaged:
+            raise CheckpointError(f"every checkpoint in {self.dir} is damaged (moved to {', '.join(damaged)}); "
+                                  f"nothing to resume. To start over anyway: checkpoint.resume=false (moves this run "
+                                  f"to previous/), or another run.name=...")
         return None, None
 
     def load_latest(self) -> dict | None:
@@ -244,6 +262,12 @@ def load(path: str, check_keys: bool = True, model_only: bool = False) -> dict:
         if missing:
             raise CheckpointError(f"{path}: not a trainer checkpoint (no {', '.join(missing)})")
     return state
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_dir(directory: str) -> None:

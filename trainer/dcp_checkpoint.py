@@ -53,6 +53,7 @@ from trainer.checkpoint import (
     TMP_PREFIX,
     CheckpointError,
     CheckpointWriteError,
+    _umask,
     describe_write_error,
     sidecar,
 )
@@ -326,6 +327,7 @@ class DCPSaver:
                     written=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
         fd, side_tmp = tempfile.mkstemp(dir=self.ckpt.dir, prefix=TMP_PREFIX, suffix=".json")
         try:
+            os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600: teammates must read checkpoints too
             with os.fdopen(fd, "w") as f:
                 json.dump(side, f)
                 f.flush()
@@ -404,13 +406,15 @@ def _blobs(md, keys) -> dict:
 
 def read_meta(path: str) -> dict:
     """The `trainer` entry of folder `path` (config, epoch, step, batch_in_epoch, rng, mlflow_run_id, world_size,
-    run_uid, train_classes, train_samples) with `format`="dcp" and `path`; one process, reads only that entry."""
+    run_uid, train_classes, train_samples, ...) with `format`="dcp", `path` and `optimizer` (DeepSpeed's reference,
+    else None: the optimizer's tensors are loaded with the rest); one process, reads only those entries."""
     md = metadata(path)
-    target = _blobs(md, ["trainer"])
-    if not target:
+    target = _blobs(md, ["trainer", "optim/engine"])
+    if "trainer" not in target:
         raise CheckpointError(f"{path}: not a trainer checkpoint (no trainer entry)")
     _load(path, target, no_dist=True)
-    return {**target["trainer"].value, "format": "dcp", "path": path}
+    engine = target["optim/engine"].value if "optim/engine" in target else None  # DeepSpeed's reference
+    return {**target["trainer"].value, "optimizer": engine, "format": "dcp", "path": path}
 
 
 def _full_targets(md, keys) -> dict:

@@ -339,12 +339,14 @@ class DeepSpeedEngine:
         if ref is None:
             raise DeepSpeedConfigError("engine.name=deepspeed: this checkpoint was written by another engine "
                                        "(its optimizer entry is a torch state dict); resume it with that engine")
+        # this run's own DeepSpeed folder: the absolute path in `ref` may be another (copied or moved) run's
+        ds_dir = self.ckpt_dir if os.path.isdir(os.path.join(self.ckpt_dir, ref["tag"])) else ref["dir"]
         universal = ref["world_size"] != self.env.world_size and self.stage > 0
-        tag = self._to_universal(ref["dir"], ref["tag"]) if universal else ref["tag"]
+        tag = self._to_universal(ds_dir, ref["tag"]) if universal else ref["tag"]
         before = self.ds._config.load_universal_checkpoint  # read by load_checkpoint only
         self.ds._config.load_universal_checkpoint = universal
         try:
-            path, _ = self.ds.load_checkpoint(ref["dir"], tag=tag, load_module_strict=True,
+            path, _ = self.ds.load_checkpoint(ds_dir, tag=tag, load_module_strict=True,
                                               load_optimizer_states=True, load_lr_scheduler_states=False)
         finally:
             self.ds._config.load_universal_checkpoint = before

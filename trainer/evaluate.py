@@ -177,6 +177,7 @@ def deduplicate(emb: torch.Tensor, labels: torch.Tensor, keys: list):
 def main(argv=None) -> int:
     """`python -m trainer.evaluate CHECKPOINT --data SPLIT_DIR`; under torchrun every rank embeds a share."""
     import argparse
+    from pathlib import Path
 
     from trainer.errors import USER_ERRORS, report
 
@@ -196,6 +197,19 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.faiss_index and not a.export:
         p.error("--faiss-index needs --export DIR")
+    if a.recall_ks and min(a.recall_ks) < 1:
+        p.error(f"--recall-ks: K must be >= 1, got {a.recall_ks}")
+    if a.batch_size is not None and a.batch_size < 1:
+        p.error(f"--batch-size: must be >= 1, got {a.batch_size}")
+    if a.num_workers < 0:
+        p.error(f"--num-workers: must be >= 0, got {a.num_workers}")
+    if a.per_class and Path(a.per_class).suffix not in (".csv", ".parquet"):
+        p.error(f"--per-class {a.per_class}: the table file must end in .csv or .parquet")
+    for folder in ([a.export] if a.export else []) + ([Path(a.per_class).parent] if a.per_class else []):
+        try:  # before any work: an output that cannot be written fails now, not after the evaluation
+            Path(folder).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            p.error(f"cannot create the output folder {folder}: {e.strerror}")
 
     try:
         return _evaluate_checkpoint(a)

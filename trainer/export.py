@@ -53,8 +53,10 @@ def load_export(out_dir) -> tuple[np.ndarray, list[str], np.ndarray]:
 
 
 def write_table(table: pd.DataFrame, path) -> str:
-    """A DataFrame as CSV or parquet, by the file's suffix."""
+    """A DataFrame as CSV or parquet, by the file's suffix (its folder is created)."""
     path = Path(path)
+    if path.suffix in (".csv", ".parquet"):
+        path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".csv":
         table.to_csv(path, index=False)
     elif path.suffix == ".parquet":

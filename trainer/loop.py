@@ -21,16 +21,17 @@ from tqdm import tqdm
 
 from data_shards import eval_loader, read_manifest, train_loader
 from trainer import distributed as D
-from trainer.checkpoint import Checkpointer, is_folder, load, rng_state, set_rng_state
-from trainer.config import check_world_size, to_dict, to_yaml
+from trainer.checkpoint import Checkpointer, CheckpointError, is_folder, load, rng_state, set_rng_state
+from trainer.config import ConfigError, check_world_size, to_dict, to_yaml
 from trainer.dcp_checkpoint import read_meta
 from trainer.engine import TrainModule, build_engine
 from trainer.errors import UserError
 from trainer.evaluate import evaluate
 from trainer.model import build_model
 from trainer.preflight import check_data
-from trainer.resume import apply_optim_hyperparameters, at_epoch_end, check_resume
+from trainer.resume import apply_optim_hyperparameters, at_epoch_end, check_resume, class_digest
 from trainer.run_dir import RunDir
+from trainer.summary import RunReport
 from trainer.tracking import Tracker, shard_image_lookup
 
 
@@ -130,8 +131,13 @@ def prepare_data(cfg, env) -> None:
     """Write a built-in dataset's shards (the demo's digits) on rank 0 if the data root has none yet."""
     manifest = os.path.join(cfg.data.root, cfg.data.train_split, "manifest.json")
     if cfg.data.prepare == "digits" and env.is_main and not os.path.exists(manifest):
+        from filelock import FileLock
+
         from trainer.demo import write_digits_shards
-        write_digits_shards(cfg.data.root)
+        os.makedirs(cfg.data.root, exist_ok=True)
+        with FileLock(os.path.join(cfg.data.root, ".prepare.lock")):  # two runs started at once on a new root
+            if not os.path.exists(manifest):
+                write_digits_shards(cfg.data.root)
     D.barrier()
 
 
@@ -162,7 +168,8 @@ class Trainer:
         train_manifest, self.test_manifest = read_manifest(self.train_dir), read_manifest(self.test_dir)
         check_data(cfg, train_manifest, self.test_manifest, env.world_size)  # what the manifests tell, now
         self.batches_per_epoch = train_manifest.num_samples // cfg.train.batch_size  # as data_shards counts
-        self.data_info = {"classes": train_manifest.num_classes, "samples": train_manifest.num_samples}
+        self.data_info = {"classes": train_manifest.num_classes, "samples": train_manifest.num_samples,
+                          "class_names": class_digest(train_manifest.class_names)}
         self.ckpt = Checkpointer(cfg.checkpoint.dir or os.path.join(self.run_dir, "checkpoints"),
                                  cfg.checkpoint.keep_last)
         state, self.resumed_from = self.claim_run_dir()  # before anything is written: lock, checks, config.yaml
@@ -181,12 +188,16 @@ class Trainer:
         self.embedder.set_backbone_trainable(not self.warm)  # before the engine: DDP fixes its parameter set
         self.engine = build_engine(cfg, self.module, self.optimizer, env)
         self.pos = self.restore(state) if state else Position()
+        if env.is_main:  # only now: a checkpoint that does not fit the config has refused before (restore)
+            with open(os.path.join(self.run_dir, "config.yaml"), "w") as f:
+                f.write(to_yaml(cfg))
         self.tracker = Tracker(cfg.tracking, self.run_dir, rank=env.rank, config=to_dict(cfg),
                                world_size=env.world_size, resume_run_id=state["mlflow_run_id"] if state else None)
         self.images_of = shard_image_lookup(self.test_dir) if cfg.tracking.enabled and env.is_main else None
         self.amp = amp_dtype(cfg.train, env.device)
         self.metrics, self.first_metrics = {}, {}
         self.first_bad_step = torch.tensor(math.inf, device=env.device)  # first step whose loss was not finite
+        self.report = RunReport.start(self)  # rank 0 says what the run is about to do
 
     def claim_run_dir(self) -> tuple[dict | None, str | None]:
         """Collective. Rank 0 takes the run directory's lock (another live trainer on it: refused), removes the
@@ -203,7 +214,7 @@ class Trainer:
                     self.log(f"removed {tmp} (a checkpoint write that was killed)")
                 path = None
                 if cfg.checkpoint.resume:
-                    path, state = self.ckpt.find_latest(log=self.log)
+                    path, state = self.ckpt.find_latest(log=self.log, check=self.check_checkpoint)
                 elif (archived := self.run_lock.archive_previous()) is not None:
                     self.log(f"checkpoint.resume=false: the earlier run's config.yaml and checkpoints moved to "
                              f"{archived} (nothing deleted); starting over")
@@ -211,12 +222,11 @@ class Trainer:
                     boundary = state["batch_in_epoch"] == 0 or at_epoch_end(state)
                     changes = check_resume(state["config"], cfg, path, at_epoch_start=boundary,
                                            saved_data={"classes": state.get("train_classes"),
-                                                       "samples": state.get("train_samples")},
+                                                       "samples": state.get("train_samples"),
+                                                       "class_names": state.get("train_class_names")},
                                            data_now=self.data_info)
                     if changes:
                         self.log("resume: carried over from the current config: " + "; ".join(changes))
-                with open(os.path.join(self.run_dir, "config.yaml"), "w") as f:
-                    f.write(to_yaml(cfg))
                 outcome = (path, None)
             except UserError as e:
                 e.same_on_every_rank = True  # every rank raises it; rank 0 alone prints it
@@ -227,6 +237,19 @@ class Trainer:
         if path is not None and state is None:
             state = read_meta(path) if is_folder(path) else load(path)
         return state, path
+
+    def check_checkpoint(self, state: dict) -> None:
+        """More than the file itself: its config is readable, and an engine's own files beside it (DeepSpeed's
+        folder, looked up in this run's checkpoint directory) are there. Raises CheckpointError."""
+        try:
+            state["config"]["train"]["batch_size"]
+        except (KeyError, TypeError):
+            raise CheckpointError("its config has no train.batch_size (not written by this trainer)") from None
+        ref = state["optimizer"].get("deepspeed") if isinstance(state["optimizer"], dict) else None
+        if ref is not None:
+            folder = os.path.join(self.ckpt.dir, "deepspeed", ref["tag"])
+            if not os.path.isdir(folder) or not os.listdir(folder):
+                raise CheckpointError(f"DeepSpeed's part of it, {folder}, is missing")
 
     def close(self) -> None:
         """Give back the signal handlers and the run directory's lock (also after a failure)."""
@@ -239,6 +262,9 @@ class Trainer:
         """The whole run. Returns the last evaluation's metrics (on rank 0; {} elsewhere)."""
         cfg, pos, stop = self.cfg, self.pos, self.stop
         try:
+            if pos.epoch >= cfg.train.epochs:  # a finished run started again: say so, train nothing
+                self.tracker.close(status="FINISHED")
+                return self.report.already_complete()
             if cfg.train.max_steps and pos.step >= cfg.train.max_steps:
                 self.log(f"train.max_steps={cfg.train.max_steps} already reached (step {pos.step}): nothing to train; "
                          f"raise train.max_steps to go on")
@@ -268,6 +294,7 @@ class Trainer:
                     self.first_metrics["recall_at_1"], self.metrics["recall_at_1"]))
             self.tracker.log_model(self.embedder)
             self.tracker.close(status="FINISHED")
+            self.report.end()  # rank 0: best and final Recall@1, where the run, its checkpoint and MLflow run are
             return self.metrics
         except BaseException:
             self.tracker.close(status="FAILED")
@@ -289,10 +316,19 @@ class Trainer:
         self.module.train()
         seen, t0, batches = 0, time.perf_counter(), Timed(self.device_batches(loader))
         for images, labels in batches:
-            with autocast:
-                loss = engine(images, labels)
-            engine.backward(loss)
-            engine.step()
+            try:
+                with autocast:
+                    loss = engine(images, labels)
+                engine.backward(loss)
+                engine.step()
+            except (ValueError, RuntimeError) as e:  # weights already non-finite: the loss refuses, Adam overflows
+                if not any(w in str(e) for w in ("non-finite", "without overflow")):
+                    raise
+                bar.close()
+                raise DivergedError(f"step {pos.step + 1}: training diverged ({str(e).splitlines()[0][:120]}); "
+                                    f"last good checkpoint: {self.ckpt.latest() or 'none'}. Lower the learning rates "
+                                    f"(optim.lr={cfg.optim.lr}, optim.proxy_lr={cfg.optim.proxy_lr}) or set "
+                                    f"train.grad_clip, then resume or start over") from None
             pos.batch, pos.step, seen = pos.batch + 1, pos.step + 1, seen + labels.shape[0] * env.world_size
             self.first_bad_step = torch.where(torch.isfinite(loss.detach()), self.first_bad_step,
                                               self.first_bad_step.clamp(max=pos.step))
@@ -361,6 +397,7 @@ class Trainer:
             self.log(f"[eval {when}] " + "  ".join(f"{k} {v:.4f}" for k, v in result.metrics.items()))
             self.tracker.log_evaluation(result, self.pos.step, self.pos.epoch, image_lookup=self.images_of)
             self.metrics = result.metrics
+            self.report.evaluated(result.metrics, self.pos)
         self.tracker.log_proxy_stats(self.criterion, self.pos.step)
         return self.metrics
 
@@ -382,7 +419,7 @@ class Trainer:
         meta = dict(config=to_dict(self.cfg), epoch=pos.epoch, step=pos.step, batch_in_epoch=pos.batch,
                     rng=D.all_gather_object(rng_state()), mlflow_run_id=D.broadcast_object(self.tracker.run_id),
                     world_size=env.world_size, run_uid=self.run_uid, train_classes=self.data_info["classes"],
-                    train_samples=self.data_info["samples"])
+                    train_samples=self.data_info["samples"], train_class_names=self.data_info["class_names"])
         if self.cfg.checkpoint.format == "dcp":
             from trainer.dcp_checkpoint import DCPSaver, build_state, param_names
             if getattr(self, "dcp_saver", None) is None:
@@ -423,13 +460,19 @@ class Trainer:
         elif self.cfg.checkpoint.format == "dcp":
             self.log(f"{self.resumed_from}: a torch-format checkpoint; it is read as it is, and the checkpoints from "
                      f"now on are DCP folders (checkpoint.format=dcp)")
-        self.embedder.load_state_dict(state["model"])
-        if state.get("format") == "dcp" and hasattr(crit, "proxy_start"):  # already this rank's block
-            with torch.no_grad():
-                crit.proxies.copy_(state["criterion"]["proxies"])
-        else:
-            (crit.load_full_state_dict if hasattr(crit, "load_full_state_dict") else crit.load_state_dict)(
-                state["criterion"])
+        try:
+            self.embedder.load_state_dict(state["model"])
+            if state.get("format") == "dcp" and hasattr(crit, "proxy_start"):  # already this rank's block
+                with torch.no_grad():
+                    crit.proxies.copy_(state["criterion"]["proxies"])
+            else:
+                (crit.load_full_state_dict if hasattr(crit, "load_full_state_dict") else crit.load_state_dict)(
+                    state["criterion"])
+        except RuntimeError as e:  # a key no rule in trainer/resume.py knew of changed a shape (e.g. loss.kwargs)
+            lines = str(e).strip().splitlines()
+            raise ConfigError(f"checkpoint.resume: {self.resumed_from} does not fit the current config "
+                              f"({(lines[1] if len(lines) > 1 else lines[0]).strip()}); resume with the config it was "
+                              f"written with (its config.yaml), or start a new run (another run.name=...)") from None
         optimizer_sd = state["optimizer"]
         if self.cfg.loss.mode == "sharded" and state.get("format") != "dcp":  # the full table: take this rank's block
             rows = crit.num_classes * crit.proxies_per_class

@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from PIL import Image, ImageDraw, ImageOps
+from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 GREEN = (40, 170, 60)
 RED = (215, 40, 40)
@@ -46,8 +46,10 @@ def retrieval_grid(
     tile: int = 112,
     border: int = 5,
     names: Mapping[int, str] | None = None,
+    title: str = "retrieval",
 ) -> None:
-    """One row per query: the query (blue frame), then its neighbours framed green (same class) or red.
+    """One row per query: the query (blue frame), then its neighbours framed green (same class) or red, under
+    a header with `title` (e.g. "retrieval at step 28, epoch 2") and the legend of the frames.
 
     rows: [{"key": str, "label": int, "neighbours": [(key, label), ...]}, ...]; images: key -> PIL image
     (a missing key is drawn as a crossed grey placeholder). Captions show the class of each image (its name
@@ -58,11 +60,13 @@ def retrieval_grid(
         raise ValueError("retrieval_grid: `rows` is empty")
     cols = 1 + max(len(r["neighbours"]) for r in rows)
     gap = 12
+    header = 40
     width = cols * tile + gap
-    height = len(rows) * (tile + 14)
+    height = header + len(rows) * (tile + 14)
     canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    _header(ImageDraw.Draw(canvas), title, len(rows), cols - 1)
     for i, row in enumerate(rows):
-        y = i * (tile + 14)
+        y = header + i * (tile + 14)
         q = _tile(images.get(row["key"]), tile, QUERY, border, f"q {names.get(row['label'], row['label'])}")
         canvas.paste(q, (0, y))
         for j, (key, label) in enumerate(row["neighbours"]):
@@ -72,8 +76,21 @@ def retrieval_grid(
     canvas.save(path, format="PNG")
 
 
-def recall_curve(history: Sequence[tuple[int, Mapping[int, float]]], path: str) -> None:
-    """Recall@K against K, one line per evaluation: history = [(step, {k: recall}), ...] (oldest first)."""
+def _header(draw: ImageDraw.ImageDraw, title: str, queries: int, neighbours: int) -> None:
+    """Title line and legend (frame colours) at the top of the retrieval grid."""
+    font = ImageFont.load_default(size=13)
+    draw.text((4, 2), f"{title}: {queries} queries (one class each where possible), top-{neighbours} "
+                      "neighbours by cosine similarity", fill=(0, 0, 0), font=font)
+    x = 4
+    for colour, label in ((QUERY, "query"), (GREEN, "same class"), (RED, "other class"), (GREY, "image missing")):
+        draw.rectangle([x, 22, x + 12, 34], fill=colour)
+        draw.text((x + 16, 21), label, fill=(0, 0, 0), font=font)
+        x += 28 + int(draw.textlength(label, font=font))
+
+
+def recall_curve(history: Sequence[tuple[int, Mapping[int, float]]], path: str) -> tuple[float, float]:
+    """Recall@K against K, one line per evaluation: history = [(step, {k: recall}), ...] (oldest first).
+    The y axis is zoomed to the values (with a margin, within [0, 1]); returns its (low, high)."""
     if not history:
         raise ValueError("recall_curve: `history` is empty")
     fig = Figure(figsize=(6, 4))
@@ -87,11 +104,15 @@ def recall_curve(history: Sequence[tuple[int, Mapping[int, float]]], path: str) 
     ax.set_xticks(ks, [str(k) for k in ks])
     ax.set_xlabel("K")
     ax.set_ylabel("Recall@K")
-    ax.set_ylim(0, 1.0)
+    values = [v for _, r in history for v in r.values()]
+    low, high = min(values), max(values)
+    pad = max(0.02, 0.1 * (high - low))
+    ax.set_ylim(max(0.0, low - pad), min(1.0, high + pad))  # zoomed to the data: the differences show
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right", ncol=1 + len(history) // 10)
     ax.set_title("Recall@K per evaluation (darkest = latest)")
     _save(fig, path)
+    return ax.get_ylim()
 
 
 def _shades(n: int) -> list:

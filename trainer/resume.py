@@ -15,6 +15,8 @@ Keys are of three kinds:
 """
 from __future__ import annotations
 
+import hashlib
+import json
 from bisect import bisect_right
 from collections import Counter
 
@@ -32,6 +34,7 @@ FIXED = {
     "loss.proxies_per_class": "the saved proxy table has another number of rows",
     "optim.name": "the saved optimizer state belongs to another optimizer",
     "engine.name": "the saved optimizer state is in another engine's format",
+    "run.name": "these checkpoints belong to another run (a shared checkpoint.dir?); give each run its own",
 }
 AT_EPOCH_START = {
     "train.batch_size": "the checkpoint is inside an epoch whose batches were cut for the old batch size",
@@ -76,6 +79,10 @@ def check_resume(saved: dict, cfg: DictConfig, path: str, at_epoch_start: bool,
                               + ways_out.format(key=key, old=_cli(old)))
         changes.append(f"{key}: {old!r} -> {new!r}")
     if saved_data and data_now:
+        if saved_data.get("class_names") not in (None, data_now.get("class_names")):
+            raise ConfigError(f"data.root: the checkpoint {path} trained on other classes than those of "
+                              f"{cfg.data.root}/{cfg.data.train_split} (class names differ); point data.root and "
+                              f"data.train_split at the split it trained on, or start a new run (another run.name=...)")
         if saved_data.get("classes") not in (None, data_now["classes"]):
             raise ConfigError(f"data.root: the checkpoint {path} trained on {saved_data['classes']} classes, "
                               f"{cfg.data.root}/{cfg.data.train_split} has {data_now['classes']}; point data.root at "
@@ -87,6 +94,11 @@ def check_resume(saved: dict, cfg: DictConfig, path: str, at_epoch_start: bool,
                                   f"data.root at the split it trained on, or start a new run (another run.name=...)")
             changes.append(f"train split samples: {saved_data['samples']} -> {data_now['samples']}")
     return changes
+
+
+def class_digest(class_names: list) -> str:
+    """A short sha256 of a split's class names in label order: which classes the proxies belong to."""
+    return hashlib.sha256(json.dumps([str(c) for c in class_names]).encode()).hexdigest()[:16]
 
 
 def at_epoch_end(state: dict) -> bool:

@@ -16,12 +16,15 @@ import json
 import os
 import shutil
 import socket
+import tempfile
 import time
 
 from trainer.errors import UserError
 
 LOCK_NAME = ".lock"
 ARCHIVE_DIR = "previous"
+RUN_FILES = ("config.yaml", "summary.json")  # what a run keeps in its directory besides checkpoints and tracking
+CHECKPOINT_PREFIXES = ("step-", "deepspeed")  # step-N.pt, step-N.json, *.damaged; DeepSpeed's folder
 
 
 class RunDirError(UserError):
@@ -31,59 +34,83 @@ class RunDirError(UserError):
 class RunDir:
     def __init__(self, run_dir: str, ckpt_dir: str):
         self.run_dir, self.ckpt_dir = run_dir, ckpt_dir
-        self._fd: int | None = None
+        self._fds: list[int] = []
 
     def claim(self) -> RunDir:
-        """Create the directory and take its lock. Raises RunDirError naming the directory, and, when another
-        trainer holds it, that trainer's host, pid and start time."""
+        """Create the run directory and the checkpoint directory, check that the latter is writable, and lock both
+        (a checkpoint.dir outside the run directory could be shared by two runs). Raises RunDirError naming the
+        directory and the key, and, when another trainer holds it, that trainer's host, pid and start time."""
         try:
             os.makedirs(self.run_dir, exist_ok=True)
-            fd = os.open(os.path.join(self.run_dir, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
             raise RunDirError(f"run.output_dir: cannot create the run directory {self.run_dir} ({e.strerror}); "
                               f"choose a writable run.output_dir (or run.name)") from None
+        self._lock(self.run_dir, "run.name", "run directory")
+        try:
+            os.makedirs(self.ckpt_dir, exist_ok=True)
+            fd, probe = tempfile.mkstemp(dir=self.ckpt_dir, prefix=".tmp-probe-")
+            os.close(fd)
+            os.remove(probe)
+        except OSError as e:
+            self.release()
+            raise RunDirError(f"checkpoint.dir: cannot write checkpoints into {self.ckpt_dir} ({e.strerror}); make "
+                              f"it a writable folder or set checkpoint.dir to one (nothing was trained)") from None
+        inside = os.path.realpath(self.ckpt_dir) + os.sep
+        if not inside.startswith(os.path.realpath(self.run_dir) + os.sep):  # elsewhere: other runs could share it
+            self._lock(self.ckpt_dir, "checkpoint.dir", "checkpoint directory")
+        return self
+
+    def _lock(self, folder: str, key: str, what: str) -> None:
+        try:
+            fd = os.open(os.path.join(folder, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            self.release()
+            raise RunDirError(f"{key}: cannot create the lock file {os.path.join(folder, LOCK_NAME)} in the {what} "
+                              f"({e.strerror}); make {folder} writable or choose another {key}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             holder = _read_holder(fd)
             os.close(fd)
-            raise RunDirError(f"run.name: the run directory {self.run_dir} is in use by another trainer ({holder}); "
-                              f"wait for it to end or stop it, or start this run under another run.name=...") from None
+            self.release()
+            raise RunDirError(f"{key}: the {what} {folder} is in use by another trainer ({holder}); wait for it to "
+                              f"end or stop it, or start this run under another {key}=...") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(dict(host=socket.gethostname(), pid=os.getpid(),
                                       since=time.strftime("%Y-%m-%d %H:%M:%S %Z"))).encode(), 0)
-        self._fd = fd
-        return self
+        self._fds.append(fd)
 
     def release(self) -> None:
-        if self._fd is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None
+        while self._fds:
+            fd = self._fds.pop()
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
 
     def previous_run(self) -> list[str]:
-        """What an earlier run left: its config.yaml and its checkpoint folder, where they exist and hold anything."""
-        found = []
-        cfg = os.path.join(self.run_dir, "config.yaml")
-        if os.path.isfile(cfg):
-            found.append(cfg)
-        if os.path.isdir(self.ckpt_dir) and os.listdir(self.ckpt_dir):
-            found.append(self.ckpt_dir)
+        """What an earlier run left: its config.yaml, summary.json and checkpoints (step-* files and sidecars,
+        damaged ones, DeepSpeed's folder), where they exist."""
+        found = [p for p in (os.path.join(self.run_dir, f) for f in RUN_FILES) if os.path.isfile(p)]
+        if os.path.isdir(self.ckpt_dir):
+            found += [os.path.join(self.ckpt_dir, f) for f in sorted(os.listdir(self.ckpt_dir))
+                      if f.startswith(CHECKPOINT_PREFIXES)]
         return found
 
     def archive_previous(self) -> str | None:
-        """Move an earlier run's config.yaml and checkpoint folder to <run_dir>/previous/<UTC time>/ (on the same
-        disk: a rename). Returns that folder, or None when there was nothing. Needs the lock."""
-        assert self._fd is not None, "claim() the run directory first"
+        """Move an earlier run's files (previous_run()) to <run_dir>/previous/<UTC time>/, the checkpoints into its
+        checkpoints/ (on the same disk: renames). Returns that folder, or None when there was nothing. Works when
+        checkpoint.dir is the run directory itself. Needs the lock."""
+        assert self._fds, "claim() the run directory first"
         found = self.previous_run()
         if not found:
             return None
         dest = os.path.join(self.run_dir, ARCHIVE_DIR, time.strftime("%Y%m%d-%H%M%S", time.gmtime()))
         while os.path.exists(dest):
             dest += "+"
-        os.makedirs(dest)
+        os.makedirs(os.path.join(dest, "checkpoints"))
         for path in found:
-            shutil.move(path, os.path.join(dest, os.path.basename(path.rstrip(os.sep))))  # a rename on one disk
+            into = dest if os.path.dirname(path) == self.run_dir and os.path.basename(path) in RUN_FILES else \
+                os.path.join(dest, "checkpoints")
+            shutil.move(path, os.path.join(into, os.path.basename(path)))  # a rename on one disk
         return dest
 
 

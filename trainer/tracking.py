@@ -4,6 +4,8 @@
     tracker.log_metrics({"loss": 0.3, "lr/backbone": 1e-4}, step)
     tracker.log_evaluation(eval_result, step, epoch, image_lookup=shard_image_lookup(test_split_dir))
     tracker.log_proxy_stats(criterion, step)  # every rank (gathers counts of distributed criteria)
+    tracker.log_dataset(read_manifest(split_dir), "train")   # an mlflow.data input: name, digest, counts
+    tracker.set_description("**ProxyGML** on cub200 ...")    # the run description in the UI (markdown)
     tracker.log_model(model)
     tracker.close()
 
@@ -13,7 +15,8 @@ Where it logs: `cfg.tracking_uri` if set, else $MLFLOW_TRACKING_URI, else a SQLi
 Every MLflow call is made by one sender thread, in order: a step only queues its event (pictures and
 tables are written to `<run_dir>/tracking/artifacts/` first). A failing, unreachable or hung server never
 stops nor stalls training: the first failure warns once, later events are appended to
-`<run_dir>/tracking/pending.jsonl`, the server is retried every RETRY_INTERVAL_S and, once it answers, gets
+`<run_dir>/tracking/pending.jsonl`, the server is retried every RETRY_INTERVAL_S (a local SQLite store every
+LOCAL_RETRY_INTERVAL_S: busy, not down) and, once it answers, gets
 what is pending. Tracker() waits at most START_WAIT_S for the run id, close() at most CLOSE_WAIT_S for the
 queue. Whatever is still pending at the end is uploaded with
 
@@ -27,6 +30,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import hashlib
 import importlib.metadata
 import json
 import logging
@@ -50,6 +54,8 @@ log = logging.getLogger(__name__)
 
 TRACKING_DIR = "tracking"  # under the run directory: state.json, pending.jsonl, artifacts/, model/
 RETRY_INTERVAL_S = 60.0  # while offline, ask the server again at most this often
+LOCAL_RETRY_INTERVAL_S = 2.0  # the same for a local store (SQLite file): busy for a moment, not down
+STORE_LOCK_WAIT_S = 120.0  # creating or upgrading a SQLite store waits at most this long for another process
 START_WAIT_S = 30.0  # Tracker() waits at most this long for the first answer of the store (run id)
 CLOSE_WAIT_S = 30.0  # close() waits at most this long for the sender thread to deliver what is queued
 HTTP_DEFAULTS = {
@@ -63,6 +69,8 @@ MAX_PARAM_VALUE = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH
 MAX_TAG_VALUE = 8000
 WORST_CLASSES = 25  # rows of worst_classes.csv (and the first 10 in the run's `eval.worst_classes` tag)
 GRID_NEIGHBOURS = 8
+STEP_DIR = "step-{:09d}"  # artifact folders per step, padded as the checkpoints (checkpoints/step-000000028.pt)
+DESCRIPTION_TAG = "mlflow.note.content"  # the run description the MLflow UI shows (markdown)
 PACKAGES = ("torch", "torchvision", "deepspeed", "webdataset", "mlflow", "omegaconf", "timm",
             "faiss-cpu", "numpy", "pillow", "scikit-learn")
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -73,6 +81,16 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 def default_tracking_uri(run_dir: str | os.PathLike) -> str:
     return f"sqlite:///{Path(run_dir).resolve().parent / 'mlflow.db'}"
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a `sqlite:///PATH` URI (None for any other store)."""
+    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+
+
+def is_local_store(uri: str) -> bool:
+    """A store this process opens itself (SQLite, file): retried within seconds, not a minute."""
+    return uri.startswith(("sqlite:", "file:")) or "://" not in uri
 
 
 def resolve_tracking_uri(cfg_uri: str | None, run_dir: str | os.PathLike) -> str:
@@ -189,7 +207,7 @@ def per_class_summary(per_class, column: str = "recall_at_1") -> dict[str, float
         return {}
     return {"class_r1/mean": float(r.mean()), "class_r1/median": float(np.median(r)),
             "class_r1/p10": float(np.percentile(r, 10)), "class_r1/min": float(r.min()),
-            "class_r1/zero_share": float((r == 0).mean()), "class_r1/classes": float(len(r))}
+            "class_r1/zero_share": float((r == 0).mean())}  # the class count is constant: in the dataset input
 
 
 def worst_classes(per_class, n: int = WORST_CLASSES, column: str = "recall_at_1"):
@@ -199,6 +217,12 @@ def worst_classes(per_class, n: int = WORST_CLASSES, column: str = "recall_at_1"
         sort_cols.append("size")
         asc.append(False)
     return per_class.dropna(subset=[column]).sort_values(sort_cols, ascending=asc, kind="stable").head(n)
+
+
+def write_csv(table, path) -> None:
+    """A table as CSV for spreadsheets and the MLflow preview: one header row, no index column, UTF-8,
+    numbers to 6 significant digits (not 17)."""
+    table.to_csv(path, index=False, float_format="%.6g", encoding="utf-8")
 
 
 def gini(counts: np.ndarray) -> float:
@@ -268,20 +292,18 @@ def _proxies_per_class(criterion, total: int) -> int:
 
 
 def pick_queries(keys, labels: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
-    """A fixed set of n query indices, one per class where possible: the same for the same evaluation set."""
+    """A fixed set of n query indices spread over as many classes as possible: the classes in a seeded order,
+    taken round-robin, each giving its samples in key order (the same for the same evaluation set)."""
     labels = np.asarray(labels)
     order = np.argsort(np.asarray([str(k) for k in keys]), kind="stable")
-    classes = np.unique(labels)
-    rng = np.random.default_rng(seed)
-    chosen_classes = rng.permutation(classes)[:n]
-    first = {}
-    for i in order:  # the smallest key of each class
-        first.setdefault(labels[i], i)
-    picks = [first[c] for c in chosen_classes]
-    if len(picks) < n:  # fewer classes than rows: fill with other samples
-        rest = [i for i in order if i not in set(picks)]
-        picks += list(rng.permutation(rest)[: n - len(picks)])
-    return np.asarray(picks, dtype=np.int64)
+    classes = np.random.default_rng(seed).permutation(np.unique(labels))
+    per_class = {c: [i for i in order if labels[i] == c] for c in classes}
+    picks: list[int] = []
+    for depth in range(max((len(v) for v in per_class.values()), default=0)):
+        picks += [per_class[c][depth] for c in classes if depth < len(per_class[c])]
+        if len(picks) >= n:
+            break
+    return np.asarray(picks[:n], dtype=np.int64)
 
 
 def nearest_neighbours(embeddings, query_idx: np.ndarray, k: int = GRID_NEIGHBOURS) -> np.ndarray:
@@ -378,7 +400,19 @@ class _Store:
 
         self.uri = uri
         self.artifact_root = artifact_root
-        self.client = MlflowClient(tracking_uri=uri)
+        db = sqlite_path(uri)
+        if db is None:
+            self.client = MlflowClient(tracking_uri=uri)
+            return
+        # Opening a SQLite store creates or upgrades its schema; runs starting together on a new store race
+        # there ("duplicate column name"). One process at a time does it, under a lock file beside the store.
+        from filelock import FileLock
+
+        db.parent.mkdir(parents=True, exist_ok=True)
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # "Creating initial ... tables"
+        with FileLock(f"{db}.lock", timeout=STORE_LOCK_WAIT_S):
+            self.client = MlflowClient(tracking_uri=uri)
+            self.client.search_experiments(max_results=1)  # the store is ready before the lock is let go
 
     def ensure_run(self, experiment: str, run_name: str, run_id: str | None, reopen: bool = True) -> str:
         """The id of run `run_id` (set RUNNING again if `reopen`), or of a new run when it is None or unknown."""
@@ -432,6 +466,12 @@ class _Store:
                 self.client.log_batch(run_id, metrics=metrics[i : i + MAX_METRICS_PER_BATCH])
         elif op == "artifacts":
             self.client.log_artifacts(run_id, event["local"], event.get("artifact_path"))
+        elif op == "dataset":
+            from mlflow.entities import DatasetInput, InputTag
+
+            dataset = shard_dataset(event["location"], event["name"], event["digest"], event["profile"])
+            self.client.log_inputs(run_id, [DatasetInput(dataset._to_mlflow_entity(),
+                                                         [InputTag("mlflow.data.context", event["context"])])])
         elif op == "model":
             import mlflow.pytorch
 
@@ -483,6 +523,35 @@ class _Store:
         return done
 
 
+def _dataset_source(location: str):
+    """An mlflow.data source for a split location: the first registered source type that takes it (a local
+    folder, an http(s) URL; mlflow's own resolver warns when two registered types match), else a code source
+    carrying the location (a `pipe:` command)."""
+    from mlflow.data.code_dataset_source import CodeDatasetSource
+    from mlflow.data.dataset_source_registry import get_registered_sources
+
+    for source in get_registered_sources():
+        with contextlib.suppress(Exception):
+            if source._can_resolve(location):
+                return source._resolve(location)
+    return CodeDatasetSource({"location": location})
+
+
+def shard_dataset(location: str, name: str, digest: str, profile: dict):
+    """An mlflow.data MetaDataset of a shard split whose profile holds its counts (mlflow imported on use)."""
+    from mlflow.data.meta_dataset import MetaDataset
+
+    class ShardDataset(MetaDataset):
+        @property
+        def profile(self) -> dict:
+            return profile
+
+        def to_dict(self) -> dict[str, str]:
+            return {**super().to_dict(), "profile": json.dumps(profile)}
+
+    return ShardDataset(_dataset_source(location), name=name, digest=digest)
+
+
 @contextlib.contextmanager
 def mlflow_globals(uri: str, experiment_id: str | None = None):
     """MLflow's global tracking URI (and active experiment) set for a block, then put back.
@@ -510,6 +579,16 @@ def mlflow_globals(uri: str, experiment_id: str | None = None):
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+class _QuietPickleWarning(logging.Filter):
+    """mlflow.pytorch warns on every pickled model; the tracker chose pickle on purpose (see _model_options)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Pickle or CloudPickle" not in record.getMessage()
+
+
+logging.getLogger("mlflow.pytorch").addFilter(_QuietPickleWarning())
 
 
 def _model_options() -> dict:
@@ -568,6 +647,7 @@ class Tracker:
         self._online = False
         self._warned = False
         self._last_try = -math.inf
+        self._local = is_local_store(self.uri)
         self._lock = threading.Lock()  # pending.jsonl and state.json are written by both threads
         self._write_state(artifact_root)
         # every MLflow call happens in one sender thread: a slow or hung server never blocks a step
@@ -608,13 +688,13 @@ class Tracker:
                 texts[f"eval.{metric_key(k)}"] = str(v)
         if epoch is not None:
             metrics["epoch"] = float(epoch)
-        out = self._artifact_dir(f"evaluations/step-{int(step):08d}")
+        out = self._artifact_dir(f"evaluations/{STEP_DIR.format(int(step))}")
         per_class = getattr(result, "per_class", None)
         if per_class is not None and len(per_class):
             metrics.update({f"eval/{k}": v for k, v in per_class_summary(per_class).items()})
-            per_class.to_csv(out / "per_class_recall.csv", index=False)
+            write_csv(per_class, out / "per_class_recall.csv")
             worst = worst_classes(per_class)
-            worst.to_csv(out / "worst_classes.csv", index=False)
+            write_csv(worst, out / "worst_classes.csv")
             texts["eval.worst_classes"] = _worst_text(worst.head(10))
             self._picture(plots.recall_histogram, per_class["recall_at_1"].to_numpy(dtype=float),
                           str(out / "per_class_recall_hist.png"), title=f"per-class Recall@1, step {step}")
@@ -625,12 +705,33 @@ class Tracker:
             self._picture(plots.recall_curve, self._eval_history, str(out / "recall_curve.png"))
         n_rows = int(getattr(self.cfg, "retrieval_grid_queries", 0) or 0)
         if image_lookup is not None and n_rows > 0:
-            self._picture(self._retrieval_grid, result, image_lookup, n_rows, str(out / "retrieval_grid.png"))
+            title = f"retrieval at step {int(step)}" + (f", epoch {epoch}" if epoch is not None else "")
+            self._picture(self._retrieval_grid, result, image_lookup, n_rows, str(out / "retrieval_grid.png"),
+                          title)
         self._emit({"op": "metrics", "step": int(step), "timestamp": _now_ms(), "metrics": metrics})
         if texts:
             self._emit({"op": "tags", "tags": texts})
         self._emit({"op": "artifacts", "local": str(out), "artifact_path": out.relative_to(self._artifacts)
                     .as_posix()})
+
+    def set_description(self, text: str) -> None:
+        """The run's description in the MLflow UI (markdown; the `mlflow.note.content` tag), replaced on each
+        call: e.g. dataset, backbone, loss, world size and the latest Recall@1."""
+        if self.active:
+            self._emit({"op": "tags", "tags": {DESCRIPTION_TAG: str(text)}})
+
+    def log_dataset(self, manifest, context: str) -> None:
+        """A shard split as an MLflow dataset input of the run (mlflow.data): name `<dataset>/<split>`, a digest
+        of its shards' sha256, its location as source, and its counts (samples, classes, shards) as profile.
+
+        manifest: data_shards.Manifest; context: "train" or "test" (the input's `mlflow.data.context` tag)."""
+        if not self.active:
+            return
+        digest = hashlib.sha256("".join(manifest.shard_sha256).encode()).hexdigest()[:8]
+        profile = {"samples": int(manifest.num_samples), "classes": int(manifest.num_classes),
+                   "shards": len(manifest.shard_names), "skipped": int((manifest.skipped or {}).get("count", 0))}
+        self._emit({"op": "dataset", "name": f"{manifest.dataset}/{manifest.split}", "digest": digest,
+                    "location": str(manifest.location), "profile": profile, "context": context})
 
     def log_proxy_stats(self, criterion, step: int) -> None:
         """Summaries of the proxies' subgraph selections since the last call (metrics `proxy/*`), the full
@@ -650,9 +751,9 @@ class Tracker:
         criterion.reset_selection_counts()
 
     def _log_proxy_stats(self, summary: dict, per_proxy, per_class, step: int) -> None:
-        out = self._artifact_dir(f"proxies/step-{int(step):08d}")
-        per_proxy.to_csv(out / "proxy_selection.csv", index=False)
-        per_class.to_csv(out / "class_proxy_stats.csv", index=False)
+        out = self._artifact_dir(f"proxies/{STEP_DIR.format(int(step))}")
+        write_csv(per_proxy, out / "proxy_selection.csv")
+        write_csv(per_class, out / "class_proxy_stats.csv")
         self._emit({"op": "metrics", "step": int(step), "timestamp": _now_ms(), "metrics": summary})
         self._emit({"op": "artifacts", "local": str(out), "artifact_path": out.relative_to(self._artifacts)
                     .as_posix()})
@@ -746,7 +847,7 @@ class Tracker:
         (out / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(container)))
         self._emit({"op": "artifacts", "local": str(out), "artifact_path": None})
 
-    def _retrieval_grid(self, result, image_lookup, n_rows: int, path: str) -> None:
+    def _retrieval_grid(self, result, image_lookup, n_rows: int, path: str, title: str) -> None:
         from trainer import plots
 
         keys = [str(k) for k in result.keys]
@@ -764,7 +865,7 @@ class Tracker:
         per_class, names = getattr(result, "per_class", None), None
         if per_class is not None and {"class_index", "class_name"} <= set(per_class.columns):
             names = dict(zip(per_class["class_index"].astype(int), per_class["class_name"].astype(str)))
-        plots.retrieval_grid(rows, images, path, names=names)
+        plots.retrieval_grid(rows, images, path, names=names, title=title)
 
     def _picture(self, fn, *args, **kwargs) -> None:
         """A picture that fails to draw is reported, never fatal to training."""
@@ -789,8 +890,12 @@ class Tracker:
         self._online = True
         return True
 
+    @property
+    def _retry_s(self) -> float:
+        return LOCAL_RETRY_INTERVAL_S if self._local else RETRY_INTERVAL_S
+
     def _reconnect_due(self) -> bool:
-        if time.monotonic() - self._last_try < RETRY_INTERVAL_S:
+        if time.monotonic() - self._last_try < self._retry_s:
             return False
         return self._connect()
 
@@ -800,7 +905,7 @@ class Tracker:
         if not self._warned:
             self._warned = True
             warnings.warn(f"Tracker: MLflow at {self.uri} failed ({type(error).__name__}: {error}); training "
-                          f"goes on, events are kept in {self.pending} and retried every {RETRY_INTERVAL_S:.0f}"
+                          f"goes on, events are kept in {self.pending} and retried every {self._retry_s:.0f}"
                           f" s (or: python -m trainer.tracking upload {self.run_dir})", RuntimeWarning,
                           stacklevel=4)
         else:
@@ -818,7 +923,9 @@ class Tracker:
         while True:
             event = self._queue.get()
             try:
-                if event is None:
+                if event is None:  # close(): a last try for what is pending, whatever the retry interval
+                    if not self._online and not self._abandoned and self.pending.exists():
+                        self._connect()
                     return
                 if self._abandoned:  # close() gave up waiting: no more calls to the store
                     self._keep(event)
