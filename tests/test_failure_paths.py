@@ -44,6 +44,11 @@ def garbage_copy(shards, dst, split="train"):
     return str(dst)
 
 
+def data_file(checkpoint):
+    """The file holding a checkpoint's tensors: the .pt itself, or rank 0's shard file of a DCP folder."""
+    return os.path.join(checkpoint, "__0_0.distcp") if os.path.isdir(checkpoint) else checkpoint
+
+
 def one_error_line(stderr):
     lines = [ln for ln in stderr.splitlines() if ln.strip() and "Traceback" not in ln]
     errors = [ln for ln in lines if "error:" in ln]
@@ -120,7 +125,7 @@ def test_trainer_resumes_from_the_intact_checkpoint_when_the_latest_is_garbled(s
     run_in_process(tiny(shards, tmp_path, "train.epochs=2", *no_tracking()))
     ck = Checkpointer(str(tmp_path / "t" / "checkpoints"))
     good, latest = ck.paths()[-2:]
-    with open(latest, "r+b") as f:
+    with open(data_file(latest), "r+b") as f:
         f.write(b"garbage!")
     code, err, _ = cli(tiny(shards, tmp_path, "train.epochs=3", *no_tracking()))
     assert code == 0, err[-2000:]
@@ -325,7 +330,7 @@ def test_full_disk_during_a_checkpoint_says_so_and_exits(shards, tmp_path):
 def test_evaluate_cli_on_a_bad_checkpoint_file_is_one_line(shards, mid_epoch_run, tmp_path, content):
     path = tmp_path / "x.pt"
     if content == "truncated":
-        with open(Checkpointer(str(mid_epoch_run / "t" / "checkpoints")).latest(), "rb") as f:
+        with open(data_file(Checkpointer(str(mid_epoch_run / "t" / "checkpoints")).latest()), "rb") as f:
             good = f.read()
         content = good[: len(good) // 3]
     path.write_bytes(content)

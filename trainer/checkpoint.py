@@ -1,18 +1,23 @@
 """Checkpoints: atomic, verified writes; the last K kept; on resume the newest intact one.
 
-A checkpoint is a `torch.save`d dict (docs/architecture.md): config, model, criterion, optimizer, scheduler,
-epoch, step, batch_in_epoch, rng, mlflow_run_id, world_size, run_uid, train_classes, train_samples.
-`epoch` / `batch_in_epoch` is the data position where training continues: batches `batch_in_epoch..` of epoch
-`epoch`. Files in the checkpoint directory:
+A checkpoint holds (docs/architecture.md): config, model, criterion, optimizer, scheduler, epoch, step,
+batch_in_epoch, rng, mlflow_run_id, world_size, run_uid, train_classes, train_samples. `epoch` / `batch_in_epoch`
+is the data position where training continues: batches `batch_in_epoch..` of epoch `epoch`. Two formats
+(`checkpoint.format`); files in the checkpoint directory:
 
-    step-000000042.pt          the checkpoint (renamed into place only once complete: readers never see half)
-    step-000000042.json        its sidecar: sha256, bytes, step, epoch, run_uid; renamed in just before the .pt
-    step-000000042.pt.damaged  one that failed to load or verify, moved aside on resume (nothing is deleted)
+    step-000000042/            dcp: a torch.distributed.checkpoint folder of every rank's shards (dcp_checkpoint.py)
+    step-000000042.pt          torch: one torch.save'd dict, written by rank 0
+    step-000000042.json        the sidecar: sha256 and bytes (of the file, or of every file in the folder), step,
+                               epoch, run_uid; renamed in just before the checkpoint
+    step-000000042[.pt].damaged  one that failed to load or verify, moved aside on resume (nothing is deleted)
     .tmp-*                     a write in progress; left behind by a killed write, removed at the next start
 
+A checkpoint is renamed into place only once complete: readers never see half of one.
+
     ckpt = Checkpointer(run_dir / "checkpoints", keep_last=3)
-    ckpt.save(state, step)                # rank 0 only; CheckpointWriteError when the disk refuses
+    ckpt.save(state, step)                # torch format, rank 0 only; CheckpointWriteError when the disk refuses
     path, state = ckpt.find_latest()      # (None, None) when there is none; damaged ones are skipped
+    state = load(path)                    # either format, as one dict (a folder: assembled in this process)
 """
 from __future__ import annotations
 
@@ -32,7 +37,7 @@ import torch
 
 from trainer.errors import UserError
 
-NAME = re.compile(r"^step-(\d{9})\.pt$")
+NAME = re.compile(r"^step-(\d{9})(\.pt)?$")  # a .pt file or a DCP folder
 TMP_PREFIX = ".tmp-"
 REQUIRED = ("config", "model", "criterion", "optimizer", "scheduler", "epoch", "step", "batch_in_epoch", "rng")
 
@@ -67,7 +72,14 @@ class _Digesting:
 
 
 def sidecar(path: str) -> str:
-    return path[:-len(".pt")] + ".json"
+    """step-N.json for step-N.pt or the folder step-N."""
+    path = path.rstrip(os.sep)
+    return (path[:-len(".pt")] if path.endswith(".pt") else path) + ".json"
+
+
+def is_folder(path: str) -> bool:
+    """True for a DCP checkpoint folder (step-N/), False for a .pt file."""
+    return not path.rstrip(os.sep).endswith(".pt")
 
 
 def step_of(path: str) -> int:
@@ -83,7 +95,8 @@ class Checkpointer:
         """Existing checkpoints, oldest (lowest step) first."""
         if not os.path.isdir(self.dir):
             return []
-        names = sorted((int(m.group(1)), f) for f in os.listdir(self.dir) if (m := NAME.match(f)))
+        names = sorted((int(m.group(1)), f) for f in os.listdir(self.dir)
+                       if (m := NAME.match(f)) and os.path.isdir(os.path.join(self.dir, f)) != bool(m.group(2)))
         return [os.path.join(self.dir, f) for _, f in names]
 
     def latest(self) -> str | None:
@@ -136,17 +149,21 @@ class Checkpointer:
             for t in (tmp, side_tmp):
                 if t and os.path.exists(t):
                     os.remove(t)
-            raise CheckpointWriteError(_describe_write_error(e, path, self.latest())) from None
+            raise CheckpointWriteError(describe_write_error(e, path, self.latest())) from None
         except BaseException:
             for t in (tmp, side_tmp):
                 if t and os.path.exists(t):
                     os.remove(t)
             raise
+        self.prune()
+        return path
+
+    def prune(self) -> None:
+        """Delete all but the last `keep_last` checkpoints (files or folders) and their sidecars."""
         for old in self.paths()[:-self.keep_last]:
-            os.remove(old)
+            (shutil.rmtree if os.path.isdir(old) else os.remove)(old)
             if os.path.exists(sidecar(old)):
                 os.remove(sidecar(old))
-        return path
 
     def find_latest(self, log=None, check=None) -> tuple[str | None, dict | None]:
         """The newest checkpoint that loads and verifies, and its state; (None, None) if there is none.
@@ -155,11 +172,18 @@ class Checkpointer:
         damaged one met on the way (truncated, garbled, failing its sha256 or `check`) is reported through `log`
         (or warnings.warn), naming the file and why, and renamed to <name>.damaged so that it can neither be picked
         again nor outrank good checkpoints in keep-last. When every checkpoint is damaged, CheckpointError: the
-        run is not silently started over. Rank 0 only (the others load the path it picks)."""
+        run is not silently started over. Rank 0 only (the others load the path it picks).
+        For a DCP folder, `state` is its small `trainer` entry (dcp_checkpoint.read_meta): the tensors are loaded
+        later, by every rank, for its own share."""
         damaged = []
         for path in reversed(self.paths()):
             try:
-                state = load(path)
+                if is_folder(path):
+                    from trainer import dcp_checkpoint
+                    dcp_checkpoint.verify(path)
+                    state = dcp_checkpoint.read_meta(path)
+                else:
+                    state = load(path)
                 if check is not None:
                     check(state)
                 return path, state
@@ -168,7 +192,7 @@ class Checkpointer:
                 try:
                     os.replace(path, aside)
                     if os.path.exists(sidecar(path)):
-                        os.replace(sidecar(path), aside[:-len(".pt.damaged")] + ".json.damaged")
+                        os.replace(sidecar(path), sidecar(path)[:-len(".json")] + ".json.damaged")
                 except OSError as err:
                     raise CheckpointWriteError(f"checkpoint.dir: {e}; it cannot be moved aside ({err.strerror}): make "
                                                f"{self.dir} writable, or move it away yourself") from None
@@ -182,7 +206,9 @@ class Checkpointer:
         return None, None
 
     def load_latest(self) -> dict | None:
-        return self.find_latest()[1]
+        """The newest intact checkpoint as one dict (a DCP folder assembled in this process), or None."""
+        path, state = self.find_latest()
+        return load(path) if path is not None and is_folder(path) else state
 
 
 def verify(path: str) -> None:
@@ -208,11 +234,21 @@ def verify(path: str) -> None:
         raise CheckpointError(f"{path}: sha256 differs from the one written with it (the file is damaged)")
 
 
-def load(path: str, check_keys: bool = True) -> dict:
-    """A trainer checkpoint as a dict (tensors on the CPU), verified against its sidecar.
+def load(path: str, check_keys: bool = True, model_only: bool = False) -> dict:
+    """A trainer checkpoint (a step-N.pt file or a step-N/ DCP folder) as a dict (tensors on the CPU), verified
+    against its sidecar. A folder is assembled in this process (full proxy table included; `model_only`: only
+    config, position and model, e.g. for evaluation).
 
     Raises CheckpointError naming `path` when it is missing, truncated, garbled, fails its digest or is not a
     trainer checkpoint (with `check_keys`: a dict with the keys every trainer checkpoint has)."""
+    if os.path.isdir(path):
+        from trainer import dcp_checkpoint
+        dcp_checkpoint.verify(path)
+        state = dcp_checkpoint.load_consolidated(path, model_only=model_only)
+        missing = [k for k in REQUIRED if k not in state] if check_keys and not model_only else []
+        if missing:
+            raise CheckpointError(f"{path}: not a trainer checkpoint (no {', '.join(missing)})")
+        return state
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such checkpoint file")
     verify(path)
@@ -247,7 +283,7 @@ def _fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
-def _describe_write_error(e: OSError, path: str, previous: str | None) -> str:
+def describe_write_error(e: OSError, path: str, previous: str | None) -> str:
     kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         try:

@@ -126,6 +126,8 @@ class CheckpointConfig:
     keep_last: int = 3  # older checkpoints are deleted
     resume: bool = True  # continue from the latest checkpoint of the run directory, if there is one
     dir: str = ""  # default <run_dir>/checkpoints
+    format: str = "dcp"  # dcp: step-N/ folders, every rank writes its own shards; torch: one step-N.pt by rank 0
+    async_save: bool = False  # dcp: write in a background thread while training goes on (the last save waits)
 
 
 @dataclass
@@ -170,6 +172,7 @@ CHOICES = {
     "optim.name": ("adam", "adamw", "sgd"),
     "train.amp": ("auto", "bf16", "off"),
     "engine.name": ("ddp", "deepspeed"),
+    "checkpoint.format": ("dcp", "torch"),
 }
 POSITIVE = ["model.dim", "loss.proxies_per_class", "train.epochs", "train.batch_size", "eval.batch_size",
             "checkpoint.keep_last", "train.log_every_steps", "model.small_cnn_width"]

@@ -425,7 +425,8 @@ def export(ds_dir: str, out: str, tag: str | None = None, trainer_checkpoint: st
     model, crit = split_state_dict(consolidated_state_dict(ds_dir, tag))
     state = {}
     if trainer_checkpoint:
-        state = torch.load(trainer_checkpoint, map_location="cpu", weights_only=False)
+        from trainer.checkpoint import load
+        state = load(trainer_checkpoint, check_keys=False, model_only=True)  # a .pt file or a DCP folder
         state.pop("optimizer", None)
     state.update(model=model, criterion=crit)
     torch.save(state, out)
@@ -441,7 +442,7 @@ def main(argv=None) -> None:
     e.add_argument("out", help="output .pt: {'model': embedder state dict, 'criterion': ...}")
     e.add_argument("--tag", default=None, help="step-NNNNNNNNN (default: the one named in 'latest')")
     e.add_argument("--trainer-checkpoint", default=None,
-                   help="the trainer's step-*.pt: its config, epoch, step ... are copied over")
+                   help="the trainer's step-N.pt or step-N/ folder: its config, epoch, step ... are copied over")
     a = p.parse_args(argv)
     print(export(a.ds_dir, a.out, a.tag, a.trainer_checkpoint))
 

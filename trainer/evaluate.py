@@ -182,7 +182,7 @@ def main(argv=None) -> int:
     from trainer.errors import USER_ERRORS, report
 
     p = argparse.ArgumentParser(prog="python -m trainer.evaluate", description=__doc__.split("\n")[0])
-    p.add_argument("checkpoint", help="a checkpoint file written by the trainer (dict with config and model)")
+    p.add_argument("checkpoint", help="a checkpoint written by the trainer: a step-N/ folder (DCP) or a step-N.pt file")
     p.add_argument("--data", required=True, help="a shard split directory (with manifest.json), e.g. DIR/test")
     p.add_argument("--batch-size", type=int, help="per rank (default: the checkpoint's eval.batch_size)")
     p.add_argument("--num-workers", type=int, default=2)
@@ -228,10 +228,10 @@ def _evaluate_checkpoint(a) -> int:
     from trainer.export import export_embeddings, write_table
     from trainer.model import build_model
 
-    state = checkpoint.load(a.checkpoint, check_keys=False)
+    state = checkpoint.load(a.checkpoint, check_keys=False, model_only=True)  # a folder: no proxies read
     if not isinstance(state, dict) or not {"config", "model"} <= state.keys():
         raise checkpoint.CheckpointError(f"{a.checkpoint}: not a trainer checkpoint (a dict with 'config' and "
-                                         f"'model'); give a step-*.pt from a run's checkpoints folder")
+                                         f"'model'); give a step-N/ folder or a step-N.pt of a run's checkpoints")
     try:
         cfg = config.from_dict(state["config"])
     except config.ConfigError as e:

@@ -21,8 +21,9 @@ from tqdm import tqdm
 
 from data_shards import eval_loader, read_manifest, train_loader
 from trainer import distributed as D
-from trainer.checkpoint import Checkpointer, CheckpointError, load, rng_state, set_rng_state
+from trainer.checkpoint import Checkpointer, CheckpointError, is_folder, load, rng_state, set_rng_state
 from trainer.config import ConfigError, check_world_size, to_dict, to_yaml
+from trainer.dcp_checkpoint import read_meta
 from trainer.engine import TrainModule, build_engine
 from trainer.errors import UserError
 from trainer.evaluate import evaluate
@@ -234,7 +235,7 @@ class Trainer:
         if error is not None:
             raise error
         if path is not None and state is None:
-            state = load(path)
+            state = read_meta(path) if is_folder(path) else load(path)
         return state, path
 
     def check_checkpoint(self, state: dict) -> None:
@@ -407,32 +408,47 @@ class Trainer:
         return self.metrics
 
     def save(self) -> None:
-        """Collective (RNG states, sharded proxies and ZeRO optimizer state are gathered); rank 0 writes.
-        Raises DivergedError instead of saving when a weight or buffer is not finite (on any rank)."""
+        """Collective (RNG states; sharded proxies and ZeRO optimizer state gathered for checkpoint.format=torch;
+        with dcp every rank writes its own block). Raises DivergedError instead of saving when a weight or buffer
+        is not finite (on any rank). With checkpoint.async_save the write goes on in the background, except for
+        the run's last save (end, train.max_steps, SIGTERM/SIGUSR1 on any rank), which waits for the disk."""
         crit, pos, env = self.criterion, self.pos, self.env
         tensors = [t for m in (self.embedder, crit) for t in m.state_dict().values()
                    if torch.is_tensor(t) and t.is_floating_point()]
         finite = torch.stack([torch.isfinite(t).all() for t in tensors]).all() if tensors else True
-        if D.any_ranks([~finite if torch.is_tensor(finite) else False], env.device)[0]:
+        bad, stopping = D.any_ranks([~finite if torch.is_tensor(finite) else False, self.stop.raised], env.device)
+        if bad:
             raise DivergedError(
                 f"step {pos.step}: a model weight, BatchNorm statistic or proxy is not finite (nan/inf): not saved. "
                 f"Last good checkpoint: {self.ckpt.latest() or 'none'}. Lower the learning rates "
                 f"(optim.lr={self.cfg.optim.lr}) or set train.grad_clip, then resume or start over")
+        meta = dict(config=to_dict(self.cfg), epoch=pos.epoch, step=pos.step, batch_in_epoch=pos.batch,
+                    rng=D.all_gather_object(rng_state()), mlflow_run_id=D.broadcast_object(self.tracker.run_id),
+                    world_size=env.world_size, run_uid=self.run_uid, train_classes=self.data_info["classes"],
+                    train_samples=self.data_info["samples"], train_class_names=self.data_info["class_names"])
+        if self.cfg.checkpoint.format == "dcp":
+            from trainer.dcp_checkpoint import DCPSaver, build_state, param_names
+            if getattr(self, "dcp_saver", None) is None:
+                self.dcp_saver = DCPSaver(self.ckpt)
+            last = stopping or pos.epoch >= self.cfg.train.epochs or bool(
+                self.cfg.train.max_steps and pos.step >= self.cfg.train.max_steps)
+            sd = build_state(meta, self.embedder, crit, self.engine.optimizer_state_dict(),
+                             lambda: param_names(self.module, self.optimizer), self.scheduler.state_dict(), env.rank)
+            try:
+                self.dcp_saver.save(sd, pos.step, meta, async_save=self.cfg.checkpoint.async_save and not last)
+            except UserError as e:  # e.g. the disk is full: the same on every rank
+                e.same_on_every_rank = True
+                raise
+            return
         crit_sd = crit.full_state_dict() if hasattr(crit, "full_state_dict") else crit.state_dict()
         optimizer_sd = self.engine.optimizer_state_dict()
         if self.cfg.loss.mode == "sharded":  # each rank holds its block's moments: save the full table
             optimizer_sd = map_group_rows(optimizer_sd, "proxies", crit.proxies.shape[0], crit.gather_rows)
-        rngs = D.all_gather_object(rng_state())
         error = None
         if env.is_main:
             try:
-                self.ckpt.save(dict(config=to_dict(self.cfg), model=self.embedder.state_dict(), criterion=crit_sd,
-                                    optimizer=optimizer_sd, scheduler=self.scheduler.state_dict(),
-                                    epoch=pos.epoch, step=pos.step, batch_in_epoch=pos.batch, rng=rngs,
-                                    mlflow_run_id=self.tracker.run_id, world_size=env.world_size,
-                                    run_uid=self.run_uid, train_classes=self.data_info["classes"],
-                                    train_samples=self.data_info["samples"],
-                                    train_class_names=self.data_info["class_names"]), pos.step)
+                self.ckpt.save(dict(meta, model=self.embedder.state_dict(), criterion=crit_sd,
+                                    optimizer=optimizer_sd, scheduler=self.scheduler.state_dict()), pos.step)
             except UserError as e:  # e.g. the disk is full: every rank stops with it
                 e.same_on_every_rank = True
                 error = e
@@ -441,18 +457,30 @@ class Trainer:
             raise error
 
     def restore(self, state: dict) -> Position:
+        """Collective. Weights, optimizer, schedule, RNG and position from `state`: a .pt checkpoint's dict, or a
+        DCP folder's `trainer` entry, whose tensors every rank now loads for its own share (any world size)."""
         crit = self.criterion
+        if state.get("format") == "dcp":
+            from trainer.dcp_checkpoint import load_train_state
+            state = {**state, **load_train_state(state["path"], self.module, self.optimizer, crit)}
+        elif self.cfg.checkpoint.format == "dcp":
+            self.log(f"{self.resumed_from}: a torch-format checkpoint; it is read as it is, and the checkpoints from "
+                     f"now on are DCP folders (checkpoint.format=dcp)")
         try:
             self.embedder.load_state_dict(state["model"])
-            (crit.load_full_state_dict if hasattr(crit, "load_full_state_dict") else crit.load_state_dict)(
-                state["criterion"])
+            if state.get("format") == "dcp" and hasattr(crit, "proxy_start"):  # already this rank's block
+                with torch.no_grad():
+                    crit.proxies.copy_(state["criterion"]["proxies"])
+            else:
+                (crit.load_full_state_dict if hasattr(crit, "load_full_state_dict") else crit.load_state_dict)(
+                    state["criterion"])
         except RuntimeError as e:  # a key no rule in trainer/resume.py knew of changed a shape (e.g. loss.kwargs)
             lines = str(e).strip().splitlines()
             raise ConfigError(f"checkpoint.resume: {self.resumed_from} does not fit the current config "
                               f"({(lines[1] if len(lines) > 1 else lines[0]).strip()}); resume with the config it was "
                               f"written with (its config.yaml), or start a new run (another run.name=...)") from None
         optimizer_sd = state["optimizer"]
-        if self.cfg.loss.mode == "sharded":  # the full table was saved: take this rank's block, any world size
+        if self.cfg.loss.mode == "sharded" and state.get("format") != "dcp":  # the full table: take this rank's block
             rows = crit.num_classes * crit.proxies_per_class
             optimizer_sd = map_group_rows(optimizer_sd, "proxies", rows,
                                           lambda t: crit.shard_rows(t).to(crit.proxies.device))

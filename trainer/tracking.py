@@ -738,24 +738,19 @@ class Tracker:
         per-proxy and per-class vectors as CSV artifacts; then resets the criterion's counts. Nothing is logged
         when no proxy was selected since the last call (e.g. an evaluation before training).
 
-        Call on every rank: with the distributed criteria of loss.distributed the global counts and (sharded)
-        the full proxies are gathered first (`global_selection_counts()`, `gather_rows()`: collectives).
+        Call on every rank: with the distributed criteria of loss.distributed each rank summarises its own block
+        of proxies and the parts are reduced (loss/proxy_stats.py: collectives; the proxy table is never gathered).
         A criterion without subgraphs (the pytorch-metric-learning baselines) has nothing to log."""
         if not hasattr(criterion, "selection_counts"):
             return
         if getattr(self.cfg, "enabled", False):
-            counts = (criterion.global_selection_counts() if hasattr(criterion, "global_selection_counts")
-                      else criterion.selection_counts)
-            proxies = criterion.proxies
-            if hasattr(criterion, "gather_rows"):
-                proxies = criterion.gather_rows(proxies)
-            if self.active and int(counts.sum()) > 0:  # nothing selected since the last call: nothing to say
-                self._log_proxy_stats(counts.detach().cpu().numpy(), proxies.detach().float().cpu().numpy(),
-                                      _proxies_per_class(criterion, len(counts)), step)
+            from loss.proxy_stats import reduced_proxy_statistics
+            stats = reduced_proxy_statistics(criterion)  # None: nothing selected since the last call
+            if self.active and stats is not None:
+                self._log_proxy_stats(*stats, step)
         criterion.reset_selection_counts()
 
-    def _log_proxy_stats(self, counts: np.ndarray, proxies: np.ndarray, per_class: int, step: int) -> None:
-        summary, per_proxy, per_class = proxy_statistics(counts, proxies, per_class)
+    def _log_proxy_stats(self, summary: dict, per_proxy, per_class, step: int) -> None:
         out = self._artifact_dir(f"proxies/{STEP_DIR.format(int(step))}")
         write_csv(per_proxy, out / "proxy_selection.csv")
         write_csv(per_class, out / "class_proxy_stats.csv")
