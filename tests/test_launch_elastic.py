@@ -11,7 +11,8 @@ import sys
 import time
 
 import pytest
-import torch
+
+from trainer.checkpoint import Checkpointer, load
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SINGLE = os.path.join(ROOT, "launch", "single_node.sh")
@@ -78,17 +79,17 @@ def trainer_args(tmp_path, shards, name: str, **overrides) -> list[str]:
 
 
 def checkpoints(tmp_path, name: str) -> list[str]:
-    d = tmp_path / "runs" / name / "checkpoints"
-    return sorted(str(p) for p in d.glob("step-*.pt")) if d.is_dir() else []
+    """The complete checkpoints of run `name` (step-N/ DCP folders or step-N.pt files), oldest first."""
+    return Checkpointer(str(tmp_path / "runs" / name / "checkpoints")).paths()
 
 
 def load_all(paths: list[str]) -> list[dict]:
     """Every checkpoint loads completely and names its step in its file name."""
     states = []
     for path in paths:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = load(path)
         assert {"model", "optimizer", "criterion", "step", "epoch", "batch_in_epoch"} <= state.keys(), path
-        assert path.endswith(f"step-{state['step']:09d}.pt")
+        assert re.search(rf"step-{state['step']:09d}(\.pt)?$", path), path
         states.append(state)
     return states
 
@@ -261,14 +262,14 @@ def test_killed_worker_restarts_and_resumes_from_the_latest_checkpoint(jobs, tmp
         "checkpoint.keep_last": 20, "tracking.enabled": "true", "tracking.tracking_uri": uri,
         "tracking.experiment": "launch", "tracking.log_every_steps": 1, "train.log_every_steps": 1})],
         NPROC_PER_NODE="2", MAX_RESTARTS="1", LOGLEVEL="INFO")
-    wait_for(lambda: any(p.endswith("step-000000010.pt") for p in checkpoints(tmp_path, "kill")), 180, job,
+    wait_for(lambda: any(re.search(r"step-000000010(\.pt)?$", p) for p in checkpoints(tmp_path, "kill")), 180, job,
              "the step-10 checkpoint")
     victim = workers_of(job.pid)[1]
     os.kill(victim, signal.SIGKILL)
     assert finish(job, timeout=300) == 0, output(job)[-4000:]
     out = output(job)
     assert "restart_count=1" in out
-    resumed = re.search(r"resumed from \S+step-(\d+)\.pt: epoch 0, batch (\d+), step (\d+)", out)
+    resumed = re.search(r"resumed from \S+step-(\d+)(?:\.pt)?: epoch 0, batch (\d+), step (\d+)", out)
     assert resumed, out[-4000:]
     step = int(resumed.group(3))
     assert 10 <= step < STEPS_PER_EPOCH and int(resumed.group(2)) == step  # mid-epoch 0

@@ -7,6 +7,8 @@ import sys
 
 import mlflow
 
+from trainer.checkpoint import Checkpointer
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -43,7 +45,7 @@ def test_start_and_end_summary_then_already_complete(shards, tmp_path):
         in end, end
     best = max(r1)  # the evaluation before training counts too (epoch 0): a run that got worse says so
     assert re.search(rf"best  Recall@1 {best:.4f}, MAP@R [\d.]+ \(epoch [012], step (0|14|28)\)", end), end
-    latest = tmp_path / "t" / "checkpoints" / "step-000000028.pt"
+    latest = tmp_path / "t" / "checkpoints" / "step-000000028"  # a DCP folder (checkpoint.format=dcp)
     assert f"checkpoint     {latest}" in end and f"config         {tmp_path / 't' / 'config.yaml'}" in end
     assert f"run {run.info.run_id}, experiment 'proxygml', store {uri}" in end
     assert f"mlflow ui --backend-store-uri {uri}" in end
@@ -53,6 +55,6 @@ def test_start_and_end_summary_then_already_complete(shards, tmp_path):
     assert "run t is already complete: epoch 2 of 2, step 28; nothing to train" in again, again
     assert f"final Recall@1 {r1[-1]:.4f}" in again and "run.name=t-2" in again
     assert "[eval " not in again and "epoch 0:" not in again  # nothing trained nor evaluated
-    assert latest.stat().st_mtime == mtime and len(list(latest.parent.glob("step-*.pt"))) <= 3
+    assert latest.stat().st_mtime == mtime and len(Checkpointer(str(latest.parent)).paths()) <= 3
     (run,) = client.search_runs([client.get_experiment_by_name("proxygml").experiment_id])
     assert run.info.status == "FINISHED"
