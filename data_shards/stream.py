@@ -29,6 +29,8 @@ split of the data over ranks and workers is planned here from the manifest, so t
   process as an item of the stream, which ShardLoader raises there with its own short message.
 """
 
+import atexit
+import contextlib
 import itertools
 import json
 import logging
@@ -36,6 +38,7 @@ import math
 import random
 import signal
 import sys
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -348,6 +351,22 @@ class ShardLoader:
         self.loader, self.length, self.manifest = loader, length, manifest
         self.stream, self.verify = stream, verify
         self.__dict__.update(info)
+        _OPEN_LOADERS.add(self)
+
+    def close(self) -> None:
+        """End the worker processes now (persistent workers otherwise live as long as the loader). Workers that
+        do not stop within torch's grace period are killed: they ignore SIGTERM (see _ignore_stop_signals)."""
+        it = getattr(self.loader, "_iterator", None)
+        if it is None:
+            return
+        workers = list(getattr(it, "_workers", []))
+        with contextlib.suppress(Exception):
+            it._shutdown_workers()
+        for w in workers:
+            if w.is_alive():
+                w.kill()
+                w.join(timeout=5)
+        self.loader._iterator = None
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> "ShardLoader":
         """Train loaders: the next iteration yields batches start_batch.. of `epoch`, exactly those a new
@@ -385,6 +404,17 @@ def _check(batch_size, num_workers, rank, world_size, decode, verify):
         raise ValueError(f"decode must be one of {DECODES}, got {decode!r}")
     if verify not in VERIFY:
         raise ValueError(f"verify must be one of {VERIFY}, got {verify!r}")
+
+
+_OPEN_LOADERS: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_loaders() -> None:
+    """At interpreter exit, before multiprocessing joins its children (atexit runs last-registered first): close
+    every loader still open, so a persistent worker that ignores SIGTERM can never block the exit."""
+    for loader in list(_OPEN_LOADERS):
+        loader.close()
 
 
 def _ignore_stop_signals(_worker_id):

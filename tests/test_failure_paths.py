@@ -458,3 +458,18 @@ def test_evaluate_cli_refuses_nonsense_numbers_before_work(shards, mid_epoch_run
     for bad in (["--recall-ks", "0"], ["--batch-size", "0"]):
         with pytest.raises(SystemExit):
             main([ckpt, "--data", os.path.join(shards, "test"), *bad])
+
+
+def test_a_process_left_with_persistent_loader_workers_still_exits(shards, tmp_path):
+    """Persistent train-loader workers ignore SIGTERM; a process that ends without closing its loader (a library
+    user, a test) must not wait for them at interpreter exit (before: pytest itself never exited)."""
+    script = textwrap.dedent(f"""
+        from data_shards import train_loader
+        loader = train_loader({os.path.join(shards, 'train')!r}, batch_size=16, num_workers=2,
+                              persistent_workers=True, transform=dict(image_size=16, resize_size=16))
+        next(iter(loader))
+        print("one batch", flush=True)
+    """)
+    t = time.monotonic()
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, env=clean_env())
+    assert p.returncode == 0 and "one batch" in p.stdout and time.monotonic() - t < 45, p.stderr[-2000:]

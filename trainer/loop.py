@@ -254,7 +254,9 @@ class Trainer:
     def close(self) -> None:
         """Give back the signal handlers and the run directory's lock (also after a failure)."""
         self.stop.restore()
-        self.train_batches = None  # the train loader: its persistent workers end with it
+        if getattr(self, "train_batches", None) is not None:  # the train loader: its persistent workers end now
+            self.train_batches.close()
+        self.train_batches = None
         if self.run_lock is not None:
             self.run_lock.release()
             self.run_lock = None
