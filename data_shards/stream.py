@@ -412,9 +412,17 @@ _OPEN_LOADERS: weakref.WeakSet = weakref.WeakSet()
 @atexit.register
 def _close_open_loaders() -> None:
     """At interpreter exit, before multiprocessing joins its children (atexit runs last-registered first): close
-    every loader still open, so a persistent worker that ignores SIGTERM can never block the exit."""
+    every loader still open and kill any DataLoader worker left, so a worker that ignores SIGTERM can never block
+    the exit."""
     for loader in list(_OPEN_LOADERS):
         loader.close()
+    import multiprocessing
+
+    from torch.utils.data._utils.worker import _worker_loop
+    for child in multiprocessing.active_children():  # workers of loaders already collected, whose shutdown was
+        if getattr(child, "_target", None) is _worker_loop:  # asked with SIGTERM, which they ignore
+            child.kill()
+            child.join(timeout=5)
 
 
 def _ignore_stop_signals(_worker_id):
