@@ -409,20 +409,27 @@ def _check(batch_size, num_workers, rank, world_size, decode, verify):
 _OPEN_LOADERS: weakref.WeakSet = weakref.WeakSet()
 
 
-@atexit.register
 def _close_open_loaders() -> None:
     """At interpreter exit, before multiprocessing joins its children (atexit runs last-registered first): close
-    every loader still open and kill any DataLoader worker left, so a worker that ignores SIGTERM can never block
-    the exit."""
+    every loader still open and kill the daemonic children left (DataLoader workers; multiprocessing itself would
+    terminate them), so a worker that ignores SIGTERM can never block the exit."""
     for loader in list(_OPEN_LOADERS):
         loader.close()
     import multiprocessing
-
-    from torch.utils.data._utils.worker import _worker_loop
-    for child in multiprocessing.active_children():  # workers of loaders already collected, whose shutdown was
-        if getattr(child, "_target", None) is _worker_loop:  # asked with SIGTERM, which they ignore
+    left = [c for c in multiprocessing.active_children() if c.daemon]  # workers of abandoned iterators or
+    for child in left:  # collected loaders: multiprocessing would SIGTERM them (ignored) and join them forever
+        with contextlib.suppress(Exception):
             child.kill()
+    for child in left:
+        with contextlib.suppress(Exception):  # torch's SIGCHLD handler raises about the killed worker: expected
             child.join(timeout=5)
+
+
+# multiprocessing.util registers its own exit handler (which joins every child) when it is first imported, which
+# may be after this module; import it first, so that this handler, registered later, runs before it (LIFO).
+import multiprocessing.util  # noqa: E402, F401
+
+atexit.register(_close_open_loaders)
 
 
 def _ignore_stop_signals(_worker_id):

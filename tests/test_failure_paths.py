@@ -465,10 +465,12 @@ def test_a_process_left_with_persistent_loader_workers_still_exits(shards, tmp_p
     """Persistent train-loader workers ignore SIGTERM; a process that ends without closing its loader (a library
     user, a test) must not wait for them at interpreter exit (before: pytest itself never exited)."""
     script = textwrap.dedent(f"""
-        from data_shards import train_loader
+        from data_shards import eval_loader, train_loader
         loader = train_loader({os.path.join(shards, 'train')!r}, batch_size=16, num_workers=2,
                               persistent_workers=True, transform=dict(image_size=16, resize_size=16))
         next(iter(loader))
+        abandoned = iter(eval_loader({os.path.join(shards, 'test')!r}, batch_size=16, num_workers=2))
+        next(abandoned)  # an eval iteration left half-way: its workers are still alive at exit
         if {drop!r}:  # the loader collected: torch asks its workers to stop with SIGTERM, which they ignore
             import gc
             del loader
