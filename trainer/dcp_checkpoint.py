@@ -53,6 +53,7 @@ from trainer.checkpoint import (
     TMP_PREFIX,
     CheckpointError,
     CheckpointWriteError,
+    _fsync_dir,
     _umask,
     describe_write_error,
     sidecar,
@@ -343,17 +344,6 @@ class DCPSaver:
         self.ckpt.prune()
 
 
-def _fsync_dir(directory: str) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 # ------------------------------------------------------------------------------------------------ loading
