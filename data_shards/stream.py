@@ -357,16 +357,9 @@ class ShardLoader:
         """End the worker processes now (persistent workers otherwise live as long as the loader). Workers that
         do not stop within torch's grace period are killed: they ignore SIGTERM (see _ignore_stop_signals)."""
         it = getattr(self.loader, "_iterator", None)
-        if it is None:
-            return
-        workers = list(getattr(it, "_workers", []))
-        with contextlib.suppress(Exception):
-            it._shutdown_workers()
-        for w in workers:
-            if w.is_alive():
-                w.kill()
-                w.join(timeout=5)
-        self.loader._iterator = None
+        if it is not None:
+            stop_workers(it)
+            self.loader._iterator = None
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> "ShardLoader":
         """Train loaders: the next iteration yields batches start_batch.. of `epoch`, exactly those a new
@@ -382,15 +375,51 @@ class ShardLoader:
         return self
 
     def __iter__(self):
-        batches = self.loader if self.stream is None else \
-            itertools.islice(self.loader, self.length - self.stream.start_batch)
-        for batch in batches:
-            if isinstance(batch, DataError):
-                raise batch
-            yield batch
+        """The batches; their worker processes are stopped here when the iteration ends, raises or is closed,
+        never left to the garbage collector (persistent workers: only when it raises, else at close()).
+
+        Why: an iterator abandoned by an exception sits in a reference cycle (the traceback) until a gc pass,
+        which finalizes its queues before torch's __del__ asks the workers to stop: the request is never sent,
+        each worker costs a 5 s join (they ignore the SIGTERM that follows) and lives on; and a worker forked
+        while such garbage exists may run that __del__ itself."""
+        it = iter(self.loader)
+        done = False
+        try:
+            for batch in it if self.stream is None else itertools.islice(it, self.length - self.stream.start_batch):
+                if isinstance(batch, DataError):
+                    raise batch
+                yield batch
+            done = True
+        except BaseException as exn:
+            if not (isinstance(exn, GeneratorExit) and self.loader.persistent_workers):
+                self._stop(it)
+            raise
+        if done and not self.loader.persistent_workers:
+            self._stop(it)
+
+    def _stop(self, it) -> None:
+        stop_workers(it)
+        if getattr(self.loader, "_iterator", None) is it:
+            self.loader._iterator = None
 
     def __len__(self):
         return self.length
+
+
+def stop_workers(it) -> None:
+    """Stop the worker processes of DataLoader iterator `it` now (a no-op for num_workers=0): torch's own
+    shutdown (which marks `it` shut down, so that its __del__ does nothing later), then SIGKILL for any worker
+    still alive (they ignore SIGTERM, see _ignore_stop_signals)."""
+    workers = list(getattr(it, "_workers", []))
+    if not workers:
+        return
+    with contextlib.suppress(Exception):
+        it._shutdown_workers()
+    for w in workers:
+        if w.is_alive():
+            w.kill()
+            with contextlib.suppress(Exception):  # torch's SIGCHLD handler may raise about the killed worker
+                w.join(timeout=5)
 
 
 def _check(batch_size, num_workers, rank, world_size, decode, verify):

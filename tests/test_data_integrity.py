@@ -1,14 +1,17 @@
 """Failure paths of the data room on real shards and files: damaged or foreign shards (verify), hostile sources
 (FIFO, symlink loop, linked files), and expected data errors as one or two lines (API and CLI)."""
 
+import gc
 import io
 import json
 import logging
+import multiprocessing
 import os
 import shutil
 import subprocess
 import sys
 import tarfile
+import time
 
 import pytest
 
@@ -203,6 +206,44 @@ def test_a_pipe_url_gets_the_first_sample_check(out):
     verify_mod._verified.clear()
     with pytest.raises(DamagedShard, match=damage):
         train_loader(url, batch_size=4, num_workers=0, transform=TF)
+
+
+def daemonic_children() -> list:
+    return [c for c in multiprocessing.active_children() if c.daemon]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("how", ["raises", "closed early", "exhausted"])
+@pytest.mark.parametrize("persistent", [False, True])
+def test_loader_workers_end_with_their_iteration_not_at_a_gc_pass(out, how, persistent):
+    """Workers are stopped when an iteration raises, is closed early or ends (persistent workers: only when it
+    raises), with the garbage collector off: left to gc, an iterator abandoned by an exception cost 5 s per
+    worker and left the workers alive (CI once hung 60 s in a loader forked beside such garbage)."""
+    train = out / "train"
+    verify_mod._verified.clear()
+    assert daemonic_children() == []
+    gc.collect()
+    gc.disable()
+    try:
+        tl = train_loader(train, batch_size=4, num_workers=2, transform=TF, persistent_workers=persistent)
+        t0 = time.monotonic()
+        if how == "raises":
+            shutil.copy(read_manifest(out / "test").shards[0], read_manifest(train).shards[0])
+            with pytest.raises(DamagedShard):
+                list(tl)
+        elif how == "closed early":
+            batches = iter(tl)
+            next(batches)
+            batches.close()
+        else:
+            assert len(list(tl)) == 3
+        stays = persistent and how != "raises"
+        assert len(daemonic_children()) == (2 if stays else 0)
+        assert time.monotonic() - t0 < 10
+        tl.close()
+        assert daemonic_children() == []
+    finally:
+        gc.enable()
 
 
 # data side of kind 9: expected data errors are DataErrors of one or two lines naming the path and the fix
