@@ -186,6 +186,8 @@ def main() -> None:
     ap.add_argument("--only", default="", help="comma-separated case names to run (default: all)")
     ap.add_argument("--amp", choices=["none", "bf16"], default="none", help="run each step under bf16 autocast")
     ap.add_argument("--tf32", action="store_true", help="cuda: fp32 matmuls may use TF32")
+    ap.add_argument("--profile", action="store_true",
+                    help="then print torch.profiler's top operators of 3 steps of ours per case (where time goes)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.threads:
@@ -208,6 +210,33 @@ def main() -> None:
         print(f"| {c.name} | {c.C:,} | {c.N} | {c.M} | {c.lam} | {fmt_time(dense)} | {fmt_time(ours)} | "
               f"{ratio(dense, ours, 'time')} | {fmt_mem(dense)} | {fmt_mem(ours)} | {ratio(dense, ours, 'peak')} |",
               flush=True)
+    if args.profile:
+        for c in chosen:
+            print(f"\n## profile of ours, {c.name}, {precision}")
+            print(profile(c, args.device, args.amp, args.tf32), flush=True)
+
+
+def profile(c: Case, device: str, amp: str, tf32: bool, steps: int = 3) -> str:
+    """torch.profiler's table of the top 15 operators over `steps` fwd+bwd of ours, after one warm-up step."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+    autocast = set_precision(device, amp, tf32)
+    x = torch.randn(c.M, c.dim, device=device, requires_grad=True)
+    labels = torch.randint(0, c.C, (c.M,), device=device)
+    crit = ProxyGML(c.C, c.dim, c.N, r=c.r, lam=c.lam).to(device)
+
+    def step():
+        with autocast:
+            crit(x, labels).backward()
+    step()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with torch_profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+    key = "device_time_total" if device == "cuda" else "cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=15, max_name_column_width=60)
 
 
 if __name__ == "__main__":

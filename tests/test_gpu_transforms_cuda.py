@@ -1,6 +1,6 @@
 """The device path on a real CUDA device (marked gpu: excluded by default, run with `-m gpu` on a GPU host).
 
-Not yet run: no GPU was lent while this was written; the tolerances for nvJPEG are stated, not measured.
+First run on an H200 on 2026-11-29 (bench/gpu_check.sh); the nvJPEG tolerance follows that measurement.
 """
 
 import numpy as np
@@ -29,16 +29,23 @@ def variants() -> dict[str, torch.Tensor]:
 
 def test_nvjpeg_decode_matches_pil_within_decoder_differences():
     """Every JPEG variant is decoded (by nvJPEG, or by PIL after nvJPEG refused it: counted); nvJPEG's pixels
-    are PIL's within IDCT / chroma-upsampling differences: mean < 1.5 grey levels, 99th percentile <= 8."""
+    are PIL's within IDCT / chroma-upsampling differences: mean < 2 grey levels, 99th percentile <= 8.
+    Measured on an H200 (torch 2.11, nvJPEG of CUDA 13 against Pillow 12.3): baseline 4:2:0 mean 1.64, 99th
+    percentile 7 (libjpeg-turbo's "fancy" chroma upsampling against nvJPEG's); a swapped channel or a shifted
+    row is tens of levels. Every variant's figures are printed and checked together."""
     blobs = variants()
     stats = DecodeStats()
     images = decode_images(list(blobs.values()), torch.device("cuda"), stats)
     assert stats.device + stats.cpu_device_failed == len(blobs) and stats.unreadable == 0
+    figures = {}
     for name, blob, img in zip(blobs, blobs.values(), images):
         ref = torch.from_numpy(np.array(decode_image(blob.numpy().tobytes()))).permute(2, 0, 1)
         assert img.is_cuda and img.shape == ref.shape, name
         diff = (img.cpu().int() - ref.int()).abs().float()
-        assert diff.mean() < 1.5 and diff.quantile(0.99) <= 8, (name, diff.mean(), diff.quantile(0.99))
+        figures[name] = (round(diff.mean().item(), 3), diff.quantile(0.99).item())
+    print("nvJPEG - PIL, mean and 99th percentile per variant:", figures)
+    bad = {k: v for k, v in figures.items() if not (v[0] < 2.0 and v[1] <= 8)}
+    assert not bad, (bad, figures)
 
 
 def test_cuda_batches_follow_the_cpu_run_and_survive_main_stream_pressure():

@@ -231,3 +231,21 @@ def test_float32_matmul_precision_is_restored():
         assert torch.get_float32_matmul_precision() == "high"
     finally:
         torch.set_float32_matmul_precision(previous)
+
+
+def test_ieee_matmuls_when_cuda_and_cpu_precisions_differ():
+    """The legacy `allow_tf32 = True` makes CUDA TF32 while the CPU stays IEEE; torch 2.11's global getter
+    raised in that state (H200 run). Each backend's own setting is forced to IEEE and put back."""
+    from trainer.metrics import _ieee_fp32_matmul
+    cuda, cpu = torch.backends.cuda.matmul, torch.backends.mkldnn.matmul
+    before = (cuda.fp32_precision, cpu.fp32_precision)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        mixed = (cuda.fp32_precision, cpu.fp32_precision)
+        with _ieee_fp32_matmul():
+            assert (cuda.fp32_precision, cpu.fp32_precision) == ("ieee", "ieee")
+            x, labels = random_set(n=40, classes=4, singletons=0)
+            compute_metrics(x, labels, backend="torch")
+        assert (cuda.fp32_precision, cpu.fp32_precision) == mixed and mixed[0] == "tf32"
+    finally:
+        cuda.fp32_precision, cpu.fp32_precision = before

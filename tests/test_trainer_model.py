@@ -65,3 +65,26 @@ def test_bninception_names_the_missing_package():
         pass
     with pytest.raises(ImportError, match="pretrainedmodels"):
         build_model(model_cfg("model.backbone=bninception"))
+
+
+@pytest.mark.timeout(120)
+def test_compile_covers_the_training_forward_only_and_keeps_parameter_names():
+    """train.compile: one graph for the training forward (same shape every step); the embedder called directly
+    (evaluation) stays eager; checkpoint names do not change; the loss is the eager loss."""
+    import torch._dynamo
+
+    from loss import ProxyGML
+    from trainer.engine import TrainModule
+    torch.manual_seed(0)
+    embedder = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 8))
+    crit = ProxyGML(num_classes=3, dim=8, proxies_per_class=2, r=0.5)
+    eager, compiled = TrainModule(embedder, crit), TrainModule(embedder, crit, compile=True)
+    assert compiled.state_dict().keys() == eager.state_dict().keys()
+    x, y = torch.randn(6, 3, 2, 2), torch.tensor([0, 1, 2, 0, 1, 2])
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    for _ in range(2):
+        torch.testing.assert_close(compiled(x, y), eager(x, y), rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        embedder(x[:5])  # evaluation: another batch size, no grad, eager
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1

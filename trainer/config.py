@@ -103,7 +103,7 @@ class TrainConfig:
     batch_size: int = 32  # GLOBAL batch: each of the world_size ranks takes batch_size / world_size
     warmup_epochs: int = 1  # first epochs train only the embedding head and the proxies
     amp: str = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU | bf16 | off
-    compile: bool = False  # torch.compile the embedder
+    compile: bool = False  # torch.compile the embedder's training forward (evaluation runs eagerly)
     grad_clip: float = 0.0  # max grad norm; 0 = off
     log_every_steps: int = 10  # progress-bar update cadence (loss, img/s)
     max_steps: int = 0  # stop (with a checkpoint) after this many optimizer steps in total; 0 = no limit

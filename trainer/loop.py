@@ -178,12 +178,10 @@ class Trainer:
 
         self.embedder = build_model(cfg.model).to(env.device)
         self.criterion = build_criterion(cfg.loss, train_manifest.num_classes, cfg.model.dim).to(env.device)
-        self.module = TrainModule(self.embedder, self.criterion)
+        self.module = TrainModule(self.embedder, self.criterion, compile=cfg.train.compile)
         self.optimizer = build_optimizer(cfg.optim, self.embedder, self.criterion)
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, list(cfg.optim.lr_milestones),
                                                               cfg.optim.lr_gamma)
-        if cfg.train.compile:
-            self.embedder.compile()
         self.warm = (state["epoch"] if state else 0) < cfg.train.warmup_epochs
         self.embedder.set_backbone_trainable(not self.warm)  # before the engine: DDP fixes its parameter set
         self.engine = build_engine(cfg, self.module, self.optimizer, env)
