@@ -180,6 +180,25 @@ def test_decode_none_yields_encoded_bytes(shards):
     assert len(keys) == 90
 
 
+@pytest.mark.parametrize("make", ["train", "eval"])
+def test_encoded_batches_cross_from_workers_as_one_tensor(shards, make):
+    """decode="none": a worker's batch crosses as one flat tensor (one shared-memory segment, not B of them);
+    the main process gets B views of it; the images (with their labels) are byte for byte those of 0 workers
+    (in another order: the worker count is part of the plan)."""
+    split = shards / "many" / "train"
+    kw = dict(batch_size=8, decode="none", transform=TF)
+    loader = train_loader if make == "train" else eval_loader
+    by_workers, in_process = list(loader(split, num_workers=2, **kw)), list(loader(split, num_workers=0, **kw))
+    assert len(by_workers) == len(in_process) > 0
+    for blobs, labels, *_ in by_workers:
+        assert len({b.untyped_storage().data_ptr() for b in blobs}) == 1 and all(b.is_contiguous() for b in blobs)
+        assert len(blobs) == len(labels) == 8 or make == "eval"
+
+    def images(batches):
+        return sorted((bytes(b.numpy()), int(y)) for blobs, labels, *_ in batches for b, y in zip(blobs, labels))
+    assert images(by_workers) == images(in_process)
+
+
 def test_transform_config():
     from PIL import Image
     img = Image.new("RGB", (30, 30), (200, 100, 50))
