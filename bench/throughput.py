@@ -42,10 +42,19 @@ loader's (decode + augment in one worker, and each epoch's first batch: no prefe
 worker start-up per epoch (0.45-0.5x before the workers persisted).
 
 On the CPU the "device" path decodes in the training process, serially with the step, so it cannot win there;
-the figure that matters, ResNet-50 at batch 256 bf16 on an H100/H200 (target: >= 90% of the ceiling with
-<= 4 workers per GPU), is still open: no GPU was lent to this work. Run there:
-`python bench/throughput.py --backbone resnet50 --batch-size 256 --workers 1,4,8,16` (bench/gpu_check.sh runs it
-at 4 workers and checks the target).
+the figure that matters is ResNet-50 at batch 256 bf16 on an H100/H200 (target: >= 90% of the ceiling with
+<= 4 workers per GPU). Measured on an H200 on 2026-11-29 (torch 2.11, 16 cores; bench/results/gpu_check-h200.md):
+
+| loader workers | ceiling img/s | cpu decode img/s | / ceiling | device decode img/s | / ceiling |
+| --- | --- | --- | --- | --- | --- |
+| 4 | 4092.3 | 876.2 | 0.21 | 2036.1 | 0.50 |
+| 8 | 4251.4 | 3496.6 | 0.82 | 3525.0 | 0.83 |
+| 14 | 4189.8 | 2239.6 | 0.53 | 3409.2 | 0.81 |
+
+The device path was bound by its workers, which only read shards: each batch crossed to the main process as
+one shared-memory segment per image. Batches now cross as one tensor (data_shards.stream.EncodedBatch), not
+yet measured on a GPU. Run there: `python bench/throughput.py --backbone resnet50 --batch-size 256 --workers
+1,4,8,16` (bench/gpu_check.sh runs it at 4 workers and checks the target).
 """
 
 from __future__ import annotations
