@@ -226,6 +226,25 @@ def test_sigterm_checkpoints_and_exits_within_30_s(jobs, tmp_path, shards, num_w
     assert not list((tmp_path / "runs" / "term" / "checkpoints").glob(".tmp-*"))
 
 
+def test_a_launcher_killed_by_sigkill_leaves_no_trainer_training_on(jobs, tmp_path, shards):
+    """torchrun itself SIGKILLed (the OOM killer, `kill -9`): the kernel sends its trainers SIGTERM
+    (trainer.errors.stop_with_launcher), so they checkpoint and exit instead of training on as orphans."""
+    job = jobs.start("orphan", [SINGLE, *trainer_args(tmp_path, shards, "orphan", **{
+        "train.epochs": 50, "checkpoint.every_steps": 2})], NPROC_PER_NODE="2")
+    wait_for(lambda: checkpoints(tmp_path, "orphan"), 120, job, "the first checkpoint")
+    ranks = wait_for(lambda: len(w := workers_of(job.pid)) == 2 and w, 10, job, "the two workers")
+    time.sleep(0.5)
+    t0 = time.time()
+    os.kill(job.pid, signal.SIGKILL)
+    job.wait()
+    wait_for(lambda: not [pid for pid in ranks.values() if alive(pid)], 30, None, "the trainers to exit")
+    latest = checkpoints(tmp_path, "orphan")[-1]
+    assert os.path.getmtime(latest) >= t0, "no checkpoint written after the launcher died"
+    (state,) = load_all([latest])
+    assert state["world_size"] == 2
+    assert "checkpoint saved" in output(job)
+
+
 # --- two nodes, c10d rendezvous ------------------------------------------------------------------------------
 
 

@@ -4,6 +4,7 @@ Without --config the demo preset runs (scikit-learn digits, CPU, < 2 min). Prese
 Exit status: 0 done (or stopped by SIGTERM/SIGUSR1 with a checkpoint), 2 a user error (one line on stderr:
 the config, the data, the run directory, a checkpoint, the disk), 1 a bug (traceback) or another rank failed.
 Whatever fails, the process ends at once with its loader workers, so torchrun sees it and restarts or stops.
+Under torchrun, a launcher that dies (even by SIGKILL) sends its trainers SIGTERM: they checkpoint and exit.
 """
 from __future__ import annotations
 
@@ -44,7 +45,9 @@ def main(argv=None) -> int:
         print(to_yaml(cfg), end="")
         return 0
     from trainer import distributed
+    from trainer.errors import stop_with_launcher
     from trainer.loop import train
+    stop_with_launcher()
     try:
         env = distributed.setup(cfg.run.device, backend=cfg.run.dist_backend)
         train(cfg, env)

@@ -90,3 +90,24 @@ def exit_now(code: int) -> None:
         with contextlib.suppress(OSError, ValueError):
             stream.flush()
     os._exit(code)
+
+
+def stop_with_launcher() -> bool:
+    """Under torchrun (TORCHELASTIC_RUN_ID set): ask the kernel for SIGTERM when the launcher dies (Linux prctl
+    PR_SET_PDEATHSIG), so that a launcher killed with SIGKILL (OOM killer, `kill -9`, a lost node agent) does
+    not leave its trainers training on as orphans: they checkpoint and exit as on any SIGTERM. Not for a plain
+    `python -m trainer`, whose parent is a shell that may end (nohup) while the run goes on. Returns whether
+    it was set up."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+    import signal
+    parent = os.getppid()
+    try:
+        if ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0) != 0:  # PR_SET_PDEATHSIG = 1
+            return False
+    except (OSError, AttributeError):
+        return False
+    if os.getppid() != parent:  # the launcher died before the request was in place
+        os.kill(os.getpid(), signal.SIGTERM)
+    return True
