@@ -45,9 +45,12 @@ class Jobs:
         return proc
 
     def close(self):
-        for proc in self.procs:
-            if proc.poll() is None:
+        for proc in self.procs:  # the whole session, also when its leader is gone (orphaned trainers)
+            try:
                 os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            if proc.poll() is None:
                 proc.wait()
 
 
