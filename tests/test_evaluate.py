@@ -60,6 +60,17 @@ def test_single_process_matches_compute_metrics():
     assert net.training  # the mode is restored (BatchNorm ran in eval mode: results equal the reference)
 
 
+def test_a_test_split_of_singletons_is_refused_by_name():
+    """One image per class: no query has a match (Recall@K would be NaN): a user error naming the key."""
+    from trainer.config import ConfigError
+    x, _, keys = dataset()
+    singletons = [(x[i : i + 4], torch.arange(i, i + 4), keys[i : i + 4]) for i in range(0, 8, 4)]
+    with pytest.raises(ConfigError, match=r"data.test_split: each of the 8 test images is the only one"):
+        evaluate(model(), singletons, device="cpu", cfg_eval=CFG)
+    one_pair = singletons + [(x[8:9], torch.tensor([0]), keys[8:9])]  # class 0 has 2 images: metrics defined
+    assert 0 <= evaluate(model(), one_pair, device="cpu", cfg_eval=CFG).metrics["recall_at_1"] <= 1
+
+
 def test_result_does_not_depend_on_loader_order_or_duplicates():
     a = evaluate(model(), batches(range(N)), device="cpu", cfg_eval=CFG)
     rows = list(reversed(range(N))) + [3, 17, 3]  # padding duplicates, as a sampler would add

@@ -2,6 +2,7 @@
 that never joins. Every job runs in its own session and is killed (by process group) if a test fails."""
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -46,10 +47,8 @@ class Jobs:
 
     def close(self):
         for proc in self.procs:  # the whole session, also when its leader is gone (orphaned trainers)
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
             if proc.poll() is None:
                 proc.wait()
 

@@ -46,6 +46,11 @@ def evaluate(model, loader, *, device, cfg_eval, class_names=None, amp_dtype=Non
     if gathered is None:
         return EvalResult(None, None, None, None, None)
     emb, labels, keys = deduplicate(*gathered)
+    if len(labels) and int(torch.unique(torch.as_tensor(labels), return_counts=True)[1].max()) < 2:
+        from trainer.config import ConfigError
+        raise ConfigError(f"data.test_split: each of the {len(labels)} test images is the only one of its class, so "
+                          "no query has a match and Recall@K / MAP@R are undefined; write a test split with at "
+                          "least 2 images per class")
     metrics, per_class = compute_metrics(emb, labels, recall_ks=ks, nmi=nmi, map_r=map_r,
                                          class_names=class_names, device=device)
     return EvalResult(metrics, per_class, emb.cpu(), labels.cpu(), keys)
