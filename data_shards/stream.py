@@ -403,6 +403,9 @@ class ShardLoader:
         which finalizes its queues before torch's __del__ asks the workers to stop: the request is never sent,
         each worker costs a 5 s join (they ignore the SIGTERM that follows) and lives on; and a worker forked
         while such garbage exists may run that __del__ itself."""
+        if self.stream is None and getattr(self, "iterated", False):  # eval, again: check as at construction
+            verify_shards(self.manifest, self.verify, self.rank, self.world_size)
+        self.iterated = True
         it = iter(self.loader)
         done = False
         try:
@@ -549,9 +552,12 @@ def train_loader(split_dir, batch_size: int, num_workers: int = 2, seed: int = 0
 
 def eval_loader(split_dir, batch_size: int, num_workers: int = 2, rank: int = 0, world_size: int = 1,
                 transform: TransformConfig | None = None, decode: str = "cpu",
-                pin_memory: bool = False, prefetch_factor: int = 2, verify: str = "quick") -> ShardLoader:
+                pin_memory: bool = False, prefetch_factor: int = 2, verify: str = "quick",
+                persistent_workers: bool = False) -> ShardLoader:
     """Batches `(images, labels, keys)`; over all ranks and workers every sample comes exactly once
-    (counts per rank may differ). keys are the original image paths. verify and errors: as train_loader."""
+    (counts per rank may differ). keys are the original image paths. verify and errors: as train_loader.
+    persistent_workers: the loader can be iterated again (each evaluation) by the same worker processes, until
+    `close()`; the shards are checked again (`verify`) at each later iteration, as when a loader is made."""
     _check(batch_size, num_workers, rank, world_size, decode, verify)
     m = split_dir if isinstance(split_dir, Manifest) else read_manifest(split_dir)
     verify_shards(m, verify, rank, world_size)
@@ -560,8 +566,8 @@ def eval_loader(split_dir, batch_size: int, num_workers: int = 2, rank: int = 0,
     plan = stream.plan()
     per_slot = [sum(u.size for u in plan[rank * V + w]) for w in range(V)]
     length = sum(math.ceil(n / batch_size) for n in per_slot)
-    return ShardLoader(_loader(stream, num_workers, pin_memory, prefetch_factor), length, m,
-                       num_samples=sum(per_slot))
+    return ShardLoader(_loader(stream, num_workers, pin_memory, prefetch_factor, persistent_workers), length, m,
+                       verify=verify, num_samples=sum(per_slot), rank=rank, world_size=world_size)
 
 
 __all__ = ["train_loader", "eval_loader", "TrainStream", "EvalStream", "ShardLoader"]

@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import tarfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -267,3 +268,23 @@ def test_set_epoch_without_workers_and_draft(shards):
     loader = train_loader(split, epoch=0, **kw)
     batches(loader)
     assert same(batches(loader.set_epoch(4, start_batch=2)), batches(train_loader(split, epoch=4, **kw))[2:])
+
+
+def test_persistent_eval_workers_serve_every_evaluation_and_recheck_the_shards(shards, tmp_path):
+    """eval_loader(persistent_workers=True): each iteration gives every sample once, from the same worker
+    processes; a shard replaced between two evaluations is refused at the next one; close() ends the workers."""
+    split = tmp_path / "train"
+    shutil.copytree(shards / "many" / "train", split)
+    loader = eval_loader(split, batch_size=8, num_workers=2, transform=TF, persistent_workers=True)
+    first = sorted(k for _, _, keys in loader for k in keys)
+    pids = worker_pids(loader)
+    assert len(first) == 90 and len(pids) == 2
+    assert sorted(k for _, _, keys in loader for k in keys) == first and worker_pids(loader) == pids
+    victim = read_manifest(split).shards[1]
+    with open(victim, "ab") as f:
+        f.write(b"\0" * 512)
+    with pytest.raises(DamagedShard, match="damaged shard"):
+        list(loader)
+    loader.close()
+    status = [Path(f"/proc/{p}/status") for p in pids]
+    assert not [s for s in status if s.exists() and "State:\tZ" not in s.read_text()]

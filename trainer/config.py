@@ -52,7 +52,8 @@ class DataConfig:
     prepare: str = "none"  # none | digits: write the shards of a built-in dataset first if <root> has none
     verify: str = "quick"  # shard checks against the manifest: quick (size + first sample at every shard open) |
     #                      sha256 (also every shard's hash, once per process at start-up) | off
-    persistent_workers: bool = True  # true: train loader workers live across epochs | false: new ones each epoch
+    persistent_workers: bool = True  # true: the train and the evaluation loaders' workers (num_workers each)
+    #                                  live for the whole run | false: new ones each epoch and evaluation
     draft_decode: bool = False  # true: JPEGs decoded at 1/2-1/8 size where the train crop allows | false
     transform: TransformConfig = field(default_factory=TransformConfig)
 

@@ -194,6 +194,7 @@ class Trainer:
         self.images_of = shard_image_lookup(self.test_dir) if cfg.tracking.enabled and env.is_main else None
         self.amp = amp_dtype(cfg.train, env.device)
         self.metrics, self.first_metrics = {}, {}
+        self.train_batches = self.eval_batches = None  # loaders, made at first use, closed by close()
         self.first_bad_step = torch.tensor(math.inf, device=env.device)  # first step whose loss was not finite
         self.report = RunReport.start(self)  # rank 0 says what the run is about to do
 
@@ -252,9 +253,10 @@ class Trainer:
     def close(self) -> None:
         """Give back the signal handlers and the run directory's lock (also after a failure)."""
         self.stop.restore()
-        if getattr(self, "train_batches", None) is not None:  # the train loader: its persistent workers end now
-            self.train_batches.close()
-        self.train_batches = None
+        for name in ("train_batches", "eval_batches"):  # the loaders: their persistent workers end now
+            if getattr(self, name, None) is not None:
+                getattr(self, name).close()
+            setattr(self, name, None)
         if self.run_lock is not None:
             self.run_lock.release()
             self.run_lock = None
@@ -389,9 +391,13 @@ class Trainer:
     def evaluate(self, when: str) -> dict:
         """Collective. Test-split retrieval metrics, printed and logged on rank 0."""
         cfg, env = self.cfg, self.env
-        loader = eval_loader(self.test_dir, batch_size=cfg.eval.batch_size, num_workers=cfg.data.num_workers,
-                             rank=env.rank, world_size=env.world_size, transform=cfg.data.transform,
-                             decode="none" if cfg.data.decode == "gpu" else "cpu", verify=cfg.data.verify)
+        if self.eval_batches is None:  # made once: with persistent workers, every evaluation uses the same ones
+            self.eval_batches = eval_loader(
+                self.test_dir, batch_size=cfg.eval.batch_size, num_workers=cfg.data.num_workers, rank=env.rank,
+                world_size=env.world_size, transform=cfg.data.transform,
+                decode="none" if cfg.data.decode == "gpu" else "cpu", verify=cfg.data.verify,
+                persistent_workers=cfg.data.persistent_workers)
+        loader = self.eval_batches
         if cfg.data.decode == "gpu":
             from data_shards.gpu_transforms import device_batches
             loader = device_batches(loader, cfg.data.transform, env.device, train=False)
