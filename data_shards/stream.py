@@ -31,10 +31,12 @@ split of the data over ranks and workers is planned here from the manifest, so t
 
 import atexit
 import contextlib
+import gc
 import itertools
 import json
 import logging
 import math
+import os
 import random
 import signal
 import sys
@@ -485,6 +487,15 @@ def _close_open_loaders() -> None:
 import multiprocessing.util  # noqa: E402, F401
 
 atexit.register(_close_open_loaders)
+
+# A forked child (loader worker, the writer's process pool) starts with a copy of the parent's objects, garbage
+# included: unreachable cycles the parent's gc has not freed yet. Collected in the child, their finalizers run
+# there, where the threads and locks they expect do not exist: a DistributedDataParallel reducer left by an
+# earlier run destroyed its gloo process group inside a shard-writer process, which then waited forever on a
+# condition variable (seen in the test suite); a DataLoader iterator's __del__ stopped workers it does not own.
+# Freezing the inherited objects (gc.freeze, the CPython idiom for fork) means the child never collects them; what
+# it allocates itself is collected as usual.
+os.register_at_fork(after_in_child=gc.freeze)
 
 
 def _ignore_stop_signals(_worker_id):

@@ -354,3 +354,39 @@ def test_data_verify_config_key():
     assert load_config(None, ["data.root=x", "data.verify=sha256"]).data.verify == "sha256"
     with pytest.raises(ConfigError, match=r"^data\.verify: 'full' is not one of 'quick', 'sha256', 'off'"):
         load_config(None, ["data.root=x", "data.verify=full"])
+
+
+class _Finalized:
+    """In a reference cycle (only gc frees it); its finalizer writes to a file."""
+
+    def __init__(self, path):
+        self.path, self.me = path, self
+
+    def __del__(self):
+        with open(self.path, "a") as f:
+            f.write(f"{os.getpid()}\n")
+
+
+def _collect_in_pool_worker(_):
+    gc.collect()
+    return os.getpid()
+
+
+@pytest.mark.timeout(60)
+def test_forked_workers_never_finalize_the_parents_garbage(tmp_path):
+    """Loader workers and the writer's pool are forked: the parent's uncollected cycles must not be finalized
+    in a child (a gloo process group destroyed inside a shard-writer process hung the test suite)."""
+    import concurrent.futures
+
+    log = tmp_path / "finalized.txt"
+    gc.collect()
+    gc.disable()
+    try:
+        _Finalized(str(log))  # garbage of the parent, not yet collected
+        with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork")) as pool:
+            child = pool.submit(_collect_in_pool_worker, 0).result(timeout=30)
+        assert child != os.getpid() and not log.exists(), log.read_text()  # the worker's gc left it alone
+    finally:
+        gc.enable()
+        gc.collect()
+    assert log.read_text().split() == [str(os.getpid())]  # the parent still does
