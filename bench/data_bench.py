@@ -10,33 +10,33 @@ wall images/s from the first batch on (worker start-up excluded), and images per
 Each ratio is the median over the rounds of the pair's ratio, with its range. "draft decode" only differs
 from train_loader when crops are >= 2x image_size (e.g. --image-size 112 on these images).
 
-Measured 2026-11-29 on the 2-core dev machine (CPU only, shared; load average 1.4-3.3 during the run, 6-10 in
-earlier runs of the day), `--images 640 --rounds 6`, batch 32, default TransformConfig (RandomResizedCrop 224,
-flip, normalise):
+Measured 2026-11-29 21:00 UTC on the 2-core dev machine (CPU only, shared with a training job: load average
+0.96 at the start, 4.36 at the end), `--images 640 --rounds 6`, batch 32, default TransformConfig
+(RandomResizedCrop 224, flip, normalise), after EncodedBatch (decode=none batches cross from a worker as one tensor):
 
 | loader | workers | img/s (wall) | img/CPU s | per CPU s / ImageFolder (median, 6 pairs) | range | wall / IF | range |
 | --- | --- | --- | --- | --- | --- | --- | --- |
-| ImageFolder (torchvision) | 0 | 260.4 | 240.4 | 1.00x | 1.00-1.00 | 1.00x | 1.00-1.00 |
-| data_shards train_loader | 0 | 311.8 | 264.8 | 1.11x | 0.98-1.17 | 1.20x | 1.04-1.28 |
-| data_shards draft decode | 0 | 300.6 | 259.2 | 1.07x | 1.02-1.12 | 1.16x | 1.09-1.18 |
-| data_shards decode=none | 0 | 19248.5 | 1644.0 | 6.71x | 6.42-7.82 | 72.82x | 62.96-77.42 |
-| (load average after the 0-worker rounds: 1.79 2.47 4.31) | | | | | | | |
-| ImageFolder (torchvision) | 2 | 260.9 | 210.2 | 1.00x | 1.00-1.00 | 1.00x | 1.00-1.00 |
-| data_shards train_loader | 2 | 285.5 | 215.1 | 1.03x | 0.96-1.19 | 1.07x | 0.93-1.33 |
-| data_shards draft decode | 2 | 283.6 | 210.8 | 1.04x | 0.97-1.15 | 1.16x | 0.68-1.33 |
-| data_shards decode=none | 2 | 2070.8 | 756.5 | 3.71x | 3.29-4.13 | 8.19x | 7.77-8.45 |
-| (load average after the 2-worker rounds: 3.34 2.78 4.30) | | | | | | | |
+| ImageFolder (torchvision) | 0 | 265.9 | 250.5 | 1.00x | 1.00-1.00 | 1.00x | 1.00-1.00 |
+| data_shards train_loader | 0 | 316.9 | 283.4 | 1.14x | 1.06-1.19 | 1.21x | 1.11-1.26 |
+| data_shards draft decode | 0 | 317.1 | 281.1 | 1.13x | 1.05-1.20 | 1.19x | 1.12-1.28 |
+| data_shards decode=none | 0 | 16195.6 | 1824.1 | 7.31x | 6.82-7.88 | 60.78x | 58.74-72.25 |
+| (load average after the 0-worker rounds: 2.85 3.58 4.27) | | | | | | | |
+| ImageFolder (torchvision) | 2 | 241.0 | 194.0 | 1.00x | 1.00-1.00 | 1.00x | 1.00-1.00 |
+| data_shards train_loader | 2 | 252.8 | 196.6 | 1.05x | 0.88-1.06 | 1.10x | 0.85-1.21 |
+| data_shards draft decode | 2 | 253.8 | 196.6 | 1.03x | 0.90-1.10 | 1.08x | 0.88-1.21 |
+| data_shards decode=none | 2 | 3769.4 | 861.3 | 4.39x | 4.01-4.66 | 16.57x | 12.88-16.84 |
+| (load average after the 2-worker rounds: 4.36 3.89 4.33) | | | | | | | |
 
-The decode=none rows predate EncodedBatch (one tensor per batch from a worker, not one per image): measured
-afterwards with a quick loop over 1,000 such JPEGs (batch 100, load average ~3.4), 2 workers went from 1,045 to
-2,238 images/s (0 workers: 3,178 before, 2,964 after, within noise).
+Earlier the same day (before EncodedBatch, load average 1.4-3.3) decode=none with 2 workers gave 2070.8 img/s wall
+and 756.5 img/CPU s: one tensor per batch instead of one shared-memory segment per image is 1.8x the wall rate.
 
 JPEG decode and resize cost the same in both loaders. The stream is ahead by what it does not do per sample:
 no PAX header per tar member (shards since this version), and the float conversion + normalisation once per
 batch (one multiply-add per channel, into shared memory in a worker) instead of four tensor ops per image. With
-0 workers that is 1.11x per CPU second (target 1.1x: met, within the noise); with 2 workers 1.03x per CPU second
-and 1.07x wall, short of 1.1x: the per-loader start-up (worker fork, shuffle-buffer fill) weighs on these short
-640-image runs, and "draft decode" (identical work at 224 px here) shows the noise is about +-0.05.
+0 workers that is 1.14x per CPU second (target 1.1x: met); with 2 workers 1.05x per CPU second and 1.10x wall
+(earlier run: 1.03x and 1.07x), short of 1.1x per CPU second: the per-loader start-up (worker fork, shuffle-buffer
+fill) weighs on these short 640-image runs, and "draft decode" (identical work at 224 px here) shows the noise is
+about +-0.05.
 """
 
 import argparse
