@@ -72,3 +72,12 @@ def test_warmup_freezes_the_backbone_for_the_warmup_epoch_only(shards, tmp_path)
             torch.testing.assert_close(state["model"][k], v, rtol=0, atol=0, msg=k)
     assert not torch.equal(state["model"]["backbone.0.weight"], initial["backbone.0.weight"])  # conv
     assert not torch.equal(state["model"]["backbone.1.weight"], initial["backbone.1.weight"])  # BN affine
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("preset", ["cub200", "cars196"])
+def test_cub_and_cars_presets_are_the_authors_recipe_exactly(preset):
+    cfg = load_config(preset)
+    assert (cfg.model.freeze_bn, cfg.model.freeze_bn_affine, cfg.model.embedding_init, cfg.train.warmup_epochs,
+            cfg.loss.proxies_per_class, cfg.loss.r, cfg.loss.lam, cfg.loss.scale, cfg.data.sampler) == \
+        (True, False, "torch_default", 1, 12, 0.05, 0.3, 1.0, "shuffle")
