@@ -49,7 +49,9 @@ AUTHORS = ["model.freeze_bn=true", "model.freeze_bn_affine=false", "model.embedd
            "train.warmup_epochs=1"]
 OURS_BEFORE = ["model.freeze_bn=true", "model.freeze_bn_affine=true", "model.embedding_init=kaiming_normal",
                "train.warmup_epochs=1"]  # the cub200 preset's model/warm-up keys before this bench
-OURS = ["loss.scale=3.0", "data.sampler=m_per_class", "data.m_per_class=4"]  # filled in from the lever search
+# the best of the levers tried (bench/results/birds50.md): one proxy per class, the 20% most similar proxies
+# (5 of 25 classes) per sample, Z x 16 before the softmax; on top of the authors' recipe
+OURS = ["loss.proxies_per_class=1", "loss.r=0.2", "loss.scale=16"]
 BASE = ["loss.name=proxygml"]
 COMPARE = {
     "ProxyGML (authors)": [*AUTHORS],
