@@ -21,6 +21,15 @@ split of the data over ranks and workers is planned here from the manifest, so t
   numbers from shared memory at each iteration), giving exactly a new loader's batches; with persistent_workers
   the DataLoader keeps its workers, so an epoch starts without spawning them. Per sample a worker only decodes
   and crops (uint8, `TrainAugment`); the float conversion is done once per batch (`batch_to_float`);
+- train with `sampler="m_per_class"` (class-balanced batches, the field's standard; the semantics of
+  pytorch-metric-learning's MPerClassSampler): the same plan, the same slots and the same batch counts, but
+  each slot reads its samples in windows of `window` batches (raw samples, labels read from `cls` without
+  decoding) and regroups every window into batches of batch_size / m distinct classes with m samples each
+  (`m_per_class_groups`: classes drawn with weights favouring unused samples, a class's samples reused only
+  once all of them were used, as pml does for classes with fewer than m). Every per-rank batch is balanced
+  (the per-rank batch must be a multiple of m; a window needs batch_size / m classes). The grouping is
+  seeded by (seed, epoch, slot, window), so resume is exact here too: start_batch skips whole windows raw
+  and regroups the window it starts in. Memory: one window of encoded samples per worker;
 - eval: each sample is read by exactly one slot, once; the last batch of a slot may be short;
 - a sample that cannot be read or decoded is skipped with a counted warning. In a train batch it is
   replaced by another sample of the same batch, so batch sizes and counts never change (no DDP hang);
@@ -56,6 +65,43 @@ log = logging.getLogger("data_shards")
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm", "pbm")
 DECODES = ("cpu", "none")
+SAMPLERS = ("shuffle", "m_per_class")
+
+
+def m_per_class_groups(labels: list, num_batches: int, batch_size: int, m: int, rng: random.Random) -> list[list[int]]:
+    """`num_batches` lists of `batch_size` indices into `labels` (any hashable class ids, e.g. ints), each made
+    of batch_size // m distinct classes with m indices of that class, the classes' runs consecutive.
+
+    Per batch the classes are drawn without replacement with weight 1 + (the class's unused indices)
+    (Efraimidis-Spirakis keys from `rng`), so that the window's samples are used about evenly; a class's
+    indices are used in a shuffled order and only reused once all were used (a class with fewer than m
+    indices repeats some in the batch, as pytorch-metric-learning's MPerClassSampler does). Deterministic
+    given the rng's state. Raises ValueError when m does not divide batch_size or when labels hold fewer than
+    batch_size // m classes."""
+    if m < 1 or batch_size % m:
+        raise ValueError(f"m_per_class: m={m} must be >= 1 and divide the batch size {batch_size}")
+    by_class: dict = {}
+    for i, y in enumerate(labels):
+        by_class.setdefault(y, []).append(i)
+    classes = sorted(by_class)
+    per_batch = batch_size // m
+    if len(classes) < per_batch:
+        raise ValueError(f"m_per_class: a batch of {batch_size} needs {per_batch} classes of m={m} samples, but "
+                         f"this window of {len(labels)} samples holds only {len(classes)} classes")
+    unused = {c: [] for c in classes}
+
+    def take(c) -> int:
+        if not unused[c]:
+            unused[c] = list(by_class[c])
+            rng.shuffle(unused[c])
+        return unused[c].pop()
+
+    batches = []
+    for _ in range(num_batches):
+        keys = [(rng.random() ** (1.0 / (1 + len(unused[c]))), c) for c in classes]
+        chosen = [c for _, c in sorted(keys, reverse=True)[:per_batch]]
+        batches.append([take(c) for c in chosen for _ in range(m)])
+    return batches
 
 
 @dataclass(frozen=True)
@@ -196,8 +242,10 @@ class TrainStream(IterableDataset):
     numbers are in shared memory)."""
 
     def __init__(self, m: Manifest, batch_size, seed, epoch, rank, world_size, slots_per_rank,
-                 start_batch, transform, decode, shuffle_buffer, verify="quick", draft=False):
+                 start_batch, transform, decode, shuffle_buffer, verify="quick", draft=False,
+                 sampler="shuffle", m_per_class=4, window=16):
         super().__init__()
+        self.sampler, self.m_per_class, self.window = sampler, m_per_class, window
         self.m, self.batch_size, self.seed = m, batch_size, seed
         self.rank, self.world_size, self.V = rank, world_size, slots_per_rank
         self.transform, self.decode, self.draft = transform, decode, draft
@@ -263,13 +311,46 @@ class TrainStream(IterableDataset):
         skips = SkipCounter(f"train rank {self.rank} worker {w}")
         samples = self.slot_samples(slot, units, skips)
         done_before = len(range(v, b, self.V))     # this slot's batches before start_batch
-        for _ in range(done_before * B):
-            next(samples)
         tf = TrainAugment(self.transform, self.draft) if self.decode == "cpu" else None
         to_float = batch_to_float(self.transform) if tf is not None else None
-        for p in range(v + self.V * done_before, L, self.V):
-            xs, labels = self.make_batch(samples, p, tf, skips)
+        if self.sampler == "m_per_class":
+            batches = self.balanced_batches(samples, slot, v, done_before, tf, skips)
+        else:
+            for _ in range(done_before * B):
+                next(samples)
+            batches = (self.make_batch(samples, p, tf, skips) for p in range(v + self.V * done_before, L, self.V))
+        for xs, labels in batches:
             yield (EncodedBatch(xs) if tf is None else to_float(xs, shared=get_worker_info() is not None)), labels
+
+    def balanced_batches(self, samples, slot: int, v: int, done_before: int, tf, skips: SkipCounter):
+        """This slot's batches from its `done_before`-th on, each of batch_size / m classes x m samples: the slot's
+        raw samples in windows of `window` batches, each window regrouped by `m_per_class_groups` (seeded by
+        (seed, epoch, slot, window)); the windows before the one holding batch `done_before` are skipped raw."""
+        L, B, K = self.batches_per_epoch, self.batch_size, self.window
+        positions = list(range(v, L, self.V))  # this slot's batch positions in the rank's epoch
+        first = done_before // K
+        for _ in range(first * K * B):
+            next(samples)
+        for w in range(first, math.ceil(len(positions) / K)):
+            count = min(K, len(positions) - w * K)
+            raw = list(itertools.islice(samples, count * B))
+            labels = []
+            for s in raw:
+                try:
+                    labels.append(label_of(s, self.m.num_classes))
+                except Exception as exn:  # counted now; its place is filled like an undecodable sample's
+                    skips.skip(f"sample {s.get('__key__')} of {s.get('__url__')}: {exn!r}")
+                    labels.append(-1)
+            keep = [i for i, y in enumerate(labels) if y >= 0]
+            rng = random.Random(self._tag("m_per_class", slot, w))
+            try:
+                groups = m_per_class_groups([labels[i] for i in keep], count, B, self.m_per_class, rng)
+            except ValueError as e:
+                raise DataError(f"data_shards: {e} (train rank {self.rank}, epoch {self.epoch}); lower "
+                                "data.m_per_class or raise data.sampler_window") from None
+            for j, group in enumerate(groups):
+                if w * K + j >= done_before:
+                    yield self.make_batch(iter([raw[keep[i]] for i in group]), positions[w * K + j], tf, skips)
 
     def make_batch(self, samples, position: int, tf, skips: SkipCounter):
         """Batch `position` of this epoch from the next batch_size raw samples: (list of B uint8 tensors: the
@@ -533,7 +614,8 @@ def train_loader(split_dir, batch_size: int, num_workers: int = 2, seed: int = 0
                  rank: int = 0, world_size: int = 1, transform: TransformConfig | None = None,
                  start_batch: int = 0, decode: str = "cpu", shuffle_buffer: int = 1000,
                  pin_memory: bool = False, prefetch_factor: int = 2, verify: str = "quick",
-                 persistent_workers: bool = False, draft: bool = False) -> ShardLoader:
+                 persistent_workers: bool = False, draft: bool = False, sampler: str = "shuffle",
+                 m_per_class: int = 4, sampler_window: int = 16) -> ShardLoader:
     """Batches `(images float (B,3,H,W), labels int64 (B,))` of one rank for one epoch (decode="none":
     `(list of uint8 tensors of the encoded images, labels)`). `len()` is the same on every rank.
 
@@ -541,12 +623,20 @@ def train_loader(split_dir, batch_size: int, num_workers: int = 2, seed: int = 0
     loader for that epoch). persistent_workers: the worker processes live from the first iteration to the
     loader's end, so an epoch starts without spawning them. draft: decode JPEGs at reduced size where the
     crop allows it (transforms.TrainAugment; the crops keep their distribution, the pixels differ slightly).
+    sampler: "shuffle" (default) or "m_per_class": every batch holds batch_size / m_per_class classes with
+    m_per_class samples each, grouped within windows of sampler_window batches per worker (see the module
+    docstring); batch_size (per rank) must be a multiple of m_per_class.
 
     verify: "quick" (size and first sample of each shard), "sha256" (also every shard's hash, once per
     process) or "off"; see data_shards/verify.py. Raises MissingData / BadManifest (read_manifest),
     DamagedShard (here or while iterating), DataError when the split gives no full batch, ValueError on bad
     arguments."""
     _check(batch_size, num_workers, rank, world_size, decode, verify)
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+    if sampler == "m_per_class" and (m_per_class < 1 or batch_size % m_per_class or sampler_window < 1):
+        raise ValueError(f"m_per_class sampler: m_per_class={m_per_class!r} must divide the per-rank batch_size="
+                         f"{batch_size} and sampler_window={sampler_window!r} must be >= 1")
     m = split_dir if isinstance(split_dir, Manifest) else read_manifest(split_dir)
     L = m.num_samples // (batch_size * world_size)
     if L == 0:
@@ -556,7 +646,8 @@ def train_loader(split_dir, batch_size: int, num_workers: int = 2, seed: int = 0
         raise ValueError(f"train_loader: start_batch must be in [0, {L}), got {start_batch!r}")
     verify_shards(m, verify, rank, world_size)
     stream = TrainStream(m, batch_size, seed, epoch, rank, world_size, max(1, num_workers), start_batch,
-                         as_transform_config(transform), decode, shuffle_buffer, verify, draft)
+                         as_transform_config(transform), decode, shuffle_buffer, verify, draft,
+                         sampler, m_per_class, sampler_window)
     loader = _loader(stream, num_workers, pin_memory, prefetch_factor, persistent_workers)
     return ShardLoader(loader, L, m, stream, verify, batches_per_epoch=L, start_batch=start_batch, epoch=epoch)
 
@@ -581,4 +672,4 @@ def eval_loader(split_dir, batch_size: int, num_workers: int = 2, rank: int = 0,
                        verify=verify, num_samples=sum(per_slot), rank=rank, world_size=world_size)
 
 
-__all__ = ["train_loader", "eval_loader", "TrainStream", "EvalStream", "ShardLoader"]
+__all__ = ["train_loader", "eval_loader", "TrainStream", "EvalStream", "ShardLoader", "m_per_class_groups"]

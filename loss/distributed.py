@@ -47,6 +47,7 @@ from loss.proxygml import (
     amp_matmul_dtype,
     check_config,
     check_inputs,
+    check_scale,
     class_scores,
     class_sums,
     compute_dtype,
@@ -336,9 +337,10 @@ class ShardedProxyGML(nn.Module):
     def __init__(self, num_classes: int, dim: int, proxies_per_class: int = 1, r: float = 0.05,
                  lam: float = 0.3, pos_mask: bool = True, class_mask: bool = True, proxy_reg: bool = True,
                  *, group=None, chunk_elements: int = 2 ** 28, validate: bool = True, seed: int = 0,
-                 candidate_factor: float = 2.0):
+                 candidate_factor: float = 2.0, scale: float = 1.0):
         super().__init__()
         check_config(num_classes, dim, proxies_per_class, r, lam)
+        self.scale = check_scale(scale)  # Z times scale before the softmax, as in ProxyGML
         size, rank = world(group)
         if num_classes < size:
             raise ValueError(f"num_classes ({num_classes}) must be >= the world size ({size}) in sharded mode")
@@ -374,7 +376,7 @@ class ShardedProxyGML(nn.Module):
         return (f"mode=sharded, num_classes={self.num_classes}, classes=[{self.class_start}, {self.class_stop}), "
                 f"dim={self.dim}, proxies_per_class={self.proxies_per_class}, r={self.r}, k={self.k}, "
                 f"lam={self.lam}, pos_mask={self.pos_mask}, class_mask={self.class_mask}, "
-                f"proxy_reg={self.proxy_reg}")
+                f"proxy_reg={self.proxy_reg}, scale={self.scale}")
 
     @property
     def uses_proxy_reg(self) -> bool:
@@ -432,7 +434,8 @@ class ShardedProxyGML(nn.Module):
             mask = out["mask"]
             with torch.no_grad():
                 self.selection_counts += torch.bincount(idx[mask], minlength=self.selection_counts.numel())
-            z, seg_cls, valid = class_scores(vals, idx // n + self.class_start, n, mask)
+            z, seg_cls, valid = class_scores(vals * self.scale if self.scale != 1.0 else vals,
+                                             idx // n + self.class_start, n, mask)
             logits, z_own, has_target = softmax_inputs(z, seg_cls, valid, labels,
                                                        self.class_stop - self.class_start, self.class_mask)
             rows_s, loss_s = self._sample_part(logits, z_own, has_target, size)

@@ -57,6 +57,13 @@ def check_config(num_classes, dim, proxies_per_class, r, lam) -> None:
         raise ValueError(f"lam must be a finite number >= 0, got {lam!r}")
 
 
+def check_scale(scale) -> float:
+    """The logit scale as a float; ValueError unless it is a finite number > 0."""
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < math.inf:
+        raise ValueError(f"scale must be a finite number > 0, got {scale!r}")
+    return float(scale)
+
+
 def check_inputs(embeddings: Tensor, labels: Tensor, dim: int, num_classes: int) -> None:
     """Raise ValueError naming the bad argument (one host sync for the value checks)."""
     if not isinstance(embeddings, Tensor) or embeddings.dim() != 2 or embeddings.shape[1] != dim:
@@ -271,20 +278,23 @@ def class_sums(p: Tensor, n: int) -> Tensor:
 
 class ProxyGML(nn.Module):
     """ProxyGML(num_classes, dim, proxies_per_class=1, r=0.05, lam=0.3, pos_mask=True, class_mask=True,
-    proxy_reg=True): ``loss = crit(embeddings (M, dim), labels (M,))``.
+    proxy_reg=True, *, scale=1.0): ``loss = crit(embeddings (M, dim), labels (M,))``.
 
     ``proxies`` (C*N, dim) is class-major (proxy j is class j // N). After each forward ``last_parts`` holds
     the detached L^s and L^p; ``selection_counts`` (C*N,) int64 counts how often each proxy entered a
     sample's subgraph since ``reset_selection_counts()`` (not part of the state dict).
     ``chunk_elements`` bounds the logits block of L^p; ``validate=False`` skips the input checks (and their
-    host sync).
+    host sync). ``scale`` multiplies Z before the softmax of L^s (Z is a sum of at most k cosines, so the
+    paper's logits span only [-k, k]; a temperature 1/scale, as in NormalizedSoftmax or ProxyNCA): 1 is the
+    paper's loss; L^p is not scaled.
     """
 
     def __init__(self, num_classes: int, dim: int, proxies_per_class: int = 1, r: float = 0.05,
                  lam: float = 0.3, pos_mask: bool = True, class_mask: bool = True, proxy_reg: bool = True,
-                 *, chunk_elements: int = 2 ** 28, validate: bool = True):
+                 *, chunk_elements: int = 2 ** 28, validate: bool = True, scale: float = 1.0):
         super().__init__()
         check_config(num_classes, dim, proxies_per_class, r, lam)
+        self.scale = check_scale(scale)
         self.num_classes, self.dim, self.proxies_per_class = num_classes, dim, proxies_per_class
         self.r, self.lam = float(r), float(lam)
         self.pos_mask, self.class_mask, self.proxy_reg = bool(pos_mask), bool(class_mask), bool(proxy_reg)
@@ -298,7 +308,7 @@ class ProxyGML(nn.Module):
     def extra_repr(self) -> str:
         return (f"num_classes={self.num_classes}, dim={self.dim}, proxies_per_class={self.proxies_per_class}, "
                 f"r={self.r}, k={self.k}, lam={self.lam}, pos_mask={self.pos_mask}, "
-                f"class_mask={self.class_mask}, proxy_reg={self.proxy_reg}")
+                f"class_mask={self.class_mask}, proxy_reg={self.proxy_reg}, scale={self.scale}")
 
     def reset_selection_counts(self) -> None:
         self.selection_counts.zero_()
@@ -317,7 +327,7 @@ class ProxyGML(nn.Module):
         vals, idx = selected_similarity(x, p, select)
         with torch.no_grad():
             self.selection_counts += torch.bincount(idx.flatten(), minlength=self.selection_counts.numel())
-        z, seg_cls, valid = class_scores(vals, idx // n, n)
+        z, seg_cls, valid = class_scores(vals * self.scale if self.scale != 1.0 else vals, idx // n, n)
         return row_losses(*softmax_inputs(z, seg_cls, valid, labels, self.num_classes, self.class_mask))
 
     def proxy_loss_sum(self, p: Tensor, rows: slice, matmul_dtype: torch.dtype) -> Tensor:

@@ -237,3 +237,25 @@ def test_bench_dense_baseline_is_the_same_function():
             crit.proxies.copy_(proxies)
         assert dense_proxygml(x, proxies, labels, C, N, r, 0.3).item() == pytest.approx(
             crit(x, labels).item(), rel=1e-7)
+
+
+@pytest.mark.timeout(60)
+def test_scale_multiplies_z_before_the_softmax():
+    """N 1, r 1, no class mask, lam 0: L^s is the cross-entropy of scale * cosines; every mode gives the same."""
+    from loss.distributed import build_criterion
+    torch.manual_seed(0)
+    x, y = torch.randn(6, 8, dtype=torch.float64), torch.tensor([0, 1, 2, 3, 0, 1])
+    kw = dict(proxies_per_class=1, r=1.0, lam=0.0, class_mask=False)
+    crit = ProxyGML(4, 8, scale=7.5, **kw).double()
+    logits = 7.5 * F.normalize(x, dim=1) @ F.normalize(crit.proxies, dim=1).t()
+    torch.testing.assert_close(crit(x, y), F.cross_entropy(logits, y))
+    base = ProxyGML(4, 8, **kw).double()
+    base.load_state_dict(crit.state_dict())
+    assert not torch.allclose(base(x, y), crit(x, y))
+    for mode in ("gather", "sharded"):  # one process: the distributed forms take the same scale
+        other = build_criterion(mode, 4, 8, scale=7.5, **kw).double()
+        other.proxies.data.copy_(crit.proxies.data)
+        torch.testing.assert_close(other(x, y), crit(x, y))
+    for bad in (0, -1.0, float("inf"), True):
+        with pytest.raises(ValueError, match="scale"):
+            ProxyGML(4, 8, scale=bad)

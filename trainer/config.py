@@ -55,6 +55,10 @@ class DataConfig:
     persistent_workers: bool = True  # true: the train and the evaluation loaders' workers (num_workers each)
     #                                  live for the whole run | false: new ones each epoch and evaluation
     draft_decode: bool = False  # true: JPEGs decoded at 1/2-1/8 size where the train crop allows | false
+    sampler: str = "shuffle"  # shuffle: seeded shuffle buffer per reader | m_per_class: every per-rank batch holds
+    #                           data.m_per_class samples of each of its batch/m classes (data_shards/stream.py)
+    m_per_class: int = 4  # samples per class in a batch (sampler=m_per_class); the per-rank batch must be a multiple
+    sampler_window: int = 16  # m_per_class: batches formed from one window of raw (undecoded) samples per reader
     transform: TransformConfig = field(default_factory=TransformConfig)
 
 
@@ -66,7 +70,11 @@ class ModelConfig:
     pooling: str = "avg"  # avg | max | avgmax | catavgmax
     dim: int = 512  # embedding size
     normalize: bool = True  # L2-normalise the embedding
-    freeze_bn: bool = False  # BatchNorm in eval mode with frozen affine parameters (the CUB/Cars recipe)
+    freeze_bn: bool = False  # BatchNorm in eval mode: running statistics stay the pretrained ones
+    freeze_bn_affine: bool = True  # with freeze_bn, the BN weights and biases are frozen too (true: ours) or still
+    #                                learn (false: the authors' released code)
+    embedding_init: str = "kaiming_normal"  # the embedding layer: kaiming_normal (fan_out, zero bias: ours) |
+    #                                         torch_default (nn.Linear's own init: the authors' released code)
     small_cnn_width: int = 64  # channels of the small_cnn backbone (demo, Omniglot)
 
 
@@ -83,6 +91,7 @@ class LossConfig:
     pos_mask: bool = True
     class_mask: bool = True
     proxy_reg: bool = True
+    scale: float = 1.0  # ProxyGML: Z (per-class sums of cosines) times this before the softmax; 1 = the paper
 
 
 @dataclass
@@ -168,6 +177,8 @@ CHOICES = {
     "data.decode": ("cpu", "gpu"),
     "data.prepare": ("none", "digits"),
     "data.verify": VERIFY,
+    "data.sampler": ("shuffle", "m_per_class"),
+    "model.embedding_init": ("kaiming_normal", "torch_default"),
     "model.pooling": ("avg", "max", "avgmax", "catavgmax"),
     "loss.mode": ("gather", "local", "sharded"),
     "optim.name": ("adam", "adamw", "sgd"),
@@ -176,7 +187,8 @@ CHOICES = {
     "checkpoint.format": ("dcp", "torch"),
 }
 POSITIVE = ["model.dim", "loss.proxies_per_class", "train.epochs", "train.batch_size", "eval.batch_size",
-            "checkpoint.keep_last", "train.log_every_steps", "model.small_cnn_width"]
+            "checkpoint.keep_last", "train.log_every_steps", "model.small_cnn_width", "loss.scale",
+            "data.m_per_class", "data.sampler_window"]
 NON_NEGATIVE = ["data.num_workers", "optim.lr", "optim.head_lr", "optim.proxy_lr", "optim.weight_decay",
                 "optim.eps", "optim.momentum", "train.warmup_epochs", "train.grad_clip", "train.max_steps",
                 "eval.every_epochs", "checkpoint.every_epochs", "checkpoint.every_steps", "loss.lam",
@@ -330,15 +342,21 @@ def validate(cfg: DictConfig) -> None:
                           f"{list(cfg.optim.lr_milestones)}")
     if not cfg.eval.recall_ks or any(k <= 0 for k in cfg.eval.recall_ks):
         raise ConfigError(f"eval.recall_ks: must be positive integers, got {list(cfg.eval.recall_ks)}")
+    if cfg.data.sampler == "m_per_class" and cfg.train.batch_size % cfg.data.m_per_class:
+        raise ConfigError(f"data.m_per_class: {cfg.data.m_per_class} does not divide train.batch_size="
+                          f"{cfg.train.batch_size} (every batch holds batch/m classes of m samples each)")
     if cfg.train.warmup_epochs >= cfg.train.epochs:
         raise ConfigError(f"train.warmup_epochs: {cfg.train.warmup_epochs} leaves no epoch for the backbone "
                           f"(train.epochs={cfg.train.epochs})")
     if cfg.loss.name != "proxygml":
+        if cfg.loss.scale != 1.0:
+            raise ConfigError(f"loss.scale: only for ProxyGML (got {cfg.loss.scale} with loss.name={cfg.loss.name!r}); "
+                              "a pytorch-metric-learning loss takes its own scale in loss.kwargs")
         validate_metric_loss(cfg)
     elif cfg.loss.kwargs or cfg.loss.miner or cfg.loss.miner_kwargs:
         key = "loss.kwargs" if cfg.loss.kwargs else "loss.miner" if cfg.loss.miner else "loss.miner_kwargs"
         raise ConfigError(f"{key}: only for pytorch-metric-learning losses; ProxyGML takes loss.proxies_per_class, "
-                          "loss.r, loss.lam, loss.pos_mask, loss.class_mask, loss.proxy_reg")
+                          "loss.r, loss.lam, loss.pos_mask, loss.class_mask, loss.proxy_reg, loss.scale")
     if cfg.engine.name == "deepspeed" and not cfg.engine.deepspeed_config:
         raise ConfigError("engine.deepspeed_config: required with engine.name=deepspeed")
     try:
@@ -386,6 +404,10 @@ def check_world_size(cfg: DictConfig, world_size: int) -> int:
     if cfg.train.batch_size % world_size:
         raise ConfigError(f"train.batch_size: the global batch {cfg.train.batch_size} does not split "
                           f"evenly over {world_size} ranks")
+    per_rank = cfg.train.batch_size // world_size
+    if cfg.data.sampler == "m_per_class" and per_rank % cfg.data.m_per_class:
+        raise ConfigError(f"data.m_per_class: {cfg.data.m_per_class} does not divide the per-rank batch {per_rank} "
+                          f"(train.batch_size={cfg.train.batch_size} over {world_size} ranks)")
     return cfg.train.batch_size // world_size
 
 

@@ -92,7 +92,7 @@ def build_criterion(cfg_loss, num_classes: int, dim: int):
     from loss.distributed import build_criterion
     return build_criterion(cfg_loss.mode, num_classes, dim, proxies_per_class=cfg_loss.proxies_per_class,
                            r=cfg_loss.r, lam=cfg_loss.lam, pos_mask=cfg_loss.pos_mask,
-                           class_mask=cfg_loss.class_mask, proxy_reg=cfg_loss.proxy_reg)
+                           class_mask=cfg_loss.class_mask, proxy_reg=cfg_loss.proxy_reg, scale=cfg_loss.scale)
 
 
 def build_optimizer(cfg_optim, embedder, criterion) -> torch.optim.Optimizer:
@@ -315,7 +315,8 @@ class Trainer:
                 self.train_dir, batch_size=self.per_rank_batch, num_workers=cfg.data.num_workers, seed=cfg.run.seed,
                 epoch=pos.epoch, rank=env.rank, world_size=env.world_size, transform=cfg.data.transform,
                 start_batch=pos.batch, decode="none" if cfg.data.decode == "gpu" else "cpu", verify=cfg.data.verify,
-                persistent_workers=cfg.data.persistent_workers, draft=cfg.data.draft_decode)
+                persistent_workers=cfg.data.persistent_workers, draft=cfg.data.draft_decode,
+                sampler=cfg.data.sampler, m_per_class=cfg.data.m_per_class, sampler_window=cfg.data.sampler_window)
         else:
             loader.set_epoch(pos.epoch, pos.batch)
         autocast = torch.autocast(env.device.type, dtype=self.amp) if self.amp else nullcontext()

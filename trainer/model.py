@@ -95,10 +95,13 @@ class Embedder(nn.Module):
         self.embedding = nn.Linear(channels * self.pool.feat_mult(), cfg.dim)
         self.normalize = cfg.normalize
         self.freeze_bn = cfg.freeze_bn
-        nn.init.kaiming_normal_(self.embedding.weight, mode="fan_out")
-        nn.init.zeros_(self.embedding.bias)
+        if cfg.embedding_init == "kaiming_normal":  # ours; "torch_default" keeps nn.Linear's (the authors' code)
+            nn.init.kaiming_normal_(self.embedding.weight, mode="fan_out")
+            nn.init.zeros_(self.embedding.bias)
+        elif cfg.embedding_init != "torch_default":
+            raise ValueError(f"model.embedding_init: {cfg.embedding_init!r} is not 'kaiming_normal' or 'torch_default'")
         self._frozen = set()
-        if self.freeze_bn:
+        if self.freeze_bn and cfg.freeze_bn_affine:
             for m in self._batch_norms():
                 for p in (m.weight, m.bias):
                     p.requires_grad_(False)
@@ -108,8 +111,10 @@ class Embedder(nn.Module):
         return [m for m in self.backbone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine]
 
     def train(self, mode: bool = True):
+        """Train mode, except that with model.freeze_bn every BatchNorm stays in eval mode: its running statistics
+        stay the pretrained ones (its affine weights learn unless model.freeze_bn_affine)."""
         super().train(mode)
-        if self.freeze_bn:  # running statistics stay the pretrained ones
+        if self.freeze_bn:
             for m in self._batch_norms():
                 m.eval()
         return self
