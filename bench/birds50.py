@@ -182,45 +182,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def train_entries(args, entries: dict, shared: list[str], results: list[dict], json_path: str) -> None:
-    """Every (entry, seed) not yet in `results`, seed by seed, through bench/quality.py's run_entry; the JSON
-    is written after each run, with the run's wall time (evaluation included) and the load average before it."""
-    import signal
-
-    import torch
-
-    from trainer import distributed
-    from trainer.config import load_config
-
-    for overrides in entries.values():  # every entry's config is valid before the first one trains
-        load_config(args.preset, [*shared, *overrides, *args.overrides])
-    threads_before = torch.get_num_threads()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    env = distributed.setup("cpu" if args.cpu else "auto")
-    old_usr1 = signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # the budget timer's signal (see quality.train_all)
-    try:
-        for seed in range(args.first_seed, args.first_seed + args.seeds):
-            for name, overrides in entries.items():
-                if any(r["entry"] == name and r["seed"] == seed for r in results):
-                    continue
-                load, t0 = os.getloadavg()[0], time.time()
-                got = quality.run_entry(args, shared, overrides, seed, env)
-                result = {"entry": name, "seed": seed, "threads": torch.get_num_threads(), **got,
-                          "wall_s": time.time() - t0, "load_before": load, "load_after": os.getloadavg()[0],
-                          "overrides": overrides}
-                results.append(result)
-                print(f"[birds50] {name} seed {seed}: R@1 {result.get('recall_at_1', float('nan')):.4f}, "
-                      f"{result['steps']} steps, train {result['train_s']:.0f} s, wall {result['wall_s']:.0f} s, "
-                      f"load {load:.1f}", flush=True)
-                with open(json_path, "w") as f:
-                    json.dump({"args": vars(args), "shared": shared, "results": results}, f, indent=1)
-    finally:
-        signal.signal(signal.SIGUSR1, old_usr1)
-        distributed.teardown()
-        torch.set_num_threads(threads_before)
-
-
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     entries = entries_for(args.mode, args.entries)
@@ -237,7 +198,7 @@ def main(argv=None) -> list[dict]:
     if not args.report_only:
         shards = birds50_shards(os.path.abspath(args.birds50), args.work)
         weights = lite0_weights(os.path.join(args.work, "tf_efficientnet_lite0.pth"))
-        train_entries(args, entries, shared_overrides(args, shards, weights), results, json_path)
+        quality.train_all(args, entries, shared_overrides(args, shards, weights), results, json_path, "birds50")
     rows = quality.summarize(results, list(entries))
     for row in rows:
         runs = [r for r in results if r["entry"] == row["entry"]]

@@ -241,8 +241,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def train_all(args, entries: dict, shared: list[str], results: list[dict], json_path: str) -> None:
-    """Every (entry, seed) not yet in `results`, seed by seed (a stopped run leaves whole seeds); JSON after each."""
+def train_all(args, entries: dict, shared: list[str], results: list[dict], json_path: str,
+              tag: str = "quality") -> None:
+    """Every (entry, seed) not yet in `results`, seed by seed from `args.first_seed` (default 0; a stopped run
+    leaves whole seeds); the JSON is written after each run, with the run's wall time (evaluation included) and
+    the load average before and after it. bench/birds50.py uses it too (tag: the printed prefix)."""
     import torch
 
     from trainer import distributed
@@ -258,15 +261,20 @@ def train_all(args, entries: dict, shared: list[str], results: list[dict], json_
     # (an ignored SIGUSR1 would be inherited by every process started later, which then could not trap it)
     old_usr1 = signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     try:
-        for seed in range(args.seeds):
+        first = getattr(args, "first_seed", 0)
+        for seed in range(first, first + args.seeds):
             for name, overrides in entries.items():
                 if any(r["entry"] == name and r["seed"] == seed for r in results):
                     continue
-                result = {"entry": name, "seed": seed, "threads": torch.get_num_threads(),
-                          **run_entry(args, shared, overrides, seed, env)}
+                load, t0 = os.getloadavg()[0], time.time()
+                got = run_entry(args, shared, overrides, seed, env)
+                result = {"entry": name, "seed": seed, "threads": torch.get_num_threads(), **got,
+                          "wall_s": time.time() - t0, "load_before": load, "load_after": os.getloadavg()[0],
+                          "overrides": overrides}
                 results.append(result)
-                print(f"[quality] {name} seed {seed}: R@1 {result.get('recall_at_1', float('nan')):.4f}, "
-                      f"{result['steps']} steps in {result['train_s']:.0f} s", flush=True)
+                print(f"[{tag}] {name} seed {seed}: R@1 {result.get('recall_at_1', float('nan')):.4f}, "
+                      f"{result['steps']} steps, train {result['train_s']:.0f} s, wall {result['wall_s']:.0f} s, "
+                      f"load {load:.1f}", flush=True)
                 with open(json_path, "w") as f:
                     json.dump({"args": vars(args), "shared": shared, "results": results}, f, indent=1)
     finally:
