@@ -32,7 +32,6 @@ ProxyAnchor 90.9 ± 0.3, ProxyGML ours (N 1, r 0.2, scale 16) 90.3 ± 0.2 (2 see
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -189,12 +188,7 @@ def main(argv=None) -> list[dict]:
     stem = f"birds50-{args.mode}" + (f"-{args.tag}" if args.tag else "")
     json_path = os.path.join(args.out, stem + ".json")
     t_start = time.time()
-    results: list[dict] = []
-    if (args.resume or args.report_only) and os.path.exists(json_path):
-        with open(json_path) as f:
-            results = json.load(f)["results"]
-    if args.report_only and not results:
-        raise SystemExit(f"--report-only: no results in {json_path}")
+    results = quality.earlier_results(args, json_path)
     if not args.report_only:
         shards = birds50_shards(os.path.abspath(args.birds50), args.work)
         weights = lite0_weights(os.path.join(args.work, "tf_efficientnet_lite0.pth"))

@@ -283,6 +283,18 @@ def train_all(args, entries: dict, shared: list[str], results: list[dict], json_
         torch.set_num_threads(threads_before)
 
 
+def earlier_results(args, json_path: str) -> list[dict]:
+    """The results already in `json_path` with --resume or --report-only (else none). Raises SystemExit when
+    --report-only finds none."""
+    results = []
+    if (args.resume or args.report_only) and os.path.exists(json_path):
+        with open(json_path) as f:
+            results = json.load(f)["results"]
+    if args.report_only and not results:
+        raise SystemExit(f"--report-only: no results in {json_path}")
+    return results
+
+
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     entries = entries_for(args.mode, args.entries, args.values)
@@ -290,12 +302,7 @@ def main(argv=None) -> list[dict]:
     os.makedirs(out, exist_ok=True)
     t_start = time.time()
     json_path = os.path.join(out, f"quality-{args.mode}.json")
-    results = []
-    if (args.resume or args.report_only) and os.path.exists(json_path):
-        with open(json_path) as f:
-            results = json.load(f)["results"]
-    if args.report_only and not results:
-        raise SystemExit(f"--report-only: no results in {json_path}")
+    results = earlier_results(args, json_path)
     if not args.report_only:
         shards = args.data or omniglot_shards(os.path.abspath(args.omniglot), args.work)
         train_all(args, entries, schedule_overrides(args, shards), results, json_path)

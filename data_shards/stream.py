@@ -221,12 +221,6 @@ class EncodedBatch:
         self.flat = torch.frombuffer(bytearray(b"".join(blobs)), dtype=torch.uint8) if sum(self.sizes) else \
             torch.empty(0, dtype=torch.uint8)
 
-    def __getstate__(self):
-        return self.flat, self.sizes
-
-    def __setstate__(self, state):
-        self.flat, self.sizes = state
-
     def views(self) -> list[torch.Tensor]:
         return list(torch.split(self.flat, self.sizes))
 
@@ -589,19 +583,24 @@ def _ignore_stop_signals(_worker_id):
     """
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    _die_with_parent()
+    die_with_parent()
 
 
-def _die_with_parent() -> None:
-    """SIGKILL this process when its parent exits (Linux; a no-op elsewhere)."""
+def die_with_parent(sig: int = signal.SIGKILL) -> bool:
+    """Ask the kernel to send this process `sig` when its parent exits (Linux prctl PR_SET_PDEATHSIG); if the
+    parent is already gone by then, send it now. Returns whether it was set up (False elsewhere than Linux)."""
     if not sys.platform.startswith("linux"):
-        return
+        return False
     import ctypes
+    parent = os.getppid()
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+        if ctypes.CDLL(None, use_errno=True).prctl(1, sig, 0, 0, 0) != 0:  # PR_SET_PDEATHSIG = 1
+            return False
     except (OSError, AttributeError):
-        pass  # then torch's own worker watchdog still ends the worker once it notices the parent is gone
+        return False  # then torch's own worker watchdog still ends a worker once it notices the parent is gone
+    if os.getppid() != parent:  # the parent died before the request was in place
+        os.kill(os.getpid(), sig)
+    return True
 
 
 def _loader(dataset, num_workers, pin_memory, prefetch_factor, persistent_workers=False):

@@ -98,16 +98,9 @@ def stop_with_launcher() -> bool:
     not leave its trainers training on as orphans: they checkpoint and exit as on any SIGTERM. Not for a plain
     `python -m trainer`, whose parent is a shell that may end (nohup) while the run goes on. Returns whether
     it was set up."""
-    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
         return False
-    import ctypes
     import signal
-    parent = os.getppid()
-    try:
-        if ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0) != 0:  # PR_SET_PDEATHSIG = 1
-            return False
-    except (OSError, AttributeError):
-        return False
-    if os.getppid() != parent:  # the launcher died before the request was in place
-        os.kill(os.getpid(), signal.SIGTERM)
-    return True
+
+    from data_shards.stream import die_with_parent
+    return die_with_parent(signal.SIGTERM)

@@ -121,19 +121,10 @@ def _check_ks(recall_ks) -> tuple[int, ...]:
 def _ieee_fp32_matmul():
     """Full float32 matmuls even where the trainer allows TF32 (10-bit mantissa) for speed.
 
-    Sets and restores each backend's own `fp32_precision` (torch >= 2.9): the global
-    get_float32_matmul_precision() raises there once CUDA and CPU disagree, e.g. after the legacy
+    Sets and restores each backend's own `fp32_precision` (CUDA and the CPU's mkldnn): the global
+    get_float32_matmul_precision() raises once they disagree, e.g. after the legacy
     `torch.backends.cuda.matmul.allow_tf32 = True` (seen with torch 2.11 on an H200)."""
-    backends = [b for b in (torch.backends.cuda.matmul, getattr(torch.backends.mkldnn, "matmul", None))
-                if b is not None and hasattr(b, "fp32_precision")]
-    if not backends:  # older torch: the global setting only
-        previous = torch.get_float32_matmul_precision()
-        torch.set_float32_matmul_precision("highest")
-        try:
-            yield
-        finally:
-            torch.set_float32_matmul_precision(previous)
-        return
+    backends = (torch.backends.cuda.matmul, torch.backends.mkldnn.matmul)
     previous = [b.fp32_precision for b in backends]
     for b in backends:
         b.fp32_precision = "ieee"
