@@ -340,8 +340,9 @@ class TrainStream(IterableDataset):
             try:
                 groups = m_per_class_groups([labels[i] for i in keep], count, B, self.m_per_class, rng)
             except ValueError as e:
-                raise DataError(f"data_shards: {e} (train rank {self.rank}, epoch {self.epoch}); lower "
-                                "data.m_per_class or raise data.sampler_window") from None
+                raise DataError(f"data_shards: {e} (train rank {self.rank}, epoch {self.epoch}); fewer classes "
+                                "per batch (raise data.m_per_class or lower train.batch_size) or more classes per "
+                                "window (raise data.sampler_window)") from None
             for j, group in enumerate(groups):
                 if w * K + j >= done_before:
                     yield self.make_batch(iter([raw[keep[i]] for i in group]), positions[w * K + j], tf, skips)
@@ -586,19 +587,20 @@ def _ignore_stop_signals(_worker_id):
     die_with_parent()
 
 
-def die_with_parent(sig: int = signal.SIGKILL) -> bool:
+def die_with_parent(sig: int = signal.SIGKILL, parent: int | None = None) -> bool:
     """Ask the kernel to send this process `sig` when its parent exits (Linux prctl PR_SET_PDEATHSIG); if the
-    parent is already gone by then, send it now. Returns whether it was set up (False elsewhere than Linux)."""
+    parent is already gone by then (the parent is not `parent`, default the current one, or is init), send it
+    now. Returns whether it was set up (False elsewhere than Linux)."""
     if not sys.platform.startswith("linux"):
         return False
     import ctypes
-    parent = os.getppid()
+    parent = parent or os.getppid()
     try:
         if ctypes.CDLL(None, use_errno=True).prctl(1, sig, 0, 0, 0) != 0:  # PR_SET_PDEATHSIG = 1
             return False
     except (OSError, AttributeError):
         return False  # then torch's own worker watchdog still ends a worker once it notices the parent is gone
-    if os.getppid() != parent:  # the parent died before the request was in place
+    if os.getppid() != parent or parent == 1:  # the parent died before the request was in place
         os.kill(os.getpid(), sig)
     return True
 

@@ -34,7 +34,7 @@ from torch.distributed.elastic.rendezvous.api import (
 )
 from torch.distributed.run import determine_local_world_size, parse_args, run
 
-from trainer.errors import EXIT_USER_ERROR
+from trainer.errors import EXIT_USER_ERROR, LAUNCHER_PID_ENV
 
 DEFAULT_JOIN_TIMEOUT = 600  # torchrun's default, in seconds
 USER_OMP_NUM_THREADS = os.environ.get("OMP_NUM_THREADS")  # as the user gave it (torchrun may set its own)
@@ -189,6 +189,7 @@ def main(argv: list[str] | None = None) -> None:
     nproc = determine_local_world_size(args.nproc_per_node)
     if USER_OMP_NUM_THREADS is None:  # before torchrun: it would set 1 (with a warning) for several processes
         os.environ["OMP_NUM_THREADS"] = str(omp_threads(nproc))
+    os.environ[LAUNCHER_PID_ENV] = str(os.getpid())  # the workers' parent: they stop if it dies (even early)
     install_hooks(args)
     logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(_QuietUserErrors())
     try:

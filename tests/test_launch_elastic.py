@@ -247,6 +247,18 @@ def test_a_launcher_killed_by_sigkill_leaves_no_trainer_training_on(jobs, tmp_pa
     assert "checkpoint saved" in output(job)
 
 
+def test_a_launcher_killed_while_its_trainers_start_leaves_none_running(jobs, tmp_path, shards):
+    """Killed before the trainers have asked to follow it (they are still importing): each one notices at that
+    request that its launcher is gone (launch/torchrun.py hands them its pid) and stops, instead of training."""
+    job = jobs.start("early", [SINGLE, *trainer_args(tmp_path, shards, "early", **{"train.epochs": 50})],
+                     NPROC_PER_NODE="2")
+    ranks = wait_for(lambda: len(w := workers_of(job.pid)) == 2 and w, 60, job, "the two workers")
+    os.kill(job.pid, signal.SIGKILL)
+    job.wait()
+    wait_for(lambda: not [pid for pid in ranks.values() if alive(pid)], 30, None, "the trainers to exit")
+    assert "run early finished" not in output(job)
+
+
 # --- two nodes, c10d rendezvous ------------------------------------------------------------------------------
 
 

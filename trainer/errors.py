@@ -103,4 +103,8 @@ def stop_with_launcher() -> bool:
     import signal
 
     from data_shards.stream import die_with_parent
-    return die_with_parent(signal.SIGTERM)
+    launcher = int(os.environ.get(LAUNCHER_PID_ENV, "0")) or None  # launch/torchrun.py sets it: exact, even
+    return die_with_parent(signal.SIGTERM, parent=launcher)     # when the launcher died before this line
+
+
+LAUNCHER_PID_ENV = "PROXYGML_LAUNCHER_PID"
