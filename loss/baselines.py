@@ -18,9 +18,10 @@ from __future__ import annotations
 import inspect
 
 import torch
-import torch.distributed as dist
 from pytorch_metric_learning import losses, miners
 from torch import nn
+
+from loss.collectives import all_gather_rows
 
 # Constructor arguments under which pytorch-metric-learning's classifier-style losses take the class count
 # and the embedding size (P2SGradLoss calls the latter descriptors_dim).
@@ -76,23 +77,6 @@ def check(name: str, dim: int, kwargs: dict | None = None, miner: str | None = N
 def _first_line(error: BaseException) -> str:
     text = str(error).strip()
     return text.splitlines()[0] if text else repr(error)
-
-
-def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate `x` of every rank (equal first dimension); gradients flow back to each rank's share."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(x.contiguous()), dim=0)
-
-
-def all_gather_labels(labels: torch.Tensor) -> torch.Tensor:
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return labels
-    out = [torch.empty_like(labels) for _ in range(dist.get_world_size())]
-    dist.all_gather(out, labels.contiguous())
-    return torch.cat(out, dim=0)
 
 
 class MetricLoss(nn.Module):
@@ -151,7 +135,7 @@ class MetricLoss(nn.Module):
             raise ValueError(f"labels: must lie in [0, {self.num_classes})")
         emb = embeddings.float()
         if self.gather:
-            emb, labels = all_gather_with_grad(emb), all_gather_labels(labels)
+            emb, labels = all_gather_rows(emb, with_grad=True)[0], all_gather_rows(labels)[0]
         indices = self.miner(emb, labels) if self.miner is not None else None
         loss = self.loss_fn(emb, labels, indices)
         self.last_parts = {"loss": loss.detach()}

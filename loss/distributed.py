@@ -34,7 +34,6 @@ for optimizer state shaped like the proxies.
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 import torch.distributed as dist
@@ -42,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from loss.collectives import all_gather_rows, all_reduce_, block, world
 from loss.proxygml import (
     ProxyGML,
     amp_matmul_dtype,
@@ -86,42 +86,6 @@ def ddp_ignore(module: nn.Module, criterion: nn.Module) -> list[str]:
 
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, names)
     return names
-
-
-# --- collectives --------------------------------------------------------------------------------------------
-
-def world(group=None) -> tuple[int, int]:
-    """(world size, rank) of ``group``; (1, 0) without an initialised process group."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return 1, 0
-    return dist.get_world_size(group), dist.get_rank(group)
-
-
-def block(total: int, size: int, rank: int) -> tuple[int, int]:
-    """[start, stop) of rank's contiguous block when ``total`` items are split as evenly as possible."""
-    base, extra = divmod(total, size)
-    start = rank * base + min(rank, extra)
-    return start, start + base + (rank < extra)
-
-
-def all_gather_rows(t: Tensor, group=None, with_grad: bool = False) -> tuple[Tensor, list[int]]:
-    """Concatenate every rank's ``t`` along dim 0 (sizes may differ); gradients flow back if asked."""
-    size, _ = world(group)
-    n = torch.tensor([t.shape[0]], device=t.device)
-    sizes = [torch.zeros_like(n) for _ in range(size)]
-    dist.all_gather(sizes, n, group=group)
-    sizes = [int(s) for s in torch.cat(sizes).tolist()]
-    padded = F.pad(t, (0, 0) * (t.dim() - 1) + (0, max(sizes) - t.shape[0]))
-    if with_grad:
-        from torch.distributed.nn.functional import all_gather as all_gather_with_grad
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            parts = all_gather_with_grad(padded.contiguous(), group=group)
-    else:
-        parts = [torch.empty_like(padded) for _ in range(size)]
-        dist.all_gather(parts, padded.contiguous(), group=group)
-    return torch.cat([p[:s] for p, s in zip(parts, sizes)]), sizes
 
 
 class _ScaleGrad(torch.autograd.Function):
@@ -212,16 +176,11 @@ def _topk_from_candidates(scores: Tensor, kk: int, need: int, offset: int, group
     value = _bisect(value_keys, kk, need, -(1 << 31), 1 << 31, 32, group)
     complete = (value_keys[:, 0] < value) | (kk == cols)  # entries left out are below the threshold value
     at_least = _count_at_least(value_keys, kk, value)
-    _sum_over_ranks(at_least, group)
+    all_reduce_(at_least, group=group)
     if bool((at_least == need).all()):  # the same answer on every rank: no index rounds anywhere
         return idx, ((keys >> 32) >= value[:, None]) & torch.isfinite(vals), complete
     lo = _bisect(ascending, kk, need, value * (1 << 32), (value + 1) * (1 << 32), 32, group)
     return idx, (keys >= lo[:, None]) & torch.isfinite(vals), complete
-
-
-def _sum_over_ranks(t: Tensor, group) -> None:
-    if world(group)[0] > 1:
-        dist.all_reduce(t, group=group)
 
 
 def _count_at_least(ascending: Tensor, kk: int, t: Tensor) -> Tensor:
@@ -239,7 +198,7 @@ def _bisect(ascending: Tensor, kk: int, need: int, lo, hi, rounds: int, group) -
     for _ in range(rounds):
         mid = (lo >> 1) + (hi >> 1) + (lo & hi & 1)  # floor((lo + hi) / 2) without overflow
         count = _count_at_least(ascending, kk, mid)
-        _sum_over_ranks(count, group)
+        all_reduce_(count, group=group)
         ok = count >= need
         lo, hi = torch.where(ok, mid, lo), torch.where(ok, hi, mid)
     return lo

@@ -15,8 +15,9 @@ import math
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
+
+from loss.collectives import all_gather_object, all_gather_rows, all_reduce_, world
 
 SUMS = ("rows", "classes", "never", "class_never", "selections", "c_log_c", "spread", "norm")
 
@@ -118,11 +119,9 @@ def reduced_proxy_statistics(criterion):
     sums, hists = part["sums"], [part["hist"]]
     columns = {k: part[k] for k in ("counts", "norm", "class_counts", "proxies_selected", "spread")}
     group = getattr(criterion, "group", None)
-    if sharded and dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
-        dist.all_reduce(sums, group=group)
-        hists = [None] * dist.get_world_size(group)
-        dist.all_gather_object(hists, part["hist"], group=group)
-        from loss.distributed import all_gather_rows
+    if sharded and world(group)[0] > 1:
+        all_reduce_(sums, group=group)
+        hists = all_gather_object(part["hist"], group=group)
         columns = {k: all_gather_rows(v, group)[0] for k, v in columns.items()}  # 1-D: no proxy table
     if sums[SUMS.index("selections")] == 0:
         return None

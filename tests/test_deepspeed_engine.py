@@ -163,6 +163,7 @@ def worker(rank: int, world: int, port: int, tmp: str):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
     torch.set_num_threads(1)
+    from loss import collectives as C
     from trainer import distributed as D
     env = D.setup("cpu")
     out = {}
@@ -172,7 +173,7 @@ def worker(rank: int, world: int, port: int, tmp: str):
         if rank == 0:
             with open(fp32[stage], "w") as f:
                 json.dump({"zero_optimization": {"stage": stage}}, f)
-    D.barrier()
+    C.barrier()
 
     # 1. the same run under DDP and under ZeRO 0, 1, 2
     for name, engine_name, ds_json in [("ddp", "ddp", ""), *[(f"zero{s}", "deepspeed", fp32[s]) for s in (0, 1, 2)]]:
@@ -233,7 +234,7 @@ def worker(rank: int, world: int, port: int, tmp: str):
             model_sd, crit_sd = split_state_dict(consolidated_state_dict(opt_ref["deepspeed"]["dir"],
                                                                          opt_ref["deepspeed"]["tag"]))
             out[f"ckpt{stage}"]["exported"] = dict(model=model_sd, criterion=crit_sd)
-        D.barrier()
+        C.barrier()
     torch.save(out, os.path.join(tmp, f"rank{rank}.pt"))
     D.teardown()
 

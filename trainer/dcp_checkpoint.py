@@ -49,6 +49,7 @@ from torch.distributed.checkpoint import (
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
+from loss import collectives as C
 from trainer.checkpoint import (
     TMP_PREFIX,
     CheckpointError,
@@ -205,30 +206,6 @@ def _digest(path: str) -> dict:
     return {"bytes": n, "sha256": sha.hexdigest()}
 
 
-def _gather(obj) -> list:
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def _broadcast(obj):
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _dist_up() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def _rank() -> int:
-    return dist.get_rank() if _dist_up() else 0
-
-
 class DCPSaver:
     """Saves trainer checkpoints as DCP folders into `checkpointer.dir` (keep-last and names shared with it)."""
 
@@ -245,7 +222,7 @@ class DCPSaver:
         final = os.path.join(self.ckpt.dir, f"step-{step:09d}")
         tmp = os.path.join(self.ckpt.dir, f"{TMP_PREFIX}step-{step:09d}")
         error = None
-        if _rank() == 0:
+        if C.rank() == 0:
             try:
                 os.makedirs(self.ckpt.dir, exist_ok=True)
                 if os.path.lexists(tmp):
@@ -253,20 +230,20 @@ class DCPSaver:
                 os.makedirs(tmp)
             except OSError as e:
                 error = describe_write_error(e, tmp, self.ckpt.latest())
-        error = _broadcast(error)
+        error = C.broadcast_object(error)
         if error is not None:
             raise CheckpointWriteError(error)
         planner = DefaultSavePlanner(flatten_state_dict=False)
         writer = FileSystemWriter(tmp)
         try:
             if async_save:
-                if self._pg is None and _dist_up():
+                if self._pg is None and C.is_distributed():
                     self._pg = dist.new_group(backend="gloo")  # DCP's collectives off the training thread
                 future = dcp.async_save(sd, storage_writer=writer, planner=planner, process_group=self._pg,
                                         async_stager=_CloneStager(), no_dist=self._pg is None)
                 self.pending = dict(future=future, tmp=tmp, final=final, step=step, meta=meta)
                 return
-            dcp.save(sd, storage_writer=writer, planner=planner, no_dist=not _dist_up())
+            dcp.save(sd, storage_writer=writer, planner=planner, no_dist=not C.is_distributed())
         except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP wraps each rank's failure (a BaseException)
             self._fail(e, tmp, final)
         self._publish(tmp, final, step, meta)
@@ -283,9 +260,8 @@ class DCPSaver:
         self._publish(p["tmp"], p["final"], p["step"], p["meta"])
 
     def _fail(self, e: BaseException, tmp: str, final: str):
-        if _dist_up() and dist.get_world_size() > 1:
-            dist.barrier()  # no rank still writes into the folder
-        if _rank() == 0:
+        C.barrier()  # no rank still writes into the folder
+        if C.rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         cause = _write_error(e)
         if cause is None:
@@ -294,7 +270,7 @@ class DCPSaver:
 
     def _publish(self, tmp: str, final: str, step: int, meta: dict) -> None:
         """Each rank hashes its own files; rank 0 writes the sidecar, renames the folder, keeps the last K."""
-        rank = _rank()
+        rank = C.rank()
         mine = {}
         error = None
         try:
@@ -303,7 +279,7 @@ class DCPSaver:
                     mine[name] = _digest(os.path.join(tmp, name))
         except OSError as e:
             error = describe_write_error(e, final, self.ckpt.latest())
-        everyone = _gather((mine, error))
+        everyone = C.all_gather_object((mine, error))
         if rank == 0:
             errors = [e for _, e in everyone if e]
             if not errors:
@@ -315,7 +291,7 @@ class DCPSaver:
             if errors:
                 shutil.rmtree(tmp, ignore_errors=True)
             error = errors[0] if errors else None
-        error = _broadcast(error)
+        error = C.broadcast_object(error)
         if error is not None:
             raise CheckpointWriteError(error)
 
@@ -384,7 +360,8 @@ def metadata(path: str):
 def _load(path: str, target: dict, no_dist: bool) -> None:
     try:
         planner = DefaultLoadPlanner(flatten_state_dict=False, flatten_sharded_tensors=False)
-        dcp.load(target, storage_reader=FileSystemReader(path), planner=planner, no_dist=no_dist or not _dist_up())
+        dcp.load(target, storage_reader=FileSystemReader(path), planner=planner,
+                 no_dist=no_dist or not C.is_distributed())
     except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP wraps each rank's failure (a BaseException)
         first = (str(e).strip().splitlines() or [type(e).__name__])[-1][:200]
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {first})") from None

@@ -7,7 +7,7 @@
 
 NCCL on CUDA devices, gloo on the CPU (`run.dist_backend` can ask for gloo on CUDA). A single process
 without torchrun's variables still gets a (gloo or NCCL) group of one on a free local port, so the code below
-it has one path.
+it has one path. The collectives themselves are in `loss/collectives.py` (one toolbox for every room).
 """
 from __future__ import annotations
 
@@ -76,56 +76,3 @@ def setup(device: str = "auto", timeout_s: int = 1800, backend: str = "auto") ->
 def teardown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
-
-
-def world_size() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
-def barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
-
-
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """True on every rank if `flag` is True on any rank (so all ranks stop at the same step)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
-
-
-def any_ranks(flags, device: torch.device) -> list[bool]:
-    """Each of `flags` (bools or 0-dim device tensors) made True on every rank if it is True on any rank.
-
-    One all-reduce for all of them (the per-step stop check). With one rank it still reads tensors back (a sync)."""
-    t = torch.stack([f.to(device=device, dtype=torch.float32).reshape(()) if torch.is_tensor(f)
-                     else torch.tensor(1.0 if f else 0.0, device=device) for f in flags])
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return [v > 0 for v in t.tolist()]
-
-
-def broadcast_object(obj, src: int = 0):
-    """`obj` from rank `src` on every rank (pickled); the object itself with one rank."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
-def all_gather_object(obj) -> list:
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def broadcast_buffers(module: torch.nn.Module) -> None:
-    """Give every rank rank 0's buffers (BatchNorm statistics drift apart in the last training forward)."""
-    if world_size() > 1:
-        for b in module.buffers():
-            dist.broadcast(b, 0)

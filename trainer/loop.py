@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from data_shards import eval_loader, read_manifest, train_loader
-from trainer import distributed as D
+from loss import collectives as C
 from trainer.checkpoint import Checkpointer, CheckpointError, is_folder, load, rng_state, set_rng_state
 from trainer.config import ConfigError, check_world_size, to_dict, to_yaml
 from trainer.dcp_checkpoint import read_meta
@@ -138,7 +138,7 @@ def prepare_data(cfg, env) -> None:
         with FileLock(os.path.join(cfg.data.root, ".prepare.lock")):  # two runs started at once on a new root
             if not os.path.exists(manifest):
                 write_digits_shards(cfg.data.root)
-    D.barrier()
+    C.barrier()
 
 
 class Trainer:
@@ -230,7 +230,7 @@ class Trainer:
             except UserError as e:
                 e.same_on_every_rank = True  # every rank raises it; rank 0 alone prints it
                 outcome = (None, e)
-        path, error = D.broadcast_object(outcome)
+        path, error = C.broadcast_object(outcome)
         if error is not None:
             raise error
         if path is not None and state is None:
@@ -341,7 +341,7 @@ class Trainer:
             pos.batch, pos.step, seen = pos.batch + 1, pos.step + 1, seen + labels.shape[0] * env.world_size
             self.first_bad_step = torch.where(torch.isfinite(loss.detach()), self.first_bad_step,
                                               self.first_bad_step.clamp(max=pos.step))
-            stopped, diverged = D.any_ranks([stop.raised, self.first_bad_step < math.inf], env.device)
+            stopped, diverged = C.any_ranks([stop.raised, self.first_bad_step < math.inf], env.device)
             if diverged:
                 bar.close()
                 self.diverged(self.first_bad_step)
@@ -362,9 +362,7 @@ class Trainer:
 
     def diverged(self, first_bad_step: torch.Tensor) -> None:
         """Collective: stop on every rank, naming the first bad step (the earliest over the ranks)."""
-        bad = first_bad_step.clone()
-        if D.world_size() > 1:
-            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MIN)
+        bad = C.all_reduce_(first_bad_step.clone(), op=torch.distributed.ReduceOp.MIN)
         cfg = self.cfg
         raise DivergedError(
             f"step {int(bad.item())}: the training loss is not finite (nan/inf); training stopped at step "
@@ -402,7 +400,7 @@ class Trainer:
         if cfg.data.decode == "gpu":
             from data_shards.gpu_transforms import device_batches
             loader = device_batches(loader, cfg.data.transform, env.device, train=False)
-        D.broadcast_buffers(self.embedder)  # every rank embeds with rank 0's BatchNorm statistics
+        C.broadcast_buffers(self.embedder)  # every rank embeds with rank 0's BatchNorm statistics
         result = evaluate(self.embedder, loader, device=env.device, cfg_eval=cfg.eval,
                           class_names=self.test_manifest.class_names, amp_dtype=self.amp)
         self.embedder.train()
@@ -423,14 +421,14 @@ class Trainer:
         tensors = [t for m in (self.embedder, crit) for t in m.state_dict().values()
                    if torch.is_tensor(t) and t.is_floating_point()]
         finite = torch.stack([torch.isfinite(t).all() for t in tensors]).all() if tensors else True
-        bad, stopping = D.any_ranks([~finite if torch.is_tensor(finite) else False, self.stop.raised], env.device)
+        bad, stopping = C.any_ranks([~finite if torch.is_tensor(finite) else False, self.stop.raised], env.device)
         if bad:
             raise DivergedError(
                 f"step {pos.step}: a model weight, BatchNorm statistic or proxy is not finite (nan/inf): not saved. "
                 f"Last good checkpoint: {self.ckpt.latest() or 'none'}. Lower the learning rates "
                 f"(optim.lr={self.cfg.optim.lr}) or set train.grad_clip, then resume or start over")
         meta = dict(config=to_dict(self.cfg), epoch=pos.epoch, step=pos.step, batch_in_epoch=pos.batch,
-                    rng=D.all_gather_object(rng_state()), mlflow_run_id=D.broadcast_object(self.tracker.run_id),
+                    rng=C.all_gather_object(rng_state()), mlflow_run_id=C.broadcast_object(self.tracker.run_id),
                     world_size=env.world_size, run_uid=self.run_uid, train_classes=self.data_info["classes"],
                     train_samples=self.data_info["samples"], train_class_names=self.data_info["class_names"])
         if self.cfg.checkpoint.format == "dcp":
@@ -459,7 +457,7 @@ class Trainer:
             except UserError as e:  # e.g. the disk is full: every rank stops with it
                 e.same_on_every_rank = True
                 error = e
-        error = D.broadcast_object(error)
+        error = C.broadcast_object(error)
         if error is not None:
             raise error
 
