@@ -53,7 +53,7 @@ from quality import omniglot_shards as write_shards  # noqa: E402  (bench/ is on
 from data_shards import TransformConfig, eval_loader  # noqa: E402
 from trainer import distributed  # noqa: E402
 from trainer.config import load_config  # noqa: E402
-from trainer.loop import Trainer  # noqa: E402
+from trainer.build import build  # noqa: E402
 from trainer.metrics import compute_metrics  # noqa: E402
 
 COLUMNS = ["recall_at_1", "recall_at_2", "recall_at_4", "recall_at_8", "nmi"]
@@ -93,7 +93,7 @@ def main() -> None:
     budget = max(60.0, args.minutes * 60 - (time.time() - t_start))
     timer = threading.Timer(budget, lambda: os.kill(os.getpid(), signal.SIGUSR1))
     t_train = time.time()
-    trainer = Trainer(cfg, env)
+    trainer = build(cfg, env)
     timer.start()
     trained = trainer.fit()
     timer.cancel()

@@ -3,7 +3,7 @@
     python bench/quality.py [--mode compare|ablation|sweep-n|sweep-r] [--entries A,B] [--seeds 2]
                             [--steps 160] [--budget-s 150] [--data SHARDS] [--work DIR] [key=value ...]
 
-Every entry is trained by the project's trainer (`trainer.loop.Trainer`, in this process, one after the
+Every entry is trained by the project's trainer (`trainer.build.build(cfg, env).fit()`, in this process, one after the
 other) from the same preset (`--preset`, default trainer/configs/omniglot.yaml) with the same backbone, data,
 schedule (`--steps` optimizer steps of the same global batch, constant learning rates) and time budget
 (`--budget-s` seconds of training at most; an entry stopped by it is evaluated where it stands and its step
@@ -143,12 +143,12 @@ def schedule_overrides(args, shards: str) -> list[str]:
 def run_entry(args, shared: list[str], loss_overrides: list[str], seed: int, env) -> dict:
     """Train one (entry, seed) with the trainer within the budget; evaluate; metrics + seconds + steps."""
     from trainer.config import load_config
-    from trainer.loop import Trainer
+    from trainer.build import build
 
     name = f"q-{int(time.time() * 1000)}"
     cfg = load_config(args.preset, [*shared, f"run.name={name}", f"run.seed={seed}", *loss_overrides,
                                     *args.overrides])
-    trainer = Trainer(cfg, env)
+    trainer = build(cfg, env)
     timer = threading.Timer(args.budget_s, lambda: os.kill(os.getpid(), signal.SIGUSR1)) if args.budget_s else None
     t0 = time.perf_counter()
     if timer:

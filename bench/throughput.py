@@ -214,7 +214,7 @@ def trainer_vs_plain(args) -> dict:
     from trainer import distributed
     from trainer.config import load_config
     from trainer.demo import write_digits_shards
-    from trainer.loop import Trainer
+    from trainer.build import build
 
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory(prefix="throughput-trainer-") as tmp:
@@ -223,7 +223,7 @@ def trainer_vs_plain(args) -> dict:
                                    "run.device=cpu", f"data.num_workers={args.trainer_workers}",
                                    f"train.epochs={10 ** 6}", "eval.at_start=false"])
         env = distributed.setup("cpu")
-        trainer = Trainer(cfg, env)
+        trainer = build(cfg, env)
         engine, pos = trainer.engine, trainer.pos
 
         def plain(batches) -> int:
@@ -236,17 +236,17 @@ def trainer_vs_plain(args) -> dict:
             return n
 
         def trainer_epoch() -> int:
-            trainer.train_epoch(trainer.stop)
+            trainer.train_epoch()
             pos.epoch, pos.batch = pos.epoch + 1, 0
             return trainer.batches_per_epoch
 
         def loader_epoch() -> int:
             pos.epoch += 1  # the trainer's next epoch, fed to the plain loop
-            return plain(trainer.train_batches.set_epoch(pos.epoch - 1))
+            return plain(trainer.loaders.train_batches.set_epoch(pos.epoch - 1))
 
         try:
             trainer_epoch()  # the loader and its workers start here (not timed)
-            in_memory = list(trainer.train_batches.set_epoch(pos.epoch))
+            in_memory = list(trainer.loaders.train_batches.set_epoch(pos.epoch))
             feeds = {"trainer": trainer_epoch, "plain loop, same loader": loader_epoch,
                      "plain loop, tensors in memory": lambda: plain(in_memory)}
             plain(in_memory)

@@ -1,5 +1,6 @@
 """Datasets as webdataset shards: writers, manifests, integrity checks, data errors, train / eval streams."""
 
+from .device_loader import DECODE_CHOICES, DeviceLoader, check_decode
 from .errors import BadManifest, DamagedShard, DataError, MissingData
 from .manifest import Manifest, read_manifest
 from .stream import eval_loader, train_loader
@@ -7,5 +8,6 @@ from .transforms import TransformConfig
 from .verify import VERIFY, verify_shards
 from .write import write_dataset
 
-__all__ = ["BadManifest", "DamagedShard", "DataError", "Manifest", "MissingData", "TransformConfig", "VERIFY",
-           "eval_loader", "read_manifest", "train_loader", "verify_shards", "write_dataset"]
+__all__ = ["DECODE_CHOICES", "BadManifest", "DamagedShard", "DataError", "DeviceLoader", "Manifest", "MissingData",
+           "TransformConfig", "VERIFY", "check_decode", "eval_loader", "read_manifest", "train_loader", "verify_shards",
+           "write_dataset"]

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import queue
-import random
 import threading
 import warnings
 from dataclasses import asdict, dataclass
@@ -37,6 +36,8 @@ from omegaconf import OmegaConf
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import InterpolationMode
 
+from data_shards.device_loader import check_decode
+from data_shards.stream import fill_from_nearest, hash_seed
 from data_shards.transforms import INTERPOLATIONS, TransformConfig, decode_image
 
 log = logging.getLogger(__name__)
@@ -46,20 +47,6 @@ warnings.filterwarnings("ignore", message="The image decoding and encoding capab
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 _CROP_TRIES = 10  # torchvision's RandomResizedCrop.make_params
-
-
-def check_decode_device(decode: str, device: str | torch.device | None = None) -> None:
-    """Config-time check of `data.decode`: raise ValueError naming the key when `gpu` cannot run here."""
-    if decode not in ("cpu", "gpu"):
-        raise ValueError(f"data.decode must be 'cpu' or 'gpu', got {decode!r}")
-    if decode == "cpu":
-        return
-    if device is not None and torch.device(device).type != "cuda":
-        raise ValueError(f"data.decode=gpu decodes JPEGs with nvJPEG on a CUDA device, but the device is "
-                         f"{str(device)!r}; use data.decode=cpu or a cuda device")
-    if not torch.cuda.is_available():
-        raise ValueError("data.decode=gpu needs a CUDA GPU, but torch.cuda.is_available() is False on this "
-                         "machine; use data.decode=cpu")
 
 
 @dataclass
@@ -213,7 +200,7 @@ class DeviceBatches:
             plain = OmegaConf.to_container(transform_cfg) if OmegaConf.is_config(transform_cfg) else transform_cfg
             transform_cfg = TransformConfig(**plain)
         if self.device.type == "cuda":
-            check_decode_device("gpu", self.device)
+            check_decode("gpu", self.device)
             if self.device.index is None:  # the producer thread must use the caller's device, not device 0
                 self.device = torch.device("cuda", torch.cuda.current_device())
         if prefetch < 1:
@@ -222,7 +209,7 @@ class DeviceBatches:
         self.overlap = self.device.type == "cuda" if overlap is None else overlap
         if seed is None:  # follows torch.manual_seed of the caller, distinct per rank
             rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-            seed = _hash_seed(f"{torch.initial_seed()}/{rank}")
+            seed = hash_seed(f"{torch.initial_seed()}/{rank}")
         self.seed, self.train = seed, train
         self.generator = torch.Generator()
         self.transform = DeviceTransform(transform_cfg, self.device, train, self.generator)
@@ -244,13 +231,13 @@ class DeviceBatches:
         keep = [i for i, img in enumerate(decoded) if img is not None]
         if not keep:
             raise RuntimeError(f"no image of a batch of {len(blobs)} could be decoded (stats: {self.stats})")
-        if len(keep) < len(decoded) and self.train:  # as stream.py: the nearest good sample before, else after
-            keep = [max((k for k in keep if k <= i), default=keep[0]) for i in range(len(decoded))]
+        if len(keep) < len(decoded) and self.train:  # the stream's rule: the nearest good sample before, else after
+            keep = fill_from_nearest([img is not None for img in decoded])
         labels = torch.as_tensor(labels)[keep]
         keys = [[k[i] for i in keep] for k in keys]
         if self.device.type == "cuda":
             labels = labels.pin_memory().to(self.device, non_blocking=True)
-        self.generator.manual_seed(_hash_seed(f"device_batches/{self.seed}/{self.epoch}/{position}"))
+        self.generator.manual_seed(hash_seed(f"device_batches/{self.seed}/{self.epoch}/{position}"))
         return (self.transform([decoded[i] for i in keep]), labels, *keys)
 
     def __iter__(self):
@@ -319,14 +306,10 @@ class DeviceBatches:
             producer.join()
 
 
-def _hash_seed(tag: str) -> int:
-    return random.Random(tag).getrandbits(63)
-
-
 def device_batches(loader, transform_cfg, device, train: bool = True, **kwargs) -> DeviceBatches:
     """The trainer's entry point: see the module docstring; kwargs: seed, overlap, prefetch."""
     return DeviceBatches(loader, transform_cfg, device, train, **kwargs)
 
 
-__all__ = ["DecodeStats", "DeviceBatches", "DeviceTransform", "check_decode_device", "decode_images",
+__all__ = ["DecodeStats", "DeviceBatches", "DeviceTransform", "decode_images",
            "device_batches", "sample_crop_boxes"]

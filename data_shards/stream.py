@@ -64,7 +64,7 @@ from .verify import VERIFY, check_sample, check_size, verify_shards
 log = logging.getLogger("data_shards")
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm", "pbm")
-DECODES = ("cpu", "none")
+DECODES = ("cpu", "gpu", "none")  # the loaders' switch; "gpu" and "none": the workers only read the bytes
 SAMPLERS = ("shuffle", "m_per_class")
 
 
@@ -370,13 +370,7 @@ class TrainStream(IterableDataset):
                 raise DataError(f"data_shards: {10 * B} samples in a row of {self.m.location} were unreadable "
                                 "(see the warnings above); rewrite the split (python -m data_shards write ...)")
             log.error("data_shards: a whole batch (%d samples) was unreadable; reading on", B)
-        # replace each bad sample by the nearest good one before it (else after it) in the same batch
-        filled, last = [], None
-        for it in items:
-            last = it if it is not None else last
-            filled.append(last)
-        first = good[0]
-        filled = [it if it is not None else first for it in filled]
+        filled = [items[i] for i in fill_from_nearest([it is not None for it in items])]
         labels = torch.tensor([lab for _, lab in filled], dtype=torch.int64)
         return [x for x, _ in filled], labels
 
@@ -436,7 +430,22 @@ def sample_key(sample: dict) -> str:
 
 
 def hash_seed(tag: str) -> int:
+    """A 63-bit seed from a text tag (the stream's and the device augmentation's random draws)."""
     return random.Random(tag).getrandbits(63)
+
+
+def fill_from_nearest(good: list[bool]) -> list[int]:
+    """The bad-sample rule of a train batch, for the CPU and the device decoders alike: for each position, the
+    index of the sample that takes it, itself when good, else the nearest good one before it, else the first good
+    one after it. The batch keeps its size (every rank steps in lockstep: no DDP hang). ValueError if none is good."""
+    if not any(good):
+        raise ValueError("no good sample in the batch")
+    first = good.index(True)
+    out, last = [], first
+    for i, ok in enumerate(good):
+        last = i if ok else last
+        out.append(last)
+    return out
 
 
 class ShardLoader:
@@ -616,9 +625,14 @@ def train_loader(split_dir, batch_size: int, num_workers: int = 2, seed: int = 0
                  start_batch: int = 0, decode: str = "cpu", shuffle_buffer: int = 1000,
                  pin_memory: bool = False, prefetch_factor: int = 2, verify: str = "quick",
                  persistent_workers: bool = False, draft: bool = False, sampler: str = "shuffle",
-                 m_per_class: int = 4, sampler_window: int = 16) -> ShardLoader:
+                 m_per_class: int = 4, sampler_window: int = 16, device=None):
     """Batches `(images float (B,3,H,W), labels int64 (B,))` of one rank for one epoch (decode="none":
     `(list of uint8 tensors of the encoded images, labels)`). `len()` is the same on every rank.
+
+    decode: "cpu" (the workers decode and augment), "gpu" (they only read the bytes; decoded and augmented on
+    `device`, which must be CUDA) or "none" (the bytes themselves). With `device` the loader is a
+    data_shards.device_loader.DeviceLoader whose batches are on that device, whichever decoder made them: the
+    trainer's one entry (the device augmentation is seeded by seed + rank, epoch and batch position).
 
     The next epochs: `loader.set_epoch(epoch, start_batch)`, then iterate again (the same batches as a new
     loader for that epoch). persistent_workers: the worker processes live from the first iteration to the
@@ -646,31 +660,53 @@ def train_loader(split_dir, batch_size: int, num_workers: int = 2, seed: int = 0
     if not 0 <= start_batch < L:
         raise ValueError(f"train_loader: start_batch must be in [0, {L}), got {start_batch!r}")
     verify_shards(m, verify, rank, world_size)
+    tf = as_transform_config(transform)
     stream = TrainStream(m, batch_size, seed, epoch, rank, world_size, max(1, num_workers), start_batch,
-                         as_transform_config(transform), decode, shuffle_buffer, verify, draft,
-                         sampler, m_per_class, sampler_window)
+                         tf, _worker_decode(decode), shuffle_buffer, verify, draft, sampler, m_per_class,
+                         sampler_window)
     loader = _loader(stream, num_workers, pin_memory, prefetch_factor, persistent_workers)
-    return ShardLoader(loader, L, m, stream, verify, batches_per_epoch=L, start_batch=start_batch, epoch=epoch)
+    loader = ShardLoader(loader, L, m, stream, verify, batches_per_epoch=L, start_batch=start_batch, epoch=epoch)
+    return _on_device(loader, decode, device, tf, train=True, seed=seed + rank)
 
 
 def eval_loader(split_dir, batch_size: int, num_workers: int = 2, rank: int = 0, world_size: int = 1,
                 transform: TransformConfig | None = None, decode: str = "cpu",
                 pin_memory: bool = False, prefetch_factor: int = 2, verify: str = "quick",
-                persistent_workers: bool = False) -> ShardLoader:
+                persistent_workers: bool = False, device=None):
     """Batches `(images, labels, keys)`; over all ranks and workers every sample comes exactly once
-    (counts per rank may differ). keys are the original image paths. verify and errors: as train_loader.
+    (counts per rank may differ). keys are the original image paths. decode, device, verify and errors: as
+    train_loader.
     persistent_workers: the loader can be iterated again (each evaluation) by the same worker processes, until
     `close()`; the shards are checked again (`verify`) at each later iteration, as when a loader is made."""
     _check(batch_size, num_workers, rank, world_size, decode, verify)
     m = split_dir if isinstance(split_dir, Manifest) else read_manifest(split_dir)
     verify_shards(m, verify, rank, world_size)
     V = max(1, num_workers)
-    stream = EvalStream(m, batch_size, rank, world_size, V, as_transform_config(transform), decode, verify)
+    tf = as_transform_config(transform)
+    stream = EvalStream(m, batch_size, rank, world_size, V, tf, _worker_decode(decode), verify)
     plan = stream.plan()
     per_slot = [sum(u.size for u in plan[rank * V + w]) for w in range(V)]
     length = sum(math.ceil(n / batch_size) for n in per_slot)
-    return ShardLoader(_loader(stream, num_workers, pin_memory, prefetch_factor, persistent_workers), length, m,
-                       verify=verify, num_samples=sum(per_slot), rank=rank, world_size=world_size)
+    loader = ShardLoader(_loader(stream, num_workers, pin_memory, prefetch_factor, persistent_workers), length, m,
+                         verify=verify, num_samples=sum(per_slot), rank=rank, world_size=world_size)
+    return _on_device(loader, decode, device, tf, train=False)
+
+
+def _worker_decode(decode: str) -> str:
+    """What the loader workers do: decode + augment ("cpu"), or only read the bytes ("none": gpu and none)."""
+    return "cpu" if decode == "cpu" else "none"
+
+
+def _on_device(loader: ShardLoader, decode: str, device, transform, train: bool, seed: int | None = None):
+    if decode == "gpu" and device is None:
+        raise ValueError("decode='gpu' needs the device the batches are decoded on (device=...)")
+    if device is None:
+        return loader
+    from data_shards.device_loader import DeviceLoader, check_decode
+    if decode == "none":
+        raise ValueError("decode='none' yields encoded bytes: give no device, or decode='cpu' | 'gpu'")
+    check_decode(decode, device)
+    return DeviceLoader(loader, decode, device, transform, train, seed=seed if decode == "gpu" else None)
 
 
 __all__ = ["train_loader", "eval_loader", "TrainStream", "EvalStream", "ShardLoader", "m_per_class_groups"]

@@ -12,7 +12,7 @@ import torch
 from trainer import distributed
 from trainer.checkpoint import Checkpointer, load
 from trainer.config import load_config
-from trainer.loop import Trainer
+from trainer.build import build
 from trainer.model import build_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,7 +33,7 @@ def run_in_process(overrides):
     cfg = load_config("demo", overrides)
     env = distributed.setup("cpu")
     try:
-        return Trainer(cfg, env).fit()
+        return build(cfg, env).fit()
     finally:
         distributed.teardown()
         torch.use_deterministic_algorithms(False)

@@ -9,7 +9,7 @@ import torch
 from trainer import distributed
 from trainer.checkpoint import Checkpointer
 from trainer.config import ConfigError, load_config
-from trainer.loop import Trainer
+from trainer.build import build
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -61,7 +61,7 @@ def test_baseline_loss_trains_with_warmup_and_proxy_lr(shards, tmp_path):
                                    "loss.kwargs.margin=0.1", "loss.kwargs.alpha=32"))
     env = distributed.setup("cpu")
     try:
-        trainer = Trainer(cfg, env)
+        trainer = build(cfg, env)
         groups = {g["name"]: g for g in trainer.optimizer.param_groups}
         proxies = trainer.criterion.loss_fn.proxies
         assert [id(p) for p in groups["proxies"]["params"]] == [id(proxies)]
@@ -105,7 +105,7 @@ def one_step(cfg, num_classes=4):
     """One optimizer step of the trainer's own parts (model, criterion, optimizer) on a random 16 px batch;
     returns the loss and whether the embedder's weights moved."""
     from trainer.engine import TrainModule
-    from trainer.loop import build_criterion, build_optimizer
+    from trainer.build import build_criterion, build_optimizer
     from trainer.model import build_model
 
     torch.manual_seed(0)
@@ -155,7 +155,7 @@ def test_star_kwargs_loss_gets_its_sizes_and_trains_in_the_trainer(shards, tmp_p
     cfg = load_config("demo", tiny(shards, tmp_path, "loss.name=CosFaceLoss", "train.max_steps=3"))
     env = distributed.setup("cpu")
     try:
-        trainer = Trainer(cfg, env)
+        trainer = build(cfg, env)
         assert trainer.criterion.loss_fn.W.shape == (16, 5)  # embedding_size x the 5 train classes
         trainer.fit()
     finally:

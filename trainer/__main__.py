@@ -46,7 +46,7 @@ def main(argv=None) -> int:
         return 0
     from trainer import distributed
     from trainer.errors import stop_with_launcher
-    from trainer.loop import train
+    from trainer.build import train
     stop_with_launcher()
     try:
         env = distributed.setup(cfg.run.device, backend=cfg.run.dist_backend)

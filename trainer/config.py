@@ -19,6 +19,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf._yaml import get_yaml_loader
 from omegaconf.errors import OmegaConfBaseException
 
+from data_shards.device_loader import DECODE_CHOICES
 from data_shards.transforms import TransformConfig
 from data_shards.verify import VERIFY
 from trainer.errors import UserError
@@ -31,13 +32,52 @@ class ConfigError(UserError, ValueError):
     """A bad config key or value; the message starts with the key."""
 
 
+# ----------------------------------------------------------------------------- allowed values, beside each field
+# A field's allowed values are written where it is declared; validate() reads them from the schema.
+
+def one_of(default: str, *others: str, among: tuple = ()) -> Any:
+    """A string field whose value must be `default`, one of `others`, or one of `among`."""
+    allowed = tuple(among) or (default, *others)
+    assert default in allowed
+    return field(default=default, metadata={"choices": allowed})
+
+
+def positive(default: float) -> Any:
+    """A number that must be > 0."""
+    return field(default=default, metadata={"low": 0, "low_open": True})
+
+
+def non_negative(default: float) -> Any:
+    """A number that must be >= 0."""
+    return field(default=default, metadata={"low": 0, "low_open": False})
+
+
+def in_range(default: float, low: float, high: float) -> Any:
+    """A number in (low, high]."""
+    return field(default=default, metadata={"low": low, "low_open": True, "high": high})
+
+
+def field_rules(cls: Any = None, prefix: str = "") -> dict[str, dict]:
+    """{dotted key: metadata} of every schema field that declares allowed values."""
+    out = {}
+    for f in dataclasses.fields(cls or Config):
+        key = f"{prefix}{f.name}"
+        if f.metadata:
+            out[key] = dict(f.metadata)
+        kind = typing.get_type_hints(cls or Config).get(f.name)
+        if dataclasses.is_dataclass(kind) and kind is not TransformConfig:
+            out.update(field_rules(kind, key + "."))
+    return out
+
+
 @dataclass
 class RunConfig:
     name: str = "run"  # run directory: <output_dir>/<name>; checkpoints and config.yaml live there
     output_dir: str = "runs"
     seed: int = 0  # model init, data order (with epoch, rank, world size) and augmentation
-    device: str = "auto"  # auto (cuda if available, else cpu) | cpu | cuda
-    dist_backend: str = "auto"  # auto (nccl on cuda, gloo on cpu) | nccl | gloo (e.g. two ranks sharing one GPU)
+    device: str = one_of("auto", "cpu", "cuda")  # auto (cuda if available, else cpu) | cpu | cuda
+    # auto: nccl on cuda, gloo on cpu | gloo also carries CUDA tensors (e.g. two ranks sharing one GPU)
+    dist_backend: str = one_of("auto", "nccl", "gloo")
     deterministic: bool = False  # torch.use_deterministic_algorithms; cudnn.benchmark off
 
 
@@ -46,19 +86,22 @@ class DataConfig:
     root: str = MISSING  # shards written by `python -m data_shards write`: <root>/train, <root>/test
     train_split: str = "train"
     test_split: str = "test"
-    num_workers: int = 2  # loader processes per rank
-    decode: str = "cpu"  # cpu: workers decode + augment | gpu: workers only read bytes; decode + augment
-    #                      batched on the device (data_shards.gpu_transforms; on a CPU device it runs inline)
-    prepare: str = "none"  # none | digits: write the shards of a built-in dataset first if <root> has none
-    verify: str = "quick"  # shard checks against the manifest: quick (size + first sample at every shard open) |
-    #                      sha256 (also every shard's hash, once per process at start-up) | off
+    num_workers: int = non_negative(2)  # loader processes per rank
+    # cpu: the loader workers decode + augment | gpu: they only read bytes; decode + augment run batched on the
+    # CUDA device (data_shards/device_loader.py, gpu_transforms.py)
+    decode: str = one_of("cpu", among=DECODE_CHOICES)
+    prepare: str = one_of("none", "digits")  # digits: write the demo's shards first if <root> has none
+    # shard checks against the manifest: quick (size + first sample at every shard open) | sha256 (also every
+    # shard's hash, once per process at start-up) | off
+    verify: str = one_of("quick", among=VERIFY)
     persistent_workers: bool = True  # true: the train and the evaluation loaders' workers (num_workers each)
     #                                  live for the whole run | false: new ones each epoch and evaluation
     draft_decode: bool = False  # true: JPEGs decoded at 1/2-1/8 size where the train crop allows | false
-    sampler: str = "shuffle"  # shuffle: seeded shuffle buffer per reader | m_per_class: every per-rank batch holds
-    #                           data.m_per_class samples of each of its batch/m classes (data_shards/stream.py)
-    m_per_class: int = 4  # samples per class in a batch (sampler=m_per_class); the per-rank batch must be a multiple
-    sampler_window: int = 16  # m_per_class: batches formed from one window of raw (undecoded) samples per reader
+    # shuffle: a seeded shuffle buffer per reader | m_per_class: every per-rank batch holds data.m_per_class
+    # samples of each of its batch/m classes (data_shards/stream.py)
+    sampler: str = one_of("shuffle", "m_per_class")
+    m_per_class: int = positive(4)  # samples per class in a batch; the per-rank batch must be a multiple of it
+    sampler_window: int = positive(16)  # m_per_class: batches formed from one window of raw samples per reader
     transform: TransformConfig = field(default_factory=TransformConfig)
 
 
@@ -67,15 +110,16 @@ class ModelConfig:
     backbone: str = "resnet50"  # a timm model name | bninception (pretrainedmodels package) | small_cnn
     pretrained: bool = True  # ImageNet weights from the hub (needs internet) unless weights_file is set
     weights_file: str = ""  # local weights for offline clusters (timm: its state dict file)
-    pooling: str = "avg"  # avg | max | avgmax | catavgmax
-    dim: int = 512  # embedding size
+    pooling: str = one_of("avg", "max", "avgmax", "catavgmax")  # avg | max | avgmax | catavgmax
+    dim: int = positive(512)  # embedding size
     normalize: bool = True  # L2-normalise the embedding
     freeze_bn: bool = False  # BatchNorm in eval mode: running statistics stay the pretrained ones
     freeze_bn_affine: bool = True  # with freeze_bn, the BN weights and biases are frozen too (true: ours) or still
     #                                learn (false: the authors' released code)
-    embedding_init: str = "kaiming_normal"  # the embedding layer: kaiming_normal (fan_out, zero bias: ours) |
-    #                                         torch_default (nn.Linear's own init: the authors' released code)
-    small_cnn_width: int = 64  # channels of the small_cnn backbone (demo, Omniglot)
+    # the embedding layer: kaiming_normal (fan_out, zero bias: ours) | torch_default (nn.Linear's own init: the
+    # authors' released code)
+    embedding_init: str = one_of("kaiming_normal", "torch_default")
+    small_cnn_width: int = positive(64)  # channels of the small_cnn backbone (demo, Omniglot)
 
 
 @dataclass
@@ -84,59 +128,61 @@ class LossConfig:
     kwargs: dict[str, Any] = field(default_factory=dict)  # arguments of that loss (e.g. {margin: 0.1})
     miner: str = ""  # pytorch-metric-learning miner class for it, e.g. MultiSimilarityMiner; "" = none
     miner_kwargs: dict[str, Any] = field(default_factory=dict)
-    mode: str = "gather"  # gather: all ranks' embeddings meet all proxies | local | sharded (proxies split)
-    proxies_per_class: int = 1  # N
-    r: float = 0.05  # share of proxies kept per sample (top-k subgraph)
-    lam: float = 0.3  # weight of the proxy loss L_P
+    # gather: all ranks' embeddings meet all proxies | local: each rank's own | sharded: proxies split by class
+    mode: str = one_of("gather", "local", "sharded")
+    proxies_per_class: int = positive(1)  # N
+    r: float = in_range(0.05, 0, 1)  # share of proxies kept per sample (top-k subgraph)
+    lam: float = non_negative(0.3)  # weight of the proxy loss L_P
     pos_mask: bool = True
     class_mask: bool = True
     proxy_reg: bool = True
-    scale: float = 1.0  # ProxyGML: Z (per-class sums of cosines) times this before the softmax; 1 = the paper
+    scale: float = positive(1.0)  # ProxyGML: Z (per-class sums of cosines) times this before the softmax; 1 = the paper
 
 
 @dataclass
 class OptimConfig:
-    name: str = "adam"  # adam | adamw | sgd
-    lr: float = 1e-4  # backbone learning rate
-    head_lr: float = 1e-4  # embedding layer
-    proxy_lr: float = 0.03  # ProxyGML proxies
-    weight_decay: float = 1e-4
-    eps: float = 0.01  # Adam epsilon (the authors use 0.01)
-    momentum: float = 0.9  # sgd only
+    name: str = one_of("adam", "adamw", "sgd")  # adam | adamw | sgd
+    lr: float = non_negative(1e-4)  # backbone learning rate
+    head_lr: float = non_negative(1e-4)  # embedding layer
+    proxy_lr: float = non_negative(0.03)  # ProxyGML proxies
+    weight_decay: float = non_negative(1e-4)
+    eps: float = non_negative(0.01)  # Adam epsilon (the authors use 0.01)
+    momentum: float = non_negative(0.9)  # sgd only
     lr_milestones: list[int] = field(default_factory=lambda: [20, 40])  # epochs where all lrs x lr_gamma
-    lr_gamma: float = 0.1
+    lr_gamma: float = in_range(0.1, 0, 1)
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 50
-    batch_size: int = 32  # GLOBAL batch: each of the world_size ranks takes batch_size / world_size
-    warmup_epochs: int = 1  # first epochs train only the embedding head and the proxies
-    amp: str = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU | bf16 | off
+    epochs: int = positive(50)
+    batch_size: int = positive(32)  # GLOBAL batch: each of the world_size ranks takes batch_size / world_size
+    warmup_epochs: int = non_negative(1)  # first epochs train only the embedding head and the proxies
+    amp: str = one_of("auto", "bf16", "off")  # auto: bf16 autocast on GPU, fp32 on CPU | bf16 | off
     compile: bool = False  # torch.compile the embedder's training forward (evaluation runs eagerly)
-    grad_clip: float = 0.0  # max grad norm; 0 = off
-    log_every_steps: int = 10  # progress-bar update cadence (loss, img/s)
-    max_steps: int = 0  # stop (with a checkpoint) after this many optimizer steps in total; 0 = no limit
+    grad_clip: float = non_negative(0.0)  # max grad norm; 0 = off
+    log_every_steps: int = positive(10)  # progress-bar update cadence (loss, img/s)
+    max_steps: int = non_negative(0)  # stop (with a checkpoint) after this many optimizer steps in total; 0 = no limit
 
 
 @dataclass
 class EvalConfig:
-    every_epochs: int = 1  # evaluate on the test split every E epochs and after the last; 0 = only at the end
+    every_epochs: int = non_negative(1)  # evaluate the test split every E epochs and after the last; 0 = at the end
     at_start: bool = False  # also evaluate before training (the demo prints before/after)
     recall_ks: list[int] = field(default_factory=lambda: [1, 2, 4, 8])  # Recall@K values reported
     nmi: bool = True  # k-means NMI (faiss) on the test embeddings
     map_r: bool = True  # MAP@R and R-precision
-    batch_size: int = 128  # PER RANK (it only bounds memory; results do not depend on it)
+    batch_size: int = positive(128)  # PER RANK (it only bounds memory; results do not depend on it)
 
 
 @dataclass
 class CheckpointConfig:
-    every_epochs: int = 1  # save at the end of every E epochs (and always at the end of training)
-    every_steps: int = 0  # also save every S optimizer steps; 0 = off
-    keep_last: int = 3  # older checkpoints are deleted
+    every_epochs: int = non_negative(1)  # save at the end of every E epochs (and always at the end of training)
+    every_steps: int = non_negative(0)  # also save every S optimizer steps; 0 = off
+    keep_last: int = positive(3)  # older checkpoints are deleted
     resume: bool = True  # continue from the latest checkpoint of the run directory, if there is one
     dir: str = ""  # default <run_dir>/checkpoints
-    format: str = "dcp"  # dcp: step-N/ folders, every rank writes its own shards; torch: one step-N.pt by rank 0
+    # dcp: step-N/ folders, every rank writes its own shards | torch: one step-N.pt written by rank 0
+    format: str = one_of("dcp", "torch")
     async_save: bool = False  # dcp: write in a background thread while training goes on (the last save waits)
 
 
@@ -146,13 +192,13 @@ class TrackingConfig:
     tracking_uri: str = ""  # "" = $MLFLOW_TRACKING_URI, else sqlite:///<run.output_dir>/mlflow.db
     experiment: str = "proxygml"
     run_name: str = ""  # "" = run.name
-    log_every_steps: int = 10  # cadence of the training metrics (loss, parts, lrs, img/s) sent to MLflow; 0 = off
-    retrieval_grid_queries: int = 8  # query rows in the logged retrieval picture; 0 = no picture
+    log_every_steps: int = non_negative(10)  # cadence of the training metrics sent to MLflow; 0 = off
+    retrieval_grid_queries: int = non_negative(8)  # query rows in the logged retrieval picture; 0 = no picture
 
 
 @dataclass
 class EngineConfig:
-    name: str = "ddp"  # ddp (plain DDP, also on 1 process) | deepspeed
+    name: str = one_of("ddp", "deepspeed")  # ddp (plain DDP, also on 1 process) | deepspeed
     find_unused_parameters: bool = False  # DDP option
     deepspeed_config: str = ""  # JSON file for engine=deepspeed
 
@@ -171,28 +217,7 @@ class Config:
     engine: EngineConfig = field(default_factory=EngineConfig)
 
 
-CHOICES = {
-    "run.device": ("auto", "cpu", "cuda"),
-    "run.dist_backend": ("auto", "nccl", "gloo"),
-    "data.decode": ("cpu", "gpu"),
-    "data.prepare": ("none", "digits"),
-    "data.verify": VERIFY,
-    "data.sampler": ("shuffle", "m_per_class"),
-    "model.embedding_init": ("kaiming_normal", "torch_default"),
-    "model.pooling": ("avg", "max", "avgmax", "catavgmax"),
-    "loss.mode": ("gather", "local", "sharded"),
-    "optim.name": ("adam", "adamw", "sgd"),
-    "train.amp": ("auto", "bf16", "off"),
-    "engine.name": ("ddp", "deepspeed"),
-    "checkpoint.format": ("dcp", "torch"),
-}
-POSITIVE = ["model.dim", "loss.proxies_per_class", "train.epochs", "train.batch_size", "eval.batch_size",
-            "checkpoint.keep_last", "train.log_every_steps", "model.small_cnn_width", "loss.scale",
-            "data.m_per_class", "data.sampler_window"]
-NON_NEGATIVE = ["data.num_workers", "optim.lr", "optim.head_lr", "optim.proxy_lr", "optim.weight_decay",
-                "optim.eps", "optim.momentum", "train.warmup_epochs", "train.grad_clip", "train.max_steps",
-                "eval.every_epochs", "checkpoint.every_epochs", "checkpoint.every_steps", "loss.lam",
-                "tracking.log_every_steps", "tracking.retrieval_grid_queries"]
+CHOICES = {k: r["choices"] for k, r in field_rules().items() if "choices" in r}  # e.g. "loss.mode": (...)
 
 
 def resolve_config_path(name: str) -> str:
@@ -323,19 +348,16 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"run.name: {cfg.run.name!r} must be a plain folder name (no '/', not '.' or '..'): "
                           f"the run directory is <run.output_dir>/<run.name>")
     get = lambda key: OmegaConf.select(cfg, key)  # noqa: E731
-    for key, allowed in CHOICES.items():
-        if get(key) not in allowed:
-            raise ConfigError(f"{key}: {get(key)!r} is not one of {', '.join(repr(a) for a in allowed)}")
-    for key in POSITIVE:
-        if get(key) <= 0:
-            raise ConfigError(f"{key}: must be > 0, got {get(key)}")
-    for key in NON_NEGATIVE:
-        if get(key) < 0:
-            raise ConfigError(f"{key}: must be >= 0, got {get(key)}")
-    if not 0.0 < cfg.loss.r <= 1.0:
-        raise ConfigError(f"loss.r: must be in (0, 1], got {cfg.loss.r}")
-    if not 0.0 < cfg.optim.lr_gamma <= 1.0:
-        raise ConfigError(f"optim.lr_gamma: must be in (0, 1], got {cfg.optim.lr_gamma}")
+    for key, rule in field_rules().items():
+        value = get(key)
+        if "choices" in rule and value not in rule["choices"]:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(repr(a) for a in rule['choices'])}")
+        if "high" in rule and not rule["low"] < value <= rule["high"]:
+            raise ConfigError(f"{key}: must be in ({rule['low']}, {rule['high']}], got {value}")
+        if "low" in rule and rule["low_open"] and not value > rule["low"]:
+            raise ConfigError(f"{key}: must be > {rule['low']}, got {value}")
+        if "low" in rule and not rule["low_open"] and not value >= rule["low"]:
+            raise ConfigError(f"{key}: must be >= {rule['low']}, got {value}")
     if any(m <= 0 for m in cfg.optim.lr_milestones) or list(cfg.optim.lr_milestones) != sorted(
             cfg.optim.lr_milestones):
         raise ConfigError(f"optim.lr_milestones: must be increasing positive epochs, got "
@@ -363,11 +385,11 @@ def validate(cfg: DictConfig) -> None:
         TransformConfig(**OmegaConf.to_container(cfg.data.transform))
     except ValueError as e:
         raise ConfigError(f"data.transform: {e}") from None
-    if cfg.model.backbone not in ("small_cnn", "bninception"):
-        import timm
-        if not timm.is_model(cfg.model.backbone):
-            raise ConfigError(f"model.backbone: {cfg.model.backbone!r} is not a timm model, 'bninception' "
-                              "or 'small_cnn'")
+    from trainer.model import check_backbone  # each room checks its own part (the model: timm's names)
+    try:
+        check_backbone(cfg.model.backbone)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def check_finite(cfg: DictConfig) -> None:

@@ -53,6 +53,15 @@ class BNInceptionFeatures(nn.Module):
         return self.net.features(x)
 
 
+OWN_BACKBONES = ("small_cnn", "bninception")
+
+
+def check_backbone(name: str) -> None:
+    """Raise ValueError naming model.backbone when `name` is neither ours nor a timm model (the config's check)."""
+    if name not in OWN_BACKBONES and not timm.is_model(name):
+        raise ValueError(f"model.backbone: {name!r} is not a timm model, 'bninception' or 'small_cnn'")
+
+
 def build_backbone(cfg) -> tuple[nn.Module, int]:
     """(module mapping images to a (B, C, H, W) feature map, C)."""
     if cfg.backbone == "small_cnn":
@@ -61,8 +70,7 @@ def build_backbone(cfg) -> tuple[nn.Module, int]:
     if cfg.backbone == "bninception":
         net = BNInceptionFeatures(cfg.pretrained, cfg.weights_file)
         return net, net.num_features
-    if not timm.is_model(cfg.backbone):
-        raise ValueError(f"model.backbone: {cfg.backbone!r} is not a timm model, 'bninception' or 'small_cnn'")
+    check_backbone(cfg.backbone)
     kwargs = {}
     if cfg.pretrained and cfg.weights_file:
         if not os.path.isfile(cfg.weights_file):

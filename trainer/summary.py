@@ -1,25 +1,46 @@
 """What a run tells its user on rank 0: what it is about to do, and at the end what it achieved and where it all is.
 
-    report = RunReport.start(trainer)   # end of Trainer.__init__: dataset, model, loss, ranks, engine, steps planned
+    report = RunReport.start(facts, tracker, pos, latest, log)   # end of the build: dataset, model, loss, ranks, steps
     report.evaluated(metrics, pos)      # after each evaluation: kept in <run_dir>/summary.json (survives resumes)
                                         # and the MLflow run description (mlflow.note.content) shows its Recall@1
     report.end()                        # end of fit(): best and final Recall@1, MAP@R, paths, MLflow run, `mlflow ui`
     report.already_complete()           # a finished run started again: says so, its final metrics, how to start anew
 
-Every method prints on rank 0 only (through the trainer's `log`) and is a no-op elsewhere, except `evaluated`,
-which every rank may call (only rank 0 writes the file).
+Every method prints on rank 0 only (through `log`) and is a no-op elsewhere, except `evaluated`, which every rank
+may call (only rank 0 writes the file). The build step (trainer/build.py) hands it `RunFacts`: it reads no config.
 """
 from __future__ import annotations
 
 import json
 import os
 import shlex
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
-from data_shards import read_manifest
 from trainer.tracking import sqlite_path
 
 SUMMARY_FILE = "summary.json"  # in the run directory: {"evaluations": [{"epoch", "step", "metrics"}, ...]}
+
+
+@dataclass(frozen=True)
+class RunFacts:
+    """What the run is, in words and numbers, as the build step found it."""
+    run_name: str
+    run_dir: str
+    loss: str  # describe_loss(cfg.loss)
+    backbone: str
+    dim: int
+    engine: str
+    data_root: str
+    epochs: int
+    global_batch: int
+    batches_per_epoch: int
+    world_size: int
+    device_type: str
+    is_main: bool
+    train: Any  # data_shards.Manifest of the train split
+    test: Any
 
 
 @dataclass
@@ -51,49 +72,42 @@ def _fmt(metrics: dict, key: str) -> str:
 
 
 class RunReport:
-    """The start and end summaries of one Trainer; see the module docstring."""
+    """The start and end summaries of one run; see the module docstring."""
 
-    def __init__(self, trainer):
-        self.t = trainer
-        self.path = os.path.join(trainer.run_dir, SUMMARY_FILE)
+    def __init__(self, facts: RunFacts, tracker, pos, latest: Callable[[], str | None], log: Callable[[str], None]):
+        self.f, self.tracker, self.pos, self.latest, self.log = facts, tracker, pos, latest, log
+        self.path = os.path.join(facts.run_dir, SUMMARY_FILE)
         self.history: list[Evaluation] = []
-        self._train_manifest = None
         if os.path.exists(self.path):  # a resumed run: its evaluations up to the checkpoint it resumed from
             with open(self.path) as f:
                 saved = json.load(f).get("evaluations", [])
             self.history = [Evaluation(int(e["epoch"]), int(e["step"]), dict(e["metrics"])) for e in saved
-                            if int(e["step"]) <= trainer.pos.step]
+                            if int(e["step"]) <= pos.step]
 
     @classmethod
-    def start(cls, trainer) -> RunReport:
+    def start(cls, facts: RunFacts, tracker, pos, latest, log) -> RunReport:
         """Build the report and print what the run is about to do (nothing when it is already complete)."""
-        report = cls(trainer)
-        if trainer.pos.epoch < trainer.cfg.train.epochs:
+        report = cls(facts, tracker, pos, latest, log)
+        if not report.complete:
             for line in report.start_lines():
-                trainer.log(line)
-            trainer.tracker.log_dataset(report.train_manifest, "train")
-            trainer.tracker.log_dataset(trainer.test_manifest, "test")
-            trainer.tracker.set_description(report.description())
+                log(line)
+            tracker.log_dataset(facts.train, "train")
+            tracker.log_dataset(facts.test, "test")
+            tracker.set_description(report.description())
         return report
-
-    @property
-    def train_manifest(self):
-        if self._train_manifest is None:
-            self._train_manifest = read_manifest(self.t.train_dir)
-        return self._train_manifest
 
     def description(self) -> str:
         """The MLflow run description (markdown): what was trained on what, and the latest Recall@1."""
-        t, cfg = self.t, self.t.cfg
-        train, test = self.train_manifest, t.test_manifest
-        text = (f"**{describe_loss(cfg.loss)}** on **{train.dataset}** (train {train.num_samples:,} images / "
+        f = self.f
+        train, test = f.train, f.test
+        text = (f"**{f.loss}** on **{train.dataset}** (train {train.num_samples:,} images / "
                 f"{train.num_classes:,} classes, test {test.num_samples:,} / {test.num_classes:,}), backbone "
-                f"**{cfg.model.backbone}** -> {cfg.model.dim}-d, {t.env.world_size} rank(s) on {t.env.device.type} "
-                f"({cfg.engine.name}), {cfg.train.epochs} epochs of {t.batches_per_epoch} steps.")
+                f"**{f.backbone}** -> {f.dim}-d, {f.world_size} rank(s) on {f.device_type} "
+                f"({f.engine}), {f.epochs} epochs of {f.batches_per_epoch} steps.")
         scored = [e for e in self.history if "recall_at_1" in e.metrics]
         if scored:
             last, best = scored[-1], max(scored, key=lambda e: e.metrics["recall_at_1"])
-            done = "final" if last.epoch >= cfg.train.epochs else "latest"
+            done = "final" if last.epoch >= f.epochs else "latest"
             text += (f"\n\n**Recall@1 {last.metrics['recall_at_1']:.4f}** ({done}, epoch {last.epoch}, step "
                      f"{last.step}; MAP@R {_fmt(last.metrics, 'map_at_r')}); best {best.metrics['recall_at_1']:.4f} "
                      f"at epoch {best.epoch}.")
@@ -101,37 +115,36 @@ class RunReport:
 
     @property
     def complete(self) -> bool:
-        return self.t.pos.epoch >= self.t.cfg.train.epochs
+        return self.pos.epoch >= self.f.epochs
 
     def start_lines(self) -> list[str]:
-        t, cfg = self.t, self.t.cfg
-        train, test = self.train_manifest, t.test_manifest
-        total = cfg.train.epochs * t.batches_per_epoch
-        left = total - t.pos.step
+        f, pos = self.f, self.pos
+        train, test = f.train, f.test
+        total = f.epochs * f.batches_per_epoch
+        left = total - pos.step
         lines = [
-            f"run {cfg.run.name}: {describe_loss(cfg.loss)} on the {train.dataset} shards at {cfg.data.root} "
+            f"run {f.run_name}: {f.loss} on the {train.dataset} shards at {f.data_root} "
             f"(train {train.num_samples:,} images / {train.num_classes:,} classes, "
             f"test {test.num_samples:,} / {test.num_classes:,})",
-            f"  model {cfg.model.backbone} -> {cfg.model.dim}-d embedding; {t.env.world_size} rank(s) on "
-            f"{t.env.device.type}, engine {cfg.engine.name}; {cfg.train.epochs} epochs x {t.batches_per_epoch} "
-            f"steps of {cfg.train.batch_size} = {total:,} steps" + (f" ({left:,} left)" if t.pos.step else ""),
+            f"  model {f.backbone} -> {f.dim}-d embedding; {f.world_size} rank(s) on "
+            f"{f.device_type}, engine {f.engine}; {f.epochs} epochs x {f.batches_per_epoch} "
+            f"steps of {f.global_batch} = {total:,} steps" + (f" ({left:,} left)" if pos.step else ""),
         ]
-        if t.tracker.active:
-            lines.append(f"  MLflow run {t.tracker.run_id or '(store not answering yet)'} in experiment "
-                         f"{t.tracker.experiment!r} at {t.tracker.uri}")
+        if self.tracker.active:
+            lines.append(f"  MLflow run {self.tracker.run_id or '(store not answering yet)'} in experiment "
+                         f"{self.tracker.experiment!r} at {self.tracker.uri}")
         return lines
 
     def evaluated(self, metrics: dict, pos) -> None:
         """Record an evaluation at `pos` (epoch, step); rank 0 keeps the list in summary.json."""
         self.history.append(Evaluation(int(pos.epoch), int(pos.step), {k: float(v) for k, v in metrics.items()}))
-        if not self.t.env.is_main:
+        if not self.f.is_main:
             return
-        self.t.tracker.set_description(self.description())
+        self.tracker.set_description(self.description())
         tmp = self.path + ".tmp"
         with open(tmp, "w") as f:
             json.dump({"evaluations": [vars(e) for e in self.history]}, f, indent=1)
         os.replace(tmp, self.path)
-
     def result_lines(self) -> list[str]:
         """Best and final Recall@1 (with epochs) and MAP@R, or a line saying there was no evaluation."""
         scored = [e for e in self.history if "recall_at_1" in e.metrics]
@@ -147,42 +160,40 @@ class RunReport:
                 f"(epoch {best.epoch}, step {best.step})"]
 
     def where_lines(self) -> list[str]:
-        t = self.t
-        lines = [f"  run directory  {t.run_dir}",
-                 f"  checkpoint     {t.ckpt.latest() or 'none'}",
-                 f"  config         {os.path.join(t.run_dir, 'config.yaml')}"]
-        tracker = t.tracker
+        run_dir = self.f.run_dir
+        lines = [f"  run directory  {run_dir}",
+                 f"  checkpoint     {self.latest() or 'none'}",
+                 f"  config         {os.path.join(run_dir, 'config.yaml')}"]
+        tracker = self.tracker
         if not tracker.active:
             lines.append("  MLflow         off (tracking.enabled=false)")
             return lines
         lines.append(f"  MLflow         run {tracker.run_id or '(not created: see the warning above)'}, "
                      f"experiment {tracker.experiment!r}, store {tracker.uri}")
         if tracker.pending.exists():
-            lines.append(f"  not sent yet   python -m trainer.tracking upload {t.run_dir}")
+            lines.append(f"  not sent yet   python -m trainer.tracking upload {run_dir}")
         ui = mlflow_ui_command(tracker.uri)
         lines.append(f"  look at it     {ui}" if ui else f"  look at it     {tracker.uri} (the server's UI)")
         return lines
 
     def end(self) -> None:
         """Print the end summary (rank 0)."""
-        if not self.t.env.is_main:
+        if not self.f.is_main:
             return
-        t = self.t
-        lines = [f"run {t.cfg.run.name} finished: {t.pos.epoch} epochs, {t.pos.step:,} steps"]
+        lines = [f"run {self.f.run_name} finished: {self.pos.epoch} epochs, {self.pos.step:,} steps"]
         for line in lines + self.result_lines() + self.where_lines():
-            t.log(line)
+            self.log(line)
 
     def already_complete(self) -> dict:
         """A finished run started again: say so, show its final metrics and how to start another. Returns the
         final metrics (empty when none were recorded)."""
-        t = self.t
-        name = t.cfg.run.name
-        if t.env.is_main:
-            lines = [f"run {name} is already complete: epoch {t.pos.epoch} of {t.cfg.train.epochs}, "
-                     f"step {t.pos.step:,}; nothing to train",
+        name = self.f.run_name
+        if self.f.is_main:
+            lines = [f"run {name} is already complete: epoch {self.pos.epoch} of {self.f.epochs}, "
+                     f"step {self.pos.step:,}; nothing to train",
                      *self.result_lines(), *self.where_lines(),
                      f"  to train a new run, give it another name: run.name={name}-2 (or run.output_dir=...)"]
             for line in lines:
-                t.log(line)
+                self.log(line)
         scored = [e for e in self.history if e.metrics]
         return dict(scored[-1].metrics) if scored else {}

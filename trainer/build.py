@@ -1,0 +1,260 @@
+"""The build step: the config in, the run's parts out. It is the one place that reads the whole config; every
+rule derived from it (per-rank batch, batches per epoch, mixed precision, run and checkpoint directories, the
+loss family and mode) has its home here, and the loop (trainer/loop.py) receives built parts.
+
+    trainer = build(cfg, env)     # collective: prepares data, claims the run directory, resumes, wraps the model
+    metrics = trainer.fit()       # or train(cfg, env) for both
+
+Order (as torchtitan builds its Trainer from component configs): what the config and the world allow (fail before
+any work) -> data -> run directory and the checkpoint to resume -> model, criterion, optimizer, schedule, engine
+-> restore -> config.yaml -> tracker -> report.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import uuid
+from dataclasses import dataclass
+
+import torch
+from omegaconf import OmegaConf
+
+from data_shards import check_decode, eval_loader, read_manifest, train_loader
+from loss import collectives as C
+from trainer.checkpoint import Checkpointer
+from trainer.config import check_world_size, to_dict, to_yaml
+from trainer.engines import TrainModule, build_engine
+from trainer.loop import Parts, Schedule, StopFlag, Trainer
+from trainer.model import build_model
+from trainer.preflight import check_data
+from trainer.resume import apply_optim_hyperparameters, check_resume, class_digest
+from trainer.summary import RunFacts, RunReport, describe_loss
+from trainer.train_state import Position, Trained, TrainState
+
+
+def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """`train.amp` on `device`: bf16 autocast (bf16, or auto on a GPU) or None (full float32). The one rule:
+    the loop, the DeepSpeed engine and the evaluation CLI all take it from here."""
+    if amp == "bf16" or (amp == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What follows from the config, the world and the manifests; each value computed here only."""
+    run_dir: str
+    checkpoint_dir: str
+    train_dir: str
+    test_dir: str
+    per_rank_batch: int
+    batches_per_epoch: int
+    amp_dtype: torch.dtype | None
+
+
+def run_dir(cfg) -> str:
+    return os.path.join(cfg.run.output_dir, cfg.run.name)
+
+
+def checkpoint_dir(cfg) -> str:
+    """`checkpoint.dir`, by default <run_dir>/checkpoints (DeepSpeed keeps its own files in <that>/deepspeed)."""
+    return cfg.checkpoint.dir or os.path.join(run_dir(cfg), "checkpoints")
+
+
+def make_plan(cfg, env, train_manifest) -> Plan:
+    return Plan(run_dir=run_dir(cfg), checkpoint_dir=checkpoint_dir(cfg),
+                train_dir=os.path.join(cfg.data.root, cfg.data.train_split),
+                test_dir=os.path.join(cfg.data.root, cfg.data.test_split),
+                per_rank_batch=check_world_size(cfg, env.world_size),
+                batches_per_epoch=train_manifest.num_samples // cfg.train.batch_size,  # as data_shards counts
+                amp_dtype=amp_dtype(cfg.train.amp, env.device))
+
+
+def prepare_data(cfg, env) -> None:
+    """Write a built-in dataset's shards (the demo's digits) on rank 0 if the data root has none yet."""
+    manifest = os.path.join(cfg.data.root, cfg.data.train_split, "manifest.json")
+    if cfg.data.prepare == "digits" and env.is_main and not os.path.exists(manifest):
+        from filelock import FileLock
+
+        from trainer.demo import write_digits_shards
+        os.makedirs(cfg.data.root, exist_ok=True)
+        with FileLock(os.path.join(cfg.data.root, ".prepare.lock")):  # two runs started at once on a new root
+            if not os.path.exists(manifest):
+                write_digits_shards(cfg.data.root)
+    C.barrier()
+
+
+def build_criterion(cfg_loss, num_classes: int, dim: int):
+    """ProxyGML in its distributed form `loss.mode` (local | gather | sharded) on the current group, or the
+    pytorch-metric-learning loss `loss.name` (loss/baselines.py; mode gather: it sees the global batch)."""
+    if cfg_loss.name != "proxygml":
+        from loss.baselines import MetricLoss
+        return MetricLoss(cfg_loss.name, num_classes, dim, OmegaConf.to_container(cfg_loss.kwargs),
+                          cfg_loss.miner or None, OmegaConf.to_container(cfg_loss.miner_kwargs),
+                          gather=cfg_loss.mode == "gather")
+    from loss.distributed import build_criterion as build_proxygml
+    return build_proxygml(cfg_loss.mode, num_classes, dim, proxies_per_class=cfg_loss.proxies_per_class,
+                          r=cfg_loss.r, lam=cfg_loss.lam, pos_mask=cfg_loss.pos_mask,
+                          class_mask=cfg_loss.class_mask, proxy_reg=cfg_loss.proxy_reg, scale=cfg_loss.scale)
+
+
+def build_optimizer(cfg_optim, embedder, criterion) -> torch.optim.Optimizer:
+    """Three parameter groups with their own learning rates: backbone, embedding head, proxies (ProxyGML's
+    proxies, or a baseline loss's own weights)."""
+    groups = [dict(params=embedder.backbone_parameters(), lr=cfg_optim.lr, name="backbone"),
+              dict(params=embedder.head_parameters(), lr=cfg_optim.head_lr, name="head"),
+              dict(params=list(criterion.proxy_parameters()), lr=cfg_optim.proxy_lr, name="proxies")]
+    groups = [g for g in groups if g["params"]]
+    wd = cfg_optim.weight_decay
+    if cfg_optim.name == "sgd":
+        return torch.optim.SGD(groups, lr=cfg_optim.lr, momentum=cfg_optim.momentum, weight_decay=wd)
+    opt = torch.optim.AdamW if cfg_optim.name == "adamw" else torch.optim.Adam
+    return opt(groups, lr=cfg_optim.lr, eps=cfg_optim.eps, weight_decay=wd)
+
+
+class RunLoaders:
+    """The run's two loaders of device batches (data_shards decodes on the workers or on the device), each made
+    at first use and kept: with persistent workers every epoch and evaluation uses the same processes."""
+
+    def __init__(self, cfg, plan: Plan, env):
+        d = cfg.data
+        common = dict(num_workers=d.num_workers, rank=env.rank, world_size=env.world_size, transform=d.transform,
+                      decode=d.decode, device=env.device, verify=d.verify, persistent_workers=d.persistent_workers)
+        self._train = functools.partial(
+            train_loader, plan.train_dir, batch_size=plan.per_rank_batch, seed=cfg.run.seed, draft=d.draft_decode,
+            sampler=d.sampler, m_per_class=d.m_per_class, sampler_window=d.sampler_window, **common)
+        self._eval = functools.partial(eval_loader, plan.test_dir, batch_size=cfg.eval.batch_size, **common)
+        self.batches_per_epoch = plan.batches_per_epoch
+        self.train_batches = self.eval_batches = None
+
+    def train(self, epoch: int, start_batch: int):
+        """Batches start_batch.. of `epoch` on this rank (images and labels on the device)."""
+        if self.train_batches is None:
+            self.train_batches = self._train(epoch=epoch, start_batch=start_batch)
+        else:
+            self.train_batches.set_epoch(epoch, start_batch)
+        return self.train_batches
+
+    def eval(self):
+        if self.eval_batches is None:
+            self.eval_batches = self._eval()
+        return self.eval_batches
+
+    def close(self) -> None:
+        for loader in (self.train_batches, self.eval_batches):  # their persistent workers end now
+            if loader is not None:
+                loader.close()
+        self.train_batches = self.eval_batches = None
+
+
+def schedule(cfg) -> Schedule:
+    return Schedule(
+        epochs=cfg.train.epochs, warmup_epochs=cfg.train.warmup_epochs, max_steps=cfg.train.max_steps,
+        progress_every_steps=cfg.train.log_every_steps, track_every_steps=cfg.tracking.log_every_steps,
+        eval_every_epochs=cfg.eval.every_epochs, eval_at_start=cfg.eval.at_start,
+        checkpoint_every_epochs=cfg.checkpoint.every_epochs, checkpoint_every_steps=cfg.checkpoint.every_steps,
+        track_proxies=cfg.tracking.enabled,
+        lr_advice=f"Lower the learning rates (optim.lr={cfg.optim.lr}, optim.proxy_lr={cfg.optim.proxy_lr}) or set "
+                  f"train.grad_clip, then resume or start over")
+
+
+def build(cfg, env) -> Trainer:
+    """Collective: every part of the run, ready to `fit()`. Fails (every rank the same way) before any work when
+    the config, the world size, the device or the data cannot make a run."""
+    stop = StopFlag()  # from the start: a preemption during setup still ends in a checkpoint
+    state = None
+    try:
+        check_world_size(cfg, env.world_size)  # fail before any work
+        check_decode(cfg.data.decode, env.device)
+        prepare_data(cfg, env)
+        torch.manual_seed(cfg.run.seed)
+        if cfg.run.deterministic:
+            torch.use_deterministic_algorithms(True)
+            torch.backends.cudnn.benchmark = False
+        train_dir = os.path.join(cfg.data.root, cfg.data.train_split)
+        train_manifest = read_manifest(train_dir)
+        test_manifest = read_manifest(os.path.join(cfg.data.root, cfg.data.test_split))
+        check_data(cfg, train_manifest, test_manifest, env.world_size)  # what the manifests tell, now
+        plan = make_plan(cfg, env, train_manifest)
+        data_info = {"classes": train_manifest.num_classes, "samples": train_manifest.num_samples,
+                     "class_names": class_digest(train_manifest.class_names)}
+        log = functools.partial(_log, env.is_main)
+        state = TrainState(env, plan.run_dir, Checkpointer(plan.checkpoint_dir, cfg.checkpoint.keep_last),
+                           fmt=cfg.checkpoint.format, async_save=cfg.checkpoint.async_save, config=to_dict(cfg),
+                           data_info=data_info, batches_per_epoch=plan.batches_per_epoch, log=log)
+        saved = state.claim(cfg.checkpoint.resume, functools.partial(_check_resume, cfg, data_info))
+
+        embedder = build_model(cfg.model).to(env.device)
+        criterion = build_criterion(cfg.loss, train_manifest.num_classes, cfg.model.dim).to(env.device)
+        module = TrainModule(embedder, criterion, compile=cfg.train.compile)
+        optimizer = build_optimizer(cfg.optim, embedder, criterion)
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(cfg.optim.lr_milestones), cfg.optim.lr_gamma)
+        warm = (saved["epoch"] if saved else 0) < cfg.train.warmup_epochs
+        embedder.set_backbone_trainable(not warm)  # before the engine: DDP fixes its parameter set
+        engine = build_engine(cfg.engine.name, module, optimizer, env, grad_clip=cfg.train.grad_clip,
+                              find_unused_parameters=cfg.engine.find_unused_parameters,
+                              deepspeed_config=cfg.engine.deepspeed_config, per_rank_batch=plan.per_rank_batch,
+                              amp_dtype=plan.amp_dtype, checkpoint_dir=plan.checkpoint_dir)
+        trained = Trained(embedder, criterion, module, optimizer, scheduler, engine)
+        apply_optim = functools.partial(apply_optim_hyperparameters, optimizer, scheduler, cfg.optim)
+        pos = state.restore(saved, trained, apply_optim) if saved else Position()
+        if env.is_main:  # only now: a checkpoint that does not fit the config has refused before (restore)
+            with open(os.path.join(plan.run_dir, "config.yaml"), "w") as f:
+                f.write(to_yaml(cfg))
+        tracker = build_tracker(cfg, plan, env, saved)
+        report = RunReport.start(facts(cfg, plan, env, train_manifest, test_manifest), tracker, pos, state.latest,
+                                 log)
+        evaluate = functools.partial(_evaluate, device=env.device, recall_ks=list(cfg.eval.recall_ks),
+                                     nmi=cfg.eval.nmi, map_r=cfg.eval.map_r, class_names=test_manifest.class_names,
+                                     amp_dtype=plan.amp_dtype)
+        lookup = None
+        if cfg.tracking.enabled and env.is_main:
+            from data_shards import shard_image_lookup
+            lookup = shard_image_lookup(plan.test_dir)
+        parts = Parts(env=env, trained=trained, loaders=RunLoaders(cfg, plan, env), state=state, tracker=tracker,
+                      report=report, schedule=schedule(cfg), stop=stop, pos=pos,
+                      run_uid=(saved or {}).get("run_uid") or uuid.uuid4().hex, evaluate=evaluate,
+                      amp_dtype=plan.amp_dtype, warm=warm, image_lookup=lookup)
+        return Trainer(parts)
+    except BaseException:
+        stop.restore()
+        if state is not None:
+            state.release()
+        raise
+
+
+def build_tracker(cfg, plan: Plan, env, saved: dict | None):
+    from trainer.tracking import Tracker
+    return Tracker(cfg.tracking, plan.run_dir, rank=env.rank, config=to_dict(cfg), world_size=env.world_size,
+                   resume_run_id=saved["mlflow_run_id"] if saved else None)
+
+
+def facts(cfg, plan: Plan, env, train_manifest, test_manifest) -> RunFacts:
+    return RunFacts(run_name=cfg.run.name, run_dir=plan.run_dir, loss=describe_loss(cfg.loss),
+                    backbone=cfg.model.backbone, dim=cfg.model.dim, engine=cfg.engine.name, data_root=cfg.data.root,
+                    epochs=cfg.train.epochs, global_batch=cfg.train.batch_size,
+                    batches_per_epoch=plan.batches_per_epoch, world_size=env.world_size,
+                    device_type=env.device.type, is_main=env.is_main, train=train_manifest, test=test_manifest)
+
+
+def train(cfg, env) -> dict:
+    """Build and fit: the last evaluation's metrics on rank 0."""
+    return build(cfg, env).fit()
+
+
+def _check_resume(cfg, data_info: dict, state: dict, path: str, at_epoch_start: bool) -> list[str]:
+    return check_resume(state["config"], cfg, path, at_epoch_start=at_epoch_start,
+                        saved_data={"classes": state.get("train_classes"), "samples": state.get("train_samples"),
+                                    "class_names": state.get("train_class_names")},
+                        data_now=data_info)
+
+
+def _evaluate(embedder, loader, **options):
+    from trainer.evaluation import evaluate
+    return evaluate(embedder, loader, **options)
+
+
+def _log(is_main: bool, line: str) -> None:
+    if is_main:
+        from tqdm import tqdm
+        tqdm.write(line)
