@@ -142,8 +142,8 @@ def schedule_overrides(args, shards: str) -> list[str]:
 
 def run_entry(args, shared: list[str], loss_overrides: list[str], seed: int, env) -> dict:
     """Train one (entry, seed) with the trainer within the budget; evaluate; metrics + seconds + steps."""
-    from trainer.config import load_config
     from trainer.build import build
+    from trainer.config import load_config
 
     name = f"q-{int(time.time() * 1000)}"
     cfg = load_config(args.preset, [*shared, f"run.name={name}", f"run.seed={seed}", *loss_overrides,

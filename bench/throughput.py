@@ -212,9 +212,9 @@ def trainer_vs_plain(args) -> dict:
     optimizer step) fed by the same loader (`set_epoch`, the same workers); the plain loop over one epoch's
     batches held in memory. Returns steps/s per round of each."""
     from trainer import distributed
+    from trainer.build import build
     from trainer.config import load_config
     from trainer.demo import write_digits_shards
-    from trainer.build import build
 
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory(prefix="throughput-trainer-") as tmp:

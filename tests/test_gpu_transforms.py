@@ -16,11 +16,12 @@ from torchvision.transforms import InterpolationMode
 from data_shards.gpu_transforms import (
     DecodeStats,
     DeviceTransform,
-    check_decode_device,
     decode_images,
     device_batches,
     sample_crop_boxes,
 )
+from data_shards import check_decode, eval_loader, train_loader
+from data_shards.stream import fill_from_nearest
 from data_shards.transforms import INTERPOLATIONS, TransformConfig, decode_image, eval_transform, train_transform
 
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
@@ -275,13 +276,13 @@ def test_overlapped_thread_gives_the_synchronous_result(blobs):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
 def test_gpu_decode_without_cuda_says_so():
-    check_decode_device("cpu")
+    check_decode("cpu")
     with pytest.raises(ValueError, match="data.decode=gpu needs a CUDA GPU"):
-        check_decode_device("gpu")
+        check_decode("gpu")
     with pytest.raises(ValueError, match="device is 'cpu'"):
-        check_decode_device("gpu", "cpu")
+        check_decode("gpu", "cpu")
     with pytest.raises(ValueError, match="data.decode must be"):
-        check_decode_device("nvjpeg")
+        check_decode("nvjpeg")
     with pytest.raises(ValueError, match="data.decode=gpu needs a CUDA GPU"):
         device_batches([], TransformConfig(), "cuda")
 
@@ -347,3 +348,40 @@ def test_eval_loader_decode_none_matches_cpu_eval(split):
     for (a, la, _), (b, lb, _) in zip(cpu, dev):
         assert torch.equal(la, lb)
         assert ((a - b).abs() * torch.tensor(cfg.std).view(1, 3, 1, 1) * 255).max() <= 1.5
+
+
+def test_fill_from_nearest_is_the_one_bad_sample_rule():
+    """Each bad position takes the nearest good sample before it, else the first good one after it."""
+    assert fill_from_nearest([True, False, True, False]) == [0, 0, 2, 2]
+    assert fill_from_nearest([False, False, True, True]) == [2, 2, 2, 3]
+    with pytest.raises(ValueError):
+        fill_from_nearest([False, False])
+
+
+def test_loaders_with_a_device_yield_device_batches_equal_to_the_plain_loaders(split):
+    """The decode switch end to end: train_loader / eval_loader given a device yield the same batches as the
+    plain loaders, already on the device (decode=cpu); the gpu form is device_batches over the byte loader,
+    seeded by seed + rank; decode=gpu on a CPU device, or without a device, is refused before any work."""
+    from data_shards import DeviceLoader
+
+    cfg = TransformConfig(image_size=16, resize_size=16)
+    kw = dict(batch_size=4, num_workers=0, transform=cfg, seed=2, rank=1, world_size=2)
+    plain = list(train_loader(split, **kw))
+    on_device = train_loader(split, device=torch.device("cpu"), **kw)
+    got = list(on_device)
+    assert len(on_device) == len(got) == len(plain) > 0
+    for (x, y), (x2, y2) in zip(plain, got):
+        assert torch.equal(x, x2) and torch.equal(y, y2) and x2.device.type == "cpu"
+    again = list(on_device.set_epoch(1, 1))
+    assert all(torch.equal(a[1], b[1]) for a, b in zip(again, train_loader(split, epoch=1, start_batch=1, **kw)))
+    evals = list(eval_loader(split, batch_size=5, num_workers=0, transform=cfg, device="cpu"))
+    assert sorted(k for _, _, keys in evals for k in keys) == sorted(
+        k for _, _, keys in eval_loader(split, batch_size=5, num_workers=0, transform=cfg) for k in keys)
+    gpu_form = DeviceLoader(train_loader(split, decode="none", **kw), "gpu", "cpu", cfg, train=True, seed=3)
+    reference = device_batches(train_loader(split, decode="none", **kw), cfg, "cpu", seed=3)
+    for (x, y), (x2, y2) in zip(gpu_form, reference):
+        assert torch.equal(x, x2) and torch.equal(y, y2)
+    with pytest.raises(ValueError, match="device is 'cpu'"):
+        train_loader(split, decode="gpu", device="cpu", **kw)
+    with pytest.raises(ValueError, match="needs the device"):
+        train_loader(split, decode="gpu", **kw)

@@ -8,7 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from data_shards.gpu_transforms import DecodeStats, check_decode_device, decode_images, device_batches
+from data_shards import check_decode
+from data_shards.gpu_transforms import DecodeStats, decode_images, device_batches
 from data_shards.transforms import TransformConfig, decode_image
 from tests.test_gpu_transforms import encode, photo
 
@@ -75,4 +76,4 @@ def test_cuda_batches_follow_the_cpu_run_and_survive_main_stream_pressure():
 
 
 def test_check_decode_device_accepts_cuda():
-    check_decode_device("gpu", "cuda")
+    check_decode("gpu", "cuda")

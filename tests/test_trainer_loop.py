@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from trainer import distributed
+from trainer.build import build
 from trainer.checkpoint import Checkpointer, load
 from trainer.config import load_config
-from trainer.build import build
 from trainer.model import build_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from trainer import distributed
+from trainer.build import build
 from trainer.checkpoint import Checkpointer
 from trainer.config import ConfigError, load_config
-from trainer.build import build
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -104,8 +104,8 @@ NOT_FOR_LABELS = {"VICRegLoss"}
 def one_step(cfg, num_classes=4):
     """One optimizer step of the trainer's own parts (model, criterion, optimizer) on a random 16 px batch;
     returns the loss and whether the embedder's weights moved."""
-    from trainer.engine import TrainModule
     from trainer.build import build_criterion, build_optimizer
+    from trainer.engine import TrainModule
     from trainer.model import build_model
 
     torch.manual_seed(0)

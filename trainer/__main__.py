@@ -45,8 +45,8 @@ def main(argv=None) -> int:
         print(to_yaml(cfg), end="")
         return 0
     from trainer import distributed
-    from trainer.errors import stop_with_launcher
     from trainer.build import train
+    from trainer.errors import stop_with_launcher
     stop_with_launcher()
     try:
         env = distributed.setup(cfg.run.device, backend=cfg.run.dist_backend)
