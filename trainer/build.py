@@ -174,7 +174,7 @@ def build(cfg, env) -> Trainer:
         train_dir = os.path.join(cfg.data.root, cfg.data.train_split)
         train_manifest = read_manifest(train_dir)
         test_manifest = read_manifest(os.path.join(cfg.data.root, cfg.data.test_split))
-        check_data(cfg, train_manifest, test_manifest, env.world_size)  # what the manifests tell, now
+        check_data(cfg.train.batch_size, train_manifest, test_manifest, env.world_size)  # what the manifests tell, now
         plan = make_plan(cfg, env, train_manifest)
         data_info = {"classes": train_manifest.num_classes, "samples": train_manifest.num_samples,
                      "class_names": class_digest(train_manifest.class_names)}

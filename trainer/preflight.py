@@ -6,14 +6,14 @@ from data_shards import Manifest
 from trainer.config import ConfigError
 
 
-def check_data(cfg, train: Manifest, test: Manifest, world_size: int) -> None:
+def check_data(global_batch: int, train: Manifest, test: Manifest, world_size: int) -> None:
     """Raise ConfigError (naming the key, the split and the fix) when the splits cannot make a run:
     fewer than 2 train classes, a global batch larger than the train split, an empty test split."""
     if train.num_classes < 2:
         raise ConfigError(f"data.root: the train split {train.location} has {train.num_classes} class; metric "
                           f"learning needs at least 2 (rewrite the shards with more classes)")
-    if train.num_samples < cfg.train.batch_size:
-        raise ConfigError(f"train.batch_size: the global batch {cfg.train.batch_size} is larger than the train split "
+    if train.num_samples < global_batch:
+        raise ConfigError(f"train.batch_size: the global batch {global_batch} is larger than the train split "
                           f"{train.location} ({train.num_samples} samples), so no step would run; lower "
                           f"train.batch_size (at most {train.num_samples // world_size * world_size})")
     if test.num_samples < 2:

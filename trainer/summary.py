@@ -28,7 +28,7 @@ class RunFacts:
     """What the run is, in words and numbers, as the build step found it."""
     run_name: str
     run_dir: str
-    loss: str  # describe_loss(cfg.loss)
+    loss: str  # describe_loss(): "ProxyGML (gather, 1 proxies/class, r 0.05, lam 0.3)"
     backbone: str
     dim: int
     engine: str
