@@ -20,19 +20,20 @@ import torch
 from tqdm import tqdm
 
 from data_shards import eval_loader, read_manifest, train_loader
+from data_shards.lookup import shard_image_lookup
 from loss import collectives as C
 from trainer.checkpoint import Checkpointer, CheckpointError, is_folder, load, rng_state, set_rng_state
 from trainer.config import ConfigError, check_world_size, to_dict, to_yaml
 from trainer.dcp_checkpoint import read_meta
 from trainer.engine import TrainModule, build_engine
 from trainer.errors import UserError
-from trainer.evaluate import evaluate
+from trainer.evaluation import evaluate
 from trainer.model import build_model
 from trainer.preflight import check_data
 from trainer.resume import apply_optim_hyperparameters, at_epoch_end, check_resume, class_digest
 from trainer.run_dir import RunDir
 from trainer.summary import RunReport
-from trainer.tracking import Tracker, shard_image_lookup
+from trainer.tracking import Tracker
 
 
 class DivergedError(UserError):
@@ -401,15 +402,17 @@ class Trainer:
             from data_shards.gpu_transforms import device_batches
             loader = device_batches(loader, cfg.data.transform, env.device, train=False)
         C.broadcast_buffers(self.embedder)  # every rank embeds with rank 0's BatchNorm statistics
-        result = evaluate(self.embedder, loader, device=env.device, cfg_eval=cfg.eval,
-                          class_names=self.test_manifest.class_names, amp_dtype=self.amp)
+        result = evaluate(self.embedder, loader, device=env.device, recall_ks=cfg.eval.recall_ks, nmi=cfg.eval.nmi,
+                          map_r=cfg.eval.map_r, class_names=self.test_manifest.class_names, amp_dtype=self.amp)
         self.embedder.train()
         if result.metrics:
             self.log(f"[eval {when}] " + "  ".join(f"{k} {v:.4f}" for k, v in result.metrics.items()))
             self.tracker.log_evaluation(result, self.pos.step, self.pos.epoch, image_lookup=self.images_of)
             self.metrics = result.metrics
             self.report.evaluated(result.metrics, self.pos)
-        self.tracker.log_proxy_stats(self.criterion, self.pos.step)
+        if self.cfg.tracking.enabled:
+            self.tracker.log_proxy_stats(self.criterion.proxy_statistics(), self.pos.step)
+        self.criterion.reset_selection_counts()
         return self.metrics
 
     def save(self) -> None:
