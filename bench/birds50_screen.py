@@ -74,8 +74,8 @@ def features(work: str, shards: str, weights: str, size: int = 160) -> dict:
 def screen_row(feats: dict, overrides: list[str], epochs: int, seed: int) -> float:
     """Recall@1 on the test species after `epochs` of head + loss training on the cached train features."""
     from trainer.config import load_config
+    from trainer.evaluation.metrics import compute_metrics
     from trainer.loop import build_criterion, build_optimizer
-    from trainer.metrics import compute_metrics
 
     cfg = load_config("cub200", ["data.root=x", "model.backbone=small_cnn", "model.freeze_bn=false", *overrides])
     torch.manual_seed(seed)
