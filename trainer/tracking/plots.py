@@ -163,7 +163,9 @@ def pick_queries(keys, labels: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
     labels = np.asarray(labels)
     order = np.argsort(np.asarray([str(k) for k in keys]), kind="stable")
     classes = np.random.default_rng(seed).permutation(np.unique(labels))
-    per_class = {c: [i for i in order if labels[i] == c] for c in classes}
+    per_class: dict = {c: [] for c in classes}
+    for i in order:  # one pass over the samples (not one per class: SOP has 11,318 classes)
+        per_class[labels[i]].append(int(i))
     picks: list[int] = []
     for depth in range(max((len(v) for v in per_class.values()), default=0)):
         picks += [per_class[c][depth] for c in classes if depth < len(per_class[c])]
