@@ -75,7 +75,7 @@ def screen_row(feats: dict, overrides: list[str], epochs: int, seed: int) -> flo
     """Recall@1 on the test species after `epochs` of head + loss training on the cached train features."""
     from trainer.build import build_criterion, build_optimizer
     from trainer.config import load_config
-    from trainer.metrics import compute_metrics
+    from trainer.evaluation.metrics import compute_metrics
 
     cfg = load_config("cub200", ["data.root=x", "model.backbone=small_cnn", "model.freeze_bn=false", *overrides])
     torch.manual_seed(seed)

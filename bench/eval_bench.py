@@ -1,4 +1,4 @@
-"""Evaluation cost: trainer.metrics.compute_metrics against the plain baseline, in the same run.
+"""Evaluation cost: trainer.evaluation.metrics.compute_metrics against the plain baseline, in the same run.
 
 Baseline (the authors' CUB/Cars evaluation): the full N x N similarity matrix and its top-k (torch), MAP@R
 from the same matrix, NMI from sklearn KMeans (n_init=1, max_iter=20, the same iteration count as ours).
@@ -91,7 +91,7 @@ def baseline(x, labels, ks, seed=0):
 
 
 def ours(x, labels, ks, seed=0, device="cpu"):
-    from trainer.metrics import compute_metrics
+    from trainer.evaluation.metrics import compute_metrics
 
     return compute_metrics(x, labels, recall_ks=ks, nmi=True, map_r=True, seed=seed, device=device)[0]
 

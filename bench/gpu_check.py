@@ -53,7 +53,7 @@ IMPORTS = {"deepspeed": "deepspeed", "webdataset": "webdataset", "omegaconf": "o
            "pytorch-metric-learning": "pytorch_metric_learning", "mlflow-skinny": "mlflow",
            "sqlalchemy": "sqlalchemy", "alembic": "alembic"}
 PROJECT_IMPORTS = ["loss", "data_shards.gpu_transforms", "trainer.loop", "trainer.tracking",
-                   "trainer.deepspeed_engine", "trainer.metrics"]
+                   "trainer.deepspeed_engine", "trainer.evaluation.metrics"]
 STEPS = ["install", "versions", "pytest", "loss", "throughput", "eval", "demo1", "demo2"]
 # loss_bench's cases but C=100k lam=0.3, whose dense run (a 100k x 100k x 100k product, ~40 s in fp32) would
 # take most of the step's time before it runs out of memory; with --slow-s 1 a dense run slower than 1 s (SOP

@@ -54,7 +54,7 @@ from data_shards import TransformConfig, eval_loader  # noqa: E402
 from trainer import distributed  # noqa: E402
 from trainer.build import build  # noqa: E402
 from trainer.config import load_config  # noqa: E402
-from trainer.metrics import compute_metrics  # noqa: E402
+from trainer.evaluation.metrics import compute_metrics  # noqa: E402
 
 COLUMNS = ["recall_at_1", "recall_at_2", "recall_at_4", "recall_at_8", "nmi"]
 

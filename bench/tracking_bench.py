@@ -36,13 +36,13 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from trainer import tracking
+from loss.proxy_stats import reduced_proxy_statistics
 from trainer.config import TrackingConfig
-from trainer.tracking import Tracker
+from trainer.tracking import Tracker, sender
 
 
 @dataclass
-class Result:  # the fields of trainer.evaluate.EvalResult the tracker reads
+class Result:  # the fields of trainer.evaluation.EvalResult the tracker reads
     metrics: dict
     per_class: pd.DataFrame
     embeddings: torch.Tensor
@@ -116,7 +116,7 @@ def main() -> None:
             print(f"{name:44s} {ms:8.3f} {ms / direct:11.4f}")
         print(f"SQLite: delivered by the sender thread in {lite_delivered:.1f} ms per event (not on the step)")
         print(f"dead server: Tracker() took {first_failure:.1f} s (first failure; then retried every "
-              f"{tracking.RETRY_INTERVAL_S:.0f} s by the sender thread)")
+              f"{sender.RETRY_INTERVAL_S:.0f} s by the sender thread)")
 
         rng = np.random.default_rng(0)
         c, m, n = args.classes, args.samples, args.proxies_per_class
@@ -135,7 +135,8 @@ def main() -> None:
         t_eval_sent = time.perf_counter() - t0
         crit = Criterion(torch.as_tensor(rng.poisson(0.5, c * n)), torch.randn(c * n, args.dim), n)
         t0 = time.perf_counter()
-        sqlite.log_proxy_stats(crit, 100)
+        sqlite.log_proxy_stats(reduced_proxy_statistics(crit), 100)  # as the loop: stats, then the reset
+        crit.reset_selection_counts()
         t_proxy = time.perf_counter() - t0
         sqlite.close()
         keys = sum(not k.startswith("direct/") for k in sqlite._store.client.get_run(sqlite.run_id).data.metrics)

@@ -10,10 +10,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from trainer.evaluate import EvalResult, deduplicate, evaluate, gather_to_rank0
-from trainer.metrics import compute_metrics
+from trainer.evaluation import EvalResult, deduplicate, evaluate, gather_to_rank0
+from trainer.evaluation.metrics import compute_metrics
 
 CFG = SimpleNamespace(every_epochs=1, recall_ks=[1, 2, 4], nmi=True, map_r=True, batch_size=4)
+OPTS = dict(recall_ks=CFG.recall_ks, nmi=CFG.nmi, map_r=CFG.map_r)  # evaluate's options, as the loop passes them
 N, DIM, CLASSES = 40, 6, 5
 
 
@@ -51,7 +52,7 @@ def single_process_reference():
 
 def test_single_process_matches_compute_metrics():
     net = model()
-    result = evaluate(net, batches(range(N)), device="cpu", cfg_eval=CFG)
+    result = evaluate(net, batches(range(N)), device="cpu", **OPTS)
     ref, ref_table = single_process_reference()
     assert isinstance(result, EvalResult) and result.metrics == ref
     assert result.per_class.equals(ref_table)
@@ -66,15 +67,15 @@ def test_a_test_split_of_singletons_is_refused_by_name():
     x, _, keys = dataset()
     singletons = [(x[i : i + 4], torch.arange(i, i + 4), keys[i : i + 4]) for i in range(0, 8, 4)]
     with pytest.raises(ConfigError, match=r"data.test_split: each of the 8 test images is the only one"):
-        evaluate(model(), singletons, device="cpu", cfg_eval=CFG)
+        evaluate(model(), singletons, device="cpu", **OPTS)
     one_pair = singletons + [(x[8:9], torch.tensor([0]), keys[8:9])]  # class 0 has 2 images: metrics defined
-    assert 0 <= evaluate(model(), one_pair, device="cpu", cfg_eval=CFG).metrics["recall_at_1"] <= 1
+    assert 0 <= evaluate(model(), one_pair, device="cpu", **OPTS).metrics["recall_at_1"] <= 1
 
 
 def test_result_does_not_depend_on_loader_order_or_duplicates():
-    a = evaluate(model(), batches(range(N)), device="cpu", cfg_eval=CFG)
+    a = evaluate(model(), batches(range(N)), device="cpu", **OPTS)
     rows = list(reversed(range(N))) + [3, 17, 3]  # padding duplicates, as a sampler would add
-    b = evaluate(model(), batches(rows, batch_size=7), device="cpu", cfg_eval=CFG)
+    b = evaluate(model(), batches(rows, batch_size=7), device="cpu", **OPTS)
     assert a.metrics == b.metrics and a.keys == b.keys
     torch.testing.assert_close(a.embeddings, b.embeddings)
 
@@ -89,13 +90,13 @@ def test_deduplicate_keeps_one_row_per_key_and_rejects_clashing_labels():
 
 
 def test_bad_config_and_batches_are_named():
-    with pytest.raises(ValueError, match=r"cfg_eval lacks \['nmi', 'map_r'\]"):
-        evaluate(model(), [], device="cpu", cfg_eval=SimpleNamespace(recall_ks=[1]))
+    with pytest.raises(TypeError, match=r"missing 2 required keyword-only arguments: 'nmi' and 'map_r'"):
+        evaluate(model(), [], device="cpu", recall_ks=[1])
     with pytest.raises(ValueError, match="must yield"):
-        evaluate(model(), [(1, 2, 3, 4)], device="cpu", cfg_eval=CFG)
+        evaluate(model(), [(1, 2, 3, 4)], device="cpu", **OPTS)
     with pytest.raises(TypeError, match="undecoded images"):
         evaluate(model(), [([torch.zeros(3, dtype=torch.uint8)], torch.tensor([0]), ["k"])],
-                 device="cpu", cfg_eval=CFG)
+                 device="cpu", **OPTS)
 
 
 # ---------------------------------------------------------------- two ranks over gloo
@@ -128,7 +129,7 @@ def _evaluate_worker(rank, world_size, port, out_dir, shares, wrap_ddp):
         net = model()
         if wrap_ddp:
             net = torch.nn.parallel.DistributedDataParallel(net)
-        result = evaluate(net, batches(shares[rank]), device="cpu", cfg_eval=CFG)
+        result = evaluate(net, batches(shares[rank]), device="cpu", **OPTS)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
         _fail_on_last_rank(rank, world_size, out_dir)  # same group: saves starting processes again
         dist.barrier()  # no rank tears the group down while another still talks to it (SIGABRT at exit)
@@ -145,7 +146,7 @@ class Exploding:
 def _fail_on_last_rank(rank, world_size, out_dir):
     loader = Exploding() if rank == world_size - 1 else batches(range(N))
     try:
-        evaluate(model(), loader, device="cpu", cfg_eval=CFG)
+        evaluate(model(), loader, device="cpu", **OPTS)
         outcome = "returned"
     except Exception as e:  # noqa: BLE001
         outcome = f"{type(e).__name__}: {e}"
@@ -210,6 +211,6 @@ def test_gather_pads_and_trims_uneven_counts(tmp_path):
 
 def test_keys_survive_as_numpy_strings():
     """Keys come back as plain str (they name files for the export and the tracker)."""
-    result = evaluate(model(), batches(range(N)), device="cpu", cfg_eval=CFG)
+    result = evaluate(model(), batches(range(N)), device="cpu", **OPTS)
     assert all(type(k) is str for k in result.keys)
     assert np.asarray(result.keys).dtype.kind == "U"

@@ -17,8 +17,9 @@ from data_shards import TransformConfig, eval_loader, read_manifest, write_datas
 from trainer import config
 from trainer.demo import TEST_DIGITS, TRAIN_DIGITS, write_digit_folders
 from trainer.distributed import free_port
-from trainer.evaluate import evaluate, main
-from trainer.export import FILES, load_export, write_table
+from trainer.evaluation import evaluate
+from trainer.evaluation.cli import main
+from trainer.evaluation.export import FILES, load_export, write_table
 from trainer.model import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,8 +40,8 @@ def setup(tmp_path_factory):
     split = str(tmp / "shards" / "test")
     loader = eval_loader(split, batch_size=100, num_workers=0,
                          transform=TransformConfig(**OmegaConf.to_container(cfg.data.transform)))
-    expected = evaluate(model, loader, device="cpu", cfg_eval=cfg.eval,
-                        class_names=read_manifest(split).class_names)
+    expected = evaluate(model, loader, device="cpu", recall_ks=cfg.eval.recall_ks, nmi=cfg.eval.nmi,
+                        map_r=cfg.eval.map_r, class_names=read_manifest(split).class_names)
     return tmp, path, split, expected
 
 

@@ -453,7 +453,7 @@ def test_a_loss_kwarg_that_changes_a_shape_is_refused_before_config_yaml_is_touc
 
 
 def test_evaluate_cli_refuses_nonsense_numbers_before_work(shards, mid_epoch_run):
-    from trainer.evaluate import main
+    from trainer.evaluation.cli import main
     ckpt = Checkpointer(str(mid_epoch_run / "t" / "checkpoints")).latest()
     for bad in (["--recall-ks", "0"], ["--batch-size", "0"]):
         with pytest.raises(SystemExit):

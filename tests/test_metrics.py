@@ -7,8 +7,9 @@ import pandas as pd
 import pytest
 import torch
 
-from trainer import metrics
-from trainer.metrics import compute_metrics, kmeans, nearest_neighbors
+from trainer.evaluation import knn
+from trainer.evaluation.knn import nearest_neighbors
+from trainer.evaluation.metrics import compute_metrics, kmeans
 
 BACKENDS = ["faiss", "torch"]
 
@@ -89,8 +90,8 @@ def collapsed_set(n=60, classes=7, seed=2):
 @pytest.fixture(params=BACKENDS)
 def small_chunks(request, monkeypatch):
     """Force several query chunks (and several similarity chunks on the torch path)."""
-    monkeypatch.setattr(metrics, "QUERY_CHUNK", 37)
-    monkeypatch.setattr(metrics, "SIM_BUDGET", 37 * 160)
+    monkeypatch.setattr(knn, "QUERY_CHUNK", 37)
+    monkeypatch.setattr(knn, "SIM_BUDGET", 37 * 160)
     return request.param
 
 
@@ -236,7 +237,7 @@ def test_float32_matmul_precision_is_restored():
 def test_ieee_matmuls_when_cuda_and_cpu_precisions_differ():
     """The legacy `allow_tf32 = True` makes CUDA TF32 while the CPU stays IEEE; torch 2.11's global getter
     raised in that state (H200 run). Each backend's own setting is forced to IEEE and put back."""
-    from trainer.metrics import _ieee_fp32_matmul
+    from trainer.evaluation.metrics import _ieee_fp32_matmul
     cuda, cpu = torch.backends.cuda.matmul, torch.backends.mkldnn.matmul
     before = (cuda.fp32_precision, cpu.fp32_precision)
     torch.backends.cuda.matmul.allow_tf32 = True

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tests.test_metrics import collapsed_set, random_set, reference_metrics, tied_set
-from trainer.metrics import compute_metrics, kmeans
+from trainer.evaluation.metrics import compute_metrics, kmeans
 
 pytestmark = [
     pytest.mark.gpu,

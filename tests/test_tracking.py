@@ -19,9 +19,11 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
+from data_shards.lookup import shard_image_lookup
+from loss.proxy_stats import reduced_proxy_statistics
 from trainer import tracking
 from trainer.config import Config, TrackingConfig
-from trainer.tracking import Tracker
+from trainer.tracking import Tracker, sender
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 ROOT = Path(__file__).resolve().parent.parent
@@ -83,14 +85,14 @@ def eval_result(shards):
     """trainer.evaluate.evaluate of a small fixed network over the test shards."""
     from data_shards import TransformConfig, eval_loader, read_manifest
     from trainer.config import EvalConfig
-    from trainer.evaluate import evaluate
+    from trainer.evaluation import evaluate
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten(), torch.nn.Linear(12, 8))
     loader = eval_loader(shards, batch_size=8, num_workers=0,
                          transform=TransformConfig(image_size=16, resize_size=16))
     cfg_eval = EvalConfig(nmi=False)
-    result = evaluate(model, loader, device="cpu", cfg_eval=cfg_eval,
+    result = evaluate(model, loader, device="cpu", recall_ks=cfg_eval.recall_ks, nmi=cfg_eval.nmi, map_r=cfg_eval.map_r,
                       class_names=read_manifest(shards).class_names)
     assert result.per_class is not None and len(result.per_class) == 6
     return result
@@ -119,13 +121,15 @@ def test_sqlite_end_to_end(tmp_path, shards, eval_result):
     for step in range(1, 6):
         tracker.log_metrics({"loss": torch.tensor(1.0 / step), "loss_s": 0.5, "lr/backbone": 1e-4,
                              "img_per_s": np.float32(100.0), "data_wait_s": 0.01}, step)
-    tracker.log_evaluation(eval_result, step=5, epoch=1, image_lookup=tracking.shard_image_lookup(shards))
-    tracker.log_evaluation(eval_result, step=10, epoch=2, image_lookup=tracking.shard_image_lookup(shards))
+    tracker.log_evaluation(eval_result, step=5, epoch=1, image_lookup=shard_image_lookup(shards))
+    tracker.log_evaluation(eval_result, step=10, epoch=2, image_lookup=shard_image_lookup(shards))
     crit = make_criterion()
     counts_before = crit.selection_counts.clone()
-    tracker.log_proxy_stats(crit, step=10)
+    tracker.log_proxy_stats(reduced_proxy_statistics(crit), step=10)
+    crit.reset_selection_counts()
     assert int(crit.selection_counts.sum()) == 0, "counts are reset after logging"
-    tracker.log_proxy_stats(crit, step=11)  # no selections since: nothing logged
+    tracker.log_proxy_stats(reduced_proxy_statistics(crit), step=11)  # no selections since: nothing logged
+    crit.reset_selection_counts()
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU())
     tracker.log_model(model)
     tracker.close()
@@ -236,7 +240,9 @@ def test_other_ranks_and_disabled_tracking_do_nothing(tmp_path):
         tracker.log_metrics({"loss": 1.0}, 1)
         tracker.log_evaluation(None, 1, 1)
         tracker.log_model(torch.nn.Linear(2, 2))
-        tracker.log_proxy_stats(crit, 1)
+        if cfg.enabled:
+            tracker.log_proxy_stats(reduced_proxy_statistics(crit), 1)
+        crit.reset_selection_counts()
         tracker.close()
         assert tracker.run_id is None and not tracker.online
         assert int(crit.selection_counts.sum()) == 0  # every rank resets its counts
@@ -303,7 +309,7 @@ def test_hung_server_never_blocks_a_step(tmp_path, monkeypatch):
     """A server that accepts connections and never answers: the steps do not wait for it (the sender thread
     does), Tracker() waits at most START_WAIT_S, and close() keeps everything locally."""
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
-    monkeypatch.setattr(tracking, "START_WAIT_S", 1.0)
+    monkeypatch.setattr(sender, "START_WAIT_S", 1.0)
     with socket.socket() as hung, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         hung.bind(("127.0.0.1", 0))
@@ -381,14 +387,14 @@ def test_grid_neighbours_agree_with_the_evaluation(eval_result):
 
 
 def test_shard_image_lookup_reads_by_tar_key_and_by_path(shards, eval_result):
-    lookup = tracking.shard_image_lookup(shards)
+    lookup = shard_image_lookup(shards)
     keys = eval_result.keys[:3]
     images = lookup(keys + ["no/such/key"])
     assert sorted(images) == sorted(keys)
     assert all(im.size == (24, 24) for im in images.values())
     assert len(lookup(["00000000"])) == 1 or len(lookup(["00000010"])) == 1
     with pytest.raises(FileNotFoundError, match="split_dir"):
-        tracking.shard_image_lookup(shards / "nope")(["00000000"])
+        shard_image_lookup(shards / "nope")(["00000000"])
 
 
 def test_store_back_during_the_run_gets_the_pending_events(tmp_path, monkeypatch):
@@ -404,10 +410,10 @@ def test_store_back_during_the_run_gets_the_pending_events(tmp_path, monkeypatch
         tracker.log_metrics({"loss": float(step)}, step)
     assert tracker.flush(timeout=120) and not tracker.online and tracker.run_id is None
     store_dir.unlink()
-    monkeypatch.setattr(tracking, "LOCAL_RETRY_INTERVAL_S", 3600.0)
+    monkeypatch.setattr(sender, "LOCAL_RETRY_INTERVAL_S", 3600.0)
     tracker.log_metrics({"loss": 5.0}, 5)  # within the retry interval: not retried yet
     assert tracker.flush(timeout=120) and not tracker.online
-    monkeypatch.setattr(tracking, "LOCAL_RETRY_INTERVAL_S", 0.0)
+    monkeypatch.setattr(sender, "LOCAL_RETRY_INTERVAL_S", 0.0)
     for step in range(6, 8):
         tracker.log_metrics({"loss": float(step)}, step)
     assert tracker.flush(timeout=120) and tracker.online
@@ -422,7 +428,7 @@ def test_store_back_during_the_run_gets_the_pending_events(tmp_path, monkeypatch
 def test_picture_failure_is_reported_not_fatal(tmp_path, eval_result):
     tracker = Tracker(TrackingConfig(enabled=True), tmp_path / "runs" / "r")
     with pytest.warns(RuntimeWarning, match="could not draw.*not a local directory"):
-        tracker.log_evaluation(eval_result, 3, 1, image_lookup=tracking.shard_image_lookup(tmp_path / "remote"))
+        tracker.log_evaluation(eval_result, 3, 1, image_lookup=shard_image_lookup(tmp_path / "remote"))
     tracker.close()
     run = client_for(tracker).get_run(tracker.run_id)
     assert run.data.metrics["eval/recall_at_1"] == eval_result.metrics["recall_at_1"]
@@ -459,7 +465,7 @@ def test_queries_spread_over_as_many_classes_as_possible():
 
 
 def test_recall_curve_zooms_to_the_data_and_grid_has_a_legend(tmp_path):
-    from trainer import plots
+    from trainer.tracking import plots
 
     low, high = plots.recall_curve([(10, {1: 0.90, 2: 0.95, 4: 0.97}), (20, {1: 0.93, 2: 0.96, 4: 0.98})],
                                    str(tmp_path / "c.png"))

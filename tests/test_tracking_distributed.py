@@ -23,6 +23,7 @@ MODES = ("local", "sharded")
 
 def _worker(rank: int, port: int, tmp: str) -> None:
     from loss.distributed import build_criterion
+    from loss.proxy_stats import reduced_proxy_statistics
     from trainer.config import TrackingConfig
     from trainer.tracking import Tracker
 
@@ -38,7 +39,8 @@ def _worker(rank: int, port: int, tmp: str) -> None:
             crit(x, torch.randint(0, 6, (12,), generator=gen))
             torch.save({"counts": crit.selection_counts.clone(), "proxies": crit.proxies.detach().clone()},
                        Path(tmp) / f"{mode}-rank{rank}.pt")
-            tracker.log_proxy_stats(crit, step)
+            tracker.log_proxy_stats(reduced_proxy_statistics(crit), step)
+            crit.reset_selection_counts()
             assert int(crit.selection_counts.sum()) == 0
         assert (tracker.run_id is None) == (rank != 0)
         tracker.close()

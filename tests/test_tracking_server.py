@@ -18,6 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
+from data_shards.lookup import shard_image_lookup
 from tests.test_tracking import eval_result, free_port, metric_steps, no_mlflow_env, shards  # noqa: F401
 from trainer import tracking
 from trainer.config import TrackingConfig
@@ -83,7 +84,7 @@ def live_run(tmp_path, server, shards, eval_result, model):  # noqa: F811
     assert tracker.online
     for step in range(5):
         tracker.log_metrics({"loss": 1.0 / (step + 1)}, step)
-    tracker.log_evaluation(eval_result, step=4, epoch=1, image_lookup=tracking.shard_image_lookup(shards))
+    tracker.log_evaluation(eval_result, step=4, epoch=1, image_lookup=shard_image_lookup(shards))
     assert tracker.flush(timeout=120) and tracker.online
 
     server.stop(signal.SIGKILL)  # the server disappears mid-run
@@ -92,7 +93,7 @@ def live_run(tmp_path, server, shards, eval_result, model):  # noqa: F811
         t0 = time.monotonic()
         for step in range(5, 25):  # the training loop goes on
             tracker.log_metrics({"loss": 1.0 / (step + 1)}, step)
-        tracker.log_evaluation(eval_result, step=24, epoch=2, image_lookup=tracking.shard_image_lookup(shards))
+        tracker.log_evaluation(eval_result, step=24, epoch=2, image_lookup=shard_image_lookup(shards))
         tracker.log_model(model)
         elapsed = time.monotonic() - t0
         tracker.close()

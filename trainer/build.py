@@ -209,7 +209,7 @@ def build(cfg, env) -> Trainer:
                                      amp_dtype=plan.amp_dtype)
         lookup = None
         if cfg.tracking.enabled and env.is_main:
-            from data_shards import shard_image_lookup
+            from data_shards.lookup import shard_image_lookup
             lookup = shard_image_lookup(plan.test_dir)
         parts = Parts(env=env, trained=trained, loaders=RunLoaders(cfg, plan, env), state=state, tracker=tracker,
                       report=report, schedule=schedule(cfg), stop=stop, pos=pos,

@@ -15,14 +15,14 @@ lower sample index, the same way on every backend, so the numbers do not depend 
   Recall@K, MAP@R and R-precision (as in pytorch-metric-learning), and its per-class values are NaN; it
   still takes part as a neighbour (a distractor) for every other query, and in NMI.
 
-Backends: on a CUDA device the kNN is torch matmul + top-k over query chunks and the k-means is torch;
-elsewhere the kNN is faiss IndexFlatIP and the k-means faiss.
+Backends: on a CUDA device the kNN (trainer.evaluation.knn) is torch matmul + top-k over query chunks and the
+k-means is torch; elsewhere the kNN is faiss IndexFlatIP and the k-means faiss.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from contextlib import contextmanager
 
 import numpy as np
@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import normalized_mutual_info_score
 
-QUERY_CHUNK = 4096  # queries per kNN step
-SIM_BUDGET = 2**28  # most similarity entries held at once (1 GiB of float32)
+from trainer.evaluation import knn
+
 KMEANS_ITERS = 20
 
 
@@ -139,90 +139,6 @@ def _mean(values: np.ndarray) -> float:
     return float(values.mean()) if values.size else math.nan
 
 
-# ---------------------------------------------------------------- kNN
-
-
-def nearest_neighbors(
-    x: torch.Tensor, k: int, backend: str = "faiss"
-) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-    """Yield (first query row, sims (B, k), indices (B, k)) over query chunks of the unit vectors x.
-
-    Leave-one-out, sorted by similarity then by index. Memory: one query chunk at a time.
-    """
-    n = len(x)
-    if not 1 <= k <= n - 1:
-        raise ValueError(f"k must be in [1, {n - 1}] for {n} samples, got {k}")
-    if backend == "faiss":
-        chunks = _faiss_candidates(x, k)
-    elif backend == "torch":
-        chunks = _torch_candidates(x, k)
-    else:
-        raise ValueError(f"backend must be 'faiss' or 'torch', got {backend!r}")
-    for start, sims, idx in chunks:
-        yield start, *_exact_top_k(x, start, sims, idx, k)
-
-
-def _torch_candidates(x: torch.Tensor, k: int):
-    """k + 1 non-self candidates per query (fewer only when N - 1 is smaller), any order among ties."""
-    n = len(x)
-    m = min(k + 1, n - 1)
-    step = max(1, min(QUERY_CHUNK, SIM_BUDGET // n))
-    for start in range(0, n, step):
-        rows = torch.arange(start, min(start + step, n), device=x.device)
-        sims = x[rows] @ x.T
-        sims[torch.arange(len(rows), device=x.device), rows] = -math.inf
-        top = sims.topk(m, dim=1)
-        yield start, top.values, top.indices
-
-
-def _faiss_candidates(x: torch.Tensor, k: int):
-    import faiss
-
-    xn = x.cpu().numpy()
-    n = len(xn)
-    index = faiss.IndexFlatIP(xn.shape[1])
-    index.add(xn)
-    m = min(k + 1, n - 1)
-    for start in range(0, n, QUERY_CHUNK):
-        stop = min(start + QUERY_CHUNK, n)
-        d, i = index.search(xn[start:stop], m + 1)  # one more to drop the query itself
-        sims, idx = torch.from_numpy(d), torch.from_numpy(i)
-        is_self = idx == torch.arange(start, stop)[:, None]
-        order = torch.argsort(is_self.to(torch.int8), dim=1, stable=True)[:, :m]  # self (if found) last
-        yield start, sims.gather(1, order).to(x.device), idx.gather(1, order).to(x.device)
-
-
-def _exact_top_k(x, start, sims, idx, k):
-    """Canonical top-k from sorted candidates: rows tied at the k-th place are recomputed in full."""
-    if sims.shape[1] > k:
-        tied = (sims[:, k - 1] == sims[:, k]).nonzero().flatten()
-        sims, idx = sims[:, :k].clone(), idx[:, :k].clone()
-        group = max(1, SIM_BUDGET // (4 * len(x)))  # rows recomputed at once (sims + int32 ranks)
-        for g in tied.split(group):
-            sims[g], idx[g] = _full_rows_top_k(x, g + start, k)
-    return _sort_by_sim_then_index(sims, idx)
-
-
-def _full_rows_top_k(x, rows, k):
-    """Top-k of whole similarity rows, ties at the boundary going to the lower index."""
-    sims = x[rows] @ x.T
-    sims[torch.arange(len(rows), device=x.device), rows] = -math.inf
-    kth = sims.topk(k, dim=1).values[:, -1:]
-    above = sims > kth
-    at = sims == kth
-    room = k - above.sum(1, keepdim=True)
-    chosen = above | (at & (at.cumsum(1, dtype=torch.int32) <= room))
-    idx = chosen.nonzero()[:, 1].view(len(rows), k)
-    return sims.gather(1, idx), idx
-
-
-def _sort_by_sim_then_index(sims, idx):
-    by_index = idx.argsort(dim=1)
-    sims, idx = sims.gather(1, by_index), idx.gather(1, by_index)
-    by_sim = sims.argsort(dim=1, descending=True, stable=True)
-    return sims.gather(1, by_sim), idx.gather(1, by_sim)
-
-
 # ---------------------------------------------------------------- retrieval metrics
 
 
@@ -234,7 +150,7 @@ def _retrieval(x, y, others, ks, k, map_r, backend):
     ap = np.zeros(n)
     rp = np.zeros(n)
     r_all = torch.as_tensor(others, device=x.device)
-    for start, _, idx in nearest_neighbors(x, k, backend):
+    for start, _, idx in knn.nearest_neighbors(x, k, backend):
         rows = slice(start, start + len(idx))
         same = y[idx] == y[rows, None]
         for j, K in enumerate(hit_ks):
@@ -295,7 +211,7 @@ def _kmeans_torch(x, k, niter, seed):
 
 def _nearest_centroid(x, centroids):
     half_sq = 0.5 * (centroids * centroids).sum(1)
-    step = max(1, SIM_BUDGET // len(centroids))
+    step = max(1, knn.SIM_BUDGET // len(centroids))
     return torch.cat([(x[s : s + step] @ centroids.T - half_sq).argmax(1) for s in range(0, len(x), step)])
 
 

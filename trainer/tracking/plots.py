@@ -1,16 +1,24 @@
-"""Pictures the tracker logs: retrieval grid, recall curve, per-class recall histogram.
+"""Pictures the tracker logs: retrieval grid (and which queries and neighbours it shows), recall curve,
+per-class recall histogram.
 
 Pure functions that write PNG files; matplotlib is used through its object API (no pyplot, no global
-backend switch), the grid is drawn with PIL.
+backend switch; imported on first use), the grid is drawn with PIL; neighbours come from the one kNN search
+(trainer.evaluation.knn).
 """
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from PIL import Image, ImageDraw, ImageFont, ImageOps
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+log = logging.getLogger("trainer.tracking")
+GRID_NEIGHBOURS = 8
 
 GREEN = (40, 170, 60)
 RED = (215, 40, 40)
@@ -18,7 +26,15 @@ GREY = (150, 150, 150)
 QUERY = (40, 90, 200)
 
 
+def _figure(**kwargs) -> Figure:
+    from matplotlib.figure import Figure
+
+    return Figure(**kwargs)
+
+
 def _save(fig: Figure, path: str) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
     FigureCanvasAgg(fig)
     fig.savefig(path, dpi=100, bbox_inches="tight")
 
@@ -93,7 +109,7 @@ def recall_curve(history: Sequence[tuple[int, Mapping[int, float]]], path: str) 
     The y axis is zoomed to the values (with a margin, within [0, 1]); returns its (low, high)."""
     if not history:
         raise ValueError("recall_curve: `history` is empty")
-    fig = Figure(figsize=(6, 4))
+    fig = _figure(figsize=(6, 4))
     ax = fig.add_subplot()
     colours = _shades(len(history))
     for (step, recalls), colour in zip(history, colours):
@@ -126,7 +142,7 @@ def recall_histogram(recall: np.ndarray, path: str, *, title: str = "per-class R
     """Histogram of per-class recall values in [0, 1] (NaNs, i.e. classes without a query, dropped)."""
     values = np.asarray(recall, dtype=float)
     values = values[~np.isnan(values)]
-    fig = Figure(figsize=(6, 4))
+    fig = _figure(figsize=(6, 4))
     ax = fig.add_subplot()
     ax.hist(values, bins=np.linspace(0, 1, 21), color="#3a6fb0", edgecolor="white")
     if len(values):
@@ -136,3 +152,59 @@ def recall_histogram(recall: np.ndarray, path: str, *, title: str = "per-class R
     ax.set_ylabel("classes")
     ax.set_title(f"{title} ({len(values)} classes)")
     _save(fig, path)
+
+
+# ----------------------------------------------------------------------------- what the retrieval grid shows
+
+
+def pick_queries(keys, labels: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
+    """A fixed set of n query indices spread over as many classes as possible: the classes in a seeded order,
+    taken round-robin, each giving its samples in key order (the same for the same evaluation set)."""
+    labels = np.asarray(labels)
+    order = np.argsort(np.asarray([str(k) for k in keys]), kind="stable")
+    classes = np.random.default_rng(seed).permutation(np.unique(labels))
+    per_class: dict = {c: [] for c in classes}
+    for i in order:  # one pass over the samples (not one per class: SOP has 11,318 classes)
+        per_class[labels[i]].append(int(i))
+    picks: list[int] = []
+    for depth in range(max((len(v) for v in per_class.values()), default=0)):
+        picks += [per_class[c][depth] for c in classes if depth < len(per_class[c])]
+        if len(picks) >= n:
+            break
+    return np.asarray(picks[:n], dtype=np.int64)
+
+
+def nearest_neighbours(embeddings, query_idx: np.ndarray, k: int = GRID_NEIGHBOURS) -> np.ndarray:
+    """Indices of the k most similar samples (cosine, ranked as the evaluation ranks them:
+    trainer.evaluation.knn) of each query, the query itself excluded."""
+    import torch
+
+    from trainer.evaluation.knn import neighbors_of
+
+    emb = torch.as_tensor(np.asarray(embeddings) if not torch.is_tensor(embeddings) else embeddings)
+    emb = torch.nn.functional.normalize(emb.detach().float().cpu(), dim=1)
+    k = min(k, emb.shape[0] - 1)
+    if k < 1:  # a single sample has no neighbour
+        return np.zeros((len(query_idx), 0), dtype=np.int64)
+    return neighbors_of(emb, torch.as_tensor(query_idx), k)[1].numpy()
+
+
+def retrieval_grid_of(result, image_lookup: Callable[[list[str]], Mapping[str, Any]], n_rows: int, path: str,
+                      title: str) -> None:
+    """The retrieval grid of an evaluation result (keys, labels, embeddings, per_class): n_rows fixed queries,
+    their GRID_NEIGHBOURS nearest neighbours, images from image_lookup (missing ones drawn grey)."""
+    keys = [str(k) for k in result.keys]
+    labels = np.asarray(result.labels.cpu() if hasattr(result.labels, "cpu") else result.labels)
+    queries = pick_queries(keys, labels, n_rows)
+    neighbours = nearest_neighbours(result.embeddings, queries)
+    rows = [{"key": keys[q], "label": int(labels[q]),
+             "neighbours": [(keys[j], int(labels[j])) for j in nb]} for q, nb in zip(queries, neighbours)]
+    wanted = sorted({keys[q] for q in queries} | {keys[j] for nb in neighbours for j in nb})
+    images = image_lookup(wanted)
+    missing = [k for k in wanted if k not in images]
+    if missing:
+        log.warning("retrieval grid: %d of %d images not found (e.g. %r)", len(missing), len(wanted), missing[0])
+    per_class, names = getattr(result, "per_class", None), None
+    if per_class is not None and {"class_index", "class_name"} <= set(per_class.columns):
+        names = dict(zip(per_class["class_index"].astype(int), per_class["class_name"].astype(str)))
+    retrieval_grid(rows, images, path, names=names, title=title)

@@ -1,0 +1,5 @@
+"""`python -m trainer.tracking upload RUN_DIR [--tracking-uri URI]` (trainer.tracking.upload)."""
+
+from trainer.tracking.upload import main
+
+main()

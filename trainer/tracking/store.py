@@ -1,0 +1,261 @@
+"""The MLflow calls of the tracker, for one tracking URI: where runs are stored (URI rules), creating or reopening
+a run, applying the tracker's events (params, tags, metrics, artifacts, dataset inputs, models), replaying a
+pending file; the dataset inputs and model options; MLflow's globals set for a block."""
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import json
+import logging
+import os
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+
+STORE_LOCK_WAIT_S = 120.0  # creating or upgrading a SQLite store waits at most this long for another process
+HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+}
+MAX_PARAMS_PER_BATCH = 100  # mlflow.utils.validation.MAX_PARAMS_TAGS_PER_BATCH
+MAX_METRICS_PER_BATCH = 1000  # mlflow.utils.validation.MAX_METRICS_PER_BATCH
+MAX_TAG_VALUE = 8000
+
+
+def apply_http_defaults() -> None:
+    """Short HTTP timeouts for MLflow's client unless the environment sets them (HTTP_DEFAULTS)."""
+    for key, value in HTTP_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+
+
+def default_tracking_uri(run_dir: str | os.PathLike) -> str:
+    return f"sqlite:///{Path(run_dir).resolve().parent / 'mlflow.db'}"
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a `sqlite:///PATH` URI (None for any other store)."""
+    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+
+
+def is_local_store(uri: str) -> bool:
+    """A store this process opens itself (SQLite, file): retried within seconds, not a minute."""
+    return uri.startswith(("sqlite:", "file:")) or "://" not in uri
+
+
+def resolve_tracking_uri(cfg_uri: str | None, run_dir: str | os.PathLike) -> str:
+    """Config key first, then $MLFLOW_TRACKING_URI, then the SQLite file beside the run directory."""
+    return cfg_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(run_dir)
+
+
+class Store:
+    """MLflow calls for one tracking URI; applies the tracker's events (also used by the upload CLI)."""
+
+    def __init__(self, uri: str, artifact_root: str | None = None):
+        from mlflow import MlflowClient
+
+        self.uri = uri
+        self.artifact_root = artifact_root
+        db = sqlite_path(uri)
+        if db is None:
+            self.client = MlflowClient(tracking_uri=uri)
+            return
+        # Opening a SQLite store creates or upgrades its schema; runs starting together on a new store race
+        # there ("duplicate column name"). One process at a time does it, under a lock file beside the store.
+        from filelock import FileLock
+
+        db.parent.mkdir(parents=True, exist_ok=True)
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # "Creating initial ... tables"
+        with FileLock(f"{db}.lock", timeout=STORE_LOCK_WAIT_S):
+            self.client = MlflowClient(tracking_uri=uri)
+            self.client.search_experiments(max_results=1)  # the store is ready before the lock is let go
+
+    def ensure_run(self, experiment: str, run_name: str, run_id: str | None, reopen: bool = True) -> str:
+        """The id of run `run_id` (set RUNNING again if `reopen`), or of a new run when it is None or unknown."""
+        from mlflow.exceptions import MlflowException
+
+        if run_id:
+            try:
+                run = self.client.get_run(run_id)
+            except MlflowException as e:
+                if getattr(e, "error_code", "") != "RESOURCE_DOES_NOT_EXIST":
+                    raise
+                warnings.warn(f"Tracker: MLflow run {run_id} does not exist at {self.uri}; starting a new run",
+                              RuntimeWarning, stacklevel=3)
+            else:
+                if reopen and run.info.status != "RUNNING":
+                    self.client.update_run(run_id, status="RUNNING")
+                return run_id
+        return self.client.create_run(self._experiment_id(experiment), run_name=run_name or None).info.run_id
+
+    def _experiment_id(self, name: str) -> str:
+        from mlflow.exceptions import MlflowException
+
+        exp = self.client.get_experiment_by_name(name)
+        if exp is not None:
+            return exp.experiment_id
+        location = f"{Path(self.artifact_root).as_uri()}/{name}" if self.artifact_root else None
+        try:
+            return self.client.create_experiment(name, artifact_location=location)
+        except MlflowException:  # created meanwhile by another process
+            exp = self.client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+            return exp.experiment_id
+
+    def apply(self, run_id: str, event: dict) -> None:
+        op = event["op"]
+        if op == "params":
+            self._log_params(run_id, event["params"])
+        elif op == "tags":
+            from mlflow.entities import RunTag
+
+            tags = [RunTag(k, str(v)[:MAX_TAG_VALUE]) for k, v in event["tags"].items()]
+            for i in range(0, len(tags), MAX_PARAMS_PER_BATCH):
+                self.client.log_batch(run_id, tags=tags[i : i + MAX_PARAMS_PER_BATCH])
+        elif op == "metrics":
+            from mlflow.entities import Metric
+
+            ts, step = int(event["timestamp"]), int(event["step"])
+            metrics = [Metric(k, float(v), ts, step) for k, v in event["metrics"].items()]
+            for i in range(0, len(metrics), MAX_METRICS_PER_BATCH):
+                self.client.log_batch(run_id, metrics=metrics[i : i + MAX_METRICS_PER_BATCH])
+        elif op == "artifacts":
+            self.client.log_artifacts(run_id, event["local"], event.get("artifact_path"))
+        elif op == "dataset":
+            from mlflow.entities import DatasetInput, InputTag
+
+            dataset = shard_dataset(event["location"], event["name"], event["digest"], event["profile"])
+            self.client.log_inputs(run_id, [DatasetInput(dataset._to_mlflow_entity(),
+                                                         [InputTag("mlflow.data.context", event["context"])])])
+        elif op == "model":
+            import mlflow.pytorch
+
+            model = mlflow.pytorch.load_model(event["local"], map_location="cpu")
+            self.log_model(run_id, model)
+        elif op == "end":
+            self.client.set_terminated(run_id, event["status"], int(event["timestamp"]))
+        else:
+            raise ValueError(f"unknown tracking event op {op!r}")
+
+    def _log_params(self, run_id: str, params: Mapping[str, str]) -> None:
+        """New keys become params (batches of 100); a key logged before with another value (a resumed run
+        with a changed config) cannot change in MLflow and goes to a `param_changed.<key>` tag instead."""
+        from mlflow.entities import Param, RunTag
+
+        existing = self.client.get_run(run_id).data.params
+        new = [Param(k, v) for k, v in params.items() if k not in existing]
+        changed = [RunTag(f"param_changed.{k}", v[:MAX_TAG_VALUE]) for k, v in params.items()
+                   if k in existing and existing[k] != v]
+        for i in range(0, len(new), MAX_PARAMS_PER_BATCH):
+            self.client.log_batch(run_id, params=new[i : i + MAX_PARAMS_PER_BATCH])
+        for i in range(0, len(changed), MAX_PARAMS_PER_BATCH):
+            self.client.log_batch(run_id, tags=changed[i : i + MAX_PARAMS_PER_BATCH])
+
+    def log_model(self, run_id: str, model) -> None:
+        import mlflow.pytorch
+
+        # mlflow.pytorch logs through the global client, and creates the LoggedModel in the active experiment
+        with mlflow_globals(self.uri, self.client.get_run(run_id).info.experiment_id):
+            info = mlflow.pytorch.log_model(model, name="model", run_id=run_id, **model_options())
+        self.client.set_tag(run_id, "model_uri", info.model_uri)
+
+    def replay(self, run_id: str, pending: Path) -> int:
+        """Apply the events of a pending file in order; the file keeps only those not yet applied."""
+        if not pending.exists():
+            return 0
+        events = [json.loads(line) for line in pending.read_text().splitlines() if line.strip()]
+        done = 0
+        try:
+            for event in events:
+                self.apply(run_id, event)
+                done += 1
+        finally:
+            rest = events[done:]
+            if rest:
+                pending.write_text("".join(json.dumps(e) + "\n" for e in rest))
+            else:
+                pending.unlink()
+        return done
+
+
+def _dataset_source(location: str):
+    """An mlflow.data source for a split location: the first registered source type that takes it (a local
+    folder, an http(s) URL; mlflow's own resolver warns when two registered types match), else a code source
+    carrying the location (a `pipe:` command)."""
+    from mlflow.data.code_dataset_source import CodeDatasetSource
+    from mlflow.data.dataset_source_registry import get_registered_sources
+
+    for source in get_registered_sources():
+        with contextlib.suppress(Exception):
+            if source._can_resolve(location):
+                return source._resolve(location)
+    return CodeDatasetSource({"location": location})
+
+
+def shard_dataset(location: str, name: str, digest: str, profile: dict):
+    """An mlflow.data MetaDataset of a shard split whose profile holds its counts (mlflow imported on use)."""
+    from mlflow.data.meta_dataset import MetaDataset
+
+    class ShardDataset(MetaDataset):
+        @property
+        def profile(self) -> dict:
+            return profile
+
+        def to_dict(self) -> dict[str, str]:
+            return {**super().to_dict(), "profile": json.dumps(profile)}
+
+    return ShardDataset(_dataset_source(location), name=name, digest=digest)
+
+
+@contextlib.contextmanager
+def mlflow_globals(uri: str, experiment_id: str | None = None):
+    """MLflow's global tracking URI (and active experiment) set for a block, then put back.
+
+    mlflow.set_tracking_uri / set_experiment also export MLFLOW_TRACKING_URI / MLFLOW_EXPERIMENT_ID to the
+    environment, which would redirect every later Tracker of the process (and its child processes): the
+    environment and both globals are restored on exit. Also for loading: `with mlflow_globals(uri):
+    mlflow.pytorch.load_model(f"runs:/{run_id}/model")`."""
+    import mlflow
+    from mlflow.tracking import fluent
+    from mlflow.tracking._tracking_service import utils as service
+
+    env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID")}
+    saved_uri, saved_experiment = service._tracking_uri, fluent._active_experiment_id
+    try:
+        mlflow.set_tracking_uri(uri)
+        if experiment_id is not None:
+            mlflow.set_experiment(experiment_id=experiment_id)
+        yield
+    finally:
+        mlflow.set_tracking_uri(saved_uri)
+        fluent._active_experiment_id = saved_experiment
+        for key, value in env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+class _QuietPickleWarning(logging.Filter):
+    """mlflow.pytorch warns on every pickled model; the tracker chose pickle on purpose (see model_options)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Pickle or CloudPickle" not in record.getMessage()
+
+
+logging.getLogger("mlflow.pytorch").addFilter(_QuietPickleWarning())
+
+
+def model_options() -> dict:
+    """mlflow.pytorch options: the pickled nn.Module (mlflow 3.17's default 'pt2' needs an input example
+    and loads back as an exported graph), pinned requirements instead of a slow inference subprocess."""
+    return {"serialization_format": "pickle", "pip_requirements": _pip_requirements()}
+
+
+def _pip_requirements() -> list[str]:
+    reqs = []
+    for pkg in ("torch", "torchvision", "timm"):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            reqs.append(f"{pkg}=={importlib.metadata.version(pkg)}")
+    return reqs

@@ -1,0 +1,242 @@
+"""The Tracker facade: what the training loop calls to log a run to MLflow (rank 0 logs, every other rank and
+disabled tracking do nothing). Each call turns into events (pictures and tables are written to
+`<run_dir>/tracking/artifacts/` first) that the sender thread (trainer.tracking.sender) delivers."""
+from __future__ import annotations
+
+import copy
+import hashlib
+import os
+import time
+import warnings
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from trainer.tracking import plots
+from trainer.tracking.sender import TRACKING_DIR, Sender
+from trainer.tracking.store import apply_http_defaults, default_tracking_uri, resolve_tracking_uri
+from trainer.tracking.summaries import (
+    flatten_config,
+    gpu_memory_metrics,
+    metric_key,
+    per_class_summary,
+    recall_at_k,
+    scalar,
+    system_facts,
+    to_container,
+    worst_classes,
+    worst_text,
+    write_csv,
+)
+
+STEP_DIR = "step-{:09d}"  # artifact folders per step, padded as the checkpoints (checkpoints/step-000000028.pt)
+DESCRIPTION_TAG = "mlflow.note.content"  # the run description the MLflow UI shows (markdown)
+
+
+class Tracker:
+    """Logs a training run to MLflow from rank 0; a no-op on other ranks and when `cfg.enabled` is false.
+
+    cfg: any object with enabled, tracking_uri, experiment, run_name, log_every_steps,
+    retrieval_grid_queries (trainer.config.TrackingConfig). config: the resolved run config (DictConfig
+    or dict), logged flattened as params and as config.yaml. resume_run_id: continue that MLflow run.
+    world_size: the run's, for the `sys.world_size` tag (default: $WORLD_SIZE, else 1).
+    """
+
+    def __init__(self, cfg, run_dir, *, rank: int = 0, config: Any = None, resume_run_id: str | None = None,
+                 world_size: int | None = None):
+        self.cfg = cfg
+        self.active = bool(cfg.enabled) and rank == 0
+        self._closed = False
+        if not self.active:
+            return
+        container = to_container(config)  # bad config type: an error before anything is created
+        apply_http_defaults()
+        self.run_dir = Path(run_dir)
+        self.dir = self.run_dir / TRACKING_DIR
+        self.uri = resolve_tracking_uri(getattr(cfg, "tracking_uri", ""), run_dir)
+        default_store = self.uri == default_tracking_uri(run_dir)
+        artifact_root = str(self.run_dir.resolve().parent / "mlartifacts") if default_store else None
+        self.experiment = cfg.experiment or "proxygml"
+        self.run_name = cfg.run_name or self.run_dir.name
+        # every MLflow call happens in one sender thread: a slow or hung server never blocks a step
+        self._sender = Sender(self.run_dir, self.uri, self.experiment, self.run_name, resume_run_id, artifact_root)
+        self._emit({"op": "tags", "tags": system_facts(world_size or int(os.environ.get("WORLD_SIZE", "1")))})
+        if container:
+            self._emit({"op": "params", "params": flatten_config(container)})
+            self._log_config_yaml(container)
+
+    # -- public API
+
+    def log_metrics(self, metrics: Mapping[str, Any], step: int) -> None:
+        """One batch of scalar metrics at `step` (tensors and numpy scalars welcome); GPU memory added."""
+        if not self.active:
+            return
+        values = {metric_key(k): scalar(k, v) for k, v in metrics.items()}
+        values.update(gpu_memory_metrics())
+        self._emit({"op": "metrics", "step": int(step), "timestamp": _now_ms(), "metrics": values})
+
+    def log_evaluation(self, result, step: int, epoch: int | None = None,
+                       image_lookup: Callable[[list[str]], Mapping[str, Any]] | None = None) -> None:
+        """All metrics of an EvalResult (as `eval/<name>`), the per-class table with its summaries, the
+        worst classes, a histogram of per-class recall, the recall curve and the retrieval grid (its images
+        from `image_lookup`, e.g. data_shards.lookup.shard_image_lookup(test_split_dir))."""
+        if not self.active or result is None or result.metrics is None:
+            return
+        metrics, texts = {}, {}
+        for k, v in result.metrics.items():
+            try:
+                metrics[f"eval/{metric_key(k)}"] = scalar(k, v)
+            except ValueError:  # not a number: kept as a tag rather than dropped
+                texts[f"eval.{metric_key(k)}"] = str(v)
+        if epoch is not None:
+            metrics["epoch"] = float(epoch)
+        out = self._artifact_dir(f"evaluations/{STEP_DIR.format(int(step))}")
+        per_class = getattr(result, "per_class", None)
+        if per_class is not None and len(per_class):
+            metrics.update({f"eval/{k}": v for k, v in per_class_summary(per_class).items()})
+            write_csv(per_class, out / "per_class_recall.csv")
+            worst = worst_classes(per_class)
+            write_csv(worst, out / "worst_classes.csv")
+            texts["eval.worst_classes"] = worst_text(worst.head(10))
+            self._picture(plots.recall_histogram, per_class["recall_at_1"].to_numpy(dtype=float),
+                          str(out / "per_class_recall_hist.png"), title=f"per-class Recall@1, step {step}")
+        recalls = recall_at_k(result.metrics)
+        if recalls:
+            self._sender.eval_history.append((int(step), recalls))
+            self._sender.write_state()
+            self._picture(plots.recall_curve, self._sender.eval_history, str(out / "recall_curve.png"))
+        n_rows = int(getattr(self.cfg, "retrieval_grid_queries", 0) or 0)
+        if image_lookup is not None and n_rows > 0:
+            title = f"retrieval at step {int(step)}" + (f", epoch {epoch}" if epoch is not None else "")
+            self._picture(self._retrieval_grid, result, image_lookup, n_rows, str(out / "retrieval_grid.png"),
+                          title)
+        self._emit({"op": "metrics", "step": int(step), "timestamp": _now_ms(), "metrics": metrics})
+        if texts:
+            self._emit({"op": "tags", "tags": texts})
+        self._emit({"op": "artifacts", "local": str(out), "artifact_path": out.relative_to(self._artifacts)
+                    .as_posix()})
+
+    def set_description(self, text: str) -> None:
+        """The run's description in the MLflow UI (markdown; the `mlflow.note.content` tag), replaced on each
+        call: e.g. dataset, backbone, loss, world size and the latest Recall@1."""
+        if self.active:
+            self._emit({"op": "tags", "tags": {DESCRIPTION_TAG: str(text)}})
+
+    def log_dataset(self, manifest, context: str) -> None:
+        """A shard split as an MLflow dataset input of the run (mlflow.data): name `<dataset>/<split>`, a digest
+        of its shards' sha256, its location as source, and its counts (samples, classes, shards) as profile.
+
+        manifest: data_shards.Manifest; context: "train" or "test" (the input's `mlflow.data.context` tag)."""
+        if not self.active:
+            return
+        digest = hashlib.sha256("".join(manifest.shard_sha256).encode()).hexdigest()[:8]
+        profile = {"samples": int(manifest.num_samples), "classes": int(manifest.num_classes),
+                   "shards": len(manifest.shard_names), "skipped": int((manifest.skipped or {}).get("count", 0))}
+        self._emit({"op": "dataset", "name": f"{manifest.dataset}/{manifest.split}", "digest": digest,
+                    "location": str(manifest.location), "profile": profile, "context": context})
+
+    def log_proxy_stats(self, stats, step: int) -> None:
+        """Proxy selection statistics since the counts were last reset: the summaries as metrics `proxy/*`, the
+        per-proxy and per-class vectors as CSV artifacts.
+
+        stats: `(summary: dict, per_proxy: DataFrame, per_class: DataFrame)` as the criterion's collective
+        `proxy_statistics()` gives them (computed and gathered by the caller, on every rank), or None when
+        there is nothing to log (no proxy selected since the last reset, or a criterion without proxies).
+        The tracker neither gathers nor resets the counts: the caller does."""
+        if not self.active or stats is None:
+            return
+        summary, per_proxy, per_class = stats
+        out = self._artifact_dir(f"proxies/{STEP_DIR.format(int(step))}")
+        write_csv(per_proxy, out / "proxy_selection.csv")
+        write_csv(per_class, out / "class_proxy_stats.csv")
+        self._emit({"op": "metrics", "step": int(step), "timestamp": _now_ms(), "metrics": summary})
+        self._emit({"op": "artifacts", "local": str(out), "artifact_path": out.relative_to(self._artifacts)
+                    .as_posix()})
+
+    def log_model(self, model) -> None:
+        """The embedding model (DDP/DeepSpeed/torch.compile wrappers removed, a CPU copy) with mlflow.pytorch
+        as `model` of the run: `mlflow.pytorch.load_model("runs:/<run_id>/model")` (or the run's `model_uri`
+        tag) loads it back where this project is importable. Offline, it is saved under tracking/model and
+        uploaded later. A model that cannot be serialised is reported with a warning, never fatal."""
+        if not self.active:
+            return
+        while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+            model = getattr(model, "module", None) or model._orig_mod
+        try:
+            cpu_model = copy.deepcopy(model).cpu().eval()
+        except Exception as e:
+            warnings.warn(f"Tracker.log_model: the model could not be copied: {e!r}", RuntimeWarning, stacklevel=2)
+            return
+        self._emit({"op": "model_object", "model": cpu_model})
+
+    def close(self, status: str = "FINISHED") -> None:
+        """End the MLflow run (FINISHED | FAILED | KILLED); says how to upload what could not be sent."""
+        if not self.active or self._closed:
+            return
+        self._closed = True
+        self._sender.close({"op": "end", "status": status, "timestamp": _now_ms()})
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        self.close("FAILED" if exc_type else "FINISHED")
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every event logged so far is delivered (or kept locally); False on timeout."""
+        return self._sender.flush(timeout) if self.active else True
+
+    @property
+    def run_id(self) -> str | None:
+        """The MLflow run id (None off rank 0, when disabled, or while the store has not answered yet: then
+        this waits up to START_WAIT_S for the sender thread's first connection attempt)."""
+        return self._sender.wait_run_id() if self.active else None
+
+    @property
+    def online(self) -> bool:
+        """Whether the last call to the store worked (events may still be queued: see flush)."""
+        return self.active and self._sender.online
+
+    @property
+    def pending(self) -> Path:
+        """`<run_dir>/tracking/pending.jsonl`: the events kept locally while the store failed."""
+        return self._sender.pending
+
+    @property
+    def _store(self):
+        return self._sender.store
+
+    # -- internals
+
+    @property
+    def _artifacts(self) -> Path:
+        return self.dir / "artifacts"
+
+    def _artifact_dir(self, rel: str) -> Path:
+        path = self._artifacts / rel
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def _log_config_yaml(self, container: dict) -> None:
+        from omegaconf import OmegaConf
+
+        out = self._artifact_dir("config")
+        (out / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(container)))
+        self._emit({"op": "artifacts", "local": str(out), "artifact_path": None})
+
+    def _retrieval_grid(self, result, image_lookup, n_rows: int, path: str, title: str) -> None:
+        plots.retrieval_grid_of(result, image_lookup, n_rows, path, title)
+
+    def _picture(self, fn, *args, **kwargs) -> None:
+        """A picture that fails to draw is reported, never fatal to training."""
+        try:
+            fn(*args, **kwargs)
+        except Exception as e:
+            warnings.warn(f"Tracker: could not draw {fn.__name__}: {e!r}", RuntimeWarning, stacklevel=3)
+
+    def _emit(self, event: dict) -> None:
+        self._sender.emit(event)
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)

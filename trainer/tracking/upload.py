@@ -1,0 +1,42 @@
+"""`python -m trainer.tracking upload RUN_DIR [--tracking-uri URI]`: send the events a run kept locally
+(tracking/pending.jsonl) while its MLflow store was unreachable, into the run of its state.json."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+from trainer.tracking.sender import TRACKING_DIR
+from trainer.tracking.store import Store, apply_http_defaults
+
+DESCRIPTION = "MLflow tracking of a training run: rank 0 logs, every other rank (and disabled tracking) does nothing."
+
+
+def upload(run_dir: str | os.PathLike, tracking_uri: str | None = None) -> str:
+    """Send a run directory's pending events (written while the server was down); returns the run id."""
+    tdir = Path(run_dir) / TRACKING_DIR
+    state_path = tdir / "state.json"
+    if not state_path.exists():
+        raise FileNotFoundError(f"upload: {state_path} not found: {run_dir!r} is not a tracked run directory")
+    state = json.loads(state_path.read_text())
+    uri = tracking_uri or state["tracking_uri"]
+    apply_http_defaults()
+    store = Store(uri, state.get("artifact_root"))
+    run_id = store.ensure_run(state["experiment"], state["run_name"], state.get("run_id"), reopen=False)
+    n = store.replay(run_id, tdir / "pending.jsonl")
+    state.update({"run_id": run_id, "tracking_uri": uri})
+    state_path.write_text(json.dumps(state, indent=1))
+    print(f"uploaded {n} pending events of {run_dir} to run {run_id} at {uri}")
+    return run_id
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m trainer.tracking", description=DESCRIPTION)
+    sub = parser.add_subparsers(dest="command", required=True)
+    up = sub.add_parser("upload", help="send the events a run kept locally while MLflow was unreachable")
+    up.add_argument("run_dir")
+    up.add_argument("--tracking-uri", default=None, help="default: the URI the run used (tracking/state.json)")
+    args = parser.parse_args(argv)
+    if args.command == "upload":
+        upload(args.run_dir, args.tracking_uri)
