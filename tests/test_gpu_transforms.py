@@ -13,6 +13,7 @@ from PIL import Image
 from scipy.stats import ks_2samp
 from torchvision.transforms import InterpolationMode
 
+from data_shards import check_decode, eval_loader, train_loader
 from data_shards.gpu_transforms import (
     DecodeStats,
     DeviceTransform,
@@ -20,7 +21,6 @@ from data_shards.gpu_transforms import (
     device_batches,
     sample_crop_boxes,
 )
-from data_shards import check_decode, eval_loader, train_loader
 from data_shards.stream import fill_from_nearest
 from data_shards.transforms import INTERPOLATIONS, TransformConfig, decode_image, eval_transform, train_transform
 
