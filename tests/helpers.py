@@ -33,6 +33,7 @@ def _rank_main(fn, rank: int, world_size: int, port: int, out_dir: str, args: tu
         value = fn(rank, world_size, *args)
         torch.save(("ok", value), os.path.join(out_dir, f"rank{rank}.pt"))
         if dist.is_initialized():  # fn may have left the group itself
+            dist.barrier()  # no rank tears the group down while another still talks to it (SIGABRT at exit)
             dist.destroy_process_group()
         code = 0
     except BaseException:  # noqa: BLE001 - whatever it is, the parent shows it

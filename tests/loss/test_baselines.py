@@ -1,14 +1,11 @@
 """pytorch-metric-learning losses behind ProxyGML's interface, on one process and gathered over 2 gloo ranks."""
 
-import os
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from loss.baselines import MetricLoss
+from tests.helpers import run_on_gloo_ranks
 
 CASES = [
     ("NormalizedSoftmaxLoss", {}, None, True),
@@ -55,12 +52,6 @@ def test_bad_labels_raise():
         crit(torch.randn(4, 7), torch.tensor([0, 1, 2, 3]))
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _data():
     g = torch.Generator().manual_seed(1)
     return torch.randn(16, 6, generator=g), torch.arange(16) % 4
@@ -82,50 +73,29 @@ def _grads(name, miner, x, y):
     return loss.detach(), [p.grad.clone() for p in [*net.parameters(), *crit.proxy_parameters()]]
 
 
-def _worker(rank, world, port, name, miner, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        x, y = _data()
-        share = x.shape[0] // world
-        net = _net()
-        crit = MetricLoss(name, num_classes=4, dim=8, miner=miner, gather=True)
-        torch.manual_seed(4)
-        for p in crit.proxy_parameters():
-            torch.nn.init.normal_(p)
-        sl = slice(rank * share, (rank + 1) * share)
-        loss = crit(torch.nn.functional.normalize(net(x[sl]), dim=1), y[sl])
-        loss.backward()
-        grads = [p.grad.clone() for p in [*net.parameters(), *crit.proxy_parameters()]]
-        for g in grads:  # what DDP does: average over ranks
-            dist.all_reduce(g)
-            g /= world
-        if rank == 0:
-            out.put((loss.item(), [g.numpy() for g in grads]))  # by value: tensors die with the process
-        dist.barrier()  # no rank tears the group down while another still talks to it (SIGABRT at exit)
-    finally:
-        dist.destroy_process_group()
-    # Success: flush the queue, then leave without C++ static destructors (gloo's threads sometimes abort
-    # the process at interpreter exit, "terminate called without an active exception").
-    out.close()
-    out.join_thread()
-    os._exit(0)
+def _worker(rank, world, name, miner):
+    x, y = _data()
+    share = x.shape[0] // world
+    net = _net()
+    crit = MetricLoss(name, num_classes=4, dim=8, miner=miner, gather=True)
+    torch.manual_seed(4)
+    for p in crit.proxy_parameters():
+        torch.nn.init.normal_(p)
+    sl = slice(rank * share, (rank + 1) * share)
+    loss = crit(torch.nn.functional.normalize(net(x[sl]), dim=1), y[sl])
+    loss.backward()
+    grads = [p.grad.clone() for p in [*net.parameters(), *crit.proxy_parameters()]]
+    for g in grads:  # what DDP does: average over ranks
+        dist.all_reduce(g)
+        g /= world
+    return loss.item(), grads
 
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("name,miner", [("MultiSimilarityLoss", "MultiSimilarityMiner"), ("ProxyAnchorLoss", None)])
 def test_gather_equals_one_process_on_global_batch(name, miner):
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, 2, port, name, miner, out)) for r in range(2)]
-    for p in procs:
-        p.start()
-    loss, grads = out.get(timeout=120)
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    loss, grads = run_on_gloo_ranks(_worker, 2, name, miner)[0]
     ref_loss, ref_grads = _grads(name, miner, *_data())
     assert loss == pytest.approx(ref_loss.item(), rel=1e-5)
     for g, r in zip(grads, ref_grads):
-        torch.testing.assert_close(torch.from_numpy(g), r, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)

@@ -1,30 +1,22 @@
 """local / gather / sharded ProxyGML on gloo CPU ranks equal one process on the concatenated batch."""
 
 import itertools
-import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from loss import ProxyGML
 from loss.distributed import block, build_criterion, ddp_ignore
+from tests.helpers import run_on_gloo_ranks
 
 SWITCHES = list(itertools.product([True, False], repeat=3))  # pos_mask, class_mask, proxy_reg
 # (C, N, dim, r): uneven class blocks (7 over 2 or 4 ranks), k >= N, k < N, k = C*N
 SHAPES = [(7, 2, 8, 0.2), (9, 3, 6, 0.05), (7, 1, 5, 1.0), (13, 2, 8, 0.1)]
 SIZES = {2: [3, 5], 4: [2, 3, 1, 4]}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def close(got: torch.Tensor, want: torch.Tensor, what: str, rel: float = 1e-5) -> None:
@@ -157,27 +149,20 @@ def check_resharding(rank, size):
         reloaded.load_full_state_dict({"proxies": full["proxies"][:-1]})
 
 
-def worker(rank, size, port, mode, shapes, switches, extras):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=size)
-    try:
-        for seed, (shape, sw) in enumerate(itertools.product(shapes, switches)):
-            check_against_one_process(mode, rank, size, seed, shape, sw)
-        check_against_one_process(mode, rank, size, 99, SHAPES[0], SWITCHES[0], lam=0.0)
-        if "steps" in extras:
-            check_optimizer_steps(mode, rank, size)
-        if "ties" in extras:
-            check_tie_break(rank, size)
-        if "reshard" in extras:
-            check_resharding(rank, size)
-        dist.barrier()  # no rank tears the group down while another still talks to it (SIGABRT at exit)
-    finally:
-        dist.destroy_process_group()
+def worker(rank, size, mode, shapes, switches, extras):
+    for seed, (shape, sw) in enumerate(itertools.product(shapes, switches)):
+        check_against_one_process(mode, rank, size, seed, shape, sw)
+    check_against_one_process(mode, rank, size, 99, SHAPES[0], SWITCHES[0], lam=0.0)
+    if "steps" in extras:
+        check_optimizer_steps(mode, rank, size)
+    if "ties" in extras:
+        check_tie_break(rank, size)
+    if "reshard" in extras:
+        check_resharding(rank, size)
 
 
 def spawn(size, mode, shapes, switches, extras=()):
-    mp.spawn(worker, args=(size, free_port(), mode, shapes, switches, extras), nprocs=size, join=True)
+    run_on_gloo_ranks(worker, size, mode, shapes, switches, extras, timeout=840)
 
 
 @pytest.mark.distributed

@@ -1,15 +1,13 @@
 """trainer.evaluate: embedding, gathering over real gloo groups with uneven per-rank counts, de-duplication."""
 
 import os
-import socket
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from tests.helpers import run_on_gloo_ranks
 from trainer.evaluate import EvalResult, deduplicate, evaluate, gather_to_rank0
 from trainer.metrics import compute_metrics
 
@@ -101,39 +99,17 @@ def test_bad_config_and_batches_are_named():
 # ---------------------------------------------------------------- two ranks over gloo
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def spawn(fn, world_size, *args):
-    port = free_port()
-    mp.start_processes(fn, args=(world_size, port, *args), nprocs=world_size, start_method="spawn")
-
-
-def init(rank, world_size, port):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
-
-
 # Uneven shares: rank 0 has 23 samples, rank 1 17 plus 3 padding duplicates of rank 0's, rank 2 none.
 SHARES = [list(range(23)), list(range(23, N)) + [0, 5, 22], []]
 
 
-def _evaluate_worker(rank, world_size, port, out_dir, shares, wrap_ddp):
-    init(rank, world_size, port)
-    try:
-        net = model()
-        if wrap_ddp:
-            net = torch.nn.parallel.DistributedDataParallel(net)
-        result = evaluate(net, batches(shares[rank]), device="cpu", cfg_eval=CFG)
-        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
-        _fail_on_last_rank(rank, world_size, out_dir)  # same group: saves starting processes again
-        dist.barrier()  # no rank tears the group down while another still talks to it (SIGABRT at exit)
-    finally:
-        dist.destroy_process_group()
+def _evaluate_worker(rank, world_size, out_dir, shares, wrap_ddp):
+    net = model()
+    if wrap_ddp:
+        net = torch.nn.parallel.DistributedDataParallel(net)
+    result = evaluate(net, batches(shares[rank]), device="cpu", cfg_eval=CFG)
+    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    _fail_on_last_rank(rank, world_size, out_dir)  # same group: saves starting processes again
 
 
 class Exploding:
@@ -161,7 +137,7 @@ def _fail_on_last_rank(rank, world_size, out_dir):
 def test_ranks_with_uneven_counts_count_every_sample_once(tmp_path, world_size, wrap_ddp):
     """Then, in the same group, a rank failing mid-stream makes every rank raise instead of hanging."""
     shares = SHARES[:world_size] if world_size == 3 else [SHARES[0], SHARES[1]]
-    spawn(_evaluate_worker, world_size, str(tmp_path), shares, wrap_ddp)
+    run_on_gloo_ranks(_evaluate_worker, world_size, str(tmp_path), shares, wrap_ddp)
     results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
     main = results[0]
     for other in results[1:]:
@@ -183,24 +159,19 @@ def test_ranks_with_uneven_counts_count_every_sample_once(tmp_path, world_size, 
     assert (tmp_path / f"rank{last}.txt").read_text() == "OSError: shard unreadable"
 
 
-def _gather_worker(rank, world_size, port, out_dir):
-    init(rank, world_size, port)
-    try:
-        counts = [5, 0, 2]
-        n = counts[rank]
-        emb = torch.full((n, 3), float(rank)) + torch.arange(n, dtype=torch.float32)[:, None]
-        keys = [f"r{rank}-{i}" for i in range(n)]
-        got = gather_to_rank0((emb, torch.full((n,), rank), keys), device=torch.device("cpu"))
-        torch.save(got, os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.barrier()  # no rank tears the group down while another still talks to it (SIGABRT at exit)
-    finally:
-        dist.destroy_process_group()
+def _gather_worker(rank, world_size, out_dir):
+    counts = [5, 0, 2]
+    n = counts[rank]
+    emb = torch.full((n, 3), float(rank)) + torch.arange(n, dtype=torch.float32)[:, None]
+    keys = [f"r{rank}-{i}" for i in range(n)]
+    got = gather_to_rank0((emb, torch.full((n,), rank), keys), device=torch.device("cpu"))
+    torch.save(got, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_gather_pads_and_trims_uneven_counts(tmp_path):
-    spawn(_gather_worker, 3, str(tmp_path))
+    run_on_gloo_ranks(_gather_worker, 3, str(tmp_path))
     emb, labels, keys = torch.load(tmp_path / "rank0.pt")
     assert keys == [f"r0-{i}" for i in range(5)] + ["r2-0", "r2-1"]
     assert labels.tolist() == [0] * 5 + [2] * 2
