@@ -17,24 +17,17 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
+from tests.helpers import free_port, run_on_gloo_ranks
 from trainer.deepspeed_engine import DeepSpeedConfigError, load_ds_config
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))  # the repository
 STEPS, WARM, MILESTONE, PER_RANK, CLASSES = 6, 2, 4, 4, 5
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -159,10 +152,8 @@ def flat_buffers(module) -> torch.Tensor:
     return torch.cat([b.reshape(-1).float() for n, b in module.named_buffers() if "selection_counts" not in n])
 
 
-def worker(rank: int, world: int, port: int, tmp: str):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
-    torch.set_num_threads(1)
+def worker(rank: int, world: int, tmp: str):
+    os.environ.update(DS_ACCELERATOR="cpu")  # RANK, WORLD_SIZE, LOCAL_RANK, MASTER_*: set by run_on_gloo_ranks
     from loss import collectives as C
     from trainer import distributed as D
     env = D.setup("cpu")
@@ -242,7 +233,7 @@ def worker(rank: int, world: int, port: int, tmp: str):
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     tmp = str(tmp_path_factory.mktemp("ds2"))
-    mp.start_processes(worker, args=(2, free_port(), tmp), nprocs=2, join=True, start_method="spawn")
+    run_on_gloo_ranks(worker, 2, tmp, timeout=840)
     return [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=False) for r in range(2)], tmp
 
 
@@ -298,10 +289,9 @@ def test_save_resume_continue(two_ranks, stage):
     assert os.path.isdir(os.path.join(ref["dir"], ref["tag"]))
 
 
-def one_rank_resume_worker(rank: int, port: int, tmp: str, results_path: str):
+def one_rank_resume_worker(rank: int, world: int, tmp: str, results_path: str):
     """Resume the 2-rank checkpoints of `two_ranks` on 1 rank; report the optimizer state found."""
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                      DS_ACCELERATOR="cpu")
+    os.environ.update(DS_ACCELERATOR="cpu")  # RANK, WORLD_SIZE, LOCAL_RANK, MASTER_*: set by run_on_gloo_ranks
     from trainer import distributed as D
     env = D.setup("cpu")
     saved = torch.load(results_path, weights_only=False)
@@ -329,8 +319,7 @@ def one_rank_resume_worker(rank: int, port: int, tmp: str, results_path: str):
 def test_resume_two_rank_checkpoint_on_one_rank(two_ranks):
     """ZeRO 1/2 go through DeepSpeed's universal checkpoint; every Adam moment comes back exactly."""
     results, tmp = two_ranks
-    mp.start_processes(one_rank_resume_worker, args=(free_port(), tmp, os.path.join(tmp, "rank0.pt")), nprocs=1,
-                       join=True, start_method="spawn")
+    run_on_gloo_ranks(one_rank_resume_worker, 1, tmp, os.path.join(tmp, "rank0.pt"), timeout=840)
     one = torch.load(os.path.join(tmp, "one_rank.pt"), weights_only=False)
     for stage in (0, 1, 2):
         saved = results[0][f"ckpt{stage}"]["opt_state"]

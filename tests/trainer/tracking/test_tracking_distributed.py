@@ -3,7 +3,6 @@ counts summed over ranks; sharded mode: every rank's block of counts and proxies
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import mlflow
@@ -11,44 +10,37 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from tests.trainer.tracking.test_tracking import free_port, no_mlflow_env  # noqa: F401 (autouse fixture)
+from tests.helpers import run_on_gloo_ranks
+from tests.trainer.tracking.test_tracking import no_mlflow_env  # noqa: F401 (autouse fixture)
 from trainer import tracking
 
 pytestmark = [pytest.mark.distributed, pytest.mark.filterwarnings("ignore::UserWarning")]
 MODES = ("local", "sharded")
 
 
-def _worker(rank: int, port: int, tmp: str) -> None:
+def _worker(rank: int, world: int, tmp: str) -> None:
     from loss.distributed import build_criterion
     from trainer.config import TrackingConfig
     from trainer.tracking import Tracker
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        tracker = Tracker(TrackingConfig(enabled=True, experiment="dist"), Path(tmp) / "run", rank=rank,
-                          config={"loss": {"proxies_per_class": 2}})
-        for step, mode in enumerate(MODES, start=1):
-            crit = build_criterion(mode, 6, 8, proxies_per_class=2)
-            gen = torch.Generator().manual_seed(rank)
-            x = torch.nn.functional.normalize(torch.randn(12, 8, generator=gen), dim=1)
-            crit(x, torch.randint(0, 6, (12,), generator=gen))
-            torch.save({"counts": crit.selection_counts.clone(), "proxies": crit.proxies.detach().clone()},
-                       Path(tmp) / f"{mode}-rank{rank}.pt")
-            tracker.log_proxy_stats(crit, step)
-            assert int(crit.selection_counts.sum()) == 0
-        assert (tracker.run_id is None) == (rank != 0)
-        tracker.close()
-        dist.barrier()  # no rank tears the group down while another still talks to it (SIGABRT at exit)
-    finally:
-        dist.destroy_process_group()
+    tracker = Tracker(TrackingConfig(enabled=True, experiment="dist"), Path(tmp) / "run", rank=rank,
+                      config={"loss": {"proxies_per_class": 2}})
+    for step, mode in enumerate(MODES, start=1):
+        crit = build_criterion(mode, 6, 8, proxies_per_class=2)
+        gen = torch.Generator().manual_seed(rank)
+        x = torch.nn.functional.normalize(torch.randn(12, 8, generator=gen), dim=1)
+        crit(x, torch.randint(0, 6, (12,), generator=gen))
+        torch.save({"counts": crit.selection_counts.clone(), "proxies": crit.proxies.detach().clone()},
+                   Path(tmp) / f"{mode}-rank{rank}.pt")
+        tracker.log_proxy_stats(crit, step)
+        assert int(crit.selection_counts.sum()) == 0
+    assert (tracker.run_id is None) == (rank != 0)
+    tracker.close()
 
 
 def test_proxy_stats_gathered_over_ranks(tmp_path):
-    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    run_on_gloo_ranks(_worker, 2, str(tmp_path))
     state = json.loads((tmp_path / "run" / "tracking" / "state.json").read_text())
     client = mlflow.MlflowClient(state["tracking_uri"])
     history = {m.step: m.value for m in client.get_metric_history(state["run_id"], "proxy/never_selected_share")}
