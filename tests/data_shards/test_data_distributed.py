@@ -7,7 +7,6 @@ intact splits are read with the default verify="quick", its start-up work shared
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 
@@ -16,6 +15,7 @@ import pytest
 from data_shards import read_manifest, write_dataset
 from tests.data_shards.test_data_layouts import REPO, make_cars, make_cub, make_sop, read_split
 from tests.data_shards.test_data_stream import damaged_copy
+from tests.helpers import free_port
 
 SCRIPT = r'''
 import json, os, sys
@@ -53,12 +53,6 @@ with open(os.path.join(sys.argv[3], f"rank{rank}.json"), "w") as f:
 dist.barrier()
 dist.destroy_process_group()
 '''
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.distributed

@@ -6,13 +6,13 @@ import contextlib
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
 
+from tests.helpers import free_port
 from trainer.checkpoint import Checkpointer, load
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))  # the repository
@@ -21,12 +21,6 @@ MULTI = os.path.join(ROOT, "launch", "multi_node.sh")
 STEPS_PER_EPOCH = 14  # the digits demo: 901 training images (classes 0-4), global batch 64
 
 pytestmark = pytest.mark.distributed
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Jobs:

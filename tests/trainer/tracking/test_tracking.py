@@ -19,6 +19,7 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
+from tests.helpers import free_port
 from trainer import tracking
 from trainer.config import Config, TrackingConfig
 from trainer.tracking import Tracker
@@ -50,12 +51,6 @@ def client_for(tracker_or_uri):
 
 def metric_steps(client, run_id, key):
     return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ----------------------------------------------------------------------------- a real evaluation

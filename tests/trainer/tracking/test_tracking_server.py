@@ -18,7 +18,8 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.trainer.tracking.test_tracking import eval_result, free_port, metric_steps, no_mlflow_env, shards  # noqa: F401
+from tests.helpers import free_port
+from tests.trainer.tracking.test_tracking import eval_result, metric_steps, no_mlflow_env, shards  # noqa: F401
 from trainer import tracking
 from trainer.config import TrackingConfig
 from trainer.tracking import Tracker
