@@ -5,23 +5,12 @@ from collections import Counter
 import pytest
 import torch
 
-from data_shards import TransformConfig, read_manifest, train_loader, write_dataset
+from data_shards import TransformConfig, train_loader
 from data_shards.errors import DataError
 from data_shards.stream import m_per_class_groups
-from tests.data_shards.test_data_layouts import make_folder
 
 TF = TransformConfig(image_size=16, resize_size=16)
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    """12 classes x 8 JPEGs (96) in several small shards, and the same in one shard."""
-    root = tmp_path_factory.mktemp("sampler")
-    src = make_folder(str(root / "src"), classes=12, per_class=8)
-    write_dataset("folder", src, root / "many", train_fraction=1.0, shard_size="12kB", progress=False)
-    write_dataset("folder", src, root / "one", train_fraction=1.0, shard_size="1GB", progress=False)
-    assert len(read_manifest(root / "many" / "train").shards) >= 5
-    return root
+FOLDER = (12, 8)  # the `shards` fixture (conftest.py): 12 classes x 8 JPEGs (96)
 
 
 def balanced(labels: torch.Tensor, m: int) -> bool:

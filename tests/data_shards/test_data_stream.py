@@ -12,22 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from data_shards import DamagedShard, TransformConfig, eval_loader, read_manifest, train_loader, write_dataset
+from data_shards import DamagedShard, TransformConfig, eval_loader, read_manifest, train_loader
 from data_shards.transforms import decode_image
-from tests.data_shards.test_data_layouts import make_folder, read_split
+from tests.data_shards.test_data_layouts import read_split
 
 TF = TransformConfig(image_size=24, resize_size=28)
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    """A 60-image train split in 9 shards and a 30-image test split in a single shard."""
-    root = tmp_path_factory.mktemp("stream")
-    src = make_folder(str(root / "src"), classes=18, per_class=5)
-    write_dataset("folder", src, root / "many", train_fraction=1.0, shard_size="12kB", progress=False)
-    write_dataset("folder", src, root / "one", train_fraction=1.0, shard_size="1GB", progress=False)
-    assert len(read_manifest(root / "one" / "train").shards) == 1
-    return root
+FOLDER = (18, 5)  # the `shards` fixture (conftest.py): 18 classes x 5 JPEGs (90)
 
 
 def batches(loader):
