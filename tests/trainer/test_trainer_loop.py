@@ -120,14 +120,21 @@ def test_two_gloo_ranks_then_resume_on_one(shards, tmp_path, mode):
     assert (state["epoch"], state["step"], state["world_size"]) == (2, 28, 1)
 
 
-def test_warmup_epoch_trains_only_head_and_proxies(shards, tmp_path):
-    overrides = tiny(shards, tmp_path, "train.max_steps=14")  # stop at the end of the warm-up epoch
+def run_warmup_epoch(shards, tmp_path, *more):
+    """The tiny run stopped at the end of its warm-up epoch (train.max_steps=14), in this process: the model's
+    initial state dict (the Trainer's init: same seed, same order) and the last checkpoint."""
+    overrides = tiny(shards, tmp_path, *more, "train.max_steps=14")
     cfg = load_config("demo", overrides)
     torch.manual_seed(cfg.run.seed)
-    initial = build_model(cfg.model).state_dict()  # the Trainer's init: same seed, same order
+    initial = build_model(cfg.model).state_dict()
     run_in_process(overrides)
     state, _ = final_weights(tmp_path / "t")
     assert (state["epoch"], state["batch_in_epoch"]) == (0, 14)
+    return initial, state
+
+
+def test_warmup_epoch_trains_only_head_and_proxies(shards, tmp_path):
+    initial, state = run_warmup_epoch(shards, tmp_path)
     for k, v in initial.items():
         if k.startswith("backbone.") and "running" not in k and "num_batches" not in k:
             torch.testing.assert_close(state["model"][k], v, rtol=0, atol=0, msg=k)

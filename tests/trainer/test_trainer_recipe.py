@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from tests.trainer.test_trainer_loop import final_weights, run_in_process, tiny
+from tests.trainer.test_trainer_loop import final_weights, run_in_process, run_warmup_epoch, tiny
 from trainer.config import ConfigError, load_config
 from trainer.model import build_model
 
@@ -53,13 +53,7 @@ def test_warmup_freezes_the_backbone_for_the_warmup_epoch_only(shards, tmp_path)
     unchanged and the head moved; after the second epoch the convolutions and BN affines moved, the BN running
     statistics never did."""
     keys = ["model.freeze_bn=true", "model.freeze_bn_affine=false", "model.embedding_init=torch_default"]
-    overrides = tiny(shards, tmp_path, *keys, "train.max_steps=14")
-    cfg = load_config("demo", overrides)
-    torch.manual_seed(cfg.run.seed)
-    initial = build_model(cfg.model).state_dict()  # the Trainer's init: same seed, same order
-    run_in_process(overrides)
-    state, _ = final_weights(tmp_path / "t")
-    assert (state["epoch"], state["batch_in_epoch"]) == (0, 14)
+    initial, state = run_warmup_epoch(shards, tmp_path, *keys)
     for k, v in initial.items():
         if k.startswith("backbone."):
             torch.testing.assert_close(state["model"][k], v, rtol=0, atol=0, msg=k)
