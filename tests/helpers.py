@@ -59,15 +59,18 @@ def run_on_gloo_ranks(fn, world_size: int, *args, timeout: float = 300.0) -> lis
             p.start()
         end = time.monotonic() + timeout
         pending = list(procs)
-        while pending and time.monotonic() < end:
-            multiprocessing.connection.wait([p.sentinel for p in pending], timeout=end - time.monotonic())
-            pending = [p for p in pending if p.exitcode is None]
-            if any(p.exitcode for p in procs):  # a rank failed: the others may wait in a collective forever
-                end = min(end, time.monotonic() + GRACE_S)
-        for p in pending:
-            p.kill()
-        for p in procs:
-            p.join(10)
+        try:
+            while pending and time.monotonic() < end:
+                multiprocessing.connection.wait([p.sentinel for p in pending], timeout=end - time.monotonic())
+                pending = [p for p in pending if p.exitcode is None]
+                if any(p.exitcode for p in procs):  # a rank failed: the others may wait in a collective forever
+                    end = min(end, time.monotonic() + GRACE_S)
+        finally:  # also when the parent is interrupted: no rank outlives the call
+            other_failed = any(p.exitcode for p in procs)  # before the kills: why the rest was stopped
+            for p in pending:
+                p.kill()
+            for p in procs:
+                p.join(10)
         values, failures = [], []
         for r, p in enumerate(procs):
             path = os.path.join(out_dir, f"rank{r}.pt")
@@ -76,9 +79,10 @@ def run_on_gloo_ranks(fn, world_size: int, *args, timeout: float = 300.0) -> lis
             if status == "error":
                 failures.append(f"--- rank {r} raised:\n{value}")
             elif status is None:
-                why = "still running, killed" if p in pending else f"exit code {p.exitcode}, no result"
+                why = (f"exit code {p.exitcode}, no result" if p not in pending else
+                       f"still running {GRACE_S:g} s after another rank failed, killed" if other_failed else
+                       f"still running at the timeout ({timeout:g} s), killed")
                 failures.append(f"--- rank {r}: {why}")
     if failures:
-        timed_out = f" (timeout {timeout:g} s)" if pending else ""
-        raise RuntimeError(f"{len(failures)} of {world_size} gloo ranks failed{timed_out}:\n" + "\n".join(failures))
+        raise RuntimeError(f"{len(failures)} of {world_size} gloo ranks failed:\n" + "\n".join(failures))
     return values
