@@ -390,7 +390,7 @@ def test_one_plain_process_no_env_no_compile(tmp_path, stage):
 
 
 def tiny_cli(shards, out, ds_json, *more):
-    """tests/test_trainer_loop.py's seconds-long run: 2 epochs of 14 steps, warm-up epoch, milestone at 1."""
+    """tests/trainer/test_trainer_loop.py's seconds-long run: 2 epochs of 14 steps, warm-up epoch, milestone at 1."""
     engine = ["engine.name=deepspeed", f"engine.deepspeed_config={ds_json}"] if ds_json else []
     return [sys.executable, "-m", "trainer", "--config", "demo", "data.prepare=none", f"data.root={shards}",
             f"run.output_dir={out}", "run.name=t", "run.device=cpu", "run.deterministic=true",
