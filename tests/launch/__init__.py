@@ -1,0 +1,1 @@
+"""Tests of launch/: torchrun launcher, elastic restarts, container and SLURM scripts."""

@@ -1,0 +1,1 @@
+"""Tests of loss/: ProxyGML, its distributed forms, the baselines and the proxy statistics."""

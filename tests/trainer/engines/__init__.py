@@ -1,0 +1,1 @@
+"""Tests of trainer/engines: the DeepSpeed engine against DDP."""

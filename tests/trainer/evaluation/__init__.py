@@ -1,0 +1,1 @@
+"""Tests of trainer/evaluation: metrics, evaluate (one process and gloo ranks) and the evaluate CLI."""
