@@ -25,7 +25,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from trainer.deepspeed_engine import DeepSpeedConfigError, load_ds_config
+from trainer.engines.deepspeed_config import DeepSpeedConfigError, load_ds_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, WARM, MILESTONE, PER_RANK, CLASSES = 6, 2, 4, 4, 5
@@ -109,7 +109,8 @@ def make_cfg(engine: str, ds_json: str, tmp: str, grad_clip: float = 0.5, amp: s
 def build(cfg, env, seed=0):
     """The trainer's pieces: small_cnn embedder, real ProxyGML, 3 param groups, MultiStepLR."""
     from loss import ProxyGML
-    from trainer.engine import TrainModule, build_engine
+    from trainer.engines import TrainModule, build_engine
+    from trainer.loop import amp_dtype
     from trainer.model import build_model
     torch.manual_seed(seed)
     embedder = build_model(cfg.model)
@@ -121,7 +122,13 @@ def build(cfg, env, seed=0):
     opt = torch.optim.Adam(groups, eps=0.01, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, [1], 0.1)  # stepped once, at step MILESTONE
     embedder.set_backbone_trainable(False)
-    engine = build_engine(cfg, module, opt, env)
+    ckpt_dir = cfg.checkpoint.dir or os.path.join(cfg.run.output_dir, cfg.run.name, "checkpoints")
+    engine = build_engine(cfg.engine.name, module, opt, env, grad_clip=cfg.train.grad_clip,
+                          find_unused_parameters=cfg.engine.find_unused_parameters,
+                          deepspeed_config=cfg.engine.deepspeed_config,
+                          per_rank_batch=cfg.train.batch_size // env.world_size,
+                          autocast_dtype=amp_dtype(cfg.train, env.device), checkpoint_dir=ckpt_dir,
+                          keep_last=cfg.checkpoint.keep_last)
     return module, opt, sched, engine
 
 
@@ -230,7 +237,7 @@ def worker(rank: int, world: int, port: int, tmp: str):
         out[f"ckpt{stage}"] = dict(cont=cont, resumed=resumed, final=final, final_resumed=flat_weights(module2),
                                    ref=opt_ref, saved_weights=plain, opt_state=opt_state)
         if rank == 0:
-            from trainer.deepspeed_engine import consolidated_state_dict, split_state_dict
+            from trainer.engines.deepspeed_export import consolidated_state_dict, split_state_dict
             model_sd, crit_sd = split_state_dict(consolidated_state_dict(opt_ref["deepspeed"]["dir"],
                                                                          opt_ref["deepspeed"]["tag"]))
             out[f"ckpt{stage}"]["exported"] = dict(model=model_sd, criterion=crit_sd)

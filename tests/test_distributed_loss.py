@@ -13,7 +13,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from loss import ProxyGML
-from loss.distributed import block, build_criterion, ddp_ignore
+from loss.collectives import block
+from loss.distributed import build_criterion, ddp_ignore
 
 SWITCHES = list(itertools.product([True, False], repeat=3))  # pos_mask, class_mask, proxy_reg
 # (C, N, dim, r): uneven class blocks (7 over 2 or 4 ranks), k >= N, k < N, k = C*N

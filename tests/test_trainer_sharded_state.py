@@ -18,9 +18,10 @@ def _worker(rank, world, port, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        from loss.distributed import build_criterion
-        from trainer.engine import TrainModule, clip_grad_norm, ddp_ignored_names
-        from trainer.loop import map_group_rows
+        from loss.distributed import build_criterion, ddp_ignored_names
+        from loss.sharded import map_group_rows
+        from trainer.engines import TrainModule
+        from trainer.engines.ddp import clip_grad_norm
 
         torch.manual_seed(0)
         embedder = nn.Linear(3, DIM)
@@ -37,7 +38,7 @@ def _worker(rank, world, port, out):
             p.grad /= world
         full_before = [p.grad.clone() for p in embedder.parameters()]
         own = crit.proxies.grad.clone()
-        norm = clip_grad_norm(module, 1e-3, set(ddp_ignored_names(module)))
+        norm = clip_grad_norm(module, 1e-3, set(ddp_ignored_names(module, crit)))
         opt.step()
         sd = map_group_rows(opt.state_dict(), "proxies", crit.proxies.shape[0], crit.gather_rows)
         back = map_group_rows(sd, "proxies", C, crit.shard_rows)

@@ -24,7 +24,7 @@ from loss import collectives as C
 from trainer.checkpoint import Checkpointer, CheckpointError, is_folder, load, rng_state, set_rng_state
 from trainer.config import ConfigError, check_world_size, to_dict, to_yaml
 from trainer.dcp_checkpoint import read_meta
-from trainer.engine import TrainModule, build_engine
+from trainer.engines import TrainModule, build_engine
 from trainer.errors import UserError
 from trainer.evaluate import evaluate
 from trainer.model import build_model
@@ -99,7 +99,7 @@ def build_optimizer(cfg_optim, embedder, criterion) -> torch.optim.Optimizer:
     """Three parameter groups with their own learning rates: backbone, embedding head, proxies."""
     groups = [dict(params=embedder.backbone_parameters(), lr=cfg_optim.lr, name="backbone"),
               dict(params=embedder.head_parameters(), lr=cfg_optim.head_lr, name="head"),
-              dict(params=list(getattr(criterion, "proxy_parameters", criterion.parameters)()), lr=cfg_optim.proxy_lr,
+              dict(params=criterion.proxy_parameters(), lr=cfg_optim.proxy_lr,
                    name="proxies")]  # ProxyGML's proxies, or a baseline loss's own weights
     groups = [g for g in groups if g["params"]]
     wd = cfg_optim.weight_decay
@@ -107,18 +107,6 @@ def build_optimizer(cfg_optim, embedder, criterion) -> torch.optim.Optimizer:
         return torch.optim.SGD(groups, lr=cfg_optim.lr, momentum=cfg_optim.momentum, weight_decay=wd)
     opt = torch.optim.AdamW if cfg_optim.name == "adamw" else torch.optim.Adam
     return opt(groups, lr=cfg_optim.lr, eps=cfg_optim.eps, weight_decay=wd)
-
-
-def map_group_rows(optimizer_sd: dict, name: str, rows: int, fn) -> dict:
-    """A copy of an optimizer state dict whose per-row state tensors (first dim `rows`) of param group
-    `name` went through `fn`. Sharded proxies: gather a rank's rows to the full table or cut them back."""
-    ids = [i for g in optimizer_sd["param_groups"] if g.get("name") == name for i in g["params"]]
-    state = dict(optimizer_sd["state"])
-    for i in ids:  # the same ids and keys, in the same order, on every rank: fn may be collective
-        if i in state:
-            state[i] = {k: fn(v) if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == rows else v
-                        for k, v in state[i].items()}
-    return {**optimizer_sd, "state": state}
 
 
 def amp_dtype(cfg_train, device: torch.device):
@@ -184,7 +172,11 @@ class Trainer:
                                                               cfg.optim.lr_gamma)
         self.warm = (state["epoch"] if state else 0) < cfg.train.warmup_epochs
         self.embedder.set_backbone_trainable(not self.warm)  # before the engine: DDP fixes its parameter set
-        self.engine = build_engine(cfg, self.module, self.optimizer, env)
+        self.engine = build_engine(cfg.engine.name, self.module, self.optimizer, env, grad_clip=cfg.train.grad_clip,
+                                   find_unused_parameters=cfg.engine.find_unused_parameters,
+                                   deepspeed_config=cfg.engine.deepspeed_config, per_rank_batch=self.per_rank_batch,
+                                   autocast_dtype=amp_dtype(cfg.train, env.device), checkpoint_dir=self.ckpt.dir,
+                                   keep_last=cfg.checkpoint.keep_last)
         self.pos = self.restore(state) if state else Position()
         if env.is_main:  # only now: a checkpoint that does not fit the config has refused before (restore)
             with open(os.path.join(self.run_dir, "config.yaml"), "w") as f:
@@ -445,10 +437,8 @@ class Trainer:
                 e.same_on_every_rank = True
                 raise
             return
-        crit_sd = crit.full_state_dict() if hasattr(crit, "full_state_dict") else crit.state_dict()
-        optimizer_sd = self.engine.optimizer_state_dict()
-        if self.cfg.loss.mode == "sharded":  # each rank holds its block's moments: save the full table
-            optimizer_sd = map_group_rows(optimizer_sd, "proxies", crit.proxies.shape[0], crit.gather_rows)
+        crit_sd = crit.full_state_dict()
+        optimizer_sd = crit.optimizer_state_to_full(self.engine.optimizer_state_dict())  # sharded: the full table
         error = None
         if env.is_main:
             try:
@@ -473,22 +463,18 @@ class Trainer:
                      f"now on are DCP folders (checkpoint.format=dcp)")
         try:
             self.embedder.load_state_dict(state["model"])
-            if state.get("format") == "dcp" and hasattr(crit, "proxy_start"):  # already this rank's block
-                with torch.no_grad():
-                    crit.proxies.copy_(state["criterion"]["proxies"])
+            if state.get("format") == "dcp":  # already this rank's block when sharded
+                crit.load_local_state_dict(state["criterion"])
             else:
-                (crit.load_full_state_dict if hasattr(crit, "load_full_state_dict") else crit.load_state_dict)(
-                    state["criterion"])
+                crit.load_full_state_dict(state["criterion"])
         except RuntimeError as e:  # a key no rule in trainer/resume.py knew of changed a shape (e.g. loss.kwargs)
             lines = str(e).strip().splitlines()
             raise ConfigError(f"checkpoint.resume: {self.resumed_from} does not fit the current config "
                               f"({(lines[1] if len(lines) > 1 else lines[0]).strip()}); resume with the config it was "
                               f"written with (its config.yaml), or start a new run (another run.name=...)") from None
         optimizer_sd = state["optimizer"]
-        if self.cfg.loss.mode == "sharded" and state.get("format") != "dcp":  # the full table: take this rank's block
-            rows = crit.num_classes * crit.proxies_per_class
-            optimizer_sd = map_group_rows(optimizer_sd, "proxies", rows,
-                                          lambda t: crit.shard_rows(t).to(crit.proxies.device))
+        if state.get("format") != "dcp":  # the full table: take this rank's block when sharded
+            optimizer_sd = crit.optimizer_state_from_full(optimizer_sd)
         self.engine.load_optimizer_state_dict(optimizer_sd)
         self.scheduler.load_state_dict(state["scheduler"])
         apply_optim_hyperparameters(self.optimizer, self.scheduler, self.cfg.optim)  # changed lrs carry over
