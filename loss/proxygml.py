@@ -328,6 +328,15 @@ class ProxyGMLBase(CriterionBase):
         from loss.proxy_stats import reduced_proxy_statistics
         return reduced_proxy_statistics(self)
 
+    def prepare(self, embeddings: Tensor, labels: Tensor) -> tuple[str, torch.dtype, torch.dtype]:
+        """Check the inputs (unless ``validate=False``); (device type, compute dtype, dtype of the proxy-proxy
+        product). Call before the loss's own ``autocast(enabled=False)`` region."""
+        if self.validate:
+            check_inputs(embeddings, labels, self.dim, self.num_classes)
+        device_type = embeddings.device.type
+        dtype = compute_dtype(embeddings, self.proxies)
+        return device_type, dtype, amp_matmul_dtype(device_type, dtype)
+
 
 class ProxyGML(ProxyGMLBase):
     """ProxyGML(num_classes, dim, proxies_per_class=1, r=0.05, lam=0.3, pos_mask=True, class_mask=True,
@@ -376,10 +385,7 @@ class ProxyGML(ProxyGMLBase):
                 labels.long(), dtype)
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
-        if self.validate:
-            check_inputs(embeddings, labels, self.dim, self.num_classes)
-        device_type = embeddings.device.type
-        mm_dtype = amp_matmul_dtype(device_type, compute_dtype(embeddings, self.proxies))
+        device_type, _, mm_dtype = self.prepare(embeddings, labels)
         with torch.autocast(device_type, enabled=False):
             x, p, labels, dtype = self.normalised(embeddings, labels)
             loss_s = self.sample_losses(x, p, labels).mean()

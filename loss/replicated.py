@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from loss.collectives import all_gather_rows, block, world
-from loss.proxygml import ProxyGML, amp_matmul_dtype, check_inputs, compute_dtype
+from loss.proxygml import ProxyGML
 
 
 class ReplicatedProxyGML(ProxyGML):
@@ -27,12 +27,8 @@ class ReplicatedProxyGML(ProxyGML):
         return f"mode={self.mode}, " + super().extra_repr()
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
-        if self.validate:
-            check_inputs(embeddings, labels, self.dim, self.num_classes)
+        device_type, dtype, mm_dtype = self.prepare(embeddings, labels)
         size, rank = world(self.group)
-        device_type = embeddings.device.type
-        dtype = compute_dtype(embeddings, self.proxies)
-        mm_dtype = amp_matmul_dtype(device_type, dtype)
         with torch.autocast(device_type, enabled=False):
             x, labels = embeddings.to(dtype), labels.long()
             if self.mode == "gather" and size > 1:

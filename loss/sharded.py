@@ -13,11 +13,8 @@ from torch import Tensor
 from loss.collectives import all_gather_rows, block, world
 from loss.proxygml import (
     ProxyGMLBase,
-    amp_matmul_dtype,
-    check_inputs,
     class_scores,
     class_sums,
-    compute_dtype,
     proxy_cross_entropy_sum,
     row_losses,
     selected_similarity,
@@ -111,12 +108,8 @@ class ShardedProxyGML(ProxyGMLBase):
         return torch.cat([own, idx], dim=1)
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
-        if self.validate:
-            check_inputs(embeddings, labels, self.dim, self.num_classes)
+        device_type, dtype, mm_dtype = self.prepare(embeddings, labels)
         size, _ = world(self.group)
-        device_type = embeddings.device.type
-        dtype = compute_dtype(embeddings, self.proxies)
-        mm_dtype = amp_matmul_dtype(device_type, dtype)
         n = self.proxies_per_class
         with torch.autocast(device_type, enabled=False):
             x, labels = embeddings.to(dtype), labels.long()

@@ -4,7 +4,6 @@ engine through the contracts on 2 gloo ranks."""
 
 import os
 
-import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -117,7 +116,7 @@ def test_sharded_and_proxygml_share_the_constructor_checks():
                                                                                              (C * N, DIM))
 
 
-def _worker(rank, world, port, out):
+def _worker(rank, world, port, tmp):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
@@ -146,34 +145,26 @@ def _worker(rank, world, port, out):
         crit.load_local_state_dict({"proxies": torch.zeros_like(crit.proxies)})
         zeroed = bool((crit.proxies == 0).all())
         crit.load_full_state_dict(table)
-        out.put((rank, dict(engine=isinstance(engine, Engine), rows=crit.local_rows(),
-                            full=full["state"][pid]["exp_avg"].numpy(), local=local["exp_avg"].numpy(),
-                            back=all(torch.equal(back["state"][pid][k], local[k]) for k in ("exp_avg", "exp_avg_sq")),
-                            table=table["proxies"].numpy(), proxies=crit.proxies.detach().numpy(), zeroed=zeroed,
-                            ignored=sorted(getattr(module, "_ddp_params_and_buffers_to_ignore", [])))))
+        torch.save(dict(engine=isinstance(engine, Engine), rows=crit.local_rows(), full=full["state"][pid]["exp_avg"],
+                        local=local["exp_avg"], table=table["proxies"], proxies=crit.proxies.detach(), zeroed=zeroed,
+                        back=all(torch.equal(back["state"][pid][k], local[k]) for k in ("exp_avg", "exp_avg_sq")),
+                        ignored=sorted(getattr(module, "_ddp_params_and_buffers_to_ignore", []))),
+                   os.path.join(tmp, f"rank{rank}.pt"))
         dist.barrier()
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.distributed
-def test_sharded_contract_on_two_ranks():
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, 2, port, out)) for r in range(2)]
-    for p in procs:
-        p.start()
-    res = dict(out.get(timeout=300) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+def test_sharded_contract_on_two_ranks(tmp_path):
+    mp.start_processes(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    res = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
     assert res[0]["rows"] == (0, 6, C * N) and res[1]["rows"] == (6, C * N, C * N)  # classes 0-2 | 3-4
     for r in range(2):
         start, stop, _ = res[r]["rows"]
         assert res[r]["engine"] and res[r]["back"] and res[r]["zeroed"]
         assert res[r]["ignored"] == ["criterion.proxies", "criterion.selection_counts"]
         assert res[r]["full"].shape == (C * N, DIM)
-        np.testing.assert_array_equal(res[r]["full"][start:stop], res[r]["local"])
-        np.testing.assert_array_equal(res[r]["table"][start:stop], res[r]["proxies"])
-    np.testing.assert_array_equal(res[0]["full"], res[1]["full"])
+        torch.testing.assert_close(res[r]["full"][start:stop], res[r]["local"], rtol=0, atol=0)
+        torch.testing.assert_close(res[r]["table"][start:stop], res[r]["proxies"], rtol=0, atol=0)
+    torch.testing.assert_close(res[0]["full"], res[1]["full"], rtol=0, atol=0)
