@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
+from tests.gloo import run_on_gloo_ranks
 from trainer.checkpoint import Checkpointer, load, sidecar
 from trainer.distributed import free_port
 
@@ -37,72 +37,50 @@ def _full(crit, opt):
             (("proxies", crit.proxies), ("exp_avg", st["exp_avg"]), ("exp_avg_sq", st["exp_avg_sq"]))}
 
 
-def _worker(rank, world, port, phase, path, use_async, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        from trainer.dcp_checkpoint import DCPSaver, build_state, load_train_state, param_names
-        if phase == "save":
-            embedder, crit, module, opt, sched = _parts(0)
-            g = torch.Generator().manual_seed(1)
-            for _ in range(2):  # two Adam steps: moments that differ per row
-                x, y = torch.randn(8, 3, generator=g), torch.randint(0, C, (8,), generator=g)
-                module(x[rank::world], y[rank::world]).backward()
-                for p in embedder.parameters():
-                    dist.all_reduce(p.grad)
-                    p.grad /= world
-                opt.step()
-                opt.zero_grad()
-            sched.step()
-            ref = _full(crit, opt)
-            meta = dict(step=2, epoch=1, run_uid="u", world_size=world)
-            sd = build_state(meta, embedder, crit, opt.state_dict(), param_names(module, opt), sched.state_dict(),
-                             rank)
-            rows = {k: tuple(v.shape) for k, v in sd.items() if hasattr(v, "global_shape")}
-            saver = DCPSaver(Checkpointer(path))
-            saver.save(sd, 2, meta, async_save=use_async)
-            if use_async:  # training goes on while the disk is written: the checkpoint keeps the staged values
-                with torch.no_grad():
-                    crit.proxies.add_(1000.0)
-                    opt.state[crit.proxies]["exp_avg"].add_(1000.0)
-                saver.wait()
-            out.put((rank, dict(ref=ref, rows=rows, model={k: v.numpy() for k, v in embedder.state_dict().items()})))
-        else:
-            embedder, crit, module, opt, sched = _parts(5)  # other values everywhere: the load must set them
-            ckpt = Checkpointer(path).paths()[-1]
-            state = load_train_state(ckpt, module, opt, crit)
-            embedder.load_state_dict(state["model"])
+def _worker(rank, world, phase, path, use_async):
+    from trainer.dcp_checkpoint import DCPSaver, build_state, load_train_state, param_names
+    if phase == "save":
+        embedder, crit, module, opt, sched = _parts(0)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(2):  # two Adam steps: moments that differ per row
+            x, y = torch.randn(8, 3, generator=g), torch.randint(0, C, (8,), generator=g)
+            module(x[rank::world], y[rank::world]).backward()
+            for p in embedder.parameters():
+                dist.all_reduce(p.grad)
+                p.grad /= world
+            opt.step()
+            opt.zero_grad()
+        sched.step()
+        ref = _full(crit, opt)
+        meta = dict(step=2, epoch=1, run_uid="u", world_size=world)
+        sd = build_state(meta, embedder, crit, opt.state_dict(), param_names(module, opt), sched.state_dict(),
+                         rank)
+        rows = {k: tuple(v.shape) for k, v in sd.items() if hasattr(v, "global_shape")}
+        saver = DCPSaver(Checkpointer(path))
+        saver.save(sd, 2, meta, async_save=use_async)
+        if use_async:  # training goes on while the disk is written: the checkpoint keeps the staged values
             with torch.no_grad():
-                crit.proxies.copy_(state["criterion"]["proxies"])
-            opt.load_state_dict(state["optimizer"])
-            sched.load_state_dict(state["scheduler"])
-            block = tuple(state["criterion"]["proxies"].shape)
-            out.put((rank, dict(full=_full(crit, opt), block=block, start=crit.proxy_start,
-                                model={k: v.numpy() for k, v in embedder.state_dict().items()},
-                                last_epoch=sched.last_epoch,
-                                step=float(opt.state[crit.proxies]["step"]))))
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+                crit.proxies.add_(1000.0)
+                opt.state[crit.proxies]["exp_avg"].add_(1000.0)
+            saver.wait()
+        return dict(ref=ref, rows=rows, model={k: v.numpy() for k, v in embedder.state_dict().items()})
+    else:
+        embedder, crit, module, opt, sched = _parts(5)  # other values everywhere: the load must set them
+        ckpt = Checkpointer(path).paths()[-1]
+        state = load_train_state(ckpt, module, opt, crit)
+        embedder.load_state_dict(state["model"])
+        with torch.no_grad():
+            crit.proxies.copy_(state["criterion"]["proxies"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        block = tuple(state["criterion"]["proxies"].shape)
+        return dict(full=_full(crit, opt), block=block, start=crit.proxy_start,
+                    model={k: v.numpy() for k, v in embedder.state_dict().items()},
+                    last_epoch=sched.last_epoch, step=float(opt.state[crit.proxies]["step"]))
 
 
 def _run(world, phase, path, use_async=False):
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, phase, str(path), use_async, out))
-             for r in range(world)]
-    for p in procs:
-        p.start()
-    try:
-        res = dict(out.get(timeout=120) for _ in procs)
-    finally:
-        for p in procs:
-            p.join(timeout=60)
-            if p.exitcode is None:
-                p.kill()
-    assert all(p.exitcode == 0 for p in procs)
-    return res
+    return run_on_gloo_ranks(_worker, world, phase, str(path), use_async)
 
 
 def _check_load(saved, path, world):

@@ -1,16 +1,12 @@
 """Proxy statistics reduced from per-rank blocks (loss/proxy_stats.py) equal the ones of the full table
 (trainer.tracking.proxy_statistics), and a sharded criterion never gathers its proxy table for them."""
-import os
-
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from loss.proxy_stats import gini_from_histogram, reduced_proxy_statistics
+from tests.gloo import run_on_gloo_ranks
 from trainer import tracking
-from trainer.distributed import free_port
 
 
 def _same(got, want):
@@ -45,43 +41,24 @@ def test_one_process_matches_the_full_table_statistics():
     assert reduced_proxy_statistics(crit) is None  # nothing selected since the reset
 
 
-def _worker(rank, world, port, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        from loss.distributed import build_criterion
-        crit = build_criterion("sharded", 5, 8, proxies_per_class=2, r=0.4)  # blocks of 3 and 2 classes
-        gen = torch.Generator().manual_seed(rank)
-        crit(torch.nn.functional.normalize(torch.randn(12, 8, generator=gen), dim=1),
-             torch.randint(0, 5, (12,), generator=gen))
-        counts, proxies = crit.gather_rows(crit.selection_counts), crit.gather_rows(crit.proxies)  # reference only
+def _worker(rank, world):
+    from loss.distributed import build_criterion
+    crit = build_criterion("sharded", 5, 8, proxies_per_class=2, r=0.4)  # blocks of 3 and 2 classes
+    gen = torch.Generator().manual_seed(rank)
+    crit(torch.nn.functional.normalize(torch.randn(12, 8, generator=gen), dim=1),
+         torch.randint(0, 5, (12,), generator=gen))
+    counts, proxies = crit.gather_rows(crit.selection_counts), crit.gather_rows(crit.proxies)  # reference only
 
-        def refuse(*a, **k):
-            raise AssertionError("the proxy table was gathered")
-        crit.gather_rows = refuse
-        got = reduced_proxy_statistics(crit)
-        out.put((rank, dict(got=got, want=tracking.proxy_statistics(counts.numpy(), proxies.numpy(), 2))))
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    def refuse(*a, **k):
+        raise AssertionError("the proxy table was gathered")
+    crit.gather_rows = refuse
+    got = reduced_proxy_statistics(crit)
+    return dict(got=got, want=tracking.proxy_statistics(counts.numpy(), proxies.numpy(), 2))
 
 
 @pytest.mark.distributed
 def test_two_sharded_ranks_reduce_to_the_full_table_statistics():
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, 2, port, out)) for r in range(2)]
-    for p in procs:
-        p.start()
-    try:
-        res = dict(out.get(timeout=120) for _ in procs)
-    finally:
-        for p in procs:
-            p.join(timeout=60)
-            if p.exitcode is None:
-                p.kill()
-    assert all(p.exitcode == 0 for p in procs)
+    res = run_on_gloo_ranks(_worker, 2)
     for r in res:
         _same(res[r]["got"], res[r]["want"])
     assert res[0]["got"][0]["proxy/selections"] > 0
