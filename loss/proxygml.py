@@ -1,4 +1,5 @@
-"""The ProxyGML loss (Zhu et al., NeurIPS 2020) on one process: the authors' function, sparse and exact.
+"""The ProxyGML loss (Zhu et al., NeurIPS 2020) on one process: the authors' function, sparse and exact; and
+ProxyGMLBase, what its distributed forms (loss/replicated.py, loss/sharded.py) share with it.
 
 With x̂ = x/‖x‖, p̂ = p/‖p‖ and S = x̂ p̂ᵀ (M x CN), every sample keeps the k = ceil(r*C*N) proxies with the
 largest similarity (its own class's proxies first with ``pos_mask``); Z (M x C) sums the kept similarities

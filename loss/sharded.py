@@ -36,7 +36,7 @@ def map_group_rows(optimizer_sd: dict, name: str, rows: int, fn) -> dict:
 
 
 class ShardedProxyGML(ProxyGMLBase):
-    """ProxyGML with a contiguous block of classes (and their proxies) per rank; see the module docstring.
+    """ProxyGML with a contiguous block of classes (and their proxies) per rank; see loss/distributed.py.
 
     ``proxies`` (C_r*N, dim) are this rank's, global rows ``proxy_start:proxy_stop``; ``selection_counts``
     likewise. ``candidate_factor``: each rank first ranks ceil(factor * k / W) local candidates per sample
