@@ -4,10 +4,10 @@ parameters."""
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from loss.collectives import all_reduce_
 from loss.distributed import ddp_ignore, ddp_ignored_names
 from trainer.engines.train_module import TrainModule
 
@@ -24,8 +24,7 @@ def clip_grad_norm(module: nn.Module, max_norm: float, sharded: set[str]) -> tor
     total = sum_sq([n for n in grads if n not in sharded])
     if sharded:
         part = sum_sq([n for n in grads if n in sharded])
-        if dist.is_initialized():
-            dist.all_reduce(part)
+        all_reduce_(part)
         total = total + part
     norm = total.sqrt()
     coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)

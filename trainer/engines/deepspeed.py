@@ -41,6 +41,7 @@ import sys
 import torch
 import torch.distributed as dist
 
+from loss import collectives as C
 from loss.distributed import ddp_ignored_names
 from trainer.engines.deepspeed_config import DeepSpeedConfigError, load_ds_config
 from trainer.engines.deepspeed_env import adopt_process_group
@@ -160,7 +161,7 @@ class DeepSpeedEngine:
         self.ds.save_checkpoint(self.ckpt_dir, tag=tag)
         if self.env.rank == 0:
             self._prune()
-        dist.barrier()
+        C.barrier()
         return {"deepspeed": {"dir": os.path.abspath(self.ckpt_dir), "tag": tag, "stage": self.stage,
                               "world_size": self.env.world_size}}
 
@@ -192,7 +193,7 @@ class DeepSpeedEngine:
     def _to_universal(self, ds_dir: str, tag: str) -> str:
         """Rank 0 converts <tag> to <tag>_universal (once); every rank gets its name or the error."""
         out = f"{tag}_universal"
-        status = [None]
+        status = None
         if self.env.rank == 0 and not os.path.isdir(os.path.join(ds_dir, out)):
             partial = os.path.join(ds_dir, out + ".partial")
             shutil.rmtree(partial, ignore_errors=True)
@@ -203,11 +204,11 @@ class DeepSpeedEngine:
             if proc.returncode == 0:
                 os.replace(partial, os.path.join(ds_dir, out))
             else:
-                status = [f"resume on {self.env.world_size} ranks: converting {ds_dir}/{tag} to DeepSpeed's "
-                          f"universal checkpoint failed:\n{proc.stderr[-2000:]}"]
-        dist.broadcast_object_list(status, src=0)
-        if status[0]:
-            raise RuntimeError(status[0])
+                status = (f"resume on {self.env.world_size} ranks: converting {ds_dir}/{tag} to DeepSpeed's "
+                          f"universal checkpoint failed:\n{proc.stderr[-2000:]}")
+        status = C.broadcast_object(status)
+        if status:
+            raise RuntimeError(status)
         return out
 
     def full_optimizer_state(self) -> dict:

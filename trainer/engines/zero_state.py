@@ -3,7 +3,8 @@ engine's rewrap after the warm-up, and the full optimizer state of a DeepSpeed r
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
+
+from loss.collectives import all_reduce_
 
 
 def zero_optimizer(ds_engine):
@@ -38,7 +39,7 @@ def export_zero_state(ds_engine) -> dict:
                 full = torch.zeros(p.numel(), dtype=torch.float32, device=flat.device)
                 if lp is not None:
                     full[lp] = state[key][hp]
-                dist.all_reduce(full, group=zero.real_dp_process_group[i])
+                all_reduce_(full, group=zero.real_dp_process_group[i])
                 per_param[p][key] = full
     return {"params": per_param, "steps": steps}
 
