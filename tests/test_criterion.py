@@ -125,7 +125,7 @@ def _worker(rank, world):
                             dict(params=crit.proxy_parameters(), name="proxies")], lr=0.1)
     env = SimpleNamespace(device=torch.device("cpu"), world_size=world, rank=rank)
     engine = build_engine("ddp", module, opt, env, grad_clip=1.0, find_unused_parameters=False,
-                          deepspeed_config=None, per_rank_batch=4, autocast_dtype=None, checkpoint_dir="", keep_last=1)
+                          deepspeed_config=None, per_rank_batch=4, amp_dtype=None, checkpoint_dir="", keep_last=1)
     g = torch.Generator().manual_seed(rank)
     loss = engine(torch.randn(4, 3, generator=g), torch.arange(4) % C)
     engine.backward(loss)

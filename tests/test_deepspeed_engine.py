@@ -110,7 +110,6 @@ def build(cfg, env, seed=0):
     """The trainer's pieces: small_cnn embedder, real ProxyGML, 3 param groups, MultiStepLR."""
     from loss import ProxyGML
     from trainer.engines import TrainModule, build_engine
-    from trainer.loop import amp_dtype
     from trainer.model import build_model
     torch.manual_seed(seed)
     embedder = build_model(cfg.model)
@@ -123,11 +122,12 @@ def build(cfg, env, seed=0):
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, [1], 0.1)  # stepped once, at step MILESTONE
     embedder.set_backbone_trainable(False)
     ckpt_dir = cfg.checkpoint.dir or os.path.join(cfg.run.output_dir, cfg.run.name, "checkpoints")
+    amp = torch.bfloat16 if cfg.train.amp == "bf16" or (cfg.train.amp == "auto" and env.device.type == "cuda") else None
     engine = build_engine(cfg.engine.name, module, opt, env, grad_clip=cfg.train.grad_clip,
                           find_unused_parameters=cfg.engine.find_unused_parameters,
                           deepspeed_config=cfg.engine.deepspeed_config,
                           per_rank_batch=cfg.train.batch_size // env.world_size,
-                          autocast_dtype=amp_dtype(cfg.train, env.device), checkpoint_dir=ckpt_dir,
+                          amp_dtype=amp, checkpoint_dir=ckpt_dir,
                           keep_last=cfg.checkpoint.keep_last)
     return module, opt, sched, engine
 

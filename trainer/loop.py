@@ -175,7 +175,7 @@ class Trainer:
         self.engine = build_engine(cfg.engine.name, self.module, self.optimizer, env, grad_clip=cfg.train.grad_clip,
                                    find_unused_parameters=cfg.engine.find_unused_parameters,
                                    deepspeed_config=cfg.engine.deepspeed_config, per_rank_batch=self.per_rank_batch,
-                                   autocast_dtype=amp_dtype(cfg.train, env.device), checkpoint_dir=self.ckpt.dir,
+                                   amp_dtype=amp_dtype(cfg.train, env.device), checkpoint_dir=self.ckpt.dir,
                                    keep_last=cfg.checkpoint.keep_last)
         self.pos = self.restore(state) if state else Position()
         if env.is_main:  # only now: a checkpoint that does not fit the config has refused before (restore)

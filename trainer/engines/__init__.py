@@ -2,7 +2,7 @@
 saved, and `build_engine`, which makes one from explicit settings (engine.name ddp | deepspeed).
 
     engine = build_engine(name, module, optimizer, env, grad_clip=..., find_unused_parameters=...,
-                          deepspeed_config=..., per_rank_batch=..., autocast_dtype=..., checkpoint_dir=...,
+                          deepspeed_config=..., per_rank_batch=..., amp_dtype=..., checkpoint_dir=...,
                           keep_last=...)
     loss = engine(images, labels)                          # forward of the wrapped module
     engine.backward(loss); engine.step()                   # step: clip, optimizer step, zero grads
@@ -53,9 +53,9 @@ class Engine(Protocol):
 
 def build_engine(name: str, module: TrainModule, optimizer: torch.optim.Optimizer, env, *, grad_clip: float,
                  find_unused_parameters: bool, deepspeed_config: str | None, per_rank_batch: int,
-                 autocast_dtype: torch.dtype | None, checkpoint_dir: str, keep_last: int) -> Engine:
+                 amp_dtype: torch.dtype | None, checkpoint_dir: str, keep_last: int) -> Engine:
     """The engine `name` (ddp | deepspeed) over `module`. DDP reads grad_clip and find_unused_parameters;
-    DeepSpeed reads the JSON at deepspeed_config, per_rank_batch, grad_clip, autocast_dtype (train.amp: used when
+    DeepSpeed reads the JSON at deepspeed_config, per_rank_batch, grad_clip, amp_dtype (train.amp: used when
     the JSON has no torch_autocast section), and keeps its checkpoints in <checkpoint_dir>/deepspeed (the last
     keep_last)."""
     if name == "ddp":
@@ -63,6 +63,6 @@ def build_engine(name: str, module: TrainModule, optimizer: torch.optim.Optimize
     if name == "deepspeed":
         from trainer.engines.deepspeed import DeepSpeedEngine
         return DeepSpeedEngine(module, optimizer, env, config_path=deepspeed_config, per_rank_batch=per_rank_batch,
-                               grad_clip=grad_clip, autocast_dtype=autocast_dtype, checkpoint_dir=checkpoint_dir,
+                               grad_clip=grad_clip, amp_dtype=amp_dtype, checkpoint_dir=checkpoint_dir,
                                keep_last=keep_last)
     raise ValueError(f"engine.name: unknown engine {name!r}")

@@ -1,7 +1,7 @@
 """engine.name=deepspeed: the same (embedder + criterion) TrainModule under `deepspeed.initialize`.
 
     engine = DeepSpeedEngine(module, optimizer, env, config_path=..., per_rank_batch=..., grad_clip=...,
-                             autocast_dtype=..., checkpoint_dir=..., keep_last=...)   # what build_engine returns
+                             amp_dtype=..., checkpoint_dir=..., keep_last=...)   # what build_engine returns
     loss = engine(images, labels); engine.backward(loss); engine.step()
     engine.rewrap()                                       # after requires_grad changed (warm-up end)
     sd = engine.optimizer_state_dict()                    # collective: DeepSpeed's save_checkpoint
@@ -55,7 +55,7 @@ class DeepSpeedEngine:
     """The trainer's `Engine` (trainer/engines/__init__.py) over a DeepSpeed engine."""
 
     def __init__(self, module, optimizer: torch.optim.Optimizer, env, *, config_path: str, per_rank_batch: int,
-                 grad_clip: float, autocast_dtype: torch.dtype | None, checkpoint_dir: str, keep_last: int):
+                 grad_clip: float, amp_dtype: torch.dtype | None, checkpoint_dir: str, keep_last: int):
         ignored = set(ddp_ignored_names(module, module.criterion))
         if ignored & {n for n, _ in module.named_parameters()}:
             raise DeepSpeedConfigError(
@@ -66,7 +66,7 @@ class DeepSpeedEngine:
         self.buffers = [b for n, b in module.named_buffers() if n not in ignored]
         self.groups = [list(g["params"]) for g in optimizer.param_groups]  # ZeRO swaps these for partitions
         self.config = load_ds_config(config_path, per_rank_batch=per_rank_batch, world_size=env.world_size,
-                                     grad_clip=grad_clip, autocast_dtype=autocast_dtype)
+                                     grad_clip=grad_clip, autocast_dtype=amp_dtype)
         self.stage = self.config.get("zero_optimization", {}).get("stage", 0)
         self.ckpt_dir = os.path.join(checkpoint_dir, "deepspeed")
         self.keep_last = keep_last
