@@ -54,10 +54,10 @@ def worker(rank: int, size: int, port: int, cfg: dict, out_path: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=size)
     from loss.distributed import build_criterion
+    from loss.sharded import map_group_rows
     from trainer.checkpoint import Checkpointer, load
     from trainer.dcp_checkpoint import DCPSaver, build_state, load_train_state, param_names
-    from trainer.engine import TrainModule
-    from trainer.loop import map_group_rows
+    from trainer.engines import TrainModule
 
     torch.manual_seed(0)
     embedder = nn.Linear(64, cfg["dim"])

@@ -22,6 +22,7 @@ from pytorch_metric_learning import losses, miners
 from torch import nn
 
 from loss.collectives import all_gather_rows
+from loss.criterion import CriterionBase
 
 # Constructor arguments under which pytorch-metric-learning's classifier-style losses take the class count
 # and the embedding size (P2SGradLoss calls the latter descriptors_dim).
@@ -79,8 +80,9 @@ def _first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else repr(error)
 
 
-class MetricLoss(nn.Module):
-    """A pytorch-metric-learning loss (and miner) with ProxyGML's interface."""
+class MetricLoss(CriterionBase):
+    """A pytorch-metric-learning loss (and miner) behind the `Criterion` contract: its state is whole on every
+    rank, it has no selection counts (no proxy statistics)."""
 
     def __init__(
         self,

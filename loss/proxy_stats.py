@@ -1,7 +1,7 @@
 """Proxy selection statistics computed where the proxies live: each rank summarises its own block of classes
 (counts, sums, a histogram of selection counts) and the parts are reduced; the proxy table is never gathered.
 
-    stats = reduced_proxy_statistics(criterion)   # collective: call on every rank; None when nothing was selected
+    stats = reduced_proxy_statistics(criterion)   # criterion.proxy_statistics(): collective; None if nothing selected
     summary, per_proxy, per_class = stats         # the metrics and tables of trainer.tracking.proxy_statistics
 
 The summary metrics are the same as `trainer.tracking.proxy_statistics` (up to float rounding: sums are reduced
@@ -94,31 +94,22 @@ def _merge(hists) -> tuple[np.ndarray, np.ndarray]:
     return uniq, np.bincount(inverse, weights=freq, minlength=len(uniq)).astype(np.int64)
 
 
-def proxies_per_class(criterion, rows: int) -> int:
-    n = getattr(criterion, "proxies_per_class", None)
-    if isinstance(n, int) and n > 0:
-        return n
-    classes = getattr(criterion, "num_classes", None)
-    return rows // classes if isinstance(classes, int) and classes > 0 and rows % classes == 0 else 1
-
-
 def reduced_proxy_statistics(criterion):
-    """Collective for the distributed criteria of loss.distributed (call on every rank). (summary, per_proxy,
+    """Collective for a ProxyGML form (loss.proxygml.ProxyGMLBase: one process, or those of loss.distributed;
+    call on every rank; `criterion.proxy_statistics()` is this). (summary, per_proxy,
     per_class) as `trainer.tracking.proxy_statistics`, or None when no proxy was selected since the counts were
     last reset. A class-sharded criterion summarises its own block and the parts are reduced (one all-reduce of
     len(SUMS) numbers, one all-gather of each rank's histogram of counts, the 1-D table columns gathered); a
     replicated one holds all proxies, with the selection counts of the global batch."""
     import pandas as pd
 
-    sharded = hasattr(criterion, "proxy_start") and hasattr(criterion, "gather_rows")
-    counts = (criterion.global_selection_counts() if not sharded and hasattr(criterion, "global_selection_counts")
-              else criterion.selection_counts)
-    n = proxies_per_class(criterion, criterion.num_classes * criterion.proxies_per_class if sharded
-                          else counts.shape[0])
+    sharded = criterion.local_rows() is not None
+    counts = criterion.selection_counts if sharded else criterion.global_selection_counts()
+    n = criterion.proxies_per_class
     part = block_statistics(counts, criterion.proxies, n)
     sums, hists = part["sums"], [part["hist"]]
     columns = {k: part[k] for k in ("counts", "norm", "class_counts", "proxies_selected", "spread")}
-    group = getattr(criterion, "group", None)
+    group = criterion.group
     if sharded and world(group)[0] > 1:
         all_reduce_(sums, group=group)
         hists = all_gather_object(part["hist"], group=group)

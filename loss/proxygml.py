@@ -1,4 +1,5 @@
-"""The ProxyGML loss (Zhu et al., NeurIPS 2020) on one process: the authors' function, sparse and exact.
+"""The ProxyGML loss (Zhu et al., NeurIPS 2020) on one process: the authors' function, sparse and exact; and
+ProxyGMLBase, what its distributed forms (loss/replicated.py, loss/sharded.py) share with it.
 
 With x̂ = x/‖x‖, p̂ = p/‖p‖ and S = x̂ p̂ᵀ (M x CN), every sample keeps the k = ceil(r*C*N) proxies with the
 largest similarity (its own class's proxies first with ``pos_mask``); Z (M x C) sums the kept similarities
@@ -35,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
+
+from loss.criterion import CriterionBase
 
 NO_EDGE_LOSS = -math.log(1e-20)  # the released code's -log(0 + 1e-20)
 _NO_CLASS = torch.iinfo(torch.int64).max  # class id of padding entries in class_scores
@@ -276,7 +279,67 @@ def class_sums(p: Tensor, n: int) -> Tensor:
 
 # --- the module ------------------------------------------------------------------------------------------
 
-class ProxyGML(nn.Module):
+class ProxyGMLBase(CriterionBase):
+    """What every ProxyGML form shares: the hyperparameter checks and attributes, the proxy rows it holds (all
+    of them, or one rank's block of classes), the selection counts and the statistics built on them."""
+
+    def __init__(self, num_classes: int, dim: int, proxies_per_class: int = 1, r: float = 0.05,
+                 lam: float = 0.3, pos_mask: bool = True, class_mask: bool = True, proxy_reg: bool = True,
+                 *, chunk_elements: int = 2 ** 28, validate: bool = True, scale: float = 1.0, group=None):
+        super().__init__()
+        check_config(num_classes, dim, proxies_per_class, r, lam)
+        self.scale = check_scale(scale)  # Z times scale before the softmax of L^s
+        self.num_classes, self.dim, self.proxies_per_class = num_classes, dim, proxies_per_class
+        self.r, self.lam = float(r), float(lam)
+        self.pos_mask, self.class_mask, self.proxy_reg = bool(pos_mask), bool(class_mask), bool(proxy_reg)
+        self.chunk_elements, self.validate, self.group = int(chunk_elements), bool(validate), group
+        self.k = num_selected(self.r, num_classes * proxies_per_class)
+        self.last_parts: dict[str, Tensor] = {}
+
+    def hold_classes(self, start: int, stop: int, proxies: Tensor) -> None:
+        """Hold the proxies of classes [start, stop) (rows start*N:stop*N of the table) and their counts."""
+        n = self.proxies_per_class
+        self.class_start, self.class_stop = start, stop
+        self.proxy_start, self.proxy_stop = start * n, stop * n
+        self.proxies = nn.Parameter(proxies)
+        self.register_buffer("selection_counts", torch.zeros(self.proxy_stop - self.proxy_start,
+                                                             dtype=torch.int64), persistent=False)
+
+    @property
+    def uses_proxy_reg(self) -> bool:
+        return self.proxy_reg and self.lam > 0
+
+    def extra_repr(self) -> str:
+        return (f"num_classes={self.num_classes}, dim={self.dim}, proxies_per_class={self.proxies_per_class}, "
+                f"r={self.r}, k={self.k}, lam={self.lam}, pos_mask={self.pos_mask}, "
+                f"class_mask={self.class_mask}, proxy_reg={self.proxy_reg}, scale={self.scale}")
+
+    def ddp_ignored_parameters(self) -> list[str]:
+        """Names (relative to this module) of what DDP must leave alone: the per-rank selection counts."""
+        return ["selection_counts"]
+
+    def reset_selection_counts(self) -> None:
+        self.selection_counts.zero_()
+
+    def global_selection_counts(self) -> Tensor:
+        """The (C*N,) selection counts of the global batch (collective in the distributed forms)."""
+        return self.selection_counts.clone()
+
+    def proxy_statistics(self):
+        from loss.proxy_stats import reduced_proxy_statistics
+        return reduced_proxy_statistics(self)
+
+    def prepare(self, embeddings: Tensor, labels: Tensor) -> tuple[str, torch.dtype, torch.dtype]:
+        """Check the inputs (unless ``validate=False``); (device type, compute dtype, dtype of the proxy-proxy
+        product). Call before the loss's own ``autocast(enabled=False)`` region."""
+        if self.validate:
+            check_inputs(embeddings, labels, self.dim, self.num_classes)
+        device_type = embeddings.device.type
+        dtype = compute_dtype(embeddings, self.proxies)
+        return device_type, dtype, amp_matmul_dtype(device_type, dtype)
+
+
+class ProxyGML(ProxyGMLBase):
     """ProxyGML(num_classes, dim, proxies_per_class=1, r=0.05, lam=0.3, pos_mask=True, class_mask=True,
     proxy_reg=True, *, scale=1.0): ``loss = crit(embeddings (M, dim), labels (M,))``.
 
@@ -292,30 +355,9 @@ class ProxyGML(nn.Module):
     def __init__(self, num_classes: int, dim: int, proxies_per_class: int = 1, r: float = 0.05,
                  lam: float = 0.3, pos_mask: bool = True, class_mask: bool = True, proxy_reg: bool = True,
                  *, chunk_elements: int = 2 ** 28, validate: bool = True, scale: float = 1.0):
-        super().__init__()
-        check_config(num_classes, dim, proxies_per_class, r, lam)
-        self.scale = check_scale(scale)
-        self.num_classes, self.dim, self.proxies_per_class = num_classes, dim, proxies_per_class
-        self.r, self.lam = float(r), float(lam)
-        self.pos_mask, self.class_mask, self.proxy_reg = bool(pos_mask), bool(class_mask), bool(proxy_reg)
-        self.chunk_elements, self.validate = int(chunk_elements), bool(validate)
-        self.k = num_selected(self.r, num_classes * proxies_per_class)
-        self.proxies = nn.Parameter(init_proxies(torch.empty(num_classes * proxies_per_class, dim)))
-        self.register_buffer("selection_counts", torch.zeros(num_classes * proxies_per_class,
-                                                             dtype=torch.int64), persistent=False)
-        self.last_parts: dict[str, Tensor] = {}
-
-    def extra_repr(self) -> str:
-        return (f"num_classes={self.num_classes}, dim={self.dim}, proxies_per_class={self.proxies_per_class}, "
-                f"r={self.r}, k={self.k}, lam={self.lam}, pos_mask={self.pos_mask}, "
-                f"class_mask={self.class_mask}, proxy_reg={self.proxy_reg}, scale={self.scale}")
-
-    def reset_selection_counts(self) -> None:
-        self.selection_counts.zero_()
-
-    @property
-    def uses_proxy_reg(self) -> bool:
-        return self.proxy_reg and self.lam > 0
+        super().__init__(num_classes, dim, proxies_per_class, r, lam, pos_mask, class_mask, proxy_reg,
+                         chunk_elements=chunk_elements, validate=validate, scale=scale)
+        self.hold_classes(0, num_classes, init_proxies(torch.empty(num_classes * proxies_per_class, dim)))
 
     def sample_losses(self, x: Tensor, p: Tensor, labels: Tensor) -> Tensor:
         """Per-sample -log P(own class), (M,), from normalised x (M, dim) and proxies p (CN, dim)."""
@@ -344,10 +386,7 @@ class ProxyGML(nn.Module):
                 labels.long(), dtype)
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
-        if self.validate:
-            check_inputs(embeddings, labels, self.dim, self.num_classes)
-        device_type = embeddings.device.type
-        mm_dtype = amp_matmul_dtype(device_type, compute_dtype(embeddings, self.proxies))
+        device_type, _, mm_dtype = self.prepare(embeddings, labels)
         with torch.autocast(device_type, enabled=False):
             x, p, labels, dtype = self.normalised(embeddings, labels)
             loss_s = self.sample_losses(x, p, labels).mean()

@@ -194,7 +194,8 @@ def build(cfg, env) -> Trainer:
         engine = build_engine(cfg.engine.name, module, optimizer, env, grad_clip=cfg.train.grad_clip,
                               find_unused_parameters=cfg.engine.find_unused_parameters,
                               deepspeed_config=cfg.engine.deepspeed_config, per_rank_batch=plan.per_rank_batch,
-                              amp_dtype=plan.amp_dtype, checkpoint_dir=plan.checkpoint_dir)
+                              amp_dtype=plan.amp_dtype, checkpoint_dir=plan.checkpoint_dir,
+                              keep_last=cfg.checkpoint.keep_last)
         trained = Trained(embedder, criterion, module, optimizer, scheduler, engine)
         apply_optim = functools.partial(apply_optim_hyperparameters, optimizer, scheduler, cfg.optim)
         pos = state.restore(saved, trained, apply_optim) if saved else Position()

@@ -123,13 +123,6 @@ class _CloneStager:
 
 # ----------------------------------------------------------------------------------------------- building
 
-def sharded_rows(criterion) -> tuple[int, int, int] | None:
-    """(start, stop, total) proxy rows of this rank for a class-sharded criterion, else None."""
-    if hasattr(criterion, "proxy_start") and hasattr(criterion, "gather_rows"):
-        return criterion.proxy_start, criterion.proxy_stop, criterion.num_classes * criterion.proxies_per_class
-    return None
-
-
 def param_names(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
     """The parameter names of `module` in the order of the optimizer's state dict ids."""
     names = {id(p): n for n, p in module.named_parameters()}
@@ -141,7 +134,7 @@ def build_state(meta: dict, embedder, criterion, optimizer_sd: dict, fqns, sched
     """This rank's flat DCP state dict (see the module docstring). `optimizer_sd`: the engine's optimizer state
     dict, whose ids are the positions in `fqns` (parameter names, or a callable giving them), or DeepSpeed's
     reference {"deepspeed": {...}} (its own checkpoint holds the optimizer)."""
-    rows = sharded_rows(criterion)
+    rows = criterion.local_rows()
     sd: dict = {}
     if rows is not None:
         start, stop, total = rows
@@ -397,7 +390,7 @@ def load_train_state(path: str, module, optimizer, criterion, device=None) -> di
     world size. Sharded proxies and their optimizer rows come as this rank's block (never the full table);
     the optimizer state dict has the ids of `optimizer`'s current parameter order. Raises CheckpointError."""
     md = metadata(path)
-    rows = sharded_rows(criterion)
+    rows = criterion.local_rows()
     target = {}
     for k, m in md.state_dict_metadata.items():
         if k == "trainer":

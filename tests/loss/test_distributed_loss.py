@@ -10,7 +10,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from loss import ProxyGML
-from loss.distributed import block, build_criterion, ddp_ignore
+from loss.collectives import block
+from loss.distributed import build_criterion, ddp_ignore
 from tests.helpers import run_on_gloo_ranks
 
 SWITCHES = list(itertools.product([True, False], repeat=3))  # pos_mask, class_mask, proxy_reg

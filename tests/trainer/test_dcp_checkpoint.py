@@ -17,7 +17,7 @@ C, N, DIM = 7, 2, 4  # 14 proxy rows: blocks of 8+6 on 2 ranks, 4+4+4+2 on 4, 6+
 
 def _parts(seed):
     from loss.distributed import build_criterion
-    from trainer.engine import TrainModule
+    from trainer.engines import TrainModule
 
     torch.manual_seed(seed)
     embedder = nn.Linear(3, DIM)
@@ -92,7 +92,7 @@ def _check_load(saved, path, world):
         for k, v in saved[0]["model"].items():
             np.testing.assert_array_equal(res["model"][k], v)
         assert res["last_epoch"] == 1 and res["step"] == 2.0
-    from loss.distributed import block
+    from loss.collectives import block
     blocks = [loaded[r]["block"] for r in range(world)]
     assert blocks == [((block(C, world, r)[1] - block(C, world, r)[0]) * N, DIM) for r in range(world)]
     assert [loaded[r]["start"] for r in range(world)] == [block(C, world, r)[0] * N for r in range(world)]

@@ -105,7 +105,7 @@ def one_step(cfg, num_classes=4):
     """One optimizer step of the trainer's own parts (model, criterion, optimizer) on a random 16 px batch;
     returns the loss and whether the embedder's weights moved."""
     from trainer.build import build_criterion, build_optimizer
-    from trainer.engine import TrainModule
+    from trainer.engines import TrainModule
     from trainer.model import build_model
 
     torch.manual_seed(0)

@@ -74,7 +74,7 @@ def test_compile_covers_the_training_forward_only_and_keeps_parameter_names():
     import torch._dynamo
 
     from loss import ProxyGML
-    from trainer.engine import TrainModule
+    from trainer.engines import TrainModule
     torch.manual_seed(0)
     embedder = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 8))
     crit = ProxyGML(num_classes=3, dim=8, proxies_per_class=2, r=0.5)

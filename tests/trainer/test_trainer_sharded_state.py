@@ -12,9 +12,10 @@ C, DIM = 5, 4  # 5 classes over 2 ranks: blocks of 3 and 2
 
 
 def _worker(rank, world):
-    from loss.distributed import build_criterion
-    from trainer.engine import TrainModule, clip_grad_norm, ddp_ignored_names
-    from trainer.loop import map_group_rows
+    from loss.distributed import build_criterion, ddp_ignored_names
+    from loss.sharded import map_group_rows
+    from trainer.engines import TrainModule
+    from trainer.engines.ddp import clip_grad_norm
 
     torch.manual_seed(0)
     embedder = nn.Linear(3, DIM)
@@ -31,7 +32,7 @@ def _worker(rank, world):
         p.grad /= world
     full_before = [p.grad.clone() for p in embedder.parameters()]
     own = crit.proxies.grad.clone()
-    norm = clip_grad_norm(module, 1e-3, set(ddp_ignored_names(module)))
+    norm = clip_grad_norm(module, 1e-3, set(ddp_ignored_names(module, crit)))
     opt.step()
     sd = map_group_rows(opt.state_dict(), "proxies", crit.proxies.shape[0], crit.gather_rows)
     back = map_group_rows(sd, "proxies", C, crit.shard_rows)

@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from tests.helpers import free_port, run_on_gloo_ranks
-from trainer.deepspeed_engine import DeepSpeedConfigError, load_ds_config
+from trainer.engines.deepspeed_config import DeepSpeedConfigError, load_ds_config
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))  # the repository
 STEPS, WARM, MILESTONE, PER_RANK, CLASSES = 6, 2, 4, 4, 5
@@ -102,7 +102,7 @@ def make_cfg(engine: str, ds_json: str, tmp: str, grad_clip: float = 0.5, amp: s
 def build(cfg, env, seed=0):
     """The trainer's pieces: small_cnn embedder, real ProxyGML, 3 param groups, MultiStepLR."""
     from loss import ProxyGML
-    from trainer.engine import TrainModule, build_engine
+    from trainer.engines import TrainModule, build_engine
     from trainer.model import build_model
     torch.manual_seed(seed)
     embedder = build_model(cfg.model)
@@ -114,7 +114,14 @@ def build(cfg, env, seed=0):
     opt = torch.optim.Adam(groups, eps=0.01, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, [1], 0.1)  # stepped once, at step MILESTONE
     embedder.set_backbone_trainable(False)
-    engine = build_engine(cfg, module, opt, env)
+    ckpt_dir = cfg.checkpoint.dir or os.path.join(cfg.run.output_dir, cfg.run.name, "checkpoints")
+    amp = torch.bfloat16 if cfg.train.amp == "bf16" or (cfg.train.amp == "auto" and env.device.type == "cuda") else None
+    engine = build_engine(cfg.engine.name, module, opt, env, grad_clip=cfg.train.grad_clip,
+                          find_unused_parameters=cfg.engine.find_unused_parameters,
+                          deepspeed_config=cfg.engine.deepspeed_config,
+                          per_rank_batch=cfg.train.batch_size // env.world_size,
+                          amp_dtype=amp, checkpoint_dir=ckpt_dir,
+                          keep_last=cfg.checkpoint.keep_last)
     return module, opt, sched, engine
 
 
@@ -221,7 +228,7 @@ def worker(rank: int, world: int, tmp: str):
         out[f"ckpt{stage}"] = dict(cont=cont, resumed=resumed, final=final, final_resumed=flat_weights(module2),
                                    ref=opt_ref, saved_weights=plain, opt_state=opt_state)
         if rank == 0:
-            from trainer.deepspeed_engine import consolidated_state_dict, split_state_dict
+            from trainer.engines.deepspeed_export import consolidated_state_dict, split_state_dict
             model_sd, crit_sd = split_state_dict(consolidated_state_dict(opt_ref["deepspeed"]["dir"],
                                                                          opt_ref["deepspeed"]["tag"]))
             out[f"ckpt{stage}"]["exported"] = dict(model=model_sd, criterion=crit_sd)

@@ -1,0 +1,231 @@
+"""ShardedProxyGML: ProxyGML with a contiguous block of classes, their proxies (outside DDP) and their optimizer
+state per rank; the full table exists only when gathered for a checkpoint (``full_state_dict``,
+``optimizer_state_to_full``). See loss/distributed.py for what the mode computes."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+
+from loss.collectives import all_gather_rows, block, world
+from loss.proxygml import (
+    ProxyGMLBase,
+    class_scores,
+    class_sums,
+    proxy_cross_entropy_sum,
+    row_losses,
+    selected_similarity,
+    softmax_inputs,
+)
+from loss.sharded_topk import ScaleGrad, ShardedLogSumExp, sharded_topk
+
+
+def map_group_rows(optimizer_sd: dict, name: str, rows: int, fn) -> dict:
+    """A copy of an optimizer state dict whose per-row state tensors (first dim `rows`) of param group
+    `name` went through `fn`. Sharded proxies: gather a rank's rows to the full table or cut them back."""
+    ids = [i for g in optimizer_sd["param_groups"] if g.get("name") == name for i in g["params"]]
+    state = dict(optimizer_sd["state"])
+    for i in ids:  # the same ids and keys, in the same order, on every rank: fn may be collective
+        if i in state:
+            state[i] = {k: fn(v) if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == rows else v
+                        for k, v in state[i].items()}
+    return {**optimizer_sd, "state": state}
+
+
+class ShardedProxyGML(ProxyGMLBase):
+    """ProxyGML with a contiguous block of classes (and their proxies) per rank; see loss/distributed.py.
+
+    ``proxies`` (C_r*N, dim) are this rank's, global rows ``proxy_start:proxy_stop``; ``selection_counts``
+    likewise. ``candidate_factor``: each rank first ranks ceil(factor * k / W) local candidates per sample
+    (exact whatever it is: a rank whose list is too short makes all ranks redo it with min(k, C_r*N));
+    the candidate lists are the largest memory term at millions of classes. The initialisation is the
+    authors' distribution U(±1/sqrt(C*N)), drawn per block of 4,096
+    global rows from a generator seeded by (``seed``, block), so that it does not depend on the world size.
+    """
+
+    def __init__(self, num_classes: int, dim: int, proxies_per_class: int = 1, r: float = 0.05,
+                 lam: float = 0.3, pos_mask: bool = True, class_mask: bool = True, proxy_reg: bool = True,
+                 *, group=None, chunk_elements: int = 2 ** 28, validate: bool = True, seed: int = 0,
+                 candidate_factor: float = 2.0, scale: float = 1.0):
+        super().__init__(num_classes, dim, proxies_per_class, r, lam, pos_mask, class_mask, proxy_reg,
+                         chunk_elements=chunk_elements, validate=validate, scale=scale, group=group)
+        size, rank = world(group)
+        if num_classes < size:
+            raise ValueError(f"num_classes ({num_classes}) must be >= the world size ({size}) in sharded mode")
+        if not candidate_factor > 0:
+            raise ValueError(f"candidate_factor must be > 0, got {candidate_factor!r}")
+        self.candidate_factor = float(candidate_factor)
+        start, stop = block(num_classes, size, rank)
+        n = proxies_per_class
+        self.hold_classes(start, stop, self._init_rows(seed, start * n, stop * n))
+
+    def _init_rows(self, seed: int, first_row: int, stop_row: int, rows_per_block: int = 4096) -> Tensor:
+        total = self.num_classes * self.proxies_per_class
+        bound = 1 / math.sqrt(total)
+        first, last = first_row // rows_per_block, (stop_row - 1) // rows_per_block
+        parts = []
+        for b in range(first, last + 1):
+            g = torch.Generator().manual_seed(seed * 1_000_003 + b)
+            n = min(rows_per_block, total - b * rows_per_block)
+            parts.append(torch.rand(n, self.dim, generator=g) * (2 * bound) - bound)
+        start = first_row - first * rows_per_block
+        return torch.cat(parts)[start:start + stop_row - first_row].contiguous()
+
+    def extra_repr(self) -> str:
+        return f"mode=sharded, classes=[{self.class_start}, {self.class_stop}), " + super().extra_repr()
+
+    def ddp_ignored_parameters(self) -> list[str]:
+        """Names (relative to this module) that DDP must leave alone: the rank-owned proxies and counts."""
+        return ["proxies", "selection_counts"]
+
+    # the subgraphs across shards
+    def _select(self, sim: Tensor, labels: Tensor, out: dict) -> Tensor:
+        """Local indices (M, *) of this rank's chosen proxies; out["mask"] marks the real ones."""
+        n, k = self.proxies_per_class, self.k
+        owned = (labels >= self.class_start) & (labels < self.class_stop)
+        own = (labels - self.class_start).clamp(0, self.class_stop - self.class_start - 1)[:, None] * n
+        own = own + torch.arange(n, device=sim.device)
+        own_mask = owned[:, None].expand(-1, n)
+        if self.pos_mask and k <= n:  # only own proxies: all on the owning rank
+            order = sim.gather(1, own).sort(dim=1, descending=True, stable=True).indices[:, :k]
+            out["mask"] = own_mask[:, :k]
+            return own.gather(1, order)
+        need = k - n if self.pos_mask else k
+        if self.pos_mask:
+            saved = sim.gather(1, own)
+            sim.scatter_(1, own, torch.where(own_mask, float("-inf"), saved))
+        size = world(self.group)[0]
+        candidates = math.ceil(self.candidate_factor * need / size)
+        idx, mask = sharded_topk(sim, need, self.proxy_start, self.group, candidates)
+        if not self.pos_mask:
+            out["mask"] = mask
+            return idx
+        sim.scatter_(1, own, saved)
+        out["mask"] = torch.cat([own_mask, mask], dim=1)
+        return torch.cat([own, idx], dim=1)
+
+    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        device_type, dtype, mm_dtype = self.prepare(embeddings, labels)
+        size, _ = world(self.group)
+        n = self.proxies_per_class
+        with torch.autocast(device_type, enabled=False):
+            x, labels = embeddings.to(dtype), labels.long()
+            if size > 1:
+                x, _ = all_gather_rows(ScaleGrad.apply(x, float(size)), self.group, with_grad=True)
+                labels, _ = all_gather_rows(labels, self.group)
+            x, p = F.normalize(x, dim=1), F.normalize(self.proxies.to(dtype), dim=1)
+            out: dict = {}
+            vals, idx = selected_similarity(x, p, lambda sim: self._select(sim, labels, out))
+            mask = out["mask"]
+            with torch.no_grad():
+                self.selection_counts += torch.bincount(idx[mask], minlength=self.selection_counts.numel())
+            z, seg_cls, valid = class_scores(vals * self.scale if self.scale != 1.0 else vals,
+                                             idx // n + self.class_start, n, mask)
+            logits, z_own, has_target = softmax_inputs(z, seg_cls, valid, labels,
+                                                       self.class_stop - self.class_start, self.class_mask)
+            rows_s, loss_s = self._sample_part(logits, z_own, has_target, size)
+            reg_sum, loss_p = self._proxy_part(p, mm_dtype, size)
+            self.last_parts = {"loss_s": loss_s, "loss_p": loss_p}
+            surrogate, value = rows_s.sum() / rows_s.shape[0], loss_s
+            if self.uses_proxy_reg:
+                num_proxies = self.num_classes * n
+                surrogate = surrogate + self.lam * reg_sum / num_proxies
+                value = value + self.lam * loss_p
+            return value + (surrogate - surrogate.detach())
+
+    def _sample_part(self, logits: Tensor, z_own: Tensor, has_target: Tensor, size: int):
+        """(per-row surrogate with this shard's gradient, global L^s detached)."""
+        target = torch.stack([z_own.detach(), has_target.to(z_own.dtype)])
+        if size > 1:
+            dist.all_reduce(target, group=self.group)  # the owner holds z_own and the flag; others 0
+        z_own_all, ok = target[0], target[1] > 0
+        safe = torch.where(ok[:, None], logits, torch.zeros((), dtype=logits.dtype, device=logits.device))
+        lse = ShardedLogSumExp.apply(safe, self.group) if size > 1 else torch.logsumexp(safe, dim=1)
+        values = row_losses(lse.detach()[:, None], z_own_all, ok)  # logsumexp of one column is itself
+        zero = torch.zeros((), dtype=lse.dtype, device=lse.device)
+        return torch.where(ok, lse - z_own, zero), values.mean()
+
+    def _proxy_part(self, p: Tensor, mm_dtype: torch.dtype, size: int):
+        """(this rank's Σ of L^p cross-entropies with gradients, global L^p detached)."""
+        if not self.uses_proxy_reg:
+            zero = torch.zeros((), dtype=p.dtype, device=p.device)
+            return zero, zero
+        sums = class_sums(p, self.proxies_per_class)
+        if size > 1:
+            sums, _ = all_gather_rows(sums, self.group, with_grad=True)
+        targets = torch.arange(self.proxy_start, self.proxy_stop, device=p.device) // self.proxies_per_class
+        reg_sum = proxy_cross_entropy_sum(p, sums, targets, self.chunk_elements, mm_dtype)
+        total = reg_sum.detach().clone()
+        if size > 1:
+            dist.all_reduce(total, group=self.group)
+        return reg_sum, total / (self.num_classes * self.proxies_per_class)
+
+    # checkpoints and statistics across world sizes
+    def gather_rows(self, rows: Tensor) -> Tensor:
+        """The full (C*N, ...) tensor, on the CPU, from every rank's block of proxy rows (collective).
+
+        One rank's block at a time is broadcast, so the device holds one block more, not C*N rows.
+        """
+        size, rank = world(self.group)
+        rows = rows.detach()
+        if size == 1:
+            return rows.cpu().clone()
+        n = self.num_classes * self.proxies_per_class
+        parts = []
+        for src in range(size):
+            start, stop = block(self.num_classes, size, src)
+            if src == rank:
+                buf = rows.contiguous()
+            else:
+                buf = rows.new_empty((stop - start) * self.proxies_per_class, *rows.shape[1:])
+            dist.broadcast(buf, dist.get_global_rank(self.group, src) if self.group is not None else src,
+                           group=self.group)
+            parts.append(buf.cpu())
+        full = torch.cat(parts)
+        assert full.shape[0] == n
+        return full
+
+    def shard_rows(self, full: Tensor) -> Tensor:
+        """This rank's block of a full (C*N, ...) tensor shaped like the proxies."""
+        total = self.num_classes * self.proxies_per_class
+        if full.shape[0] != total:
+            raise ValueError(f"expected {total} proxy rows, got {tuple(full.shape)}")
+        return full[self.proxy_start:self.proxy_stop]
+
+    def full_state_dict(self) -> dict[str, Tensor]:
+        """{"proxies": (C*N, dim)} as ``ProxyGML.state_dict()`` (collective: call on every rank)."""
+        return {"proxies": self.gather_rows(self.proxies)}
+
+    def load_full_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Load a full {"proxies": (C*N, dim)} (from any world size, or from ``ProxyGML``)."""
+        if "proxies" not in state:
+            raise ValueError(f"state has no 'proxies' entry (keys: {sorted(state)})")
+        full = state["proxies"]
+        if tuple(full.shape) != (self.num_classes * self.proxies_per_class, self.dim):
+            raise ValueError(f"state['proxies'] must have shape ({self.num_classes * self.proxies_per_class}, "
+                             f"{self.dim}), got {tuple(full.shape)}")
+        with torch.no_grad():
+            self.proxies.copy_(self.shard_rows(full))
+
+    def global_selection_counts(self) -> Tensor:
+        """The (C*N,) selection counts of all shards (collective: call on every rank)."""
+        return self.gather_rows(self.selection_counts)
+
+    def local_rows(self) -> tuple[int, int, int]:
+        return self.proxy_start, self.proxy_stop, self.num_classes * self.proxies_per_class
+
+    def load_local_state_dict(self, state: dict[str, Tensor]) -> None:
+        """This rank's block {"proxies": (C_r*N, dim)}, as a DCP load gives it."""
+        with torch.no_grad():
+            self.proxies.copy_(state["proxies"])
+
+    def optimizer_state_to_full(self, optimizer_sd: dict, group: str = "proxies") -> dict:
+        """Each rank holds its block's moments: the full table's (collective)."""
+        return map_group_rows(optimizer_sd, group, self.proxies.shape[0], self.gather_rows)
+
+    def optimizer_state_from_full(self, optimizer_sd: dict, group: str = "proxies") -> dict:
+        return map_group_rows(optimizer_sd, group, self.num_classes * self.proxies_per_class,
+                              lambda t: self.shard_rows(t).to(self.proxies.device))
