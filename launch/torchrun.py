@@ -42,7 +42,7 @@ USER_OMP_NUM_THREADS = os.environ.get("OMP_NUM_THREADS")  # as the user gave it 
 # torchrun (torch 2.14) shares the rendezvous' TCP store with the workers and keeps it across restarts, so a
 # restarted worker group finds the dead group's process-group keys in it: gloo then connects to the dead
 # ranks' ports ("Connection refused", or a hang in init_process_group) and --max-restarts never recovers.
-# A store per rendezvous round avoids that (tests/test_launch_elastic.py kills a worker to check).
+# A store per rendezvous round avoids that (tests/launch/test_launch_elastic.py kills a worker to check).
 os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
 
 

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import os
 
-import torch
-
 from trainer.evaluation.evaluate import evaluate
 
 DESCRIPTION = "Distributed evaluation: every rank embeds its share of the test stream, rank 0 gathers and scores."
@@ -93,7 +91,8 @@ def _evaluate_checkpoint(a) -> int:
         transform = TransformConfig(**OmegaConf.to_container(cfg.data.transform))
         loader = eval_loader(manifest, batch_size=batch_size, num_workers=a.num_workers,
                              rank=env.rank, world_size=env.world_size, transform=transform)
-        amp = torch.bfloat16 if a.amp == "bf16" or (a.amp == "auto" and env.device.type == "cuda") else None
+        from trainer.build import amp_dtype  # the one mixed-precision rule (train.amp), as in training
+        amp = amp_dtype(a.amp, env.device)
         result = evaluate(model, loader, device=env.device, recall_ks=recall_ks, nmi=nmi, map_r=map_r,
                           class_names=manifest.class_names, amp_dtype=amp)
         if result.metrics is not None:

@@ -126,3 +126,14 @@ def test_two_ranks_over_uneven_shards_count_every_sample_once(setup):
     emb, keys, _ = load_export(out)
     assert keys == expected.keys and len(set(keys)) == len(keys)
     np.testing.assert_allclose(emb, expected.embeddings.numpy(), atol=1e-5)
+
+
+def test_old_import_path_still_resolves_with_a_deprecation_warning():
+    """`from trainer.evaluate import evaluate` (before the evaluation room) still works, and says where it moved."""
+    import trainer.evaluate as old
+    from trainer.evaluation import evaluate
+
+    with pytest.warns(DeprecationWarning, match="trainer.evaluation.evaluate"):
+        assert old.evaluate is evaluate
+    with pytest.raises(AttributeError):
+        old.no_such_name  # noqa: B018
