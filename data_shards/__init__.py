@@ -2,8 +2,8 @@
 
 from .device_loader import DECODE_CHOICES, DeviceLoader, check_decode
 from .errors import BadManifest, DamagedShard, DataError, MissingData
+from .loaders import eval_loader, train_loader
 from .manifest import Manifest, read_manifest
-from .stream import eval_loader, train_loader
 from .transforms import TransformConfig
 from .verify import VERIFY, verify_shards
 from .write import write_dataset

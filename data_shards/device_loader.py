@@ -31,7 +31,7 @@ def check_decode(decode: str, device: str | torch.device | None = None) -> None:
 
 
 class DeviceLoader:
-    """A shard loader (data_shards.stream.ShardLoader) whose batches arrive on `device`: `(images, labels)` for
+    """A shard loader (data_shards.loaders.ShardLoader) whose batches arrive on `device`: `(images, labels)` for
     training, `(images, labels, keys)` for evaluation; `len`, `set_epoch`, `close` as the shard loader's.
     gpu: `seed` seeds the device augmentation with the epoch and batch position (a resumed run draws the same)."""
 

@@ -102,7 +102,7 @@ def stop_with_launcher() -> bool:
         return False
     import signal
 
-    from data_shards.stream import die_with_parent
+    from data_shards.workers import die_with_parent
     launcher = int(os.environ.get(LAUNCHER_PID_ENV, "0")) or None  # launch/torchrun.py sets it: exact, even
     return die_with_parent(signal.SIGTERM, parent=launcher)     # when the launcher died before this line
 

@@ -7,7 +7,7 @@ import torch
 
 from data_shards import TransformConfig, train_loader
 from data_shards.errors import DataError
-from data_shards.stream import m_per_class_groups
+from data_shards.sampler import m_per_class_groups
 
 TF = TransformConfig(image_size=16, resize_size=16)
 FOLDER = (12, 8)  # the `shards` fixture (conftest.py): 12 classes x 8 JPEGs (96)

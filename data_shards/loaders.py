@@ -1,0 +1,190 @@
+"""The loaders every rank iterates: `train_loader` (equal batch counts on every rank, exact resume) and
+`eval_loader` (every sample once), as `ShardLoader`s over the streams of data_shards/stream.py, or as a
+`DeviceLoader` (data_shards/device_loader.py) whose batches are on the training device."""
+from __future__ import annotations
+
+import itertools
+import math
+
+from .errors import DataError
+from .manifest import Manifest, read_manifest
+from .stream import DECODES, SAMPLERS, EncodedBatch, EvalStream, TrainStream
+from .transforms import TransformConfig, as_transform_config
+from .verify import VERIFY, verify_shards
+from .workers import OPEN_LOADERS, make_dataloader, stop_workers
+
+
+class ShardLoader:
+    """An iterable of batches with `len()` = batches per epoch (train) or batches of this rank (eval).
+    Iterating raises the DataError (e.g. DamagedShard) a worker met.
+
+    Train: one iteration yields the batches start_batch.. of `epoch`; `set_epoch` moves it on, so that the
+    same loader (and with persistent_workers its worker processes) serves every epoch."""
+
+    def __init__(self, loader, length: int, manifest: Manifest, stream=None, verify: str = "off", **info):
+        self.loader, self.length, self.manifest = loader, length, manifest
+        self.stream, self.verify = stream, verify
+        self.__dict__.update(info)
+        OPEN_LOADERS.add(self)
+
+    def close(self) -> None:
+        """End the worker processes now (persistent workers otherwise live as long as the loader). Workers that
+        do not stop within torch's grace period are killed: they ignore SIGTERM (data_shards/workers.py)."""
+        it = getattr(self.loader, "_iterator", None)
+        if it is not None:
+            stop_workers(it)
+            self.loader._iterator = None
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> ShardLoader:
+        """Train loaders: the next iteration yields batches start_batch.. of `epoch`, exactly those a new
+        train_loader(epoch=epoch, start_batch=start_batch) would; the shards are checked as when one is made
+        (`verify`). Returns self. Raises ValueError (start_batch outside [0, len)), MissingData, DamagedShard."""
+        if self.stream is None:
+            raise TypeError("set_epoch: only train loaders have epochs")
+        if not 0 <= start_batch < self.length:
+            raise ValueError(f"set_epoch: start_batch must be in [0, {self.length}), got {start_batch!r}")
+        verify_shards(self.manifest, self.verify, self.stream.rank, self.stream.world_size)
+        self.stream.set_epoch(epoch, start_batch)
+        self.epoch, self.start_batch = epoch, start_batch
+        return self
+
+    def __iter__(self):
+        """The batches; their worker processes are stopped here when the iteration ends, raises or is closed,
+        never left to the garbage collector (persistent workers: only when it raises, else at close()).
+
+        Why: an iterator abandoned by an exception sits in a reference cycle (the traceback) until a gc pass,
+        which finalizes its queues before torch's __del__ asks the workers to stop: the request is never sent,
+        each worker costs a 5 s join (they ignore the SIGTERM that follows) and lives on; and a worker forked
+        while such garbage exists may run that __del__ itself."""
+        if self.stream is None and getattr(self, "iterated", False):  # eval, again: check as at construction
+            verify_shards(self.manifest, self.verify, self.rank, self.world_size)
+        self.iterated = True
+        it = iter(self.loader)
+        done = False
+        try:
+            for batch in it if self.stream is None else itertools.islice(it, self.length - self.stream.start_batch):
+                if isinstance(batch, DataError):
+                    raise batch
+                if isinstance(batch[0], EncodedBatch):
+                    batch = (batch[0].views(), *batch[1:])
+                yield batch
+            done = True
+        except BaseException as exn:
+            if not (isinstance(exn, GeneratorExit) and self.loader.persistent_workers):
+                self._stop(it)
+            raise
+        if done and not self.loader.persistent_workers:
+            self._stop(it)
+
+    def _stop(self, it) -> None:
+        stop_workers(it)
+        if getattr(self.loader, "_iterator", None) is it:
+            self.loader._iterator = None
+
+    def __len__(self):
+        return self.length
+
+
+def _check(batch_size, num_workers, rank, world_size, decode, verify):
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {num_workers!r}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank!r}")
+    if decode not in DECODES:
+        raise ValueError(f"decode must be one of {DECODES}, got {decode!r}")
+    if verify not in VERIFY:
+        raise ValueError(f"verify must be one of {VERIFY}, got {verify!r}")
+
+
+def train_loader(split_dir, batch_size: int, num_workers: int = 2, seed: int = 0, epoch: int = 0,
+                 rank: int = 0, world_size: int = 1, transform: TransformConfig | None = None,
+                 start_batch: int = 0, decode: str = "cpu", shuffle_buffer: int = 1000,
+                 pin_memory: bool = False, prefetch_factor: int = 2, verify: str = "quick",
+                 persistent_workers: bool = False, draft: bool = False, sampler: str = "shuffle",
+                 m_per_class: int = 4, sampler_window: int = 16, device=None):
+    """Batches `(images float (B,3,H,W), labels int64 (B,))` of one rank for one epoch (decode="none":
+    `(list of uint8 tensors of the encoded images, labels)`). `len()` is the same on every rank.
+
+    decode: "cpu" (the workers decode and augment), "gpu" (they only read the bytes; decoded and augmented on
+    `device`, which must be CUDA) or "none" (the bytes themselves). With `device` the loader is a
+    data_shards.device_loader.DeviceLoader whose batches are on that device, whichever decoder made them: the
+    trainer's one entry (the device augmentation is seeded by seed + rank, epoch and batch position).
+
+    The next epochs: `loader.set_epoch(epoch, start_batch)`, then iterate again (the same batches as a new
+    loader for that epoch). persistent_workers: the worker processes live from the first iteration to the
+    loader's end, so an epoch starts without spawning them. draft: decode JPEGs at reduced size where the
+    crop allows it (transforms.TrainAugment; the crops keep their distribution, the pixels differ slightly).
+    sampler: "shuffle" (default) or "m_per_class": every batch holds batch_size / m_per_class classes with
+    m_per_class samples each, grouped within windows of sampler_window batches per worker (see the module
+    docstring); batch_size (per rank) must be a multiple of m_per_class.
+
+    verify: "quick" (size and first sample of each shard), "sha256" (also every shard's hash, once per
+    process) or "off"; see data_shards/verify.py. Raises MissingData / BadManifest (read_manifest),
+    DamagedShard (here or while iterating), DataError when the split gives no full batch, ValueError on bad
+    arguments."""
+    _check(batch_size, num_workers, rank, world_size, decode, verify)
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+    if sampler == "m_per_class" and (m_per_class < 1 or batch_size % m_per_class or sampler_window < 1):
+        raise ValueError(f"m_per_class sampler: m_per_class={m_per_class!r} must divide the per-rank batch_size="
+                         f"{batch_size} and sampler_window={sampler_window!r} must be >= 1")
+    m = split_dir if isinstance(split_dir, Manifest) else read_manifest(split_dir)
+    L = m.num_samples // (batch_size * world_size)
+    if L == 0:
+        raise DataError(f"train_loader: {m.num_samples} samples in {m.location} give no full batch of "
+                        f"batch_size={batch_size} on world_size={world_size} ranks; lower the batch size")
+    if not 0 <= start_batch < L:
+        raise ValueError(f"train_loader: start_batch must be in [0, {L}), got {start_batch!r}")
+    verify_shards(m, verify, rank, world_size)
+    tf = as_transform_config(transform)
+    stream = TrainStream(m, batch_size, seed, epoch, rank, world_size, max(1, num_workers), start_batch,
+                         tf, _worker_decode(decode), shuffle_buffer, verify, draft, sampler, m_per_class,
+                         sampler_window)
+    loader = make_dataloader(stream, num_workers, pin_memory, prefetch_factor, persistent_workers)
+    loader = ShardLoader(loader, L, m, stream, verify, batches_per_epoch=L, start_batch=start_batch, epoch=epoch)
+    return _on_device(loader, decode, device, tf, train=True, seed=seed + rank)
+
+
+def eval_loader(split_dir, batch_size: int, num_workers: int = 2, rank: int = 0, world_size: int = 1,
+                transform: TransformConfig | None = None, decode: str = "cpu",
+                pin_memory: bool = False, prefetch_factor: int = 2, verify: str = "quick",
+                persistent_workers: bool = False, device=None):
+    """Batches `(images, labels, keys)`; over all ranks and workers every sample comes exactly once
+    (counts per rank may differ). keys are the original image paths. decode, device, verify and errors: as
+    train_loader.
+    persistent_workers: the loader can be iterated again (each evaluation) by the same worker processes, until
+    `close()`; the shards are checked again (`verify`) at each later iteration, as when a loader is made."""
+    _check(batch_size, num_workers, rank, world_size, decode, verify)
+    m = split_dir if isinstance(split_dir, Manifest) else read_manifest(split_dir)
+    verify_shards(m, verify, rank, world_size)
+    V = max(1, num_workers)
+    tf = as_transform_config(transform)
+    stream = EvalStream(m, batch_size, rank, world_size, V, tf, _worker_decode(decode), verify)
+    plan = stream.plan()
+    per_slot = [sum(u.size for u in plan[rank * V + w]) for w in range(V)]
+    length = sum(math.ceil(n / batch_size) for n in per_slot)
+    loader = ShardLoader(make_dataloader(stream, num_workers, pin_memory, prefetch_factor, persistent_workers),
+                         length, m, verify=verify, num_samples=sum(per_slot), rank=rank, world_size=world_size)
+    return _on_device(loader, decode, device, tf, train=False)
+
+
+def _worker_decode(decode: str) -> str:
+    """What the loader workers do: decode + augment ("cpu"), or only read the bytes ("none": gpu and none)."""
+    return "cpu" if decode == "cpu" else "none"
+
+
+def _on_device(loader: ShardLoader, decode: str, device, transform, train: bool, seed: int | None = None):
+    if decode == "gpu" and device is None:
+        raise ValueError("decode='gpu' needs the device the batches are decoded on (device=...)")
+    if device is None:
+        return loader
+    from data_shards.device_loader import DeviceLoader, check_decode
+    if decode == "none":
+        raise ValueError("decode='none' yields encoded bytes: give no device, or decode='cpu' | 'gpu'")
+    check_decode(decode, device)
+    return DeviceLoader(loader, decode, device, transform, train, seed=seed if decode == "gpu" else None)
+
+
+__all__ = ["ShardLoader", "eval_loader", "train_loader"]
