@@ -56,7 +56,8 @@ def worker(rank: int, size: int, port: int, cfg: dict, out_path: str) -> None:
     from loss.distributed import build_criterion
     from loss.sharded import map_group_rows
     from trainer.checkpoint import Checkpointer, load
-    from trainer.dcp_checkpoint import DCPSaver, build_state, load_train_state, param_names
+    from trainer.dcp_checkpoint import build_state, load_train_state, param_names
+    from trainer.dcp_save import DCPSaver
     from trainer.engines import TrainModule
 
     torch.manual_seed(0)

@@ -137,7 +137,8 @@ class TrainState:
                     world_size=env.world_size, run_uid=run_uid, train_classes=self.data_info["classes"],
                     train_samples=self.data_info["samples"], train_class_names=self.data_info["class_names"])
         if self.fmt == "dcp":
-            from trainer.dcp_checkpoint import DCPSaver, build_state, param_names
+            from trainer.dcp_checkpoint import build_state, param_names
+            from trainer.dcp_save import DCPSaver
             if self.dcp_saver is None:
                 self.dcp_saver = DCPSaver(self.ckpt)
             sd = build_state(meta, t.embedder, crit, t.engine.optimizer_state_dict(),

@@ -37,7 +37,8 @@ def _full(crit, opt):
 
 
 def _worker(rank, world, phase, path, use_async):
-    from trainer.dcp_checkpoint import DCPSaver, build_state, load_train_state, param_names
+    from trainer.dcp_checkpoint import build_state, load_train_state, param_names
+    from trainer.dcp_save import DCPSaver
     if phase == "save":
         embedder, crit, module, opt, sched = _parts(0)
         g = torch.Generator().manual_seed(1)
@@ -135,7 +136,8 @@ def test_four_ranks_async_save_then_load_on_three(tmp_path):
 
 def _one_process_saves(directory, steps, keep_last=3):
     from loss.distributed import build_criterion
-    from trainer.dcp_checkpoint import DCPSaver, build_state
+    from trainer.dcp_checkpoint import build_state
+    from trainer.dcp_save import DCPSaver
     torch.manual_seed(0)
     embedder = nn.Linear(3, DIM)
     crit = build_criterion("gather", C, DIM)
