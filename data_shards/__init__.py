@@ -4,10 +4,11 @@ from .device_loader import DECODE_CHOICES, DeviceLoader, check_decode
 from .errors import BadManifest, DamagedShard, DataError, MissingData
 from .loaders import eval_loader, train_loader
 from .manifest import Manifest, read_manifest
+from .stream import batches_per_epoch
 from .transforms import TransformConfig
 from .verify import VERIFY, verify_shards
 from .write import write_dataset
 
 __all__ = ["DECODE_CHOICES", "BadManifest", "DamagedShard", "DataError", "DeviceLoader", "Manifest", "MissingData",
-           "TransformConfig", "VERIFY", "check_decode", "eval_loader", "read_manifest", "train_loader", "verify_shards",
-           "write_dataset"]
+           "TransformConfig", "VERIFY", "batches_per_epoch", "check_decode", "eval_loader", "read_manifest",
+           "train_loader", "verify_shards", "write_dataset"]

@@ -8,7 +8,7 @@ import math
 
 from .errors import DataError
 from .manifest import Manifest, read_manifest
-from .stream import DECODES, SAMPLERS, EncodedBatch, EvalStream, TrainStream
+from .stream import DECODES, SAMPLERS, EncodedBatch, EvalStream, TrainStream, batches_per_epoch
 from .transforms import TransformConfig, as_transform_config
 from .verify import VERIFY, verify_shards
 from .workers import OPEN_LOADERS, make_dataloader, stop_workers
@@ -131,7 +131,7 @@ def train_loader(split_dir, batch_size: int, num_workers: int = 2, seed: int = 0
         raise ValueError(f"m_per_class sampler: m_per_class={m_per_class!r} must divide the per-rank batch_size="
                          f"{batch_size} and sampler_window={sampler_window!r} must be >= 1")
     m = split_dir if isinstance(split_dir, Manifest) else read_manifest(split_dir)
-    L = m.num_samples // (batch_size * world_size)
+    L = batches_per_epoch(m.num_samples, batch_size * world_size)
     if L == 0:
         raise DataError(f"train_loader: {m.num_samples} samples in {m.location} give no full batch of "
                         f"batch_size={batch_size} on world_size={world_size} ranks; lower the batch size")

@@ -202,7 +202,7 @@ class TrainStream(IterableDataset):
         self.rank, self.world_size, self.V = rank, world_size, slots_per_rank
         self.transform, self.decode, self.draft = transform, decode, draft
         self.shuffle_buffer, self.verify = shuffle_buffer, verify != "off"
-        self.batches_per_epoch = m.num_samples // (batch_size * world_size)
+        self.batches_per_epoch = batches_per_epoch(m.num_samples, batch_size * world_size)
         self.where = torch.tensor([epoch, start_batch], dtype=torch.int64).share_memory_()
 
     @property
@@ -385,6 +385,12 @@ def sample_key(sample: dict) -> str:
         except (ValueError, KeyError, TypeError):
             pass
     return sample["__key__"]
+
+
+def batches_per_epoch(num_samples: int, global_batch: int) -> int:
+    """Full batches per epoch on every rank: `num_samples // global_batch` (global = per-rank batch x ranks; the
+    rest of the split changes every epoch). The one rule: the loaders, the build step and resume count with it."""
+    return num_samples // global_batch
 
 
 def hash_seed(tag: str) -> int:

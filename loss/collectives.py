@@ -80,10 +80,30 @@ def all_gather_rows(t: Tensor, group=None, with_grad: bool = False) -> tuple[Ten
     return torch.cat([p[:s] for p, s in zip(parts, sizes)]), sizes
 
 
-def all_reduce_(t: Tensor, op=None, group=None) -> Tensor:
-    """In place: ``t`` summed (or ``op``, a ``dist.ReduceOp``) over the ranks of ``group``; returns ``t``."""
+_OPS = {"sum": "SUM", "max": "MAX", "min": "MIN"}
+
+
+def all_reduce_(t: Tensor, op: str = "sum", group=None) -> Tensor:
+    """In place: ``t`` reduced over the ranks of ``group`` by ``op`` ("sum", "max" or "min"); returns ``t``."""
     if world(group)[0] > 1:
-        dist.all_reduce(t, op=op or dist.ReduceOp.SUM, group=group)
+        dist.all_reduce(t, op=getattr(dist.ReduceOp, _OPS[op]), group=group)
+    return t
+
+
+def all_gather_tensors(t: Tensor, group=None) -> list[Tensor]:
+    """Every rank's ``t`` (the same shape on every rank), in rank order; ``[t]`` with one rank."""
+    size, _ = world(group)
+    if size == 1:
+        return [t]
+    parts = [torch.empty_like(t) for _ in range(size)]
+    dist.all_gather(parts, t.contiguous(), group=group)
+    return parts
+
+
+def broadcast_(t: Tensor, src: int, group=None) -> Tensor:
+    """In place: rank ``src`` of ``group``'s ``t`` on every rank of it (``src`` is the rank within the group)."""
+    if world(group)[0] > 1:
+        dist.broadcast(t, dist.get_global_rank(group, src) if group is not None else src, group=group)
     return t
 
 
@@ -98,7 +118,7 @@ def any_ranks(flags, device: torch.device) -> list[bool]:
     One all-reduce for all of them (the per-step stop check). With one rank it still reads tensors back (a sync)."""
     t = torch.stack([f.to(device=device, dtype=torch.float32).reshape(()) if torch.is_tensor(f)
                      else torch.tensor(1.0 if f else 0.0, device=device) for f in flags])
-    all_reduce_(t, op=dist.ReduceOp.MAX)
+    all_reduce_(t, op="max")
     return [v > 0 for v in t.tolist()]
 
 

@@ -41,6 +41,7 @@ from loss.replicated import ReplicatedProxyGML
 from loss.sharded import ShardedProxyGML
 
 MODES = ("local", "gather", "sharded")
+CHECKPOINT_LAYOUT = {"local": "replicated", "gather": "replicated", "sharded": "sharded"}  # what a mode saves
 
 
 def build_criterion(mode: str, num_classes: int, dim: int, *, group=None, **proxygml_kwargs) -> Criterion:

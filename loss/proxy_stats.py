@@ -2,12 +2,15 @@
 (counts, sums, a histogram of selection counts) and the parts are reduced; the proxy table is never gathered.
 
     stats = reduced_proxy_statistics(criterion)   # criterion.proxy_statistics(): collective; None if nothing selected
-    summary, per_proxy, per_class = stats         # the metrics and tables of trainer.tracking.proxy_statistics
+    summary, per_proxy, per_class = stats         # metrics `proxy/*` and two tables
 
-The summary metrics are the same as `trainer.tracking.proxy_statistics` (up to float rounding: sums are reduced
-in float64, the Gini coefficient comes exactly from the merged histogram of counts). The per-proxy and per-class
-tables keep one number per proxy or class (counts, norms, spreads): those 1-D columns are gathered, 1/dim of the
-table's size.
+The summary: `proxy/never_selected_share`, `proxy/class_never_selected_share`, `proxy/selection_gini` (Gini of
+the counts), `proxy/selection_entropy` (of the selection shares, normalised by log C*N), `proxy/selections`,
+`proxy/class_spread_mean` (mean pairwise cosine distance of a class's proxies, 0 for N = 1), `proxy/norm_mean`;
+per_proxy (proxy, class, selection_count, norm), per_class (class, selection_count, proxies_selected, spread).
+They equal a float64 computation over the full table (tests/loss/proxy_stats_reference.py) up to float rounding:
+sums are reduced in float64, the Gini coefficient comes exactly from the merged histogram of counts. The 1-D
+columns of the tables are gathered, 1/dim of the table's size.
 """
 from __future__ import annotations
 
@@ -97,7 +100,7 @@ def _merge(hists) -> tuple[np.ndarray, np.ndarray]:
 def reduced_proxy_statistics(criterion):
     """Collective for a ProxyGML form (loss.proxygml.ProxyGMLBase: one process, or those of loss.distributed;
     call on every rank; `criterion.proxy_statistics()` is this). (summary, per_proxy,
-    per_class) as `trainer.tracking.proxy_statistics`, or None when no proxy was selected since the counts were
+    per_class) as in the module docstring, or None when no proxy was selected since the counts were
     last reset. A class-sharded criterion summarises its own block and the parts are reduced (one all-reduce of
     len(SUMS) numbers, one all-gather of each rank's histogram of counts, the 1-D table columns gathered); a
     replicated one holds all proxies, with the selection counts of the global batch."""

@@ -4,11 +4,10 @@ see loss/distributed.py for what each mode computes."""
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from loss.collectives import all_gather_rows, block, world
+from loss.collectives import all_gather_rows, all_reduce_, block, world
 from loss.proxygml import ProxyGML
 
 
@@ -45,8 +44,7 @@ class ReplicatedProxyGML(ProxyGML):
             local = self.mode == "local"
             stats = torch.stack([rows.detach().sum() if local else rows.new_zeros(()),
                                  rows.new_tensor(float(rows.shape[0] if local else 0)), reg_sum.detach()])
-            if size > 1:
-                dist.all_reduce(stats, group=self.group)
+            all_reduce_(stats, group=self.group)
             num_samples = stats[1] if local else rows.shape[0]
             loss_s = stats[0] / num_samples if local else rows.detach().mean()
             loss_p = stats[2] / num_proxies
@@ -61,6 +59,6 @@ class ReplicatedProxyGML(ProxyGML):
     def global_selection_counts(self) -> Tensor:
         """Selection counts of the global batch (collective in ``local`` mode: call on every rank)."""
         counts = self.selection_counts.clone()
-        if self.mode == "local" and world(self.group)[0] > 1:
-            dist.all_reduce(counts, group=self.group)
+        if self.mode == "local":
+            all_reduce_(counts, group=self.group)
         return counts

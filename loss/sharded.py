@@ -6,11 +6,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from loss.collectives import all_gather_rows, block, world
+from loss.collectives import all_gather_rows, all_reduce_, block, broadcast_, world
 from loss.proxygml import (
     ProxyGMLBase,
     class_scores,
@@ -139,8 +138,7 @@ class ShardedProxyGML(ProxyGMLBase):
     def _sample_part(self, logits: Tensor, z_own: Tensor, has_target: Tensor, size: int):
         """(per-row surrogate with this shard's gradient, global L^s detached)."""
         target = torch.stack([z_own.detach(), has_target.to(z_own.dtype)])
-        if size > 1:
-            dist.all_reduce(target, group=self.group)  # the owner holds z_own and the flag; others 0
+        all_reduce_(target, group=self.group)  # the owner holds z_own and the flag; others 0
         z_own_all, ok = target[0], target[1] > 0
         safe = torch.where(ok[:, None], logits, torch.zeros((), dtype=logits.dtype, device=logits.device))
         lse = ShardedLogSumExp.apply(safe, self.group) if size > 1 else torch.logsumexp(safe, dim=1)
@@ -159,8 +157,7 @@ class ShardedProxyGML(ProxyGMLBase):
         targets = torch.arange(self.proxy_start, self.proxy_stop, device=p.device) // self.proxies_per_class
         reg_sum = proxy_cross_entropy_sum(p, sums, targets, self.chunk_elements, mm_dtype)
         total = reg_sum.detach().clone()
-        if size > 1:
-            dist.all_reduce(total, group=self.group)
+        all_reduce_(total, group=self.group)
         return reg_sum, total / (self.num_classes * self.proxies_per_class)
 
     # checkpoints and statistics across world sizes
@@ -181,8 +178,7 @@ class ShardedProxyGML(ProxyGMLBase):
                 buf = rows.contiguous()
             else:
                 buf = rows.new_empty((stop - start) * self.proxies_per_class, *rows.shape[1:])
-            dist.broadcast(buf, dist.get_global_rank(self.group, src) if self.group is not None else src,
-                           group=self.group)
+            broadcast_(buf, src, group=self.group)
             parts.append(buf.cpu())
         full = torch.cat(parts)
         assert full.shape[0] == n

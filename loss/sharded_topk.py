@@ -4,11 +4,10 @@ backward, and the gradient scale that keeps DDP's average a sum."""
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from loss.collectives import all_reduce_, world
+from loss.collectives import all_gather_tensors, all_reduce_, world
 
 
 class ScaleGrad(torch.autograd.Function):
@@ -37,8 +36,7 @@ class ShardedLogSumExp(torch.autograd.Function):
         shift = torch.where(torch.isfinite(local_max), local_max, torch.zeros_like(local_max))
         local_sum = (logits - shift[:, None]).exp().sum(dim=1)
         mine = torch.stack([local_max, local_sum])
-        parts = [torch.empty_like(mine) for _ in range(size)]
-        dist.all_gather(parts, mine, group=group)
+        parts = all_gather_tensors(mine, group)
         maxes, sums = torch.stack(parts).unbind(dim=1)  # (W, M) each
         top = maxes.max(dim=0).values
         lse = top + (sums * (maxes - top).exp()).sum(dim=0).log()
@@ -74,8 +72,7 @@ def sharded_topk(scores: Tensor, need: int, offset: int, group=None,
         return _topk_from_candidates(scores, full, need, offset, group)[:2]
     idx, mask, complete = _topk_from_candidates(scores, max(1, min(full, candidates)), need, offset, group)
     flag = complete.all().to(torch.int64).reshape(1)
-    if world(group)[0] > 1:
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
+    all_reduce_(flag, op="min", group=group)
     if bool(flag.item()):
         return idx, mask
     return _topk_from_candidates(scores, full, need, offset, group)[:2]

@@ -19,10 +19,10 @@ from dataclasses import dataclass
 import torch
 from omegaconf import OmegaConf
 
-from data_shards import check_decode, eval_loader, read_manifest, train_loader
+from data_shards import batches_per_epoch, check_decode, eval_loader, read_manifest, train_loader
 from loss import collectives as C
 from trainer.checkpoint import Checkpointer
-from trainer.config import check_world_size, to_dict, to_yaml
+from trainer.config import ConfigError, amp_dtype, check_world_size, to_dict, to_yaml
 from trainer.engines import TrainModule, build_engine
 from trainer.loop import Parts, Schedule, StopFlag, Trainer
 from trainer.model import build_model
@@ -30,14 +30,6 @@ from trainer.preflight import check_data
 from trainer.resume import apply_optim_hyperparameters, check_resume, class_digest
 from trainer.summary import RunFacts, RunReport, describe_loss
 from trainer.train_state import Position, Trained, TrainState
-
-
-def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """`train.amp` on `device`: bf16 autocast (bf16, or auto on a GPU) or None (full float32). The one rule:
-    the loop, the DeepSpeed engine and the evaluation CLI all take it from here."""
-    if amp == "bf16" or (amp == "auto" and device.type == "cuda"):
-        return torch.bfloat16
-    return None
 
 
 @dataclass(frozen=True)
@@ -66,7 +58,7 @@ def make_plan(cfg, env, train_manifest) -> Plan:
                 train_dir=os.path.join(cfg.data.root, cfg.data.train_split),
                 test_dir=os.path.join(cfg.data.root, cfg.data.test_split),
                 per_rank_batch=check_world_size(cfg, env.world_size),
-                batches_per_epoch=train_manifest.num_samples // cfg.train.batch_size,  # as data_shards counts
+                batches_per_epoch=batches_per_epoch(train_manifest.num_samples, cfg.train.batch_size),
                 amp_dtype=amp_dtype(cfg.train.amp, env.device))
 
 
@@ -165,7 +157,10 @@ def build(cfg, env) -> Trainer:
     state = None
     try:
         check_world_size(cfg, env.world_size)  # fail before any work
-        check_decode(cfg.data.decode, env.device)
+        try:
+            check_decode(cfg.data.decode, env.device)
+        except ValueError as e:  # a user's choice this machine cannot run: one line, exit 2
+            raise ConfigError(str(e)) from None
         prepare_data(cfg, env)
         torch.manual_seed(cfg.run.seed)
         if cfg.run.deterministic:

@@ -39,6 +39,7 @@ from trainer.errors import UserError
 
 NAME = re.compile(r"^step-(\d{9})(\.pt)?$")  # a .pt file or a DCP folder
 TMP_PREFIX = ".tmp-"
+ENGINE_DIR = "deepspeed"  # an engine's own checkpoint files (DeepSpeed's ZeRO partitions) under the checkpoint dir
 REQUIRED = ("config", "model", "criterion", "optimizer", "scheduler", "epoch", "step", "batch_in_epoch", "rng")
 
 

@@ -22,6 +22,7 @@ from omegaconf.errors import OmegaConfBaseException
 from data_shards.device_loader import DECODE_CHOICES
 from data_shards.transforms import TransformConfig
 from data_shards.verify import VERIFY
+from loss.distributed import MODES
 from trainer.errors import UserError
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
@@ -129,7 +130,7 @@ class LossConfig:
     miner: str = ""  # pytorch-metric-learning miner class for it, e.g. MultiSimilarityMiner; "" = none
     miner_kwargs: dict[str, Any] = field(default_factory=dict)
     # gather: all ranks' embeddings meet all proxies | local: each rank's own | sharded: proxies split by class
-    mode: str = one_of("gather", "local", "sharded")
+    mode: str = one_of("gather", among=MODES)
     proxies_per_class: int = positive(1)  # N
     r: float = in_range(0.05, 0, 1)  # share of proxies kept per sample (top-k subgraph)
     lam: float = non_negative(0.3)  # weight of the proxy loss L_P
@@ -419,6 +420,15 @@ def validate_metric_loss(cfg: DictConfig) -> None:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
         raise ConfigError(msg if msg.startswith("loss.") else f"loss.name: {cfg.loss.name} with {kwargs} fails: "
                           f"{type(e).__name__}: {msg}") from None
+
+
+def amp_dtype(amp: str, device) -> Any:
+    """What `train.amp` means on `device` (a torch.device): bfloat16 autocast (bf16, or auto on a GPU) or None
+    (full float32). The one rule: the build step (loop, DeepSpeed engine) and the evaluation CLI take it from here."""
+    import torch
+    if amp == "bf16" or (amp == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
 
 
 def check_world_size(cfg: DictConfig, world_size: int) -> int:

@@ -3,4 +3,4 @@ state dict (trainer/engines/deepspeed_export.py); the DeepSpeed engine itself is
 from trainer.engines.deepspeed_export import main
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

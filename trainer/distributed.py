@@ -19,6 +19,12 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from trainer.errors import UserError
+
+
+class DeviceError(UserError, RuntimeError):
+    """run.device / run.dist_backend ask for what this machine does not have (a user error: exit 2, one line)."""
+
 
 @dataclass
 class DistEnv:
@@ -41,7 +47,7 @@ def free_port() -> int:
 def pick_device(kind: str, local_rank: int) -> torch.device:
     if kind == "cuda" or (kind == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            raise RuntimeError("run.device: 'cuda' asked for, but torch sees no CUDA device")
+            raise DeviceError("run.device: 'cuda' asked for, but torch sees no CUDA device")
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
@@ -52,7 +58,7 @@ def pick_backend(backend: str, dev: torch.device) -> str:
     if backend == "auto":
         return "nccl" if dev.type == "cuda" else "gloo"
     if backend == "nccl" and dev.type != "cuda":
-        raise RuntimeError(f"run.dist_backend: 'nccl' needs a CUDA device, but the device is {str(dev)!r}")
+        raise DeviceError(f"run.dist_backend: 'nccl' needs a CUDA device, but the device is {str(dev)!r}")
     return backend
 
 

@@ -200,7 +200,7 @@ class Trainer:
 
     def diverged(self, first_bad_step: torch.Tensor) -> None:
         """Collective: stop on every rank, naming the first bad step (the earliest over the ranks)."""
-        bad = int(C.all_reduce_(first_bad_step.clone(), op=torch.distributed.ReduceOp.MIN).item())
+        bad = int(C.all_reduce_(first_bad_step.clone(), op="min").item())
         raise DivergedError(
             f"step {bad}: the training loss is not finite (nan/inf); training stopped at step {self.pos.step} and "
             f"nothing after step {bad - 1} was saved. Last good checkpoint: {self.state.latest() or 'none'}. "

@@ -22,6 +22,8 @@ from collections import Counter
 
 from omegaconf import DictConfig, OmegaConf
 
+from data_shards import batches_per_epoch
+from loss.distributed import CHECKPOINT_LAYOUT
 from trainer.config import ConfigError
 
 FIXED = {
@@ -40,7 +42,6 @@ AT_EPOCH_START = {
     "train.batch_size": "the checkpoint is inside an epoch whose batches were cut for the old batch size",
 }
 IGNORED = {"model.pretrained", "model.weights_file", "checkpoint.resume"}  # the checkpoint has the weights
-SHARDED_MODES = {"sharded"}  # gather and local hold the same parameters; sharded keeps another layout
 
 
 def flatten(d: dict, prefix: str = "") -> dict:
@@ -70,7 +71,7 @@ def check_resume(saved: dict, cfg: DictConfig, path: str, at_epoch_start: bool,
             continue
         old, new = then.get(key), now.get(key)
         reason = FIXED.get(key)
-        if key == "loss.mode" and ({old, new} & SHARDED_MODES):
+        if key == "loss.mode" and CHECKPOINT_LAYOUT.get(old) != CHECKPOINT_LAYOUT.get(new):
             reason = "sharded proxies keep another checkpoint layout than gather/local"
         if key in AT_EPOCH_START and not at_epoch_start:
             reason = AT_EPOCH_START[key]
@@ -103,7 +104,7 @@ def class_digest(class_names: list) -> str:
 
 def at_epoch_end(state: dict) -> bool:
     """True when checkpoint `state` was saved after the last batch of its epoch (before the epoch's end work)."""
-    batches = (state.get("train_samples") or 0) // state["config"]["train"]["batch_size"]
+    batches = batches_per_epoch(state.get("train_samples") or 0, state["config"]["train"]["batch_size"])
     return 0 < batches <= state["batch_in_epoch"]
 
 

@@ -19,12 +19,13 @@ import socket
 import tempfile
 import time
 
+from trainer.checkpoint import ENGINE_DIR
 from trainer.errors import UserError
 
 LOCK_NAME = ".lock"
 ARCHIVE_DIR = "previous"
 RUN_FILES = ("config.yaml", "summary.json")  # what a run keeps in its directory besides checkpoints and tracking
-CHECKPOINT_PREFIXES = ("step-", "deepspeed")  # step-N.pt, step-N.json, *.damaged; DeepSpeed's folder
+CHECKPOINT_PREFIXES = ("step-", ENGINE_DIR)  # step-N.pt, step-N.json, *.damaged; DeepSpeed's folder
 
 
 class RunDirError(UserError):

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from loss import collectives as C
-from trainer.checkpoint import Checkpointer, CheckpointError, is_folder, load, rng_state, set_rng_state
+from trainer.checkpoint import ENGINE_DIR, Checkpointer, CheckpointError, is_folder, load, rng_state, set_rng_state
 from trainer.config import ConfigError
 from trainer.dcp_checkpoint import read_meta
 from trainer.errors import UserError
@@ -104,7 +104,7 @@ class TrainState:
             raise CheckpointError("its config has no train.batch_size (not written by this trainer)") from None
         ref = state["optimizer"].get("deepspeed") if isinstance(state["optimizer"], dict) else None
         if ref is not None:
-            folder = os.path.join(self.ckpt.dir, "deepspeed", ref["tag"])
+            folder = os.path.join(self.ckpt.dir, ENGINE_DIR, ref["tag"])
             if not os.path.isdir(folder) or not os.listdir(folder):
                 raise CheckpointError(f"DeepSpeed's part of it, {folder}, is missing")
 

@@ -20,9 +20,10 @@ What stays ours, so that a DeepSpeed run behaves like a DDP run:
   checkpoint dict holds the exact model for evaluation and export.
 
 DeepSpeed's checkpoint (optimizer partitions, loss scaler, step counters) sits in
-`<checkpoint dir>/deepspeed/step-NNNNNNNNN/`; the trainer's `.pt` names it in its `optimizer` entry (the
-last `keep_last` folders are kept, like the `.pt` files). Resuming on another number of ranks
-converts a ZeRO 1/2 checkpoint once to DeepSpeed's universal format and re-partitions it.
+`<checkpoint dir>/deepspeed/step-NNNNNNNNN/`; the trainer's checkpoint (a step-N/ DCP folder or a step-N.pt)
+names it in its `optimizer` entry; the last `keep_last` folders are kept, like the trainer's checkpoints.
+Resuming on another number of ranks converts a ZeRO 1/2 checkpoint once to DeepSpeed's universal format and
+re-partitions it.
 `python -m trainer.deepspeed_engine export DS_DIR OUT.pt` (trainer/engines/deepspeed_export.py) turns a
 DeepSpeed checkpoint into a plain state dict.
 
@@ -39,10 +40,10 @@ import subprocess
 import sys
 
 import torch
-import torch.distributed as dist
 
 from loss import collectives as C
 from loss.distributed import ddp_ignored_names
+from trainer.checkpoint import ENGINE_DIR
 from trainer.engines.deepspeed_config import DeepSpeedConfigError, load_ds_config
 from trainer.engines.deepspeed_env import adopt_process_group
 from trainer.engines.zero_state import export_zero_state, import_zero_state, zero_optimizer
@@ -68,7 +69,7 @@ class DeepSpeedEngine:
         self.config = load_ds_config(config_path, per_rank_batch=per_rank_batch, world_size=env.world_size,
                                      grad_clip=grad_clip, autocast_dtype=amp_dtype)
         self.stage = self.config.get("zero_optimization", {}).get("stage", 0)
-        self.ckpt_dir = os.path.join(checkpoint_dir, "deepspeed")
+        self.ckpt_dir = os.path.join(checkpoint_dir, ENGINE_DIR)
         self.keep_last = keep_last
         adopt_process_group()
         self.ds = None
@@ -135,7 +136,7 @@ class DeepSpeedEngine:
         for dtype in sorted({b.dtype for b in self.buffers}, key=str):
             bufs = [b for b in self.buffers if b.dtype == dtype]
             flat = torch.cat([b.reshape(-1) for b in bufs])
-            dist.broadcast(flat, src=0)
+            C.broadcast_(flat, 0)
             for b, new in zip(bufs, flat.split([b.numel() for b in bufs])):
                 b.copy_(new.view_as(b))
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 import torch
 
@@ -45,7 +46,8 @@ def export(ds_dir: str, out: str, tag: str | None = None, trainer_checkpoint: st
     return out
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
+    """The CLI; returns the exit status: 0, or 2 with one line on stderr when a given path does not exist."""
     p = argparse.ArgumentParser(prog="python -m trainer.deepspeed_engine",
                                 description="DeepSpeed checkpoint -> plain state dict for evaluation/export")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -56,8 +58,14 @@ def main(argv=None) -> None:
     e.add_argument("--trainer-checkpoint", default=None,
                    help="the trainer's step-N.pt or step-N/ folder: its config, epoch, step ... are copied over")
     a = p.parse_args(argv)
-    print(export(a.ds_dir, a.out, a.tag, a.trainer_checkpoint))
+    try:
+        print(export(a.ds_dir, a.out, a.tag, a.trainer_checkpoint))
+    except FileNotFoundError as e:
+        print(f"error: {e}; give the <checkpoint dir>/deepspeed folder of a run trained with engine.name=deepspeed",
+              file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 
+from trainer.config import CHOICES, amp_dtype
 from trainer.evaluation.evaluate import evaluate
 
 DESCRIPTION = "Distributed evaluation: every rank embeds its share of the test stream, rank 0 gathers and scores."
@@ -24,7 +25,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, help="per rank (default: the checkpoint's eval.batch_size)")
     p.add_argument("--num-workers", type=int, default=2)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--amp", default="auto", choices=["auto", "bf16", "off"], help="auto: bf16 on CUDA")
+    p.add_argument("--amp", default="auto", choices=CHOICES["train.amp"], help="auto: bf16 on CUDA")
     p.add_argument("--recall-ks", type=int, nargs="+", help="default: the checkpoint's eval.recall_ks")
     p.add_argument("--no-nmi", action="store_true")
     p.add_argument("--no-map-r", action="store_true")
@@ -91,8 +92,7 @@ def _evaluate_checkpoint(a) -> int:
         transform = TransformConfig(**OmegaConf.to_container(cfg.data.transform))
         loader = eval_loader(manifest, batch_size=batch_size, num_workers=a.num_workers,
                              rank=env.rank, world_size=env.world_size, transform=transform)
-        from trainer.build import amp_dtype  # the one mixed-precision rule (train.amp), as in training
-        amp = amp_dtype(a.amp, env.device)
+        amp = amp_dtype(a.amp, env.device)  # the one mixed-precision rule (train.amp), as in training
         result = evaluate(model, loader, device=env.device, recall_ks=recall_ks, nmi=nmi, map_r=map_r,
                           class_names=manifest.class_names, amp_dtype=amp)
         if result.metrics is not None:

@@ -103,8 +103,8 @@ def _split_batch(batch, seen: int):
     else:
         raise ValueError(f"eval loader must yield (images, labels, keys), got a {len(batch)}-tuple")
     if not isinstance(images, torch.Tensor):
-        raise TypeError("eval loader yielded undecoded images: use decode='cpu', or wrap it with "
-                        "data_shards.gpu_transforms.device_batches(..., train=False)")
+        raise TypeError("eval loader yielded undecoded images (decode='none'): make it with decode='cpu', or "
+                        "decode='gpu' and device=... (data_shards.eval_loader)")
     return images, y, list(keys)
 
 

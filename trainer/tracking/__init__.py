@@ -45,10 +45,8 @@ from trainer.tracking.store import (
 from trainer.tracking.summaries import (
     MAX_PARAM_VALUE,
     flatten_config,
-    gini,
     metric_key,
     per_class_summary,
-    proxy_statistics,
     system_facts,
     worst_classes,
     write_csv,
@@ -57,7 +55,7 @@ from trainer.tracking.tracker import DESCRIPTION_TAG, STEP_DIR, Tracker
 from trainer.tracking.upload import main, upload
 
 __all__ = ["DESCRIPTION_TAG", "GRID_NEIGHBOURS", "HTTP_DEFAULTS", "MAX_PARAM_VALUE", "STEP_DIR", "TRACKING_DIR",
-           "Tracker", "default_tracking_uri", "flatten_config", "gini", "is_local_store", "main", "metric_key",
-           "mlflow_globals", "nearest_neighbours", "per_class_summary", "pick_queries", "proxy_statistics",
+           "Tracker", "default_tracking_uri", "flatten_config", "is_local_store", "main", "metric_key",
+           "mlflow_globals", "nearest_neighbours", "per_class_summary", "pick_queries",
            "resolve_tracking_uri", "shard_dataset", "sqlite_path", "system_facts", "upload", "worst_classes",
            "write_csv"]

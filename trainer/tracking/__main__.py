@@ -2,4 +2,4 @@
 
 from trainer.tracking.upload import main
 
-main()
+raise SystemExit(main())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
 from trainer.tracking.sender import TRACKING_DIR
@@ -31,7 +32,9 @@ def upload(run_dir: str | os.PathLike, tracking_uri: str | None = None) -> str:
     return run_id
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
+    """The CLI; returns the exit status: 0, or 2 with one line on stderr when the run directory is not a tracked
+    run (no tracking/state.json)."""
     parser = argparse.ArgumentParser(prog="python -m trainer.tracking", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("upload", help="send the events a run kept locally while MLflow was unreachable")
@@ -39,4 +42,9 @@ def main(argv: list[str] | None = None) -> None:
     up.add_argument("--tracking-uri", default=None, help="default: the URI the run used (tracking/state.json)")
     args = parser.parse_args(argv)
     if args.command == "upload":
-        upload(args.run_dir, args.tracking_uri)
+        try:
+            upload(args.run_dir, args.tracking_uri)
+        except FileNotFoundError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    return 0

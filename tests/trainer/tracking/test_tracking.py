@@ -343,22 +343,6 @@ def test_metric_key_is_legal_for_mlflow():
     assert tracking.metric_key("recall@4") == "recall_at_4"
 
 
-def test_proxy_statistics_values():
-    counts = np.array([0, 4, 0, 0, 2, 2])  # 3 classes x 2 proxies
-    proxies = np.array([[1, 0], [1, 0], [1, 0], [-1, 0], [0, 1], [0, 2]], dtype=float)
-    summary, per_proxy, per_class = tracking.proxy_statistics(counts, proxies, 2)
-    assert summary["proxy/never_selected_share"] == pytest.approx(0.5)
-    assert summary["proxy/class_never_selected_share"] == pytest.approx(1 / 3)
-    assert per_class["spread"].tolist() == pytest.approx([0.0, 2.0, 0.0])  # same / opposite / same direction
-    assert summary["proxy/class_spread_mean"] == pytest.approx(2 / 3)
-    assert per_class["selection_count"].tolist() == [4, 0, 4]
-    assert tracking.gini(np.ones(10)) == pytest.approx(0.0)
-    assert tracking.gini(np.array([0] * 9 + [5])) == pytest.approx(0.9)
-    assert tracking.proxy_statistics(np.ones(4), np.eye(4), 1)[0]["proxy/selection_entropy"] == pytest.approx(1.0)
-    with pytest.raises(ValueError, match="proxies_per_class"):
-        tracking.proxy_statistics(np.ones(5), np.eye(5), 2)
-
-
 def test_queries_are_fixed_and_neighbours_exclude_the_query():
     keys = [f"k{i:02d}" for i in range(20)]
     labels = np.repeat(np.arange(5), 4)
