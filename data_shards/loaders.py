@@ -49,8 +49,11 @@ class ShardLoader:
         return self
 
     def __iter__(self):
-        """The batches; their worker processes are stopped here when the iteration ends, raises or is closed,
-        never left to the garbage collector (persistent workers: only when it raises, else at close()).
+        """The batches. Their worker processes start here, in the calling thread, not at the first batch: a worker
+        asks for SIGKILL when the thread that forked it ends (PR_SET_PDEATHSIG follows the thread, see
+        data_shards/workers.py), so persistent workers forked by a short-lived thread (the device decoder's
+        producer) died with it. They are stopped when the iteration ends, raises or is closed, never left to the
+        garbage collector (persistent workers: only when it raises, else at close()).
 
         Why: an iterator abandoned by an exception sits in a reference cycle (the traceback) until a gc pass,
         which finalizes its queues before torch's __del__ asks the workers to stop: the request is never sent,
@@ -59,7 +62,10 @@ class ShardLoader:
         if self.stream is None and getattr(self, "iterated", False):  # eval, again: check as at construction
             verify_shards(self.manifest, self.verify, self.rank, self.world_size)
         self.iterated = True
-        it = iter(self.loader)
+        it = iter(self.loader)  # the workers start now, children of this thread
+        return self._batches(it)
+
+    def _batches(self, it):
         done = False
         try:
             for batch in it if self.stream is None else itertools.islice(it, self.length - self.stream.start_batch):

@@ -78,9 +78,10 @@ def _ignore_stop_signals(_worker_id):
 
 
 def die_with_parent(sig: int = signal.SIGKILL, parent: int | None = None) -> bool:
-    """Ask the kernel to send this process `sig` when its parent exits (Linux prctl PR_SET_PDEATHSIG); if the
-    parent is already gone by then (the parent is not `parent`, default the current one, or is init), send it
-    now. Returns whether it was set up (False elsewhere than Linux)."""
+    """Ask the kernel to send this process `sig` when its parent exits (Linux prctl PR_SET_PDEATHSIG; strictly,
+    when the parent THREAD that forked it ends: fork loader workers from a thread that lives as long as they
+    must); if the parent is already gone by then (the parent is not `parent`, default the current one, or is
+    init), send it now. Returns whether it was set up (False elsewhere than Linux)."""
     if not sys.platform.startswith("linux"):
         return False
     import ctypes

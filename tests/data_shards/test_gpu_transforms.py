@@ -385,3 +385,26 @@ def test_loaders_with_a_device_yield_device_batches_equal_to_the_plain_loaders(s
         train_loader(split, decode="gpu", device="cpu", **kw)
     with pytest.raises(ValueError, match="needs the device"):
         train_loader(split, decode="gpu", **kw)
+
+
+def test_persistent_workers_outlive_the_thread_that_decodes_on_the_device(split):
+    """The device decoder's producer thread iterates the loader; the workers must not be its children: a worker
+    asks for SIGKILL when the thread that forked it ends (PR_SET_PDEATHSIG follows the thread), so workers forked
+    there died with each epoch's thread and the next epoch met 'DataLoader worker exited unexpectedly' (seen on an
+    H200 with data.decode=gpu). Two epochs and two evaluations through the threaded path, persistent workers."""
+    from data_shards import DeviceLoader
+
+    cfg = TransformConfig(image_size=16, resize_size=16)
+    kw = dict(batch_size=4, num_workers=2, seed=1, transform=cfg, persistent_workers=True, decode="none")
+    train = train_loader(split, **kw)
+    evals = eval_loader(split, batch_size=5, num_workers=2, transform=cfg, persistent_workers=True, decode="none")
+    try:
+        for epoch in range(2):
+            train.set_epoch(epoch)
+            got = list(device_batches(train, cfg, "cpu", seed=1, overlap=True))
+            assert len(got) == len(train) > 0
+            keys = [k for _, _, ks in DeviceLoader(evals, "gpu", "cpu", cfg, train=False) for k in ks]
+            assert len(keys) == 36
+    finally:
+        train.close()
+        evals.close()
