@@ -52,9 +52,10 @@ the figure that matters is ResNet-50 at batch 256 bf16 on an H100/H200 (target: 
 | 14 | 4189.8 | 2239.6 | 0.53 | 3409.2 | 0.81 |
 
 The device path was bound by its workers, which only read shards: each batch crossed to the main process as
-one shared-memory segment per image. Batches now cross as one tensor (data_shards.stream.EncodedBatch), not
-yet measured on a GPU. Run there: `python bench/throughput.py --backbone resnet50 --batch-size 256 --workers
-1,4,8,16` (bench/gpu_check.sh runs it at 4 workers and checks the target).
+one shared-memory segment per image. Batches now cross as one tensor (data_shards.stream.EncodedBatch): on the
+H200 again (2026-11-29, bench/results/gpu_check-h200-restructure.md) the device path gave 3684.5 img/s at 4
+workers, 0.90 of the 4084.6 img/s ceiling (cpu decode 0.27). Run there: `python bench/throughput.py --backbone
+resnet50 --batch-size 256 --workers 1,4,8,16` (bench/gpu_check.sh runs it at 4 workers and checks the target).
 """
 
 from __future__ import annotations
