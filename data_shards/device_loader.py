@@ -42,14 +42,6 @@ class DeviceLoader:
     def __len__(self) -> int:
         return len(self.loader)
 
-    @property
-    def epoch(self) -> int:
-        return getattr(self.loader, "epoch", 0)
-
-    @property
-    def start_batch(self) -> int:
-        return getattr(self.loader, "start_batch", 0)
-
     def set_epoch(self, epoch: int, start_batch: int = 0) -> DeviceLoader:
         self.loader.set_epoch(epoch, start_batch)
         return self

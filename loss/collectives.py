@@ -32,10 +32,6 @@ def world(group=None) -> tuple[int, int]:
     return dist.get_world_size(group), dist.get_rank(group)
 
 
-def world_size(group=None) -> int:
-    return world(group)[0]
-
-
 def rank(group=None) -> int:
     return world(group)[1]
 

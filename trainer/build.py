@@ -53,10 +53,14 @@ def checkpoint_dir(cfg) -> str:
     return cfg.checkpoint.dir or os.path.join(run_dir(cfg), "checkpoints")
 
 
+def split_dir(cfg, split: str) -> str:
+    """<data.root>/<split> (data.train_split or data.test_split)."""
+    return os.path.join(cfg.data.root, split)
+
+
 def make_plan(cfg, env, train_manifest) -> Plan:
     return Plan(run_dir=run_dir(cfg), checkpoint_dir=checkpoint_dir(cfg),
-                train_dir=os.path.join(cfg.data.root, cfg.data.train_split),
-                test_dir=os.path.join(cfg.data.root, cfg.data.test_split),
+                train_dir=split_dir(cfg, cfg.data.train_split), test_dir=split_dir(cfg, cfg.data.test_split),
                 per_rank_batch=check_world_size(cfg, env.world_size),
                 batches_per_epoch=batches_per_epoch(train_manifest.num_samples, cfg.train.batch_size),
                 amp_dtype=amp_dtype(cfg.train.amp, env.device))
@@ -64,7 +68,7 @@ def make_plan(cfg, env, train_manifest) -> Plan:
 
 def prepare_data(cfg, env) -> None:
     """Write a built-in dataset's shards (the demo's digits) on rank 0 if the data root has none yet."""
-    manifest = os.path.join(cfg.data.root, cfg.data.train_split, "manifest.json")
+    manifest = os.path.join(split_dir(cfg, cfg.data.train_split), "manifest.json")
     if cfg.data.prepare == "digits" and env.is_main and not os.path.exists(manifest):
         from filelock import FileLock
 
@@ -166,14 +170,13 @@ def build(cfg, env) -> Trainer:
         if cfg.run.deterministic:
             torch.use_deterministic_algorithms(True)
             torch.backends.cudnn.benchmark = False
-        train_dir = os.path.join(cfg.data.root, cfg.data.train_split)
-        train_manifest = read_manifest(train_dir)
-        test_manifest = read_manifest(os.path.join(cfg.data.root, cfg.data.test_split))
+        train_manifest = read_manifest(split_dir(cfg, cfg.data.train_split))
+        test_manifest = read_manifest(split_dir(cfg, cfg.data.test_split))
         check_data(cfg.train.batch_size, train_manifest, test_manifest, env.world_size)  # what the manifests tell, now
         plan = make_plan(cfg, env, train_manifest)
         data_info = {"classes": train_manifest.num_classes, "samples": train_manifest.num_samples,
                      "class_names": class_digest(train_manifest.class_names)}
-        log = functools.partial(_log, env.is_main)
+        log = functools.partial(log_line, env.is_main)
         state = TrainState(env, plan.run_dir, Checkpointer(plan.checkpoint_dir, cfg.checkpoint.keep_last),
                            fmt=cfg.checkpoint.format, async_save=cfg.checkpoint.async_save, config=to_dict(cfg),
                            data_info=data_info, batches_per_epoch=plan.batches_per_epoch, log=log)
@@ -210,7 +213,7 @@ def build(cfg, env) -> Trainer:
         parts = Parts(env=env, trained=trained, loaders=RunLoaders(cfg, plan, env), state=state, tracker=tracker,
                       report=report, schedule=schedule(cfg), stop=stop, pos=pos,
                       run_uid=(saved or {}).get("run_uid") or uuid.uuid4().hex, evaluate=evaluate,
-                      amp_dtype=plan.amp_dtype, warm=warm, image_lookup=lookup)
+                      amp_dtype=plan.amp_dtype, warm=warm, image_lookup=lookup, log=log)
         return Trainer(parts)
     except BaseException:
         stop.restore()
@@ -250,7 +253,8 @@ def _evaluate(embedder, loader, **options):
     return evaluate(embedder, loader, **options)
 
 
-def _log(is_main: bool, line: str) -> None:
+def log_line(is_main: bool, line: str) -> None:
+    """Print `line` on rank 0 only, above the progress bar (the build step's and the loop's log)."""
     if is_main:
         from tqdm import tqdm
         tqdm.write(line)

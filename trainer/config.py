@@ -218,7 +218,8 @@ class Config:
     engine: EngineConfig = field(default_factory=EngineConfig)
 
 
-CHOICES = {k: r["choices"] for k, r in field_rules().items() if "choices" in r}  # e.g. "loss.mode": (...)
+FIELD_RULES = field_rules()  # computed once from the schema
+CHOICES = {k: r["choices"] for k, r in FIELD_RULES.items() if "choices" in r}  # e.g. "loss.mode": (...)
 
 
 def resolve_config_path(name: str) -> str:
@@ -349,7 +350,7 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"run.name: {cfg.run.name!r} must be a plain folder name (no '/', not '.' or '..'): "
                           f"the run directory is <run.output_dir>/<run.name>")
     get = lambda key: OmegaConf.select(cfg, key)  # noqa: E731
-    for key, rule in field_rules().items():
+    for key, rule in FIELD_RULES.items():
         value = get(key)
         if "choices" in rule and value not in rule["choices"]:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(repr(a) for a in rule['choices'])}")

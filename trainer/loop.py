@@ -85,6 +85,7 @@ class Parts:
     pos: Position
     run_uid: str
     evaluate: object  # callable(embedder, loader) -> EvalResult (collective), the evaluation options bound
+    log: object  # callable(line): prints on rank 0 only (build.log_line)
     amp_dtype: torch.dtype | None = None
     warm: bool = False  # in warm-up: only the head and the proxies learn
     image_lookup: object = None  # keys -> images of the test split, for the retrieval picture (rank 0)
@@ -236,5 +237,4 @@ class Trainer:
                         last=last, stopping=self.stop.raised, lr_advice=s.lr_advice)
 
     def log(self, line: str) -> None:
-        if self.env.is_main:
-            tqdm.write(line)
+        self.parts.log(line)
