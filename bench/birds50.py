@@ -83,6 +83,17 @@ LEVERS = {  # each on top of the authors' recipe (N 12, r 0.05, lam 0.3, proxy l
     "scale 0.25": [*AUTHORS, "loss.scale=0.25"],
     "proxy lr 0.1": [*AUTHORS, "optim.proxy_lr=0.1"],
     "lam 0": [*AUTHORS, "loss.lam=0.0"],
+    # second round: each on top of ours (the authors' recipe with N 1, r 0.2, scale 16)
+    "ours + head lr 1e-3": [*AUTHORS, *OURS, "optim.head_lr=1e-3"],
+    "ours + m-per-class 4": [*AUTHORS, *OURS, "data.sampler=m_per_class", "data.m_per_class=4"],
+    "ours + lam 0": [*AUTHORS, *OURS, "loss.lam=0.0"],
+    "ours + lam 1": [*AUTHORS, *OURS, "loss.lam=1.0"],
+    "ours + scale 8": [*AUTHORS, *OURS, "loss.scale=8"],
+    "ours + scale 24": [*AUTHORS, *OURS, "loss.scale=24"],
+    "ours + proxy lr 0.1": [*AUTHORS, *OURS, "optim.proxy_lr=0.1"],
+    "ours + proxy lr 0.01": [*AUTHORS, *OURS, "optim.proxy_lr=0.01"],
+    "ours + r 0.4": [*AUTHORS, *OURS, "loss.r=0.4"],
+    "ours + N 2": [*AUTHORS, *OURS, "loss.proxies_per_class=2"],
 }
 MODES = {"compare": (COMPARE, DEFAULT_COMPARE), "recipe": (RECIPE, list(RECIPE)),
          "ablation": (ABLATION, list(ABLATION)), "levers": (LEVERS, list(LEVERS))}

@@ -38,6 +38,7 @@ split of the data over ranks and workers is planned here from the manifest, so t
   process as an item of the stream, which ShardLoader raises there with its own short message.
 """
 
+import contextlib
 import itertools
 import json
 import logging
@@ -49,11 +50,12 @@ import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
-from .errors import DataError
+from .errors import DamagedShard, DataError
 from .manifest import Manifest
 from .sampler import m_per_class_groups
+from .tar_reader import tar_samples
 from .transforms import TrainAugment, batch_to_float, decode_image, eval_transform
-from .verify import check_sample, check_size
+from .verify import check_sample, check_size, rewrite_hint
 
 log = logging.getLogger("data_shards")
 
@@ -115,16 +117,22 @@ class SkipCounter:
 
 
 def read_unit(m: Manifest, unit: Unit, skips: SkipCounter, verify: bool = True):
-    """The samples of one unit; a shard that ends before its manifest count (truncated) is reported.
-    verify: the shard's size and first sample are checked against the manifest (raises DamagedShard)."""
+    """The samples of one unit (data_shards/tar_reader.py: the samples before it are not read); a shard that ends
+    before its manifest count (truncated) is reported. verify: the shard's size and first sample are checked
+    against the manifest (raises DamagedShard)."""
     url = m.shard_url(unit.shard)
     if verify:
         check_size(m, unit.shard)
-    samples = wds.tarfile_samples([{"url": url}], handler=skips.handler)
-    if verify:
+        if unit.start:  # the shard's first sample, as when the unit starts there
+            with contextlib.closing(tar_samples(url, skips.handler)) as head:
+                first = next(head, None)
+            if first is not None:
+                check_sample(m, unit.shard, first)
+    samples = tar_samples(url, skips.handler, unit.start)
+    if verify and not unit.start:
         samples = first_checked(m, unit.shard, samples)
     n = 0
-    for sample in itertools.islice(samples, unit.start, unit.stop):
+    for sample in itertools.islice(samples, unit.size):
         n += 1
         yield sample
     if n < unit.size:
@@ -157,10 +165,17 @@ def image_bytes(sample: dict) -> bytes:
     raise KeyError(f"no image field in sample {sample.get('__key__')} (fields {sorted(sample)})")
 
 
-def label_of(sample: dict, num_classes: int) -> int:
+def label_of(sample: dict, m: Manifest) -> int:
+    """The sample's class label (its `cls` field). Raises ValueError/KeyError on a missing or garbled field (the
+    sample is skipped as unreadable) and DamagedShard on a label outside the manifest's classes: shards and
+    manifest do not belong together (skipping such samples would train and evaluate on a silently smaller
+    split, e.g. a manifest of fewer classes than its shards hold)."""
     label = int(sample["cls"])
-    if not 0 <= label < num_classes:
-        raise ValueError(f"label {label} outside [0, {num_classes})")
+    if not 0 <= label < m.num_classes:
+        url = sample.get("__url__", "?")
+        raise DamagedShard(f"damaged shard {url}: sample {sample.get('__key__')} has label {label}, outside the "
+                           f"{m.num_classes} classes of {m.location}/manifest.json (shards and manifest of "
+                           f"different writes?).\nRewrite the split: {rewrite_hint(m)}")
     return label
 
 
@@ -289,7 +304,9 @@ class TrainStream(IterableDataset):
             labels = []
             for s in raw:
                 try:
-                    labels.append(label_of(s, self.m.num_classes))
+                    labels.append(label_of(s, self.m))
+                except DataError:
+                    raise
                 except Exception as exn:  # counted now; its place is filled like an undecodable sample's
                     skips.skip(f"sample {s.get('__key__')} of {s.get('__url__')}: {exn!r}")
                     labels.append(-1)
@@ -308,7 +325,7 @@ class TrainStream(IterableDataset):
     def make_batch(self, samples, position: int, tf, skips: SkipCounter):
         """Batch `position` of this epoch from the next batch_size raw samples: (list of B uint8 tensors: the
         augmented crops (3, S, S), or with tf None the encoded images as bytes; labels int64 (B,))."""
-        B, C = self.batch_size, self.m.num_classes
+        B = self.batch_size
         for attempt in itertools.count(1):
             raw = list(itertools.islice(samples, B))
             items = []
@@ -316,8 +333,10 @@ class TrainStream(IterableDataset):
                 torch.manual_seed(hash_seed(self._tag("aug", self.rank, position)))
                 for s in raw:
                     try:
-                        data, label = image_bytes(s), label_of(s, C)
+                        data, label = image_bytes(s), label_of(s, self.m)
                         items.append((data if tf is None else tf(data), label))
+                    except DataError:
+                        raise
                     except Exception as exn:
                         skips.skip(f"sample {s.get('__key__')} of {s.get('__url__')}: {exn!r}")
                         items.append(None)
@@ -358,9 +377,11 @@ class EvalStream(IterableDataset):
         for u in self.plan()[slot]:
             for s in read_unit(self.m, u, skips, self.verify):
                 try:
-                    data, label = image_bytes(s), label_of(s, self.m.num_classes)
+                    data, label = image_bytes(s), label_of(s, self.m)
                     x = data if tf is None else tf(decode_image(data))
                     batch.append((x, label, sample_key(s)))
+                except DataError:
+                    raise
                 except Exception as exn:
                     skips.skip(f"sample {s.get('__key__')} of {s.get('__url__')}: {exn!r}")
                     continue

@@ -112,6 +112,33 @@ def test_a_test_shard_copied_over_a_train_shard_is_refused(out, case):
     assert len(list(train_loader(train, batch_size=4, num_workers=0, transform=TF, verify="off"))) == 3
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_manifest_of_fewer_classes_than_its_shards_is_refused_not_skipped(out, workers):
+    """Labels past the manifest's classes mean shards and manifest of different writes: raised as DamagedShard
+    naming the shard and the manifest (skipped as unreadable, they trained and evaluated on a silently smaller
+    split: the attacker's inflated Recall@1), whatever the decode and the sampler."""
+    train = out / "train"
+
+    def fewer(raw):
+        raw["num_classes"] = 2
+        raw["class_names"], raw["class_ids"] = raw["class_names"][:2], raw["class_ids"][:2]
+
+    edit_manifest(train, fewer)
+    makes = [lambda: train_loader(train, batch_size=4, num_workers=workers, transform=TF, verify="off"),
+             lambda: train_loader(train, batch_size=4, num_workers=workers, decode="none", verify="off"),
+             lambda: train_loader(train, batch_size=4, num_workers=workers, transform=TF, verify="off",
+                                  sampler="m_per_class", m_per_class=2, sampler_window=1),
+             lambda: eval_loader(train, batch_size=4, num_workers=workers, transform=TF, verify="off")]
+    for make in makes:
+        with pytest.raises(DamagedShard) as info:
+            for _ in make():
+                pass
+        text = one_line_or_two(info.value)
+        assert "has label 2, outside the 2 classes of" in text and f"{train}/manifest.json" in text
+        assert "Rewrite the split: python -m data_shards write folder" in text
+
+
 def written_src(out) -> str:
     return read_manifest(out / "train").raw["source"]
 
