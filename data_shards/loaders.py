@@ -6,9 +6,11 @@ from __future__ import annotations
 import itertools
 import math
 
+import torch
+
 from .errors import DataError
 from .manifest import Manifest, read_manifest
-from .stream import DECODES, SAMPLERS, EncodedBatch, EvalStream, TrainStream, batches_per_epoch
+from .stream import DECODES, SAMPLERS, EncodedBatch, EvalStream, LabelList, TrainStream, batches_per_epoch
 from .transforms import TransformConfig, as_transform_config
 from .verify import VERIFY, verify_shards
 from .workers import OPEN_LOADERS, make_dataloader, stop_workers
@@ -73,6 +75,8 @@ class ShardLoader:
                     raise batch
                 if isinstance(batch[0], EncodedBatch):
                     batch = (batch[0].views(), *batch[1:])
+                if isinstance(batch[1], LabelList):
+                    batch = (batch[0], torch.tensor(batch[1], dtype=torch.int64), *batch[2:])
                 yield batch
             done = True
         except BaseException as exn:

@@ -198,6 +198,18 @@ class EncodedBatch:
         return list(torch.split(self.flat, self.sizes))
 
 
+class LabelList(list):
+    """A batch's labels as they cross from a loader worker to the main process: a plain list, pickled by value.
+    As a tensor they would cross as a shared-memory segment of their own, whose file descriptor the main process
+    fetches through a socket handshake with the worker (torch's file_descriptor strategy), for 256 bytes: with 2
+    workers that was about a third of the main process's CPU time per batch. ShardLoader makes them int64 again."""
+
+    __slots__ = ()
+
+    def __reduce__(self):
+        return LabelList, (list(self),)
+
+
 def _worker() -> tuple[int, int]:
     info = get_worker_info()
     return (0, 1) if info is None else (info.id, info.num_workers)
@@ -286,8 +298,10 @@ class TrainStream(IterableDataset):
             for _ in range(done_before * B):
                 next(samples)
             batches = (self.make_batch(samples, p, tf, skips) for p in range(v + self.V * done_before, L, self.V))
+        in_worker = get_worker_info() is not None
         for xs, labels in batches:
-            yield (EncodedBatch(xs) if tf is None else to_float(xs, shared=get_worker_info() is not None)), labels
+            x = EncodedBatch(xs) if tf is None else to_float(xs, shared=in_worker)
+            yield x, (LabelList(labels.tolist()) if in_worker else labels)
 
     def balanced_batches(self, samples, slot: int, v: int, done_before: int, tf, skips: SkipCounter):
         """This slot's batches from its `done_before`-th on, each of batch_size / m classes x m samples: the slot's
@@ -394,8 +408,8 @@ class EvalStream(IterableDataset):
     @staticmethod
     def collate(batch, tf):
         xs, labels, keys = zip(*batch)
-        return (EncodedBatch(list(xs)) if tf is None else torch.stack(xs)), torch.tensor(labels, dtype=torch.int64), \
-            list(keys)
+        labels = LabelList(labels) if get_worker_info() is not None else torch.tensor(labels, dtype=torch.int64)
+        return (EncodedBatch(list(xs)) if tf is None else torch.stack(xs)), labels, list(keys)
 
 
 def sample_key(sample: dict) -> str:
