@@ -337,8 +337,8 @@ class TrainStream(IterableDataset):
                     yield self.make_batch(iter([raw[keep[i]] for i in group]), positions[w * K + j], tf, skips)
 
     def make_batch(self, samples, position: int, tf, skips: SkipCounter):
-        """Batch `position` of this epoch from the next batch_size raw samples: (list of B uint8 tensors: the
-        augmented crops (3, S, S), or with tf None the encoded images as bytes; labels int64 (B,))."""
+        """Batch `position` of this epoch from the next batch_size raw samples: (list of B bytes: the augmented
+        crops' (S, S, 3) uint8 pixels, or with tf None the encoded images; labels int64 (B,))."""
         B = self.batch_size
         for attempt in itertools.count(1):
             raw = list(itertools.islice(samples, B))
@@ -348,7 +348,7 @@ class TrainStream(IterableDataset):
                 for s in raw:
                     try:
                         data, label = image_bytes(s), label_of(s, self.m)
-                        items.append((data if tf is None else tf(data), label))
+                        items.append((data if tf is None else tf.crop_bytes(data), label))
                     except DataError:
                         raise
                     except Exception as exn:

@@ -139,11 +139,15 @@ class BatchToFloat:
         self.scale = torch.tensor([cfg.pixel_scale / (255.0 * sd) for sd in cfg.std]).view(1, 3, 1, 1)
         self.shift = torch.tensor([-m / sd for m, sd in zip(cfg.mean, cfg.std)]).view(1, 3, 1, 1)
 
-    def __call__(self, crops: list[torch.Tensor], shared: bool = False) -> torch.Tensor:
-        """shared: the result in shared memory (as torch's default_collate makes a batch in a loader worker), so
+    def __call__(self, crops: list, shared: bool = False) -> torch.Tensor:
+        """crops: B uint8 tensors (3, H, W), or B square crops' (H, H, 3) pixel bytes (TrainAugment.crop_bytes).
+        shared: the result in shared memory (as torch's default_collate makes a batch in a loader worker), so
         that handing it to the main process copies nothing."""
-        # pil_to_tensor's (3, H, W) is a view of (H, W, 3) memory: stacked that way it is a plain copy
-        x = torch.stack([c.permute(1, 2, 0) for c in crops])
+        if isinstance(crops[0], bytes):
+            side = math.isqrt(len(crops[0]) // 3)
+            x = torch.frombuffer(bytearray().join(crops), dtype=torch.uint8).view(len(crops), side, side, 3)
+        else:  # pil_to_tensor's (3, H, W) is a view of (H, W, 3) memory: stacked that way it is a plain copy
+            x = torch.stack([c.permute(1, 2, 0) for c in crops])
         shape = (x.shape[0], 3, x.shape[1], x.shape[2])
         if shared:
             empty = torch.empty(0, dtype=torch.float32)
@@ -176,8 +180,7 @@ class TrainAugment:
 
     def __init__(self, cfg: TransformConfig, draft: bool = False):
         self.cfg, self.draft, self.drafted = cfg, draft, 0
-        self.crop = _random_resized_crop(cfg)
-        self.interp = INTERPOLATIONS[cfg.interpolation]
+        self.random_resized_crop = _random_resized_crop(cfg)
         self.resample = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
                          "bicubic": Image.Resampling.BICUBIC}[cfg.interpolation]
 
@@ -186,9 +189,19 @@ class TrainAugment:
         return next((s for s in DRAFT_SCALES if min(width, height) >= s * self.cfg.image_size), 1)
 
     def __call__(self, data: bytes) -> torch.Tensor:
+        return v2.functional.pil_to_tensor(self.crop(data))
+
+    def crop_bytes(self, data: bytes) -> bytes:
+        """The crop as its (image_size, image_size, 3) uint8 pixel bytes, what the train stream batches
+        (`BatchToFloat` takes a list of them): one copy, against three through a tensor and a stack."""
+        return self.crop(data).tobytes()
+
+    def crop(self, data: bytes) -> Image.Image:
+        """The augmented crop as an RGB PIL image (image_size x image_size). Crop and resize call PIL as
+        torchvision's v2 kernels do for PIL images (the same pixels), without their dispatch."""
         size = self.cfg.image_size
         with Image.open(io.BytesIO(data)) as img:
-            p, full = self.crop.make_params([img]), img.size
+            p, full = self.random_resized_crop.make_params([img]), img.size
             top, left, h, w = p["top"], p["left"], p["height"], p["width"]
             s = self.draft_scale(w, h) if self.draft and img.format == "JPEG" else 1
             drafted = s > 1 and img.draft(img.mode, (img.width // s, img.height // s))
@@ -198,11 +211,13 @@ class TrainAugment:
             k = full[0] / drafted[1][2]
             self.drafted += 1
             out = rgb.resize((size, size), self.resample, box=(left / k, top / k, (left + w) / k, (top + h) / k))
-        else:
-            out = v2.functional.resized_crop(rgb, top, left, h, w, [size, size], self.interp, antialias=True)
+        else:  # v2.functional.resized_crop on a PIL image: crop, then resize unless the size is already right
+            out = rgb.crop((left, top, left + w, top + h))
+            if out.size != (size, size):
+                out = out.resize((size, size), self.resample)
         if self.cfg.hflip > 0 and torch.rand(1) < self.cfg.hflip:
             out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return v2.functional.pil_to_tensor(out)
+        return out
 
 
 def eval_transform(cfg: TransformConfig) -> v2.Compose:

@@ -43,6 +43,10 @@ def test_split_augmentation_gives_train_transform_values(jpegs, preset, interpol
     aug = TrainAugment(cfg)
     shared = batch_to_float(cfg)([aug(b) for b in jpegs + png], shared=True)  # as made in a loader worker
     assert shared.is_shared() and not got.is_shared() and torch.equal(shared, got)
+    torch.manual_seed(3)
+    aug = TrainAugment(cfg)
+    as_bytes = batch_to_float(cfg)([aug.crop_bytes(b) for b in jpegs + png], shared=True)  # the stream's form
+    assert as_bytes.is_shared() and torch.equal(as_bytes, got)
 
 
 def test_draft_decode_keeps_each_crop(jpegs):
