@@ -28,18 +28,20 @@ small_cnn --image-size 64 --resize-size 72 --batch-size 32 --workers 1,2 --steps
 `--trainer` (CPU) instead times the trainer itself on the demo (digits shards, small CNN, batch 64, 1 loader
 worker, persistent): `Trainer.train_epoch` against a plain loop of the same steps (the trainer's engine) fed by
 the same loader, and against that loop over one epoch's batches held in memory; one epoch of each per round,
-the order reversed every other round. Measured 2026-11-29 on the 2-core dev machine (load average 2.6 2.7 4.2),
-`python bench/throughput.py --trainer --rounds 6`:
+the order reversed every other round. Measured 2026-11-30 00:33 UTC on the 2-core dev machine (load average 1.6-1.8,
+nothing else running), `python bench/throughput.py --trainer --rounds 6`, after the reader work of issue 17 (tar
+reader, one fd per batch, crops as bytes):
 
 | feed | steps/s (median) | trainer / this: median of paired ratios | range |
 | --- | --- | --- | --- |
-| trainer | 15.37 | 1.00 | 1.00-1.00 |
-| plain loop, same loader | 15.71 | 0.97 | 0.93-1.10 |
-| plain loop, tensors in memory | 23.59 | 0.70 | 0.63-0.72 |
+| trainer | 17.56 | 1.00 | 1.00-1.00 |
+| plain loop, same loader | 18.11 | 0.96 | 0.94-1.00 |
+| plain loop, tensors in memory | 22.77 | 0.78 | 0.72-0.80 |
 
-The trainer keeps 0.97x of a plain loop on its loader (target >= 0.95x); the gap to tensors in memory is the
+The trainer keeps 0.96x of a plain loop on its loader (target >= 0.95x); the gap to tensors in memory is the
 loader's (decode + augment in one worker, and each epoch's first batch: no prefetch across epochs), no longer
-worker start-up per epoch (0.45-0.5x before the workers persisted).
+worker start-up per epoch (0.45-0.5x before the workers persisted). The day before (load average 2.6-4.2, before
+the reader work): 15.37 steps/s, 0.97x the plain loop, 0.70x tensors in memory.
 
 On the CPU the "device" path decodes in the training process, serially with the step, so it cannot win there;
 the figure that matters is ResNet-50 at batch 256 bf16 on an H100/H200 (target: >= 90% of the ceiling with
