@@ -94,6 +94,11 @@ LEVERS = {  # each on top of the authors' recipe (N 12, r 0.05, lam 0.3, proxy l
     "ours + proxy lr 0.01": [*AUTHORS, *OURS, "optim.proxy_lr=0.01"],
     "ours + r 0.4": [*AUTHORS, *OURS, "loss.r=0.4"],
     "ours + N 2": [*AUTHORS, *OURS, "loss.proxies_per_class=2"],
+    "ours + no warm-up": [*AUTHORS, *OURS, "train.warmup_epochs=0"],
+    "ours + lr 3e-4": [*AUTHORS, *OURS, "optim.lr=3e-4", "optim.head_lr=3e-4"],
+    # the same two changes on ProxyAnchor (its row of the compare table otherwise): does a lever help ours only?
+    "ProxyAnchor + no warm-up": [*OURS_BEFORE, *quality.BASELINES["ProxyAnchor"], "train.warmup_epochs=0"],
+    "ProxyAnchor + lr 3e-4": [*OURS_BEFORE, *quality.BASELINES["ProxyAnchor"], "optim.lr=3e-4", "optim.head_lr=3e-4"],
 }
 MODES = {"compare": (COMPARE, DEFAULT_COMPARE), "recipe": (RECIPE, list(RECIPE)),
          "ablation": (ABLATION, list(ABLATION)), "levers": (LEVERS, list(LEVERS))}
