@@ -11,14 +11,18 @@ needed. Samples are then grouped by webdataset's own `group_by_keys`, so keys, f
 what webdataset yields (tests/data_shards/test_tar_reader.py compares both on plain, PAX, GNU and damaged tars).
 
 Readable formats: ustar/POSIX and GNU headers, PAX extended headers (`path`, `size`; shards written before the
-writer's integer mtime carry one per member), GNU long names, base-256 sizes. A first block that is no tar
-header (a compressed tar, another file) and every URL that is not a local path (pipe:, http) go through
-webdataset unchanged. Damage (a bad header checksum, a member cut short by the end of the file) is handed to
-the `handler` once and ends the shard, as webdataset does; a sample cut off before its last member is still
-yielded with the fields it has (webdataset's rule), for the reader to skip.
+writer's integer mtime carry one per member), GNU long names, base-256 sizes, with tarfile's rules where formats
+are ambiguous (a ustar prefix whatever the magic, a GNU long name before a PAX path). A first block that is no tar
+header (a compressed tar, another file), a GNU sparse member (from there on) and every URL that is not a local
+path (pipe:, http) go through webdataset unchanged. Damage (a bad header checksum, a member cut short by the end
+of the file) is handed to the `handler` once and ends the shard, as webdataset does (which sometimes ends such a
+shard silently or calls the handler twice); a sample cut off before its last member is still yielded with the
+fields it has (webdataset's rule), for the reader to skip. Known differences, on hand-made headers only: a
+`__key__`-like member inside a sample counts as a sample when skipping to `start`.
 """
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import tarfile
@@ -35,6 +39,10 @@ ENCODING, ERRORS = tarfile.ENCODING, "surrogateescape"  # tarfile's defaults for
 
 class TarFormatError(tarfile.ReadError):
     """A block that is not a valid tar header, or a member cut short."""
+
+
+class NotPlain(Exception):
+    """A member this reader leaves to tarfile (GNU sparse files): the shard is read by webdataset instead."""
 
 
 def local_path(url: str) -> str | None:
@@ -63,7 +71,7 @@ def _checksum_ok(block: bytes) -> bool:
 def _pax_records(data: bytes) -> dict[str, str]:
     """The `length key=value\\n` records of a PAX extended header (POSIX.1-2001), as text."""
     out, pos = {}, 0
-    while pos < len(data):
+    while pos < len(data) and data[pos] != 0:  # NUL padding ends the records
         space = data.index(b" ", pos)
         length = int(data[pos:space])
         if length <= 0:
@@ -92,9 +100,16 @@ def local_members(path: str, url: str, wanted: Callable[[str], bool] | None = No
                 raise TarFormatError(f"bad tar header checksum at byte {f.tell() - BLOCK} @ {url}")
             kind = block[156:157]
             size = tarfile.nti(block[124:136])
+            if size < 0:
+                raise TarFormatError(f"negative member size at byte {f.tell() - BLOCK} @ {url}")
+            if kind == tarfile.GNUTYPE_SPARSE:
+                raise NotPlain(url)
             name = tarfile.nts(block[0:100], ENCODING, ERRORS)
-            if block[257:265] == tarfile.POSIX_MAGIC and block[345] != 0:
-                name = tarfile.nts(block[345:500], ENCODING, ERRORS) + "/" + name
+            prefix = tarfile.nts(block[345:500], ENCODING, ERRORS)
+            if prefix and kind not in tarfile.GNU_TYPES:  # tarfile's rule, whatever the magic
+                name = prefix + "/" + name
+            if kind == tarfile.AREGTYPE and name.endswith("/"):  # old V7: a directory as a file with a slash
+                kind = tarfile.DIRTYPE
             padded = -(-size // BLOCK) * BLOCK
             if kind in (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE, tarfile.GNUTYPE_LONGNAME,
                         tarfile.GNUTYPE_LONGLINK):
@@ -109,13 +124,16 @@ def local_members(path: str, url: str, wanted: Callable[[str], bool] | None = No
                     pending.update(_pax_records(data[:size]))
                 continue
             pax = {**pax_global, **pending}
+            if any(k.startswith("GNU.sparse.") for k in pax):
+                raise NotPlain(url)
             if "size" in pax:
                 size = int(pax["size"])
                 padded = -(-size // BLOCK) * BLOCK
-            name = pax.get("path", long_name if long_name is not None else name)
+            name = long_name if long_name is not None else pax.get("path", name)
             pending, long_name = {}, None
-            if kind not in REGULAR:
-                f.seek(padded, os.SEEK_CUR)
+            if kind not in REGULAR:  # tarfile skips the data of unknown types only (links, dirs: none)
+                if kind not in tarfile.SUPPORTED_TYPES:
+                    f.seek(padded, os.SEEK_CUR)
                 continue
             if wanted is not None and not wanted(name):
                 f.seek(padded, os.SEEK_CUR)
@@ -156,6 +174,8 @@ def _files(path: str, url: str, handler, start: int) -> Iterator[dict]:
                 continue
             yield {"fname": name, "data": data, "__url__": url}
         yield {}
+    except NotPlain:
+        raise
     except Exception as exn:  # as webdataset's expander: the handler decides, the shard ends
         if not handler(exn):
             raise
@@ -174,7 +194,13 @@ def tar_samples(url: str, handler: Callable[[Exception], bool], start: int = 0) 
                 return
         yield from samples
         return
-    yield from group_by_keys(_files(path, url, handler, start), handler=handler)
+    done = 0
+    try:
+        for sample in group_by_keys(_files(path, url, handler, start), handler=handler):
+            done += 1
+            yield sample
+    except NotPlain:  # a GNU sparse member: webdataset (tarfile) reads the shard, from the next sample on
+        yield from itertools.islice(wds.tarfile_samples([{"url": url}], handler=handler), start + done, None)
 
 
 __all__ = ["TarFormatError", "local_members", "local_path", "tar_samples"]

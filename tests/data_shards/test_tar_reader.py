@@ -4,6 +4,8 @@ import gzip
 import io
 import itertools
 import os
+import shutil
+import subprocess
 import tarfile
 from pathlib import Path
 
@@ -13,7 +15,7 @@ from PIL import Image
 
 from data_shards import write_dataset
 from data_shards.manifest import read_manifest
-from data_shards.tar_reader import is_plain_tar, local_members, local_path, tar_samples
+from data_shards.tar_reader import _pax_records, is_plain_tar, local_members, local_path, tar_samples
 
 
 def members(n: int, long: bool = False):
@@ -144,3 +146,40 @@ def test_skipped_samples_are_not_read(tmp_path):
         read.append((name, len(data)))
     assert [n for n, size in read if size] == ["sub/sample_0005.jpg", "sub/sample_0005.cls", "sub/sample_0005.JSON"]
     assert len(read) == 18
+
+
+@pytest.mark.skipif(not shutil.which("tar") or "GNU" not in subprocess.run(["tar", "--version"], capture_output=True,
+                                                                           text=True).stdout, reason="needs GNU tar")
+@pytest.mark.parametrize("fmt", ["gnu", "posix"])
+def test_gnu_sparse_members_are_read_by_webdataset(tmp_path, fmt):
+    """GNU tar's sparse files (found by a fresh attacker): the shard goes on through webdataset from that sample."""
+    for i in range(3):
+        (tmp_path / f"a{i}.cls").write_bytes(b"1")
+        (tmp_path / f"a{i}.jpg").write_bytes(os.urandom(700))
+    with open(tmp_path / "a1.jpg", "r+b") as f:  # a hole of 1 MB: stored sparse
+        f.truncate(1 << 20)
+        f.seek(900_000)
+        f.write(b"d")
+    path = str(tmp_path / "sp.tar")
+    names = sorted(p.name for p in tmp_path.iterdir() if p.name != "sp.tar")
+    subprocess.run(["tar", f"--format={fmt}", "--sparse", "-cf", path, *names], cwd=tmp_path, check=True)
+    for start in (0, 1, 2):
+        got, calls = ours(path, start)
+        assert got == reference(path, start)[0] and not calls
+        assert len(got) == 3 - start
+    assert len(ours(path)[0][1]["jpg"]) == 1 << 20
+
+
+def test_pax_records_padded_with_nul_and_v7_directories(tmp_path):
+    assert _pax_records(b"14 path=q.jpg\n\0\0\0") == {"path": "q.jpg"}
+    path = str(tmp_path / "a.tar")
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tf:
+        for name, data in members(3):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+        v7 = tarfile.TarInfo("old_dir/")
+        v7.type = tarfile.AREGTYPE  # an old V7 directory: a "file" whose name ends in a slash
+        tf.addfile(v7)
+    got = ours(path)[0]
+    assert got == reference(path)[0] and len(got) == 3
