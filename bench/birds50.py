@@ -68,7 +68,7 @@ RECIPE = {
     "authors": [*AUTHORS],
     "authors + BN affines frozen": [*AUTHORS, "model.freeze_bn_affine=true"],
     "authors + kaiming init": [*AUTHORS, "model.embedding_init=kaiming_normal"],
-    "authors, no warm-up": [*AUTHORS, "train.warmup_epochs=0"],
+    "authors + no warm-up": [*AUTHORS, "train.warmup_epochs=0"],
 }
 ABLATION = {"full (authors)": [*AUTHORS], "without S^pos": [*AUTHORS, "loss.pos_mask=false"]}
 LEVERS = {  # each on top of the authors' recipe (N 12, r 0.05, lam 0.3, proxy lr 0.03)
