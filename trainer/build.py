@@ -172,7 +172,8 @@ def build(cfg, env) -> Trainer:
             torch.backends.cudnn.benchmark = False
         train_manifest = read_manifest(split_dir(cfg, cfg.data.train_split))
         test_manifest = read_manifest(split_dir(cfg, cfg.data.test_split))
-        check_data(cfg.train.batch_size, train_manifest, test_manifest, env.world_size)  # what the manifests tell, now
+        check_data(cfg.train.batch_size, train_manifest, test_manifest, env.world_size,  # what the manifests tell,
+                   cfg.data.sampler, cfg.data.m_per_class)                                 # now
         plan = make_plan(cfg, env, train_manifest)
         data_info = {"classes": train_manifest.num_classes, "samples": train_manifest.num_samples,
                      "class_names": class_digest(train_manifest.class_names)}

@@ -283,6 +283,16 @@ def test_a_batch_larger_than_the_train_split_fails_before_any_work(shards, tmp_p
     assert not os.path.exists(tmp_path / "t" / "checkpoints")
 
 
+def test_too_few_classes_for_m_per_class_batches_fail_before_any_work(shards, tmp_path):
+    """Found by an attacker: the class shortage of the m_per_class sampler used to surface at the first batch."""
+    code, err, secs = cli(tiny(shards, tmp_path, "data.sampler=m_per_class", "data.m_per_class=2",
+                               "train.batch_size=32", *no_tracking()), timeout=60)
+    line = one_error_line(err)
+    assert code == 2 and line.startswith("error: data.m_per_class: a per-rank batch of 32"), err[-2000:]
+    assert "needs 16 classes" in line and "raise data.m_per_class to at least" in line
+    assert not os.path.exists(tmp_path / "t" / "checkpoints")
+
+
 def test_an_empty_test_split_fails_before_any_work(shards, tmp_path):
     import json
     import shutil
