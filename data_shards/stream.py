@@ -210,6 +210,11 @@ class LabelList(list):
         return LabelList, (list(self),)
 
 
+def batch_labels(labels) -> LabelList | torch.Tensor:
+    """A batch's int labels as the stream yields them: a LabelList in a loader worker, else int64 (B,)."""
+    return LabelList(labels) if get_worker_info() is not None else torch.tensor(labels, dtype=torch.int64)
+
+
 def _worker() -> tuple[int, int]:
     info = get_worker_info()
     return (0, 1) if info is None else (info.id, info.num_workers)
@@ -300,8 +305,7 @@ class TrainStream(IterableDataset):
             batches = (self.make_batch(samples, p, tf, skips) for p in range(v + self.V * done_before, L, self.V))
         in_worker = get_worker_info() is not None
         for xs, labels in batches:
-            x = EncodedBatch(xs) if tf is None else to_float(xs, shared=in_worker)
-            yield x, (LabelList(labels.tolist()) if in_worker else labels)
+            yield (EncodedBatch(xs) if tf is None else to_float(xs, shared=in_worker)), batch_labels(labels)
 
     def balanced_batches(self, samples, slot: int, v: int, done_before: int, tf, skips: SkipCounter):
         """This slot's batches from its `done_before`-th on, each of batch_size / m classes x m samples: the slot's
@@ -338,7 +342,7 @@ class TrainStream(IterableDataset):
 
     def make_batch(self, samples, position: int, tf, skips: SkipCounter):
         """Batch `position` of this epoch from the next batch_size raw samples: (list of B bytes: the augmented
-        crops' (S, S, 3) uint8 pixels, or with tf None the encoded images; labels int64 (B,))."""
+        crops' (S, S, 3) uint8 pixels, or with tf None the encoded images; B int labels)."""
         B = self.batch_size
         for attempt in itertools.count(1):
             raw = list(itertools.islice(samples, B))
@@ -362,8 +366,7 @@ class TrainStream(IterableDataset):
                                 "(see the warnings above); rewrite the split (python -m data_shards write ...)")
             log.error("data_shards: a whole batch (%d samples) was unreadable; reading on", B)
         filled = [items[i] for i in fill_from_nearest([it is not None for it in items])]
-        labels = torch.tensor([lab for _, lab in filled], dtype=torch.int64)
-        return [x for x, _ in filled], labels
+        return [x for x, _ in filled], [lab for _, lab in filled]
 
 
 class EvalStream(IterableDataset):
@@ -408,8 +411,7 @@ class EvalStream(IterableDataset):
     @staticmethod
     def collate(batch, tf):
         xs, labels, keys = zip(*batch)
-        labels = LabelList(labels) if get_worker_info() is not None else torch.tensor(labels, dtype=torch.int64)
-        return (EncodedBatch(list(xs)) if tf is None else torch.stack(xs)), labels, list(keys)
+        return (EncodedBatch(list(xs)) if tf is None else torch.stack(xs)), batch_labels(labels), list(keys)
 
 
 def sample_key(sample: dict) -> str:

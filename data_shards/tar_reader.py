@@ -188,11 +188,7 @@ def tar_samples(url: str, handler: Callable[[Exception], bool], start: int = 0) 
     read); other URLs and formats by webdataset. handler(exception) -> True to go on (the shard ends there)."""
     path = local_path(url)
     if path is None or not os.path.isfile(path) or not is_plain_tar(path):
-        samples = wds.tarfile_samples([{"url": url}], handler=handler)
-        for _ in range(start):
-            if next(samples, None) is None:
-                return
-        yield from samples
+        yield from itertools.islice(wds.tarfile_samples([{"url": url}], handler=handler), start, None)
         return
     done = 0
     try:

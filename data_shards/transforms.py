@@ -181,8 +181,7 @@ class TrainAugment:
     def __init__(self, cfg: TransformConfig, draft: bool = False):
         self.cfg, self.draft, self.drafted = cfg, draft, 0
         self.random_resized_crop = _random_resized_crop(cfg)
-        self.resample = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
-                         "bicubic": Image.Resampling.BICUBIC}[cfg.interpolation]
+        self.resample = Image.Resampling[cfg.interpolation.upper()]  # nearest | bilinear | bicubic
 
     def draft_scale(self, width: int, height: int) -> int:
         """The largest JPEG reduction s that leaves a (width, height) crop >= image_size px; 1 if none."""
