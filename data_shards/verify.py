@@ -61,8 +61,8 @@ def check_sample(m: Manifest, i: int, sample: dict) -> None:
     except (KeyError, ValueError):
         raise damaged(m, i, f"its first sample {key} has no readable class label (.cls)") from None
     if not 0 <= label < m.num_classes:
-        raise damaged(m, i, f"its first sample {key} has label {label}, outside the manifest's "
-                            f"{m.num_classes} classes (a shard of another split or dataset?)")
+        raise damaged(m, i, f"its first sample {key} has label {label}, outside the {m.num_classes} classes of "
+                            f"{m.location}/manifest.json (a shard of another split or dataset?)")
     if "json" not in sample:
         return
     try:
