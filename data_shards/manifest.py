@@ -72,10 +72,19 @@ def rewrite_hint(m: "Manifest | None" = None) -> str:
     if m is None:
         return "python -m data_shards write FORMAT --src SRC --out OUT --overwrite"
     out = os.path.dirname(os.path.abspath(m.location)) if is_local(m.location) else "OUT"
-    given = {k: m.raw.get(k) for k in ("seed", "reencode", "shard_size")} | dict(m.raw.get("options") or {})
-    opts = "".join(f" --{k.replace('_', '-')} {','.join(map(str, v)) if isinstance(v, list) else v}"
-                   for k, v in given.items() if v not in (None, 0))
-    return f"python -m data_shards write {m.dataset} --src {m.raw.get('source', 'SRC')} --out {out}{opts} --overwrite"
+    return write_command(m.dataset, m.raw.get("source", "SRC"), out, written_options(m)) + " --overwrite"
+
+
+def written_options(m: "Manifest") -> dict:
+    """The writer's options recorded in manifest `m`: seed, reencode, shard_size and the format reader's."""
+    return {k: m.raw.get(k) for k in ("seed", "reencode", "shard_size")} | dict(m.raw.get("options") or {})
+
+
+def write_command(dataset: str, src: str, out: str, options: dict) -> str:
+    """`python -m data_shards write` with these options (those at None or 0 left out)."""
+    opts = "".join(f" --{k.replace('_', '-')} {','.join(map(str, v)) if isinstance(v, (list, tuple)) else v}"
+                   for k, v in options.items() if v not in (None, 0))
+    return f"python -m data_shards write {dataset} --src {src} --out {out}{opts}"
 
 
 def read_manifest(location) -> Manifest:

@@ -33,7 +33,15 @@ from tqdm import tqdm
 
 from .errors import DamagedShard, DataError, MissingData
 from .formats import Record, collect
-from .manifest import FORMAT_VERSION, MANIFEST, read_manifest, rewrite_hint, sha256_file, write_manifest
+from .manifest import (
+    FORMAT_VERSION,
+    MANIFEST,
+    read_manifest,
+    sha256_file,
+    write_command,
+    write_manifest,
+    written_options,
+)
 from .transforms import to_rgb
 
 log = logging.getLogger("data_shards")
@@ -150,9 +158,23 @@ def plan_shards(records: list[Record], shard_size: int) -> list[list[int]]:
     return groups
 
 
-def verify_split(split_dir: str, dataset: str, split: str, num_records: int, progress: bool) -> dict:
-    """A finished split against the source and its manifest (sha256 of every shard). Raises DamagedShard."""
+def verify_split(split_dir: str, dataset: str, split: str, num_records: int, progress: bool, *, src: str,
+                 out: str, requested: dict) -> dict:
+    """A finished split against the source, the options asked now (`requested`: seed, reencode, shard_size in
+    bytes, the reader's options) and its manifest (sha256 of every shard). Raises DataError when the options
+    differ from those it was written with, DamagedShard when it does not verify; both name the command that
+    rewrites it as asked now."""
     m = read_manifest(split_dir)
+    now = write_command(dataset, src, out, requested)
+    written = written_options(m)
+    canon = json.loads(json.dumps({k: list(v) if isinstance(v, tuple) else v for k, v in requested.items()}))
+    changed = sorted(k for k in set(written) | set(canon) if written.get(k) != canon.get(k))
+    if changed and (m.dataset, m.split) == (dataset, split):
+        def show(opts):
+            return ", ".join(f"--{k.replace('_', '-')} {'(not given)' if opts.get(k) is None else opts[k]}"
+                             for k in changed)
+        raise DataError(f"data_shards write: {split_dir} was written with {show(written)}, not {show(canon)}: "
+                        f"drop the changed option to keep it, or rewrite it with the new one:\n{now} --overwrite")
     problems = []
     if (m.dataset, m.split) != (dataset, split):
         problems.append(f"it holds {m.dataset}/{m.split}, not {dataset}/{split}")
@@ -168,7 +190,7 @@ def verify_split(split_dir: str, dataset: str, split: str, num_records: int, pro
             problems.append(f"{name} does not match its sha256")
     if problems:
         raise DamagedShard(f"data_shards write: {split_dir} exists but does not verify: " + "; ".join(problems)
-                           + f".\nRewrite it: {rewrite_hint(m)} (overwrite=True from Python)")
+                           + f".\nRewrite it: {now} --overwrite (overwrite=True from Python)")
     return dict(split=split, status="verified", num_samples=m.num_samples, num_classes=m.num_classes,
                 num_shards=len(m.shard_names), skipped=m.skipped.get("count", 0), skipped_paths=[])
 
@@ -250,7 +272,10 @@ def write_dataset(fmt: str, src, out, *, shard_size="256MB", workers: int | None
                 log.warning("data_shards write: split %s of %s is empty; nothing written", split, src)
                 continue
             if os.path.isfile(os.path.join(split_dir, MANIFEST)) and not overwrite:
-                summary[split] = verify_split(split_dir, fmt, split, len(records) + len(dropped[split]), progress)
+                requested = dict(seed=seed, reencode=reencode, shard_size=size) | {
+                    k: v for k, v in options.items() if k != "tmp_dir"}
+                summary[split] = verify_split(split_dir, fmt, split, len(records) + len(dropped[split]), progress,
+                                              src=src, out=out, requested=requested)
             else:
                 summary[split] = write_split(fmt, split, records, split_dir, src=src, shard_size=size,
                                              workers=workers, seed=seed, reencode=reencode, progress=progress,
