@@ -50,6 +50,12 @@ class Manifest:
     raw: dict = field(default_factory=dict, repr=False)
 
     @property
+    def name(self) -> str:
+        """The dataset's name for people (trackers, summaries): the writer's `--name`, else the source folder's
+        name for the folder format, else the format (cub200, cars196, sop)."""
+        return dataset_name(self.dataset, self.raw.get("source"), self.raw.get("name"))
+
+    @property
     def shards(self) -> list[str]:
         """Shard paths or URLs, in manifest order."""
         return [resolve(self.location, n) for n in self.shard_names]
@@ -57,6 +63,15 @@ class Manifest:
     def shard_url(self, i: int) -> str:
         """The path or URL of shard i (`shards[i]` without building the whole list)."""
         return resolve(self.location, self.shard_names[i])
+
+
+def dataset_name(fmt: str, source: str | None, name: str | None = None) -> str:
+    """`name` if given; for the folder format the source folder's name; else the format's name."""
+    if name:
+        return str(name)
+    if fmt == "folder" and source:
+        return os.path.basename(os.path.normpath(str(source))) or fmt
+    return fmt
 
 
 def sha256_file(path: str, chunk: int = 1 << 20) -> str:

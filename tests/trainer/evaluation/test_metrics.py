@@ -177,7 +177,7 @@ def test_per_class_table_names_and_files(tmp_path):
     ids = np.unique(labels)
     names = {int(c): f"class-{c}" for c in ids}
     _, table = compute_metrics(x, labels, class_names=names, nmi=False)
-    assert list(table.columns) == ["class_index", "class_name", "size", "recall_at_1", "map_at_r"]
+    assert list(table.columns) == ["class_name", "recall_at_1", "map_at_r", "size", "class_index"]
     assert table["class_name"].tolist() == [f"class-{c}" for c in ids]
     assert table["size"].sum() == len(x)
     singles = table[table["size"] == 1]
