@@ -21,7 +21,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m trainer", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=None,
-                   help="YAML file or preset name (cub200, cars196, sop, omniglot, demo); default: demo")
+                   help="YAML file or preset name (cub200, cars196, sop, omniglot, folder, demo); default: demo")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     # DeepSpeed's launcher appends --local_rank unless given --no_local_rank; LOCAL_RANK comes from the env
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
