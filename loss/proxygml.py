@@ -29,6 +29,7 @@ Where we differ from the released code's epsilons (loss/ProxyGML.py of YuehuaZhu
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable
 
@@ -102,8 +103,9 @@ def init_proxy_rows(num_rows: int, dim: int, first_row: int, stop_row: int, seed
 
     The distribution is the authors' init: kaiming-uniform (a=sqrt(5)) of their (dim, C*N) matrix, i.e.
     U(±1/sqrt(C*N)). The table is drawn in blocks of ``block_rows`` rows, block b from a generator seeded by
-    (seed, b), so any slice of it is drawn without the rest: every mode (local, gather, sharded) and every
-    world size start from the same table for one seed, and no rank ever builds the whole table to get its rows.
+    a hash of (seed, b) (``block_seed``), so any slice of it is drawn without the rest: every mode (local,
+    gather, sharded) and every world size start from the same table for one seed, and no rank ever builds the
+    whole table to get its rows.
     """
     if not 0 <= first_row <= stop_row <= num_rows:
         raise ValueError(f"rows [{first_row}, {stop_row}) are not inside the table of {num_rows} rows")
@@ -111,11 +113,18 @@ def init_proxy_rows(num_rows: int, dim: int, first_row: int, stop_row: int, seed
     out = torch.empty(stop_row - first_row, dim)
     for b in range(first_row // block_rows, -(-stop_row // block_rows)):
         lo, hi = b * block_rows, min((b + 1) * block_rows, num_rows)
-        g = torch.Generator().manual_seed(int(seed) * 1_000_003 + b)
+        g = torch.Generator().manual_seed(block_seed(seed, b))
         rows = torch.rand(hi - lo, dim, generator=g) * (2 * bound) - bound
         a, z = max(lo, first_row), min(hi, stop_row)
         out[a - first_row:z - first_row] = rows[a - lo:z - lo]
     return out
+
+
+def block_seed(seed: int, block: int) -> int:
+    """The generator seed of block `block` of the proxy table for `seed`: a hash of both, so that the table's
+    random numbers are not those of `torch.manual_seed(seed)` (the model's initialisation draws from that)."""
+    digest = hashlib.sha256(f"proxygml.proxies/{int(seed)}/{int(block)}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
 
 
 def proxy_seed(seed: int | None) -> int:

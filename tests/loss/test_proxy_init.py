@@ -1,5 +1,6 @@
 """Same seed, same proxies in every mode: local, gather and sharded draw one initial table (init_proxy_rows), on any
 world size, and a sharded rank draws only its own rows."""
+import hashlib
 import math
 import time
 
@@ -11,12 +12,17 @@ from loss.proxygml import init_proxy_rows
 from tests.helpers import run_on_gloo_ranks
 
 
+def seed_of(seed, block):
+    """Block b's generator seed: the first 8 bytes of sha256("proxygml.proxies/<seed>/<b>"), little-endian, >> 1."""
+    return int.from_bytes(hashlib.sha256(f"proxygml.proxies/{seed}/{block}".encode()).digest()[:8], "little") >> 1
+
+
 def reference_table(num_rows, dim, seed, block_rows):
-    """The table as its definition states it, built whole: block b is U(±1/sqrt(C*N)) from generator (seed, b)."""
+    """The table as its definition states it, built whole: block b is U(±1/sqrt(C*N)) from seed_of(seed, b)."""
     bound = 1 / math.sqrt(num_rows)
     blocks = []
     for b in range(-(-num_rows // block_rows)):
-        g = torch.Generator().manual_seed(seed * 1_000_003 + b)
+        g = torch.Generator().manual_seed(seed_of(seed, b))
         n = min(block_rows, num_rows - b * block_rows)
         blocks.append(torch.rand(n, dim, generator=g) * (2 * bound) - bound)
     return torch.cat(blocks)
@@ -47,10 +53,17 @@ def test_a_slice_of_ten_million_rows_draws_only_its_blocks():
     part = init_proxy_rows(10_000_000, 128, 5_000_000, 5_000_010, 3)
     assert time.perf_counter() - t0 < 5 and part.shape == (10, 128)
     block = 5_000_000 // 4096
-    g = torch.Generator().manual_seed(3 * 1_000_003 + block)
+    g = torch.Generator().manual_seed(seed_of(3, block))
     want = torch.rand(4096, 128, generator=g) * (2 / math.sqrt(10_000_000)) - 1 / math.sqrt(10_000_000)
     off = 5_000_000 - block * 4096
     assert torch.equal(part, want[off:off + 10])
+
+
+def test_the_table_is_not_the_models_random_numbers():
+    """torch.manual_seed(seed) initialises the model: the proxies of the same seed must not be its numbers."""
+    torch.manual_seed(0)
+    same_stream = torch.rand(4096, 8) * 2 / math.sqrt(4096) - 1 / math.sqrt(4096)
+    assert not torch.allclose(init_proxy_rows(4096, 8, 0, 4096, 0), same_stream)
 
 
 def test_every_mode_starts_from_one_table_in_one_process():
