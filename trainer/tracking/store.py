@@ -113,12 +113,19 @@ class Store:
         return self.client.create_run(self.experiment_id, run_name=run_name or None).info.run_id
 
     def _show_training_runs(self, experiment_id: str) -> None:
-        """Tag the experiment so that the UI opens on its training runs (see EXPERIMENT_KIND, RUNS_VIEW)."""
-        tags = self.client.get_experiment(experiment_id).tags
-        want = {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND, RUNS_VIEW_TAG: json.dumps(RUNS_VIEW)}
-        for key, value in want.items():
-            if key not in tags:  # a kind or view the user chose stays
-                self.client.set_experiment_tag(experiment_id, key, value)
+        """Tag the experiment so that the UI opens on its training runs (see EXPERIMENT_KIND, RUNS_VIEW). A store
+        that refuses (e.g. a server where this user may log runs but not edit the experiment) costs only the view."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            tags = self.client.get_experiment(experiment_id).tags
+            want = {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND, RUNS_VIEW_TAG: json.dumps(RUNS_VIEW)}
+            for key, value in want.items():
+                if key not in tags:  # a kind or view the user chose stays
+                    self.client.set_experiment_tag(experiment_id, key, value)
+        except MlflowException as e:
+            warnings.warn(f"Tracker: could not tag experiment {experiment_id} with its runs view ({e}); the runs "
+                          "are logged all the same", RuntimeWarning, stacklevel=3)
 
     def _experiment_id(self, name: str) -> str:
         from mlflow.exceptions import MlflowException
