@@ -46,3 +46,15 @@ def test_help_answers_without_importing_torch():
                        timeout=60)
     assert "usage: python -m trainer" in r.stdout and "key=value" in r.stdout, r.stderr
     assert r.stdout.strip().endswith("EXIT 0 TORCH False"), r.stdout[-500:]
+
+
+def test_a_missing_deepspeed_config_is_one_line_and_exit_2(capsys):
+    """engine.deepspeed_config naming no file (or a file DeepSpeed cannot run here) is the user's to fix."""
+    from trainer.engines.deepspeed_config import load_ds_config
+    from trainer.errors import report
+
+    with pytest.raises(Exception) as info:
+        load_ds_config("no/such.json", per_rank_batch=8, world_size=1, grad_clip=0.0)
+    assert report(info.value) == 2
+    err = capsys.readouterr().err
+    assert err == "error: engine.deepspeed_config: no such file 'no/such.json'\n", err
