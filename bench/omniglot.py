@@ -2,9 +2,11 @@
 
     python bench/omniglot.py [--minutes 18] [--work /tmp/omniglot-bench] [key=value ...]
 
-1,623 handwritten characters x 20 drawers (../shared/data/omniglot beside the repository, or --omniglot
-DIR). Sorted class folders: the first 811 train, the other 812 test (never seen in training). The script exports the PNG
-tree (the dataset's export.py), writes shards with data_shards, then in this same run measures
+1,623 handwritten characters x 20 drawers: --download fetches them with torchvision, --omniglot DIR takes
+torchvision's folder (or a folder of the 1,623 character folders), --data SHARDS the shards of an earlier run;
+without any of them the script says so in one line. Sorted class folders: the first 811 train, the other 812
+test (never seen in training). The script writes shards with data_shards once (under --work), then in this same
+run measures
   1. the raw-pixel floor (28x28 grey, ink 1 on 0, cosine kNN; the dataset README gives R@1 0.292),
   2. the untrained small CNN (random init, the trainer's evaluation before training),
   3. the small CNN trained with ProxyGML by `trainer` (preset trainer/configs/omniglot.yaml) within a fixed
@@ -12,7 +14,7 @@ tree (the dataset's export.py), writes shards with data_shards, then in this sam
      the run is evaluated where it stands;
 and prints Recall@1/2/4/8 and NMI of each on the 812 test classes.
 
-Measured 2026-11-27 on the 2-core development CPU while other jobs ran (load average ~17), defaults
+Measured 2026-11-27 on a 2-core x86_64 CPU while other jobs ran (load average ~17), defaults
 (`python bench/omniglot.py`, budget 16 min: 2 epochs of 126 steps fitted; the whole run 1,065 s):
 
 | embedding | R@1 | R@2 | R@4 | R@8 | NMI | seconds |
@@ -48,7 +50,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from quality import omniglot_shards as write_shards  # noqa: E402  (bench/ is on sys.path as the script's dir)
+from quality import BenchInputError, data_shards_or_omniglot  # noqa: E402  (bench/ is on sys.path: the script's dir)
 
 from data_shards import TransformConfig, eval_loader  # noqa: E402
 from trainer import distributed  # noqa: E402
@@ -74,14 +76,17 @@ def raw_pixel_metrics(shards: str) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--omniglot", default=os.path.join(ROOT, "..", "shared", "data", "omniglot"))
+    p.add_argument("--data", default="", help="Omniglot shards already written by an earlier run (DIR/train, DIR/test)")
+    p.add_argument("--omniglot", default="", help="Omniglot: torchvision's folder, a folder of its 1,623 character "
+                                                 "folders, or one with the dataset's export.py")
+    p.add_argument("--download", action="store_true", help="fetch Omniglot with torchvision into --work")
     p.add_argument("--work", default="/tmp/omniglot-bench")
     p.add_argument("--minutes", type=float, default=16.0,
                    help="budget up to the end of training (the final evaluation follows; the whole stays < 20)")
     p.add_argument("overrides", nargs="*", help="config overrides on top of the omniglot preset")
     args = p.parse_args()
     t_start = time.time()
-    shards = write_shards(args.omniglot, args.work)
+    shards = data_shards_or_omniglot(args)
     prep_s, t_raw = time.time() - t_start, time.time()
     raw = raw_pixel_metrics(shards)
     t_raw = time.time() - t_raw
@@ -115,4 +120,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except BenchInputError as e:
+        print(f"bench/omniglot.py: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -14,10 +14,11 @@ MAP@R on the test split and the training seconds, as markdown (printed and writt
 `<out>/quality-<mode>.md`) and as a PNG bar chart (`<out>/quality-<mode>.png`); `<out>/quality-<mode>.json`
 keeps every (entry, seed) result, `--resume` skips those already there, `--report-only` only redraws them.
 
-Data: `--data DIR` (any shard set with DIR/train and DIR/test, written by `python -m data_shards write`), or by
-default Omniglot from ../shared/data/omniglot (relative to the repository root): its export.py PNG tree,
-sorted class folders, the first 811 classes train, the other 812 test (zero-shot), written to shards once under
-`--work`.
+Data: `--data DIR` (any shard set with DIR/train and DIR/test, written by `python -m data_shards write`), or
+Omniglot: `--omniglot DIR` (torchvision's Omniglot folder, a folder of its 1,623 character folders, or one with
+the dataset's export.py) or `--download` (torchvision fetches it); sorted class folders, the first 811 classes
+train, the other 812 test (zero-shot), written to shards once under `--work`. Without any of them the script
+says in one line what to pass.
 
 Modes:
   compare   ProxyGML (the preset's N = 1, and N = 12 as in the paper's CUB/Cars recipe) vs NormalizedSoftmax,
@@ -107,22 +108,88 @@ def entries_for(mode: str, names: str, values: str) -> dict[str, list[str]]:
     return {n: table[n] for n in picked}
 
 
-def omniglot_shards(omniglot: str, work: str) -> str:
-    """Omniglot as shards (export.py PNG tree -> data_shards folder writer): first 811 classes train, 812 test."""
+OMNIGLOT_CLASSES = 1623
+OMNIGLOT_HINT = ("give --data SHARDS (a shard set with SHARDS/train and SHARDS/test, from python -m data_shards "
+                 "write), --omniglot DIR (torchvision's Omniglot folder, or a folder of the 1,623 character "
+                 "folders), or --download (torchvision fetches Omniglot, about 10 MB, into --work)")
+
+
+class BenchInputError(Exception):
+    """What the user gave (or did not give) the script: said in one line, exit status 2."""
+
+
+def _torchvision_alphabets(root: str) -> list[str] | None:
+    """images_background and images_evaluation of torchvision's Omniglot layout under root (or root/omniglot-py)."""
+    for base in (root, os.path.join(root, "omniglot-py")):
+        parts = [os.path.join(base, p) for p in ("images_background", "images_evaluation")]
+        if all(os.path.isdir(p) for p in parts):
+            return parts
+    return None
+
+
+def omniglot_tree(omniglot: str, work: str, expected: int | None = OMNIGLOT_CLASSES) -> str:
+    """A folder of one folder per character class, in the order whose first 811 train: the dataset's own export
+    (a folder with export.py), torchvision's layout (alphabets/characters; background alphabets first, linked
+    into <work>/classes), or a folder of class folders as it is. Raises BenchInputError saying what to give."""
+    if not omniglot or not os.path.isdir(omniglot):
+        raise BenchInputError(f"no Omniglot at {omniglot!r}: " + OMNIGLOT_HINT if omniglot else
+                              "no Omniglot data: " + OMNIGLOT_HINT)
+    if os.path.isfile(os.path.join(omniglot, "export.py")):
+        tree = os.path.join(work, "png")
+        if not os.path.isdir(tree):
+            subprocess.run([sys.executable, os.path.join(omniglot, "export.py"), tree], check=True)
+    elif (parts := _torchvision_alphabets(omniglot)) is not None:
+        tree = os.path.join(work, "classes")
+        os.makedirs(tree, exist_ok=True)
+        for i, part in enumerate(parts):  # background alphabets (0) before evaluation ones (1)
+            for alphabet in sorted(os.listdir(part)):
+                for char in sorted(os.listdir(os.path.join(part, alphabet))):
+                    link = os.path.join(tree, f"{i}_{alphabet}_{char}")
+                    if not os.path.lexists(link):
+                        os.symlink(os.path.abspath(os.path.join(part, alphabet, char)), link)
+    else:
+        tree = omniglot
+    classes = [c for c in os.listdir(tree) if os.path.isdir(os.path.join(tree, c))]
+    if expected is not None and len(classes) != expected:
+        raise BenchInputError(f"--omniglot {omniglot}: expected {expected} character folders, found {len(classes)} "
+                              f"in {tree}; " + OMNIGLOT_HINT)
+    return tree
+
+
+def download_omniglot(work: str) -> str:
+    """Omniglot fetched by torchvision (background and evaluation sets) into <work>/download."""
+    from torchvision.datasets import Omniglot
+
+    root = os.path.join(work, "download")
+    try:
+        for background in (True, False):
+            Omniglot(root, background=background, download=True)
+    except OSError as e:  # no network, a proxy refusing: one line
+        raise BenchInputError(f"--download: could not fetch Omniglot ({e}); " + OMNIGLOT_HINT) from None
+    return root
+
+
+def omniglot_shards(omniglot: str, work: str, download: bool = False) -> str:
+    """Omniglot as shards (class-per-folder tree -> data_shards folder writer): first 811 classes train, 812 test."""
     from data_shards import write_dataset
 
     shards = os.path.join(work, "shards")
     if os.path.exists(os.path.join(shards, "test", "manifest.json")):
         return shards
-    tree = os.path.join(work, "png")
-    if not os.path.isdir(tree):
-        subprocess.run([sys.executable, os.path.join(omniglot, "export.py"), tree], check=True)
-    classes = sorted(os.listdir(tree))
-    if len(classes) != 1623:
-        raise SystemExit(f"--omniglot: expected 1623 class folders in {tree}, found {len(classes)}")
+    tree = omniglot_tree(download_omniglot(work) if download else omniglot, work)
+    classes = sorted(c for c in os.listdir(tree) if os.path.isdir(os.path.join(tree, c)))
     write_dataset("folder", tree, shards, train_classes=classes[:811], test_classes=classes[811:],
-                  shard_size="8MB", progress=False)
+                  shard_size="8MB", progress=False, name="omniglot")
     return shards
+
+
+def data_shards_or_omniglot(args) -> str:
+    """--data as given (checked), else Omniglot's shards from --omniglot or --download."""
+    if args.data:
+        if not os.path.isfile(os.path.join(args.data, "train", "manifest.json")):
+            raise BenchInputError(f"--data {args.data}: no shard set there (no train/manifest.json); " + OMNIGLOT_HINT)
+        return args.data
+    return omniglot_shards(os.path.abspath(args.omniglot) if args.omniglot else "", args.work, args.download)
 
 
 def schedule_overrides(args, shards: str) -> list[str]:
@@ -225,7 +292,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--width", type=int, default=32, help="model.small_cnn_width")
     p.add_argument("--preset", default="omniglot")
     p.add_argument("--data", default="", help="shard set (DIR/train, DIR/test); default: Omniglot from --omniglot")
-    p.add_argument("--omniglot", default=os.path.join(ROOT, "..", "shared", "data", "omniglot"))
+    p.add_argument("--omniglot", default="", help="Omniglot: torchvision's folder, a folder of its 1,623 character "
+                                                 "folders, or one with the dataset's export.py")
+    p.add_argument("--download", action="store_true", help="fetch Omniglot with torchvision into --work")
     p.add_argument("--work", default="/tmp/quality-bench", help="Omniglot shards and the run directories")
     p.add_argument("--out", default="", help="where the table, chart and JSON go (default <work>/results)")
     p.add_argument("--resume", action="store_true", help="skip (entry, seed) pairs already in the JSON")
@@ -304,7 +373,7 @@ def main(argv=None) -> list[dict]:
     json_path = os.path.join(out, f"quality-{args.mode}.json")
     results = earlier_results(args, json_path)
     if not args.report_only:
-        shards = args.data or omniglot_shards(os.path.abspath(args.omniglot), args.work)
+        shards = data_shards_or_omniglot(args)
         train_all(args, entries, schedule_overrides(args, shards), results, json_path)
 
     rows = summarize(results, list(entries))
@@ -324,4 +393,8 @@ def main(argv=None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except BenchInputError as e:
+        print(f"bench/quality.py: {e}", file=sys.stderr)
+        sys.exit(2)

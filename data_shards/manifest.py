@@ -50,6 +50,12 @@ class Manifest:
     raw: dict = field(default_factory=dict, repr=False)
 
     @property
+    def name(self) -> str:
+        """The dataset's name for people (trackers, summaries): the writer's `--name`, else the source folder's
+        name for the folder format, else the format (cub200, cars196, sop)."""
+        return dataset_name(self.dataset, self.raw.get("source"), self.raw.get("name"))
+
+    @property
     def shards(self) -> list[str]:
         """Shard paths or URLs, in manifest order."""
         return [resolve(self.location, n) for n in self.shard_names]
@@ -57,6 +63,15 @@ class Manifest:
     def shard_url(self, i: int) -> str:
         """The path or URL of shard i (`shards[i]` without building the whole list)."""
         return resolve(self.location, self.shard_names[i])
+
+
+def dataset_name(fmt: str, source: str | None, name: str | None = None) -> str:
+    """`name` if given; for the folder format the source folder's name; else the format's name."""
+    if name:
+        return str(name)
+    if fmt == "folder" and source:
+        return os.path.basename(os.path.normpath(str(source))) or fmt
+    return fmt
 
 
 def sha256_file(path: str, chunk: int = 1 << 20) -> str:
@@ -72,10 +87,19 @@ def rewrite_hint(m: "Manifest | None" = None) -> str:
     if m is None:
         return "python -m data_shards write FORMAT --src SRC --out OUT --overwrite"
     out = os.path.dirname(os.path.abspath(m.location)) if is_local(m.location) else "OUT"
-    given = {k: m.raw.get(k) for k in ("seed", "reencode", "shard_size")} | dict(m.raw.get("options") or {})
-    opts = "".join(f" --{k.replace('_', '-')} {','.join(map(str, v)) if isinstance(v, list) else v}"
-                   for k, v in given.items() if v not in (None, 0))
-    return f"python -m data_shards write {m.dataset} --src {m.raw.get('source', 'SRC')} --out {out}{opts} --overwrite"
+    return write_command(m.dataset, m.raw.get("source", "SRC"), out, written_options(m)) + " --overwrite"
+
+
+def written_options(m: "Manifest") -> dict:
+    """The writer's options recorded in manifest `m`: seed, reencode, shard_size and the format reader's."""
+    return {k: m.raw.get(k) for k in ("seed", "reencode", "shard_size")} | dict(m.raw.get("options") or {})
+
+
+def write_command(dataset: str, src: str, out: str, options: dict) -> str:
+    """`python -m data_shards write` with these options (those at None or 0 left out)."""
+    opts = "".join(f" --{k.replace('_', '-')} {','.join(map(str, v)) if isinstance(v, (list, tuple)) else v}"
+                   for k, v in options.items() if v not in (None, 0))
+    return f"python -m data_shards write {dataset} --src {src} --out {out}{opts}"
 
 
 def read_manifest(location) -> Manifest:

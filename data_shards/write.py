@@ -33,7 +33,16 @@ from tqdm import tqdm
 
 from .errors import DamagedShard, DataError, MissingData
 from .formats import Record, collect
-from .manifest import FORMAT_VERSION, MANIFEST, read_manifest, rewrite_hint, sha256_file, write_manifest
+from .manifest import (
+    FORMAT_VERSION,
+    MANIFEST,
+    dataset_name,
+    read_manifest,
+    sha256_file,
+    write_command,
+    write_manifest,
+    written_options,
+)
 from .transforms import to_rgb
 
 log = logging.getLogger("data_shards")
@@ -150,9 +159,23 @@ def plan_shards(records: list[Record], shard_size: int) -> list[list[int]]:
     return groups
 
 
-def verify_split(split_dir: str, dataset: str, split: str, num_records: int, progress: bool) -> dict:
-    """A finished split against the source and its manifest (sha256 of every shard). Raises DamagedShard."""
+def verify_split(split_dir: str, dataset: str, split: str, num_records: int, progress: bool, *, src: str,
+                 out: str, requested: dict) -> dict:
+    """A finished split against the source, the options asked now (`requested`: seed, reencode, shard_size in
+    bytes, the reader's options) and its manifest (sha256 of every shard). Raises DataError when the options
+    differ from those it was written with, DamagedShard when it does not verify; both name the command that
+    rewrites it as asked now."""
     m = read_manifest(split_dir)
+    now = write_command(dataset, src, out, requested)
+    written = written_options(m)
+    canon = json.loads(json.dumps({k: list(v) if isinstance(v, tuple) else v for k, v in requested.items()}))
+    changed = sorted(k for k in set(written) | set(canon) if written.get(k) != canon.get(k))
+    if changed and (m.dataset, m.split) == (dataset, split):
+        def show(opts):
+            return ", ".join(f"--{k.replace('_', '-')} {'(not given)' if opts.get(k) is None else opts[k]}"
+                             for k in changed)
+        raise DataError(f"data_shards write: {split_dir} was written with {show(written)}, not {show(canon)}: "
+                        f"drop the changed option to keep it, or rewrite it with the new one:\n{now} --overwrite")
     problems = []
     if (m.dataset, m.split) != (dataset, split):
         problems.append(f"it holds {m.dataset}/{m.split}, not {dataset}/{split}")
@@ -168,14 +191,14 @@ def verify_split(split_dir: str, dataset: str, split: str, num_records: int, pro
             problems.append(f"{name} does not match its sha256")
     if problems:
         raise DamagedShard(f"data_shards write: {split_dir} exists but does not verify: " + "; ".join(problems)
-                           + f".\nRewrite it: {rewrite_hint(m)} (overwrite=True from Python)")
+                           + f".\nRewrite it: {now} --overwrite (overwrite=True from Python)")
     return dict(split=split, status="verified", num_samples=m.num_samples, num_classes=m.num_classes,
                 num_shards=len(m.shard_names), skipped=m.skipped.get("count", 0), skipped_paths=[])
 
 
 def write_split(fmt: str, split: str, records: list[Record], split_dir: str, *, src: str, shard_size: int,
                 workers: int, seed: int, reencode: int | None, progress: bool, left_out: list[str],
-                options: dict) -> dict:
+                options: dict, name: str | None = None) -> dict:
     """Write the shards and manifest of one split; left_out: what was dropped before (duplicates); options:
     the format reader's, recorded in the manifest (with seed, reencode, shard_size) to rewrite it the same way."""
     classes = sorted({(r.class_id, r.class_name) for r in records})
@@ -208,7 +231,7 @@ def write_split(fmt: str, split: str, records: list[Record], split_dir: str, *, 
         log.warning("data_shards write: %d file(s) of %s/%s were left out (unreadable, undecodable, not regular "
                     "files or duplicates): %s",
                     len(skipped), fmt, split, "; ".join(skipped[:20]) + (" ..." if len(skipped) > 20 else ""))
-    manifest = dict(format_version=FORMAT_VERSION, dataset=fmt, split=split,
+    manifest = dict(format_version=FORMAT_VERSION, dataset=fmt, name=dataset_name(fmt, src, name), split=split,
                     num_samples=sum(e["num_samples"] for e in entries), num_classes=len(classes),
                     class_names=[n for _, n in classes], class_ids=[c for c, _ in classes],
                     shards=entries, skipped=dict(count=len(skipped), paths=skipped),
@@ -221,11 +244,13 @@ def write_split(fmt: str, split: str, records: list[Record], split_dir: str, *, 
 
 def write_dataset(fmt: str, src, out, *, shard_size="256MB", workers: int | None = None, seed: int = 0,
                   reencode: int | None = None, overwrite: bool = False, progress: bool = True,
-                  **options) -> dict[str, dict]:
+                  name: str | None = None, **options) -> dict[str, dict]:
     """Write every split of `src` (format `fmt`) under `out/<split>/`; returns a summary per split.
     Raises DataError (MissingData, DamagedShard: a finished split that does not verify) naming the input and
     the fix; OSError when the output cannot be written.
 
+    name: the dataset's name for people (trackers, summaries; default: the source folder's name for `folder`,
+    else the format); it is recorded when a split is written (an existing output keeps its own).
     options go to the format's reader: cub200/cars196 `train_classes` (the last train class id), folder
     `train_fraction` or `train_classes` / `test_classes` (lists or comma-separated folder names).
     """
@@ -250,11 +275,14 @@ def write_dataset(fmt: str, src, out, *, shard_size="256MB", workers: int | None
                 log.warning("data_shards write: split %s of %s is empty; nothing written", split, src)
                 continue
             if os.path.isfile(os.path.join(split_dir, MANIFEST)) and not overwrite:
-                summary[split] = verify_split(split_dir, fmt, split, len(records) + len(dropped[split]), progress)
+                requested = dict(seed=seed, reencode=reencode, shard_size=size) | {
+                    k: v for k, v in options.items() if k != "tmp_dir"}
+                summary[split] = verify_split(split_dir, fmt, split, len(records) + len(dropped[split]), progress,
+                                              src=src, out=out, requested=requested)
             else:
                 summary[split] = write_split(fmt, split, records, split_dir, src=src, shard_size=size,
                                              workers=workers, seed=seed, reencode=reencode, progress=progress,
-                                             left_out=dropped[split],
+                                             left_out=dropped[split], name=name,
                                              options={k: v for k, v in options.items() if k != "tmp_dir"})
     return summary
 
@@ -271,6 +299,9 @@ def add_write_parser(sub) -> None:
     p.add_argument("--reencode", type=int, default=None, metavar="QUALITY",
                    help="re-encode every image as RGB JPEG of this quality (default: keep the bytes)")
     p.add_argument("--overwrite", action="store_true", help="rewrite a finished output instead of verifying")
+    p.add_argument("--name", default=None,
+                   help="the dataset's name in MLflow and the summaries (default: the --src folder's name for "
+                        "folder, else the format)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--train-classes", default=None,
                    help="folder: comma-separated train class folders; cub200/cars196: last train class id")
@@ -294,7 +325,7 @@ def run_write(args) -> int:
             raise DataError(f"--train-classes: {args.format} takes the last train class id (a number), "
                             f"got {args.train_classes!r}") from None
     summary = write_dataset(args.format, args.src, args.out, shard_size=args.shard_size, workers=args.workers,
-                            seed=args.seed, reencode=args.reencode, overwrite=args.overwrite,
+                            seed=args.seed, reencode=args.reencode, overwrite=args.overwrite, name=args.name,
                             progress=not args.no_progress, **options)
     for split, s in summary.items():
         print(f"{split}: {s['status']}: {s['num_samples']} images, {s['num_classes']} classes, "

@@ -29,8 +29,33 @@ from loss.criterion import CriterionBase
 _CLASS_ARGS = {"num_classes": "classes", "embedding_size": "dim", "descriptors_dim": "dim"}
 
 
+# Classes of pytorch_metric_learning.losses that cannot be a `loss.name` here, and why (the check below refuses
+# them; tests/loss/test_baselines.py checks that every other one passes it).
+UNSUITABLE = {
+    "GenericPairLoss": "an abstract base class",
+    "SelfSupervisedLoss": "it wraps another loss object, which a config cannot give",
+    "ManifoldLoss": "it takes no class labels",
+    "VICRegLoss": "it takes no class labels",
+}
+
+
 def available_losses() -> list[str]:
-    return sorted(n for n, obj in vars(losses).items() if n.endswith("Loss") and inspect.isclass(obj))
+    """The pytorch-metric-learning losses a config can name: every class ending in Loss but UNSUITABLE."""
+    return sorted(n for n, obj in vars(losses).items()
+                  if n.endswith("Loss") and inspect.isclass(obj) and n not in UNSUITABLE)
+
+
+def required_kwargs(name: str) -> list[str]:
+    """Constructor arguments of loss `name` without a default that the trainer does not fill (loss.kwargs)."""
+    params = inspect.signature(getattr(losses, name).__init__).parameters.values()
+    return [p.name for p in params if p.name != "self" and p.default is p.empty
+            and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in _CLASS_ARGS]
+
+
+def loss_choices() -> str:
+    """The choices of loss.name in words, with the loss.kwargs each one needs."""
+    named = [f"{n} (with loss.kwargs {', '.join(r)})" if (r := required_kwargs(n)) else n for n in available_losses()]
+    return "'proxygml' or one of " + ", ".join(named)
 
 
 def init_parameters(cls: type) -> set[str]:
@@ -96,8 +121,10 @@ class MetricLoss(CriterionBase):
     ):
         super().__init__()
         cls = getattr(losses, name, None)
+        if name in UNSUITABLE:
+            raise ValueError(f"loss.name: {name} cannot be trained here ({UNSUITABLE[name]}); choose {loss_choices()}")
         if not (inspect.isclass(cls) and name.endswith("Loss")):
-            raise ValueError(f"loss.name: unknown loss {name!r}; choose 'proxygml' or one of {available_losses()}")
+            raise ValueError(f"loss.name: unknown loss {name!r}; choose {loss_choices()}")
         kwargs = dict(kwargs or {})
         sizes = {"classes": int(num_classes), "dim": int(dim)}
         for arg in init_parameters(cls) & _CLASS_ARGS.keys():

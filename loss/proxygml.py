@@ -29,6 +29,7 @@ Where we differ from the released code's epsilons (loss/ProxyGML.py of YuehuaZhu
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable
 
@@ -92,10 +93,43 @@ def check_inputs(embeddings: Tensor, labels: Tensor, dim: int, num_classes: int)
         raise ValueError(f"labels must lie in [0, {num_classes}), got values in [{lo}, {hi}]")
 
 
-def init_proxies(proxies: Tensor) -> Tensor:
-    """The authors' init: kaiming-uniform (a=sqrt(5)) of their (dim, C*N) matrix, i.e. U(±1/sqrt(C*N))."""
-    with torch.no_grad():
-        return nn.init.kaiming_uniform_(proxies.t(), a=math.sqrt(5)).t()
+PROXY_INIT_BLOCK_ROWS = 4096  # rows of the proxy table drawn from one generator (init_proxy_rows)
+
+
+def init_proxy_rows(num_rows: int, dim: int, first_row: int, stop_row: int, seed: int,
+                    block_rows: int = PROXY_INIT_BLOCK_ROWS) -> Tensor:
+    """Rows ``first_row:stop_row`` (float32, (stop_row - first_row, dim)) of the initial proxy table of
+    ``num_rows`` (= C*N) rows for ``seed``.
+
+    The distribution is the authors' init: kaiming-uniform (a=sqrt(5)) of their (dim, C*N) matrix, i.e.
+    U(±1/sqrt(C*N)). The table is drawn in blocks of ``block_rows`` rows, block b from a generator seeded by
+    a hash of (seed, b) (``block_seed``), so any slice of it is drawn without the rest: every mode (local,
+    gather, sharded) and every world size start from the same table for one seed, and no rank ever builds the
+    whole table to get its rows.
+    """
+    if not 0 <= first_row <= stop_row <= num_rows:
+        raise ValueError(f"rows [{first_row}, {stop_row}) are not inside the table of {num_rows} rows")
+    bound = 1 / math.sqrt(num_rows)
+    out = torch.empty(stop_row - first_row, dim)
+    for b in range(first_row // block_rows, -(-stop_row // block_rows)):
+        lo, hi = b * block_rows, min((b + 1) * block_rows, num_rows)
+        g = torch.Generator().manual_seed(block_seed(seed, b))
+        rows = torch.rand(hi - lo, dim, generator=g) * (2 * bound) - bound
+        a, z = max(lo, first_row), min(hi, stop_row)
+        out[a - first_row:z - first_row] = rows[a - lo:z - lo]
+    return out
+
+
+def block_seed(seed: int, block: int) -> int:
+    """The generator seed of block `block` of the proxy table for `seed`: a hash of both, so that the table's
+    random numbers are not those of `torch.manual_seed(seed)` (the model's initialisation draws from that)."""
+    digest = hashlib.sha256(f"proxygml.proxies/{int(seed)}/{int(block)}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def proxy_seed(seed: int | None) -> int:
+    """``seed``, or (None) one drawn from torch's global generator, so that ``torch.manual_seed`` governs it."""
+    return int(torch.randint(0, 2 ** 31 - 1, ())) if seed is None else int(seed)
 
 
 def compute_dtype(*tensors: Tensor) -> torch.dtype:
@@ -354,10 +388,12 @@ class ProxyGML(ProxyGMLBase):
 
     def __init__(self, num_classes: int, dim: int, proxies_per_class: int = 1, r: float = 0.05,
                  lam: float = 0.3, pos_mask: bool = True, class_mask: bool = True, proxy_reg: bool = True,
-                 *, chunk_elements: int = 2 ** 28, validate: bool = True, scale: float = 1.0):
+                 *, chunk_elements: int = 2 ** 28, validate: bool = True, scale: float = 1.0,
+                 seed: int | None = None):
         super().__init__(num_classes, dim, proxies_per_class, r, lam, pos_mask, class_mask, proxy_reg,
                          chunk_elements=chunk_elements, validate=validate, scale=scale)
-        self.hold_classes(0, num_classes, init_proxies(torch.empty(num_classes * proxies_per_class, dim)))
+        rows = num_classes * proxies_per_class
+        self.hold_classes(0, num_classes, init_proxy_rows(rows, dim, 0, rows, proxy_seed(seed)))
 
     def sample_losses(self, x: Tensor, p: Tensor, labels: Tensor) -> Tensor:
         """Per-sample -log P(own class), (M,), from normalised x (M, dim) and proxies p (CN, dim)."""

@@ -14,6 +14,7 @@ from loss.proxygml import (
     ProxyGMLBase,
     class_scores,
     class_sums,
+    init_proxy_rows,
     proxy_cross_entropy_sum,
     row_losses,
     selected_similarity,
@@ -40,9 +41,9 @@ class ShardedProxyGML(ProxyGMLBase):
     ``proxies`` (C_r*N, dim) are this rank's, global rows ``proxy_start:proxy_stop``; ``selection_counts``
     likewise. ``candidate_factor``: each rank first ranks ceil(factor * k / W) local candidates per sample
     (exact whatever it is: a rank whose list is too short makes all ranks redo it with min(k, C_r*N));
-    the candidate lists are the largest memory term at millions of classes. The initialisation is the
-    authors' distribution U(±1/sqrt(C*N)), drawn per block of 4,096
-    global rows from a generator seeded by (``seed``, block), so that it does not depend on the world size.
+    the candidate lists are the largest memory term at millions of classes. The initial rows are this rank's
+    rows of the table every mode draws for ``seed`` (``init_proxy_rows``: blocks of global rows, each from a
+    generator seeded by (``seed``, block)): the same table as ``local`` and ``gather``, on any world size.
     """
 
     def __init__(self, num_classes: int, dim: int, proxies_per_class: int = 1, r: float = 0.05,
@@ -59,19 +60,7 @@ class ShardedProxyGML(ProxyGMLBase):
         self.candidate_factor = float(candidate_factor)
         start, stop = block(num_classes, size, rank)
         n = proxies_per_class
-        self.hold_classes(start, stop, self._init_rows(seed, start * n, stop * n))
-
-    def _init_rows(self, seed: int, first_row: int, stop_row: int, rows_per_block: int = 4096) -> Tensor:
-        total = self.num_classes * self.proxies_per_class
-        bound = 1 / math.sqrt(total)
-        first, last = first_row // rows_per_block, (stop_row - 1) // rows_per_block
-        parts = []
-        for b in range(first, last + 1):
-            g = torch.Generator().manual_seed(seed * 1_000_003 + b)
-            n = min(rows_per_block, total - b * rows_per_block)
-            parts.append(torch.rand(n, self.dim, generator=g) * (2 * bound) - bound)
-        start = first_row - first * rows_per_block
-        return torch.cat(parts)[start:start + stop_row - first_row].contiguous()
+        self.hold_classes(start, stop, init_proxy_rows(num_classes * n, dim, start * n, stop * n, seed))
 
     def extra_repr(self) -> str:
         return f"mode=sharded, classes=[{self.class_start}, {self.class_stop}), " + super().extra_repr()

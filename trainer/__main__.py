@@ -13,17 +13,15 @@ import os
 import sys
 import time
 
-from trainer.config import DEFAULT_CONFIG, ConfigError, load_config
-from trainer.errors import exit_now, report
-
+# The project's modules (and torch under them) are imported inside main(): `--help` answers at once.
 QUIET_RANK_DELAY_S = 3.0
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m trainer", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=DEFAULT_CONFIG,
-                   help="YAML file or preset name (cub200, cars196, sop, omniglot, demo); default: demo")
+    p.add_argument("--config", default=None,
+                   help="YAML file or preset name (cub200, cars196, sop, omniglot, folder, demo); default: demo")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     # DeepSpeed's launcher appends --local_rank unless given --no_local_rank; LOCAL_RANK comes from the env
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
@@ -35,9 +33,11 @@ def main(argv=None) -> int:
     """Train; returns the exit status. A failure returns its status with the loader workers already killed
     and the process group left as it is (peers may be gone): the caller exits at once (see `__main__`)."""
     args = parse_args(argv)
+    from trainer.config import DEFAULT_CONFIG, ConfigError, load_config
+    from trainer.errors import report
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config or DEFAULT_CONFIG, args.overrides)
     except ConfigError as e:  # every rank has the same one: rank 0 says it
         return _let_rank0_speak(report(e, rank, world_size, quiet_ranks=True), rank)
     if args.print_config:
@@ -76,5 +76,6 @@ def _let_rank0_speak(code: int, rank: int) -> int:
 if __name__ == "__main__":
     status = main()
     if status:
+        from trainer.errors import exit_now
         exit_now(status)  # no interpreter teardown: it could wait on a dead peer or a stuck worker
     sys.exit(0)

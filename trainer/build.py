@@ -80,9 +80,10 @@ def prepare_data(cfg, env) -> None:
     C.barrier()
 
 
-def build_criterion(cfg_loss, num_classes: int, dim: int):
+def build_criterion(cfg_loss, num_classes: int, dim: int, seed: int = 0):
     """ProxyGML in its distributed form `loss.mode` (local | gather | sharded) on the current group, or the
-    pytorch-metric-learning loss `loss.name` (loss/baselines.py; mode gather: it sees the global batch)."""
+    pytorch-metric-learning loss `loss.name` (loss/baselines.py; mode gather: it sees the global batch).
+    ProxyGML's initial proxy table is a function of `seed` alone: the same in every mode and world size."""
     if cfg_loss.name != "proxygml":
         from loss.baselines import MetricLoss
         return MetricLoss(cfg_loss.name, num_classes, dim, OmegaConf.to_container(cfg_loss.kwargs),
@@ -91,7 +92,8 @@ def build_criterion(cfg_loss, num_classes: int, dim: int):
     from loss.distributed import build_criterion as build_proxygml
     return build_proxygml(cfg_loss.mode, num_classes, dim, proxies_per_class=cfg_loss.proxies_per_class,
                           r=cfg_loss.r, lam=cfg_loss.lam, pos_mask=cfg_loss.pos_mask,
-                          class_mask=cfg_loss.class_mask, proxy_reg=cfg_loss.proxy_reg, scale=cfg_loss.scale)
+                          class_mask=cfg_loss.class_mask, proxy_reg=cfg_loss.proxy_reg, scale=cfg_loss.scale,
+                          seed=seed)
 
 
 def build_optimizer(cfg_optim, embedder, criterion) -> torch.optim.Optimizer:
@@ -184,7 +186,8 @@ def build(cfg, env) -> Trainer:
         saved = state.claim(cfg.checkpoint.resume, functools.partial(_check_resume, cfg, data_info))
 
         embedder = build_model(cfg.model).to(env.device)
-        criterion = build_criterion(cfg.loss, train_manifest.num_classes, cfg.model.dim).to(env.device)
+        criterion = build_criterion(cfg.loss, train_manifest.num_classes, cfg.model.dim,
+                                    seed=cfg.run.seed).to(env.device)
         module = TrainModule(embedder, criterion, compile=cfg.train.compile)
         optimizer = build_optimizer(cfg.optim, embedder, criterion)
         scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(cfg.optim.lr_milestones), cfg.optim.lr_gamma)

@@ -29,10 +29,12 @@ else is contributed by rank 0 only (rank 0's values, like the .pt checkpoint).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import os
+import warnings
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -174,11 +176,23 @@ def metadata(path: str):
         raise CheckpointError(f"{path}: unreadable {METADATA} ({type(e).__name__}: {str(e)[:160]})") from None
 
 
+@contextlib.contextmanager
+def quiet_one_process(no_dist: bool):
+    """Around a DCP save or load: without the UserWarning torch gives on every one-process save and load
+    ("assuming the intent is to save/load in a single process"), even one asked for by ``no_dist``."""
+    with warnings.catch_warnings():
+        if no_dist:
+            warnings.filterwarnings("ignore", message=r"torch\.distributed is disabled, unavailable or "
+                                    r"uninitialized, assuming the intent is to (save|load) in a single process")
+        yield
+
+
 def _load(path: str, target: dict, no_dist: bool) -> None:
     try:
         planner = DefaultLoadPlanner(flatten_state_dict=False, flatten_sharded_tensors=False)
-        dcp.load(target, storage_reader=FileSystemReader(path), planner=planner,
-                 no_dist=no_dist or not C.is_distributed())
+        no_dist = no_dist or not C.is_distributed()
+        with quiet_one_process(no_dist):
+            dcp.load(target, storage_reader=FileSystemReader(path), planner=planner, no_dist=no_dist)
     except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP wraps each rank's failure (a BaseException)
         first = (str(e).strip().splitlines() or [type(e).__name__])[-1][:200]
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {first})") from None

@@ -17,7 +17,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from loss import collectives as C
 from trainer.checkpoint import TMP_PREFIX, CheckpointWriteError, _fsync_dir, _umask, describe_write_error, sidecar
-from trainer.dcp_checkpoint import METADATA, _digest, _is_rows, annotate_rows
+from trainer.dcp_checkpoint import METADATA, _digest, _is_rows, annotate_rows, quiet_one_process
 
 
 class _CloneStager:
@@ -100,11 +100,13 @@ class DCPSaver:
             if async_save:
                 if self._pg is None and C.is_distributed():
                     self._pg = dist.new_group(backend="gloo")  # DCP's collectives off the training thread
-                future = dcp.async_save(sd, storage_writer=writer, planner=planner, process_group=self._pg,
-                                        async_stager=_CloneStager(), no_dist=self._pg is None)
+                with quiet_one_process(self._pg is None):
+                    future = dcp.async_save(sd, storage_writer=writer, planner=planner, process_group=self._pg,
+                                            async_stager=_CloneStager(), no_dist=self._pg is None)
                 self.pending = dict(future=future, tmp=tmp, final=final, step=step, meta=meta)
                 return
-            dcp.save(sd, storage_writer=writer, planner=planner, no_dist=not C.is_distributed())
+            with quiet_one_process(not C.is_distributed()):
+                dcp.save(sd, storage_writer=writer, planner=planner, no_dist=not C.is_distributed())
         except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP wraps each rank's failure (a BaseException)
             self._fail(e, tmp, final)
         self._publish(tmp, final, step, meta)

@@ -37,6 +37,6 @@ def write_digits_shards(root: str) -> dict:
     with tempfile.TemporaryDirectory(prefix="digits-") as tmp:
         n = write_digit_folders(tmp)
         summary = write_dataset("folder", tmp, root, train_classes=TRAIN_DIGITS, test_classes=TEST_DIGITS,
-                                shard_size="64KB", progress=False)
+                                shard_size="64KB", progress=False, name="digits")
     print(f"demo: wrote {n} scikit-learn digits as shards under {root} (classes 0-4 train, 5-9 test)")
     return summary

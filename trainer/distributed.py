@@ -62,6 +62,20 @@ def pick_backend(backend: str, dev: torch.device) -> str:
     return backend
 
 
+def cpu_threads(environ=os.environ) -> int | None:
+    """Intra-op threads for a CPU rank, or None to leave torch's choice: this machine's CPUs shared by the
+    processes a launcher started on it (LOCAL_WORLD_SIZE from torchrun, LOCAL_SIZE from DeepSpeed's launcher),
+    unless the user set OMP_NUM_THREADS. torchrun sets it (1) itself; DeepSpeed's launcher does not, and every
+    rank then uses every core (several times slower from the oversubscription)."""
+    if "OMP_NUM_THREADS" in environ:
+        return None
+    local = int(environ.get("LOCAL_WORLD_SIZE") or environ.get("LOCAL_SIZE") or 1)
+    if local <= 1:
+        return None
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cpus // local)
+
+
 def setup(device: str = "auto", timeout_s: int = 1800, backend: str = "auto") -> DistEnv:
     """Join (or create) the default process group; idempotent. backend: auto | nccl | gloo (gloo also carries
     CUDA tensors, e.g. for two ranks sharing one GPU, which NCCL refuses)."""
@@ -71,6 +85,9 @@ def setup(device: str = "auto", timeout_s: int = 1800, backend: str = "auto") ->
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     dev = pick_device(device, local_rank)
+    threads = cpu_threads() if dev.type == "cpu" else None
+    if threads is not None:
+        torch.set_num_threads(threads)
     if not dist.is_initialized():
         backend = pick_backend(backend, dev)
         kwargs = {"device_id": dev} if backend == "nccl" else {}

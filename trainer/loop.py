@@ -19,6 +19,10 @@ from tqdm import tqdm
 from loss import collectives as C
 from trainer.train_state import DivergedError, Position, Trained, TrainState
 
+# The training loss and its parts are logged as Train/loss, Train/loss_s, Train/loss_p: MLflow's run page orders
+# its chart sections by name, byte by byte, so "Train" comes first (before eval/, lr/, proxy/).
+TRAIN_PREFIX = "Train/"
+
 __all__ = ["DivergedError", "Parts", "Schedule", "StopFlag", "Trainer"]
 
 
@@ -208,10 +212,11 @@ class Trainer:
             f"{self.schedule.lr_advice}")
 
     def log_step(self, loss, img_per_s: float, data_wait: float, bar) -> None:
-        logs = {"loss": loss.item(), **{k: float(v) for k, v in self.criterion.last_parts.items()},
+        logs = {f"{TRAIN_PREFIX}loss": loss.item(),
+                **{f"{TRAIN_PREFIX}{k}": float(v) for k, v in self.criterion.last_parts.items()},
                 **{f"lr/{g['name']}": g["lr"] for g in self.optimizer.param_groups},
                 "img_per_s": img_per_s, "data_wait_share": data_wait, "epoch": self.pos.epoch}
-        bar.set_postfix(loss=f"{logs['loss']:.4f}", img_s=f"{img_per_s:.0f}", refresh=False)
+        bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{img_per_s:.0f}", refresh=False)
         self.tracker.log_metrics(logs, self.pos.step)
 
     def evaluate(self, when: str) -> dict:

@@ -19,6 +19,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from trainer.tracking import sqlite_path
+from trainer.tracking.store import runs_page_url
+
+MLFLOW_UI = "http://127.0.0.1:5000"  # where `mlflow ui` answers by default
 
 SUMMARY_FILE = "summary.json"  # in the run directory: {"evaluations": [{"epoch", "step", "metrics"}, ...]}
 
@@ -100,7 +103,7 @@ class RunReport:
         """The MLflow run description (markdown): what was trained on what, and the latest Recall@1."""
         f = self.f
         train, test = f.train, f.test
-        text = (f"**{f.loss}** on **{train.dataset}** (train {train.num_samples:,} images / "
+        text = (f"**{f.loss}** on **{train.name}** (train {train.num_samples:,} images / "
                 f"{train.num_classes:,} classes, test {test.num_samples:,} / {test.num_classes:,}), backbone "
                 f"**{f.backbone}** -> {f.dim}-d, {f.world_size} rank(s) on {f.device_type} "
                 f"({f.engine}), {f.epochs} epochs of {f.batches_per_epoch} steps.")
@@ -123,7 +126,7 @@ class RunReport:
         total = f.epochs * f.batches_per_epoch
         left = total - pos.step
         lines = [
-            f"run {f.run_name}: {f.loss} on the {train.dataset} shards at {f.data_root} "
+            f"run {f.run_name}: {f.loss} on the {train.name} shards at {f.data_root} "
             f"(train {train.num_samples:,} images / {train.num_classes:,} classes, "
             f"test {test.num_samples:,} / {test.num_classes:,})",
             f"  model {f.backbone} -> {f.dim}-d embedding; {f.world_size} rank(s) on "
@@ -174,6 +177,8 @@ class RunReport:
             lines.append(f"  not sent yet   python -m trainer.tracking upload {run_dir}")
         ui = mlflow_ui_command(tracker.uri)
         lines.append(f"  look at it     {ui}" if ui else f"  look at it     {tracker.uri} (the server's UI)")
+        if tracker.experiment_id is not None:
+            lines.append(f"  then open      {runs_page_url(MLFLOW_UI if ui else tracker.uri, tracker.experiment_id)}")
         return lines
 
     def end(self) -> None:

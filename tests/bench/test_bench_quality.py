@@ -50,3 +50,37 @@ def test_two_entries_one_seed(tmp_path, shards):
     assert quality.main([*argv, "--report-only"]) == rows  # the table again from the JSON, no training
     # the two losses trained differently from the same start (same seed, data, schedule)
     assert results[0]["recall_at_1"] != results[1]["recall_at_1"] or results[0]["nmi"] != results[1]["nmi"]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("script, args", [("quality.py", []), ("omniglot.py", []),
+                                          ("quality.py", ["--data", "nowhere"]), ("omniglot.py", ["--omniglot", "."])])
+def test_run_from_a_clone_without_data_says_what_to_pass(tmp_path, script, args):
+    """From any directory, without the data: one line naming --data, --omniglot and --download, exit 2."""
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", script), *args, "--work", str(tmp_path / "w")],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert lines[0].startswith(f"bench/{script}: ")
+    assert all(w in lines[0] for w in ("--data", "--omniglot", "--download")), lines[0]
+
+
+def test_torchvisions_omniglot_layout_becomes_one_folder_per_character(tmp_path):
+    """torchvision's images_background / images_evaluation (alphabet/character/*.png): background first."""
+    base = tmp_path / "omniglot-py"
+    for part, alphabets in (("images_background", ["Latin", "Greek"]), ("images_evaluation", ["Angelic"])):
+        for alphabet in alphabets:
+            for char in ("character01", "character02"):
+                os.makedirs(base / part / alphabet / char)
+                (base / part / alphabet / char / "0001_01.png").write_bytes(b"png")
+    tree = quality.omniglot_tree(str(tmp_path), str(tmp_path / "work"), expected=None)
+    classes = sorted(os.listdir(tree))
+    assert classes == ["0_Greek_character01", "0_Greek_character02", "0_Latin_character01", "0_Latin_character02",
+                       "1_Angelic_character01", "1_Angelic_character02"]
+    assert os.path.isfile(os.path.join(tree, classes[-1], "0001_01.png"))
+    with pytest.raises(quality.BenchInputError, match="expected 1623 character folders, found 6"):
+        quality.omniglot_tree(str(tmp_path), str(tmp_path / "work"))

@@ -322,6 +322,14 @@ def test_cli_prints_expected_errors_in_one_or_two_lines_and_exits_2(written, tmp
         f.write(b"XXXX")
     err = cli("folder", "--src", written_src(out), "--out", str(out), "--shard-size", "5kB")
     assert "exists but does not verify" in err and "Rewrite it: python -m data_shards write folder" in err
+    src = written_src(out)
+    shutil.copytree(written, out, dirs_exist_ok=True)  # undamaged again
+    changed = cli("folder", "--src", src, "--out", str(out), "--shard-size", "5kB", "--train-fraction", "0.4")
+    new = f"python -m data_shards write folder --src {src} --out {out} --shard-size 5120 " \
+          "--train-fraction 0.4 --overwrite"  # the NEW option in the command it suggests, never the old one
+    assert "was written with --train-fraction (not given), not --train-fraction 0.4" in changed, changed
+    assert new in changed, changed
+    assert "--seed 7" in cli("folder", "--src", src, "--out", str(out), "--shard-size", "5kB", "--seed", "7")
     bad = tmp_path / "bad_sop"
     os.makedirs(bad)
     (bad / "Ebay_train.txt").write_text("image_id class_id super_class_id path\n1 x 1 a/b_0.JPG\n")

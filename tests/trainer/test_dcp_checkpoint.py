@@ -2,6 +2,7 @@
 on another world size with exactly the same proxies and Adam moments; async saves stage a copy; damaged folders
 are skipped and moved aside; keep-last and temporaries apply to folders."""
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -187,6 +188,16 @@ def test_keep_last_and_mixed_formats(tmp_path):
     (tmp_path / ".tmp-step-000000004" / "__0_0.distcp").write_bytes(b"x")
     assert ck.clean_temporaries() == [str(tmp_path / ".tmp-step-000000004")]
     assert load(ck.latest())["step"] == 3
+
+
+def test_one_process_save_and_load_warn_nothing(tmp_path):
+    """Every single-process checkpoint, resume and evaluation saves or loads a folder: torch's "assuming the
+    intent is to save/load in a single process" warning is not the user's business."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ck = _one_process_saves(tmp_path, (1,))
+        state = load(ck.latest())
+    assert state["step"] == 1 and state["criterion"]["proxies"].shape == (C, DIM)
 
 
 # ------------------------------------------------------------------ the trainer: 2 ranks -> 3 ranks -> 1 rank

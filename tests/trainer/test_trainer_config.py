@@ -7,7 +7,7 @@ import pytest
 from trainer.config import ConfigError, check_world_size, from_dict, load_config, to_dict
 
 
-@pytest.mark.parametrize("preset", ["cub200", "cars196", "sop", "omniglot", "demo"])
+@pytest.mark.parametrize("preset", ["cub200", "cars196", "sop", "omniglot", "folder", "demo"])
 def test_presets_load(preset):
     cfg = load_config(preset)
     assert cfg.train.epochs > 0 and cfg.data.root

@@ -149,3 +149,17 @@ def test_demo_command(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "wrote 1797 scikit-learn digits" in r.stdout
     assert "test Recall@1:" in r.stdout + r.stderr and "before training ->" in r.stdout + r.stderr
+
+
+def test_same_seed_same_run_in_every_loss_mode(shards, tmp_path):
+    """One seed, one start in local, gather and sharded (one process: the same loss, computed three ways), so the
+    runs agree: the proxies the checkpoint holds after a few steps, and the model."""
+    weights = {}
+    for mode in ("local", "gather", "sharded"):
+        run_in_process(tiny(shards, tmp_path / mode, f"loss.mode={mode}", "train.warmup_epochs=0",
+                            "train.max_steps=4"))
+        weights[mode] = final_weights(tmp_path / mode / "t")[1]
+    for mode in ("gather", "sharded"):
+        assert weights[mode].keys() == weights["local"].keys()
+        for k, v in weights["local"].items():
+            torch.testing.assert_close(weights[mode][k], v, rtol=1e-4, atol=1e-5, msg=f"{mode}: {k}")

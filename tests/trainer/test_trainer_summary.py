@@ -13,11 +13,12 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))  # t
 DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
-def run_trainer(shards, out):
+def run_trainer(shards, out, *more):
     args = ["--config", "demo", "data.prepare=none", f"data.root={shards}", f"run.output_dir={out}", "run.name=t",
             "data.num_workers=0", "model.small_cnn_width=8", "model.dim=16", "data.transform.image_size=16",
             "data.transform.resize_size=16", "train.epochs=2", "train.warmup_epochs=0", "eval.every_epochs=1",
-            "eval.at_start=true", "eval.nmi=false", "tracking.log_every_steps=0", "tracking.retrieval_grid_queries=0"]
+            "eval.at_start=true", "eval.nmi=false", "tracking.log_every_steps=0", "tracking.retrieval_grid_queries=0",
+            *more]
     env = {k: v for k, v in os.environ.items() if k not in DIST_VARS and not k.startswith("MLFLOW_")}
     env.update(PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
     r = subprocess.run([sys.executable, "-m", "trainer", *args], cwd=ROOT, env=env, capture_output=True, text=True,
@@ -28,7 +29,7 @@ def run_trainer(shards, out):
 
 def test_start_and_end_summary_then_already_complete(shards, tmp_path):
     text = run_trainer(shards, tmp_path)
-    assert re.search(r"run t: ProxyGML \(gather, 4 proxies/class, r 0\.25, lam 0\.3\) on the folder shards at "
+    assert re.search(r"run t: ProxyGML \(gather, 4 proxies/class, r 0\.25, lam 0\.3\) on the digits shards at "
                      r"\S+ \(train 901 images / 5 classes, test 896 / 5\)", text), text
     assert "small_cnn -> 16-d embedding; 1 rank(s) on cpu, engine ddp; 2 epochs x 14 steps of 64 = 28 steps" in text
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

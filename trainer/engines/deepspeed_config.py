@@ -7,12 +7,14 @@ import os
 
 import torch
 
+from trainer.errors import UserError
+
 PRECISION_KEYS = ("bf16", "fp16")  # DeepSpeed's own casts of the whole module: not for TrainModule
 OURS = ("optimizer", "scheduler")  # sections the trainer owns
 
 
-class DeepSpeedConfigError(ValueError):
-    """A DeepSpeed JSON that cannot run here; the message names the file and key."""
+class DeepSpeedConfigError(UserError, ValueError):
+    """A DeepSpeed JSON that cannot run here; the message names the file and key (a user error: one line, exit 2)."""
 
 
 def load_ds_config(path: str, *, per_rank_batch: int, world_size: int, grad_clip: float = 0.0,

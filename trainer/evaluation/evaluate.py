@@ -3,7 +3,7 @@
     result = evaluate(model, loader, device=env.device, recall_ks=[1, 2, 4, 8], nmi=True, map_r=True,
                       class_names=manifest.class_names)
     result.metrics        # {"recall_at_1": ..., "map_at_r": ..., "r_precision": ..., "nmi": ...} on rank 0
-    result.per_class      # pandas DataFrame: class_index, class_name, size, recall_at_1, map_at_r
+    result.per_class      # pandas DataFrame: class_name, recall_at_1, map_at_r, size, class_index
 
 Per-rank counts may differ: the rows are gathered with loss.collectives.all_gather_rows (uneven counts), and
 samples seen twice (by key) are kept once, so every sample counts exactly once. The gathered set is sorted by

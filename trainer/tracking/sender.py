@@ -46,6 +46,7 @@ class Sender:
         self.uri, self.experiment, self.run_name = uri, experiment, run_name
         state = read_state(self.dir)
         self.run_id = run_id or (state.get("run_id") if self.pending.exists() else None)
+        self.experiment_id: str | None = None
         self.eval_history: list[tuple[int, dict[int, float]]] = []
         if self.run_id and state.get("run_id") == self.run_id:  # same run: the recall curve goes on
             self.eval_history = [(int(s), {int(k): v for k, v in r.items()}) for s, r in state.get("eval_history", [])]
@@ -124,6 +125,7 @@ class Sender:
             if self.store is None:  # creating the client already touches a SQLite store
                 self.store = Store(self.uri, self._artifact_root)
             self.run_id = self.store.ensure_run(self.experiment, self.run_name, self.run_id)
+            self.experiment_id = self.store.experiment_id
             self.write_state()
             self.store.replay(self.run_id, self.pending)
         except Exception as e:

@@ -22,6 +22,26 @@ MAX_PARAMS_PER_BATCH = 100  # mlflow.utils.validation.MAX_PARAMS_TAGS_PER_BATCH
 MAX_METRICS_PER_BATCH = 1000  # mlflow.utils.validation.MAX_METRICS_PER_BATCH
 MAX_TAG_VALUE = 8000
 
+# What the MLflow 3.17 UI shows first (checked in a browser; tests/trainer/tracking/test_tracking_ui.py reads the
+# same through the API). Its experiment page follows the sidebar's GenAI / Model training switch, not the
+# experiment: the link the trainer prints carries `workflowType=machine_learning`, and the experiment is tagged
+# with the kind MLflow itself writes when a user picks "custom model development".
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+# A view of the runs table shared through an experiment tag (what the UI's "share view" writes): the columns
+# Recall@1, MAP@R and the training loss first, then MLflow's defaults; the link selects it (`viewStateShareKey`).
+RUNS_VIEW_KEY = "proxygml-runs"
+RUNS_VIEW_TAG = f"mlflow.sharedViewState.{RUNS_VIEW_KEY}"
+TRAIN_LOSS = "Train/loss"  # the loop's key (trainer/loop.py TRAIN_PREFIX): its chart section comes first
+_COLUMNS = ["metrics.`eval/recall_at_1`", "metrics.`eval/map_at_r`", f"metrics.`{TRAIN_LOSS}`", "attributes.`Dataset`",
+            "attributes.`Source`", "attributes.`Models`"]
+RUNS_VIEW = {"selectedColumns": _COLUMNS, "columnOrder": _COLUMNS}  # the metrics first, right after the run's name
+
+
+def runs_page_url(ui: str, experiment_id: str) -> str:
+    """The MLflow UI page of an experiment's training runs (the model-training view, the shared runs view)."""
+    return (f"{ui.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+            f"&viewStateShareKey={RUNS_VIEW_KEY}")
+
 
 def apply_http_defaults() -> None:
     """Short HTTP timeouts for MLflow's client unless the environment sets them (HTTP_DEFAULTS)."""
@@ -56,6 +76,7 @@ class Store:
 
         self.uri = uri
         self.artifact_root = artifact_root
+        self.experiment_id: str | None = None  # known once ensure_run has answered
         db = sqlite_path(uri)
         if db is None:
             self.client = MlflowClient(tracking_uri=uri)
@@ -85,23 +106,44 @@ class Store:
             else:
                 if reopen and run.info.status != "RUNNING":
                     self.client.update_run(run_id, status="RUNNING")
+                self.experiment_id = run.info.experiment_id
+                self._show_training_runs(self.experiment_id)
                 return run_id
-        return self.client.create_run(self._experiment_id(experiment), run_name=run_name or None).info.run_id
+        self.experiment_id = self._experiment_id(experiment)
+        return self.client.create_run(self.experiment_id, run_name=run_name or None).info.run_id
+
+    def _show_training_runs(self, experiment_id: str) -> None:
+        """Tag the experiment so that the UI opens on its training runs (see EXPERIMENT_KIND, RUNS_VIEW). A store
+        that refuses (e.g. a server where this user may log runs but not edit the experiment) costs only the view."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            tags = self.client.get_experiment(experiment_id).tags
+            want = {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND, RUNS_VIEW_TAG: json.dumps(RUNS_VIEW)}
+            for key, value in want.items():
+                if key not in tags:  # a kind or view the user chose stays
+                    self.client.set_experiment_tag(experiment_id, key, value)
+        except MlflowException as e:
+            warnings.warn(f"Tracker: could not tag experiment {experiment_id} with its runs view ({e}); the runs "
+                          "are logged all the same", RuntimeWarning, stacklevel=3)
 
     def _experiment_id(self, name: str) -> str:
         from mlflow.exceptions import MlflowException
 
         exp = self.client.get_experiment_by_name(name)
         if exp is not None:
-            return exp.experiment_id
-        location = f"{Path(self.artifact_root).as_uri()}/{name}" if self.artifact_root else None
-        try:
-            return self.client.create_experiment(name, artifact_location=location)
-        except MlflowException:  # created meanwhile by another process
-            exp = self.client.get_experiment_by_name(name)
-            if exp is None:
-                raise
-            return exp.experiment_id
+            experiment_id = exp.experiment_id
+        else:
+            location = f"{Path(self.artifact_root).as_uri()}/{name}" if self.artifact_root else None
+            try:
+                experiment_id = self.client.create_experiment(name, artifact_location=location)
+            except MlflowException:  # created meanwhile by another process
+                exp = self.client.get_experiment_by_name(name)
+                if exp is None:
+                    raise
+                experiment_id = exp.experiment_id
+        self._show_training_runs(experiment_id)
+        return experiment_id
 
     def apply(self, run_id: str, event: dict) -> None:
         op = event["op"]

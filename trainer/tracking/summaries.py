@@ -5,9 +5,12 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata
 import json
+import os
 import platform
 import re
+import shlex
 import subprocess
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -76,6 +79,20 @@ def git_commit(root: Path = PROJECT_ROOT) -> tuple[str, bool] | None:
     return head, bool(status.strip())
 
 
+def run_command(argv: list[str] | None = None) -> str:
+    """The command line that started this process, as a user would type it (`python -m trainer ...`)."""
+    argv = list(sys.argv if argv is None else argv)
+    if argv and argv[0].endswith(os.path.join("trainer", "__main__.py")):  # python -m trainer (or torchrun -m)
+        return shlex.join(["python", "-m", "trainer", *argv[1:]])
+    return shlex.join(argv)
+
+
+def source_tags(argv: list[str] | None = None) -> dict[str, str]:
+    """MLflow's run source: the command line, the UI's "Source" (the git commit is tagged beside it). Type JOB:
+    the UI shows a JOB's source name whole, a LOCAL one only after its last "/" (a script's file name)."""
+    return {"mlflow.source.name": run_command(argv), "mlflow.source.type": "JOB"}
+
+
 def system_facts(world_size: int) -> dict[str, str]:
     """Tags describing where the run ran: world size, GPU, package versions, git commit."""
     import torch
@@ -90,6 +107,7 @@ def system_facts(world_size: int) -> dict[str, str]:
     for pkg in PACKAGES:
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             tags[f"sys.pkg.{pkg}"] = importlib.metadata.version(pkg)
+    tags.update(source_tags())
     commit = git_commit()
     if commit:
         tags["mlflow.source.git.commit"] = commit[0]

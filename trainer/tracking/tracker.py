@@ -123,8 +123,9 @@ class Tracker:
             self._emit({"op": "tags", "tags": {DESCRIPTION_TAG: str(text)}})
 
     def log_dataset(self, manifest, context: str) -> None:
-        """A shard split as an MLflow dataset input of the run (mlflow.data): name `<dataset>/<split>`, a digest
-        of its shards' sha256, its location as source, and its counts (samples, classes, shards) as profile.
+        """A shard split as an MLflow dataset input of the run (mlflow.data): name `<name>/<split>` (Manifest.name:
+        the source folder's name or the writer's --name), a digest of its shards' sha256, its location as source,
+        and its counts (samples, classes, shards) as profile.
 
         manifest: data_shards.Manifest; context: "train" or "test" (the input's `mlflow.data.context` tag)."""
         if not self.active:
@@ -132,7 +133,7 @@ class Tracker:
         digest = hashlib.sha256("".join(manifest.shard_sha256).encode()).hexdigest()[:8]
         profile = {"samples": int(manifest.num_samples), "classes": int(manifest.num_classes),
                    "shards": len(manifest.shard_names), "skipped": int((manifest.skipped or {}).get("count", 0))}
-        self._emit({"op": "dataset", "name": f"{manifest.dataset}/{manifest.split}", "digest": digest,
+        self._emit({"op": "dataset", "name": f"{manifest.name}/{manifest.split}", "digest": digest,
                     "location": str(manifest.location), "profile": profile, "context": context})
 
     def log_proxy_stats(self, stats, step: int) -> None:
@@ -191,6 +192,11 @@ class Tracker:
         """The MLflow run id (None off rank 0, when disabled, or while the store has not answered yet: then
         this waits up to START_WAIT_S for the sender thread's first connection attempt)."""
         return self._sender.wait_run_id() if self.active else None
+
+    @property
+    def experiment_id(self) -> str | None:
+        """The MLflow experiment's id (None off rank 0, when disabled, or while the store has not answered)."""
+        return self._sender.experiment_id if self.active and self.run_id else None
 
     @property
     def online(self) -> bool:

@@ -169,7 +169,7 @@ def test_sqlite_end_to_end(tmp_path, shards, eval_result):
     table = pd.read_csv(ev / "per_class_recall.csv")
     assert len(table) == 6 and np.allclose(table["recall_at_1"], per_class_r1, atol=1e-5)
     header = (ev / "per_class_recall.csv").read_text().splitlines()[0]
-    assert header == "class_index,class_name,size,recall_at_1,map_at_r"
+    assert header == "class_name,recall_at_1,map_at_r,size,class_index"
     worst = pd.read_csv(ev / "worst_classes.csv")
     assert worst["recall_at_1"].is_monotonic_increasing
     for png in ("retrieval_grid.png", "recall_curve.png", "per_class_recall_hist.png"):
@@ -427,7 +427,7 @@ def test_description_and_dataset_inputs_in_the_store(tmp_path, shards):
     run = client_for(tracker).get_run(tracker.run_id)
     assert run.data.tags["mlflow.note.content"] == "**ProxyGML** on folder: Recall@1 0.9"
     (ds,) = run.inputs.dataset_inputs
-    assert ds.dataset.name == "folder/test" and len(ds.dataset.digest) == 8
+    assert ds.dataset.name == f"{manifest.name}/test" and manifest.name != "folder" and len(ds.dataset.digest) == 8
     assert json.loads(ds.dataset.profile) == {"samples": manifest.num_samples, "classes": 6,
                                               "shards": len(manifest.shard_names), "skipped": 0}
     assert str(shards) in ds.dataset.source
