@@ -85,6 +85,22 @@ class Backbone:
     filter_fn: Any = None  # timm's checkpoint_filter_fn(state, model) for this architecture
 
 
+def _feature_size(name: str, global_pool: str, kwargs: dict, net) -> int:
+    """The width of what the backbone gives: the pre-logits feature (pooled) or the feature map's channels, read
+    off a twin on the meta device (no memory, no compute); timm's attributes where the meta device cannot run it."""
+    size = getattr(getattr(net, "patch_embed", None), "img_size", None) or (net.pretrained_cfg or {}).get(
+        "input_size", (3, 224, 224))[1:]
+    try:
+        with torch.device("meta"):
+            twin = timm.create_model(name, pretrained=False, num_classes=0, global_pool=global_pool, **kwargs)
+            out = twin.forward_features(torch.empty(1, 3, *size))
+            if global_pool:
+                return int(twin.forward_head(out, pre_logits=True).shape[-1])
+    except Exception:  # noqa: BLE001 - an op the meta device lacks
+        return int(getattr(net, "head_hidden_size", None) or net.num_features)
+    return int(out.shape[-1] if str(getattr(net, "output_fmt", "NCHW")).endswith("NHWC") else out.shape[1])
+
+
 def check_backbone(name: str) -> None:
     """Raise ValueError naming model.backbone when `name` is neither ours nor a timm model (the config's check)."""
     if name not in OWN_BACKBONES and not timm.is_model(name):
@@ -103,9 +119,7 @@ def new_backbone(name: str, pooling: str = "avg", kwargs: dict | None = None, wi
         return Backbone(_Features(net, pooled=False, timm_model=False), net.num_features, False, net, (CLASSIFIER,))
     pooled = pooling != "gem"
     net = timm.create_model(name, pretrained=False, num_classes=0, global_pool=pooling if pooled else "", **kwargs)
-    features = getattr(net, "head_hidden_size", None) or net.num_features
-    if pooling == "catavgmax":
-        features *= 2
+    features = _feature_size(name, pooling if pooled else "", kwargs, net)
     classifier = (net.pretrained_cfg or {}).get("classifier") or ()
     classifier = (classifier,) if isinstance(classifier, str) else tuple(classifier)
     filter_fn = getattr(sys.modules.get(type(net).__module__), "checkpoint_filter_fn", None)
@@ -113,12 +127,21 @@ def new_backbone(name: str, pooling: str = "avg", kwargs: dict | None = None, wi
     return Backbone(_Features(net, pooled=pooled, nhwc=nhwc), features, pooled, net, classifier, filter_fn)
 
 
+def backbone_kwargs(cfg) -> dict:
+    """model.backbone_kwargs as plain Python (lists stay lists): what timm.create_model receives."""
+    kwargs = cfg.get("backbone_kwargs") or {}
+    if type(kwargs).__module__.startswith("omegaconf"):
+        from omegaconf import OmegaConf
+        kwargs = OmegaConf.to_container(kwargs, resolve=True)
+    return dict(kwargs)
+
+
 def check_model(cfg, image_size: int) -> None:
     """The config-time check of the model section against the input size: names, pooling, backbone_kwargs and
     whether the backbone takes `image_size` px (a timm model is built on the meta device: no memory, no weights).
     Raises ValueError whose message starts with the key to change."""
     check_backbone(cfg.backbone)
-    kwargs = dict(cfg.backbone_kwargs)
+    kwargs = backbone_kwargs(cfg)
     if cfg.backbone in OWN_BACKBONES:
         if kwargs:
             raise ValueError(f"model.backbone_kwargs: only for timm backbones, not {cfg.backbone!r}")
@@ -169,7 +192,7 @@ def backbone_defaults(name: str) -> dict:
 class Embedder(nn.Module):
     def __init__(self, cfg, load_weights: bool = True):
         super().__init__()
-        b = new_backbone(cfg.backbone, cfg.pooling, dict(cfg.get("backbone_kwargs") or {}), cfg.small_cnn_width)
+        b = new_backbone(cfg.backbone, cfg.pooling, backbone_kwargs(cfg), cfg.small_cnn_width)
         self.backbone = b.module
         self.loaded = load_backbone_weights(cfg, b) if load_weights else None
         if b.pooled:
