@@ -25,7 +25,7 @@ from trainer.checkpoint import Checkpointer
 from trainer.config import ConfigError, amp_dtype, check_world_size, to_dict, to_yaml
 from trainer.engines import TrainModule, build_engine
 from trainer.loop import Parts, Schedule, StopFlag, Trainer
-from trainer.model import build_model
+from trainer.model import build_model, check_weights
 from trainer.preflight import check_data
 from trainer.resume import apply_optim_hyperparameters, check_resume, class_digest
 from trainer.summary import RunFacts, RunReport, describe_loss
@@ -189,7 +189,7 @@ def build(cfg, env) -> Trainer:
             check_decode(cfg.data.decode, env.device)
         except ValueError as e:  # a user's choice this machine cannot run: one line, exit 2
             raise ConfigError(str(e)) from None
-        check_weights_source(cfg.model)  # offline without a weights file: one line now, not after the data
+        check_weights(cfg.model)  # no weights, or weights that do not fit: one line now, before the data
         prepare_data(cfg, env)
         torch.manual_seed(cfg.run.seed)
         if cfg.run.deterministic:
@@ -257,15 +257,6 @@ def build_tracker(cfg, plan: Plan, env, saved: dict | None):
     from trainer.tracking import Tracker
     return Tracker(cfg.tracking, plan.run_dir, rank=env.rank, config=to_dict(cfg), world_size=env.world_size,
                    resume_run_id=saved["mlflow_run_id"] if saved else None)
-
-
-def check_weights_source(cfg_model) -> None:
-    """Before any work: the weights file exists, or the published weights are in a cache or their source answers
-    (trainer.weights: WeightsError, one line naming the key and `python -m trainer.weights fetch`)."""
-    if not cfg_model.pretrained or (cfg_model.backbone == "small_cnn" and not cfg_model.weights_file):
-        return
-    from trainer.weights import check_source
-    check_source(cfg_model.backbone, cfg_model.weights_file)
 
 
 def describe_weights(cfg_model, embedder, saved) -> str:

@@ -266,6 +266,21 @@ def load_backbone_weights(cfg, b: Backbone):
     return load_exact(b.weights_target, state, source=source, key="model.pretrained", **common)
 
 
+def check_weights(cfg) -> None:
+    """Before any work: the weights the model would load exist and fit it (a weights file is matched against a
+    twin on the meta device, nothing loaded), or the published weights are cached or their source answers.
+    Raises trainer.weights.WeightsError (one line: the key, the count matched, the unmatched keys, the fix)."""
+    if not cfg.pretrained or (cfg.backbone == "small_cnn" and not cfg.weights_file):
+        return
+    from trainer.weights import check_source, load_exact
+    check_source(cfg.backbone, cfg.weights_file)
+    if cfg.weights_file:
+        with torch.device("meta"):
+            b = new_backbone(cfg.backbone, cfg.pooling, backbone_kwargs(cfg), cfg.small_cnn_width)
+        load_exact(b.weights_target, cfg.weights_file, backbone=cfg.backbone, classifier=b.classifier,
+                   filter_fn=b.filter_fn, check_only=True)
+
+
 def build_model(cfg, load_weights: bool = True) -> Embedder:
     """The embedder described by the `model` config section (trainer.config.ModelConfig); `load_weights=False`:
     random weights (a checkpoint will overwrite them)."""

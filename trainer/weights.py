@@ -142,10 +142,12 @@ def _is_classifier(key: str, classifier: tuple[str, ...]) -> bool:
 
 
 def load_exact(net: nn.Module, weights, *, backbone: str, classifier: tuple[str, ...] = (),
-               filter_fn=None, source: str | None = None, key: str = "model.weights_file") -> Loaded:
+               filter_fn=None, source: str | None = None, key: str = "model.weights_file",
+               check_only: bool = False) -> Loaded:
     """Load every parameter and buffer of `net` from `weights` (a path, or a {name: tensor} already read), or
     raise WeightsError before touching `net`. `classifier`: key prefixes of the file that may go unused (the
-    architecture's classifier); `filter_fn(state, net)`: timm's adaptation of a file to the model's settings."""
+    architecture's classifier); `filter_fn(state, net)`: timm's adaptation of a file to the model's settings.
+    `check_only`: match without loading (`net` may live on the meta device)."""
     if isinstance(weights, str):
         source = source or weights
         state = read_file(weights, key)
@@ -174,9 +176,9 @@ def load_exact(net: nn.Module, weights, *, backbone: str, classifier: tuple[str,
             f"missing from the file: {_names(missing)}; in the file only: {_names(unexpected)}{shape_note}. "
             f"Fix: give the weights of {backbone} (`{fetch_command(backbone)}`) "
             f"or set model.backbone to the file's architecture")
-    load = {k: v for k, v in inside.items() if k in target}
-    result = net.load_state_dict(load, strict=False)
-    assert all(k.endswith(OPTIONAL_SUFFIXES) for k in result.missing_keys), result.missing_keys
+    if not check_only:
+        result = net.load_state_dict({k: v for k, v in inside.items() if k in target}, strict=False)
+        assert all(k.endswith(OPTIONAL_SUFFIXES) for k in result.missing_keys), result.missing_keys
     unused = tuple(k for k in inside if k not in target) + tuple(outside)
     return Loaded(source=source, matched=len(required), prefix=prefix, unused=unused)
 

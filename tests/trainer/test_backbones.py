@@ -71,7 +71,7 @@ def test_vit_token_and_avg_features_differ_as_timm_defines():
 
 @pytest.mark.parametrize("name, kwargs, pooling", [
     ("resnet18", {"layers": [1, 1, 1, 1]}, "avg"), ("resnet18", {"layers": [1, 1, 1, 1]}, "catavgmax"),
-    ("tf_efficientnet_lite0", {}, "avg"), ("tf_efficientnet_lite0", {}, "max")])
+    ("tf_efficientnet_lite0", {}, "avg")])
 def test_cnn_features_are_the_same_as_before(name, kwargs, pooling):
     """The CNN path before this change: forward_features, then SelectAdaptivePool2d(pooling, flatten). Same numbers."""
     torch.manual_seed(0)

@@ -189,18 +189,19 @@ def test_unreachable_source_is_one_line_within_seconds(tmp_path, name):
     assert not os.path.exists(tmp_path / "digits-shards"), "refused before any data work"
 
 
-@pytest.mark.timeout(120)
-def test_fetch_and_check_commands(tmp_path):
-    env = {**offline_env(), "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
-    p = subprocess.run([sys.executable, "-m", "trainer.weights", "fetch", "resnet18", "--out", str(tmp_path / "r.pth")],
-                       capture_output=True, text=True, timeout=100, cwd=ROOT, env=env)
-    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "fetch resnet18: its weights come from" in p.stderr
+def test_fetch_and_check_commands(tmp_path, monkeypatch, capsys):
+    from trainer.weights import main
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    assert main(["fetch", "resnet18", "--out", str(tmp_path / "r.pth")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "fetch resnet18: its weights come from huggingface.co" in err
+    assert not os.path.exists(tmp_path / "r.pth")
     sd = source_resnet(layers=(2, 2, 2, 2))
     good = save(tmp_path / "good.pth", {"state_dict": sd})
-    p = subprocess.run([sys.executable, "-m", "trainer.weights", "check", "resnet18", good], capture_output=True,
-                       text=True, timeout=100, cwd=ROOT, env=env)
+    assert main(["check", "resnet18", good]) == 0
     n = len([k for k in sd if not k.startswith("fc.") and not k.endswith("num_batches_tracked")])
-    assert p.returncode == 0 and f"all {n} backbone tensors matched" in p.stdout, p.stdout + p.stderr
-    p = subprocess.run([sys.executable, "-m", "trainer.weights", "check", "resnet34", good], capture_output=True,
-                       text=True, timeout=100, cwd=ROOT, env=env)
-    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "does not fit resnet34" in p.stderr
+    assert f"all {n} backbone tensors matched" in capsys.readouterr().out
+    assert main(["check", "resnet34", good]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "FILE: " + good + " does not fit resnet34" in err
