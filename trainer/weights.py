@@ -23,6 +23,7 @@ import argparse
 import contextlib
 import os
 import sys
+import threading
 import urllib.error
 import urllib.request
 from collections import Counter
@@ -187,14 +188,24 @@ def load_exact(net: nn.Module, weights, *, backbone: str, classifier: tuple[str,
 
 
 def reachable(url: str, timeout: float = REACH_TIMEOUT_S) -> str | None:
-    """None when `url`'s server answers within `timeout` seconds (any HTTP status), else the reason in words."""
-    try:
-        urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout).close()
-    except urllib.error.HTTPError:
-        return None  # it answered
-    except (urllib.error.URLError, OSError, ValueError) as e:
-        return str(getattr(e, "reason", e))
-    return None
+    """None when `url` answers within `timeout` seconds with success (or 405: no HEAD), else the reason in words
+    (an error status is often a proxy or firewall refusing). Bounded as a whole (name resolution included, which
+    urllib's timeout does not cover)."""
+    answer = []
+
+    def head():
+        try:
+            urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout).close()
+            answer.append(None)
+        except urllib.error.HTTPError as e:
+            answer.append(None if e.code == 405 else f"HTTP {e.code} {e.reason}")
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            answer.append(str(getattr(e, "reason", e)))
+
+    thread = threading.Thread(target=head, daemon=True)
+    thread.start()
+    thread.join(timeout + 1.0)
+    return answer[0] if answer else f"no answer within {timeout:g} s"
 
 
 def _unreachable(name: str, where: str, why: str) -> WeightsError:

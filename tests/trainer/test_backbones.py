@@ -196,3 +196,36 @@ def test_bninception_shapes():
     with torch.no_grad():
         assert net(torch.randn(1, 3, 224, 224)).shape == (1, 1024, 7, 7)
     assert sum(1 for k in net.state_dict() if k.endswith(".running_var")) == 69  # conv-BN pairs
+
+
+def test_batch_norm_warning_names_the_keys_and_sync_bn_needs_gpus():
+    """The start-up rule of trainer.build.batch_norm_setup: BatchNorm training on < 16 images per statistic warns
+    (naming train.batch_size, model.sync_bn, model.freeze_bn); frozen BN or LayerNorm does not; model.sync_bn on
+    CPU ranks is refused in one line; on one rank there is nothing to synchronise."""
+    from trainer.build import batch_norm_setup
+    from trainer.distributed import DistEnv
+    cpu8 = DistEnv(rank=0, world_size=8, local_rank=0, device=torch.device("cpu"))
+    one = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+
+    def lines(cfg, env, per_rank):
+        said = []
+        batch_norm_setup(cfg, env, build_model(cfg.model), per_rank, said.append)
+        return said
+
+    sop = load_config("sop", ["data.root=x", "model.backbone=resnet18", "model.pretrained=false",
+                              "model.pooling=avg"])
+    said = lines(sop, cpu8, 4)
+    assert len(said) == 1 and said[0].startswith("warning: BatchNorm trains on 4 images per rank "
+                                                 "(train.batch_size=32 over 8 ranks)")
+    assert all(k in said[0] for k in ("model.sync_bn=true", "model.freeze_bn=true", "train.batch_size"))
+    assert lines(sop, one, 32) == []
+    frozen = load_config("cub200", ["data.root=x", "model.backbone=resnet18", "model.pretrained=false"])
+    assert lines(frozen, cpu8, 4) == []
+    vit = load_config("demo", ["model.backbone=vit_tiny_patch16_224", "model.pretrained=false",
+                               "model.backbone_kwargs={embed_dim: 32, depth: 1, num_heads: 2, img_size: 32}"])
+    assert lines(vit, cpu8, 4) == []
+    synced = load_config("sop", ["data.root=x", "model.backbone=resnet18", "model.pretrained=false",
+                                 "model.sync_bn=true"])
+    with pytest.raises(ConfigError, match="model.sync_bn: SyncBatchNorm needs CUDA devices"):
+        lines(synced, cpu8, 4)
+    assert lines(synced, one, 32) == []

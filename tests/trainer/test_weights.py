@@ -205,3 +205,43 @@ def test_fetch_and_check_commands(tmp_path, monkeypatch, capsys):
     assert main(["check", "resnet34", good]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "FILE: " + good + " does not fit resnet34" in err
+
+
+@pytest.mark.timeout(60)
+def test_reachable_is_bounded_and_tells_why():
+    """A real HTTP server on 127.0.0.1 answers; a closed port and a server that never answers are told in words,
+    the latter within the timeout (plus a second)."""
+    import http.server
+    import socket
+    import threading
+
+    from trainer.weights import reachable
+
+    class Ok(http.server.BaseHTTPRequestHandler):
+        def do_HEAD(self):
+            self.send_response(404 if self.path == "/missing" else 200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Ok)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(1)  # connects, never answers
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    closed_port = closed.getsockname()[1]
+    closed.close()
+    try:
+        assert reachable(f"http://127.0.0.1:{server.server_port}/file.pth") is None
+        assert reachable(f"http://127.0.0.1:{server.server_port}/missing") == "HTTP 404 Not Found"
+        assert "refused" in reachable(f"http://127.0.0.1:{closed_port}/x", timeout=2).lower()
+        start = time.monotonic()
+        why = reachable(f"http://127.0.0.1:{silent.getsockname()[1]}/x", timeout=1)
+        assert why and ("timed out" in why.lower() or "no answer" in why)
+        assert time.monotonic() - start < 2.5
+    finally:
+        server.shutdown()
+        silent.close()
