@@ -129,7 +129,7 @@ def new_backbone(name: str, pooling: str = "avg", kwargs: dict | None = None, wi
 
 def backbone_kwargs(cfg) -> dict:
     """model.backbone_kwargs as plain Python (lists stay lists): what timm.create_model receives."""
-    kwargs = cfg.get("backbone_kwargs") or {}
+    kwargs = getattr(cfg, "backbone_kwargs", None) or {}
     if type(kwargs).__module__.startswith("omegaconf"):
         from omegaconf import OmegaConf
         kwargs = OmegaConf.to_container(kwargs, resolve=True)

@@ -165,8 +165,6 @@ def load_exact(net: nn.Module, weights, *, backbone: str, classifier: tuple[str,
     missing = [k for k in required if k not in inside]
     shapes = [k for k in target if k in inside and tuple(inside[k].shape) != tuple(target[k].shape)]
     unexpected = [k for k in inside if k not in target and not _is_classifier(k, classifier)]
-    if prefix == "" and outside:
-        unexpected += outside
     if missing or shapes or unexpected:
         matched = sum(1 for k in required if k in inside and k not in shapes)
         where = f" (prefix {prefix!r} stripped)" if prefix else ""
@@ -175,8 +173,9 @@ def load_exact(net: nn.Module, weights, *, backbone: str, classifier: tuple[str,
         raise WeightsError(
             f"{key}: {source} does not fit {backbone}: {matched} of {len(required)} tensors matched{where}; "
             f"missing from the file: {_names(missing)}; in the file only: {_names(unexpected)}{shape_note}. "
-            f"Fix: give the weights of {backbone} (`{fetch_command(backbone)}`) "
-            f"or set model.backbone to the file's architecture")
+            f"Fix: give the weights of {backbone} (`{fetch_command(backbone)}`) or set model.backbone"
+            + (" (and model.backbone_kwargs) to the file's architecture and settings" if shapes and not
+               (missing or unexpected) else " to the file's architecture"))
     if not check_only:
         result = net.load_state_dict({k: v for k, v in inside.items() if k in target}, strict=False)
         assert all(k.endswith(OPTIONAL_SUFFIXES) for k in result.missing_keys), result.missing_keys
