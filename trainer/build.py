@@ -209,8 +209,7 @@ def build(cfg, env) -> Trainer:
         saved = state.claim(cfg.checkpoint.resume, functools.partial(_check_resume, cfg, data_info))
 
         embedder = build_model(cfg.model, load_weights=saved is None)  # a resume takes the checkpoint's
-        weights = describe_weights(cfg.model, embedder, saved)
-        log(f"weights: {weights}")
+        weights = describe_weights(cfg.model, embedder, saved)  # told in the start summary and to MLflow
         embedder = batch_norm_setup(cfg, env, embedder, plan.per_rank_batch, log).to(env.device)
         criterion = build_criterion(cfg.loss, train_manifest.num_classes, cfg.model.dim).to(env.device)
         module = TrainModule(embedder, criterion, compile=cfg.train.compile)

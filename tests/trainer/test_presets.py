@@ -84,7 +84,9 @@ def test_cub200_offline_first_job(shards, tmp_path):
             "data.transform.image_size=96", "data.transform.resize_size=96", env_extra=offline)
     assert p.returncode == 0, p.stderr[-3000:]
     out = p.stdout + p.stderr
-    assert f"weights: {good}: all " in out and "backbone tensors matched" in out
+    from trainer.bninception import BNInception
+    n = sum(1 for k in BNInception().state_dict() if not k.endswith("num_batches_tracked"))
+    assert f"  weights {good}: all {n} backbone tensors matched, 2 unused (last_linear.weight, last_linear.bias)" in out
     import mlflow
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
     run = client.search_runs(client.get_experiment_by_name("proxygml").experiment_id)[0]
