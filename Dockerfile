@@ -6,8 +6,9 @@
 # A pytorch/pytorch base would bring a second, conda-installed torch that CI never tests.
 #
 #   docker build -t proxygml .
-#   docker run --gpus all --ipc=host -v /data/cub200:/data:ro -v "$PWD/runs":/runs proxygml \
-#     --config cub200 data.root=/data run.output_dir=/runs
+#   python -m trainer.weights fetch bninception --out weights/bninception.pth    # once, on a connected machine
+#   docker run --gpus all --ipc=host -v /data/cub200:/data:ro -v "$PWD/weights":/weights:ro -v "$PWD/runs":/runs \
+#     proxygml --config cub200 data.root=/data model.weights_file=/weights/bninception.pth run.output_dir=/runs
 # More (multi-node, Apptainer) in the README, section "Launching on clusters".
 ARG CUDA_IMAGE=nvidia/cuda:13.0.2-base-ubuntu24.04
 FROM ${CUDA_IMAGE}

@@ -47,7 +47,8 @@ MANIFEST = ROOT / "bench" / "gpu_wheels.txt"
 # requirements.txt pins that the GPU image already holds (the device docs' package list of its 'cuda' image,
 # read 2026-11-17); its versions may differ from our pins and are reported, not replaced
 ON_IMAGE = {"torch", "torchvision", "timm", "tqdm", "scikit-learn", "scipy", "pillow", "matplotlib", "numpy",
-            "pandas", "pyarrow", "pytest", "pytest-timeout", "filelock"}  # filelock: a dependency of torch
+            "pandas", "pyarrow", "pytest", "pytest-timeout", "filelock",  # filelock: a dependency of torch
+            "safetensors", "huggingface-hub"}  # dependencies of timm
 CARRIED_AS = {"mlflow": "mlflow-skinny"}  # a pin carried as another distribution of the same version
 IMPORTS = {"deepspeed": "deepspeed", "webdataset": "webdataset", "omegaconf": "omegaconf", "faiss-cpu": "faiss",
            "pytorch-metric-learning": "pytorch_metric_learning", "mlflow-skinny": "mlflow",

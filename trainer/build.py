@@ -25,7 +25,7 @@ from trainer.checkpoint import Checkpointer
 from trainer.config import ConfigError, amp_dtype, check_world_size, to_dict, to_yaml
 from trainer.engines import TrainModule, build_engine
 from trainer.loop import Parts, Schedule, StopFlag, Trainer
-from trainer.model import build_model
+from trainer.model import build_model, check_weights
 from trainer.preflight import check_data
 from trainer.resume import apply_optim_hyperparameters, check_resume, class_digest
 from trainer.summary import RunFacts, RunReport, describe_loss
@@ -96,10 +96,34 @@ def build_criterion(cfg_loss, num_classes: int, dim: int, seed: int = 0):
                           seed=seed)
 
 
+def backbone_groups(cfg_optim, embedder) -> list[dict]:
+    """The backbone's parameter groups: one, or with optim.layer_decay < 1 timm's layer-wise groups
+    (timm.optim.param_groups_layer_decay: layer i of n at lr x decay^(n - i), no weight decay on biases and
+    norms), each named "backbone" with its `lr_scale` and `wd_scale` (trainer.resume applies them)."""
+    if cfg_optim.layer_decay >= 1:
+        return [dict(params=embedder.backbone_parameters(), lr=cfg_optim.lr, name="backbone")]
+    from timm.optim import param_groups_layer_decay
+    net = embedder.timm_model()
+    trainable = {id(p) for p in embedder.backbone_parameters()}
+    frozen = [p for p in net.parameters() if id(p) not in trainable and p.requires_grad]
+    for p in frozen:  # timm groups what requires grad; frozen BatchNorm affines stay out
+        p.requires_grad_(False)
+    try:
+        no_decay = net.no_weight_decay() if hasattr(net, "no_weight_decay") else ()
+        timm_groups = param_groups_layer_decay(net, weight_decay=1.0, no_weight_decay_list=no_decay,
+                                               layer_decay=cfg_optim.layer_decay)
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+    return [dict(params=g["params"], lr=cfg_optim.lr * g["lr_scale"], lr_scale=g["lr_scale"],
+                 wd_scale=g["weight_decay"], weight_decay=cfg_optim.weight_decay * g["weight_decay"],
+                 name="backbone") for g in timm_groups if g["params"]]
+
+
 def build_optimizer(cfg_optim, embedder, criterion) -> torch.optim.Optimizer:
-    """Three parameter groups with their own learning rates: backbone, embedding head, proxies (ProxyGML's
-    proxies, or a baseline loss's own weights)."""
-    groups = [dict(params=embedder.backbone_parameters(), lr=cfg_optim.lr, name="backbone"),
+    """Parameter groups with their own learning rates: backbone (one, or one per layer with optim.layer_decay),
+    embedding head, proxies (ProxyGML's proxies, or a baseline loss's own weights)."""
+    groups = [*backbone_groups(cfg_optim, embedder),
               dict(params=embedder.head_parameters(), lr=cfg_optim.head_lr, name="head"),
               dict(params=list(criterion.proxy_parameters()), lr=cfg_optim.proxy_lr, name="proxies")]
     groups = [g for g in groups if g["params"]]
@@ -167,6 +191,7 @@ def build(cfg, env) -> Trainer:
             check_decode(cfg.data.decode, env.device)
         except ValueError as e:  # a user's choice this machine cannot run: one line, exit 2
             raise ConfigError(str(e)) from None
+        check_weights(cfg.model)  # no weights, or weights that do not fit: one line now, before the data
         prepare_data(cfg, env)
         torch.manual_seed(cfg.run.seed)
         if cfg.run.deterministic:
@@ -185,7 +210,9 @@ def build(cfg, env) -> Trainer:
                            data_info=data_info, batches_per_epoch=plan.batches_per_epoch, log=log)
         saved = state.claim(cfg.checkpoint.resume, functools.partial(_check_resume, cfg, data_info))
 
-        embedder = build_model(cfg.model).to(env.device)
+        embedder = build_model(cfg.model, load_weights=saved is None)  # a resume takes the checkpoint's
+        weights = describe_weights(cfg.model, embedder, saved)  # told in the start summary and to MLflow
+        embedder = batch_norm_setup(cfg, env, embedder, plan.per_rank_batch, log).to(env.device)
         criterion = build_criterion(cfg.loss, train_manifest.num_classes, cfg.model.dim,
                                     seed=cfg.run.seed).to(env.device)
         module = TrainModule(embedder, criterion, compile=cfg.train.compile)
@@ -205,8 +232,10 @@ def build(cfg, env) -> Trainer:
             with open(os.path.join(plan.run_dir, "config.yaml"), "w") as f:
                 f.write(to_yaml(cfg))
         tracker = build_tracker(cfg, plan, env, saved)
-        report = RunReport.start(facts(cfg, plan, env, train_manifest, test_manifest), tracker, pos, state.latest,
-                                 log)
+        if saved is None:
+            tracker.log_params({"weights.loaded": weights})
+        report = RunReport.start(facts(cfg, plan, env, train_manifest, test_manifest, weights), tracker, pos,
+                                 state.latest, log)
         evaluate = functools.partial(_evaluate, device=env.device, recall_ks=list(cfg.eval.recall_ks),
                                      nmi=cfg.eval.nmi, map_r=cfg.eval.map_r, class_names=test_manifest.class_names,
                                      amp_dtype=plan.amp_dtype)
@@ -232,8 +261,42 @@ def build_tracker(cfg, plan: Plan, env, saved: dict | None):
                    resume_run_id=saved["mlflow_run_id"] if saved else None)
 
 
-def facts(cfg, plan: Plan, env, train_manifest, test_manifest) -> RunFacts:
-    return RunFacts(run_name=cfg.run.name, run_dir=plan.run_dir, loss=describe_loss(cfg.loss),
+def describe_weights(cfg_model, embedder, saved) -> str:
+    """The backbone's initial weights in words (the run's log line, summary and MLflow param `weights.loaded`)."""
+    if saved is not None:
+        return "from the checkpoint"
+    if embedder.loaded is not None:
+        return embedder.loaded.describe()
+    return "random initialisation (model.pretrained=false)" if not cfg_model.pretrained else \
+        f"random initialisation ({cfg_model.backbone} has no published weights)"
+
+
+BN_MIN_BATCH = 16  # images per BatchNorm statistic below which training-mode BN is noisy
+
+
+def batch_norm_setup(cfg, env, embedder, per_rank_batch: int, log):
+    """model.sync_bn under DDP on GPUs: SyncBatchNorm (statistics over the global batch). Warn (rank 0) when
+    BatchNorm trains on fewer than BN_MIN_BATCH images per statistic, naming the keys that change it."""
+    if not embedder.has_batch_norm() or cfg.model.freeze_bn:
+        return embedder
+    synced = cfg.model.sync_bn and env.world_size > 1
+    if synced:
+        if env.device.type != "cuda":
+            raise ConfigError(f"model.sync_bn: SyncBatchNorm needs CUDA devices (this run is on "
+                              f"{env.device.type}); set model.sync_bn=false")
+        embedder = torch.nn.SyncBatchNorm.convert_sync_batchnorm(embedder)
+    bn_batch = cfg.train.batch_size if synced else per_rank_batch
+    if bn_batch < BN_MIN_BATCH:
+        where = (f"per rank (train.batch_size={cfg.train.batch_size} over {env.world_size} ranks)"
+                 if env.world_size > 1 else f"(train.batch_size={cfg.train.batch_size})")
+        log(f"warning: BatchNorm trains on {bn_batch} images {where}: statistics that small are noisy; "
+            f"set model.sync_bn=true (over the global batch, GPUs), model.freeze_bn=true, or a larger "
+            f"train.batch_size")
+    return embedder
+
+
+def facts(cfg, plan: Plan, env, train_manifest, test_manifest, weights: str = "") -> RunFacts:
+    return RunFacts(weights=weights, run_name=cfg.run.name, run_dir=plan.run_dir, loss=describe_loss(cfg.loss),
                     backbone=cfg.model.backbone, dim=cfg.model.dim, engine=cfg.engine.name, data_root=cfg.data.root,
                     epochs=cfg.train.epochs, global_batch=cfg.train.batch_size,
                     batches_per_epoch=plan.batches_per_epoch, world_size=env.world_size,

@@ -66,7 +66,7 @@ def field_rules(cls: Any = None, prefix: str = "") -> dict[str, dict]:
         if f.metadata:
             out[key] = dict(f.metadata)
         kind = typing.get_type_hints(cls or Config).get(f.name)
-        if dataclasses.is_dataclass(kind) and kind is not TransformConfig:
+        if dataclasses.is_dataclass(kind) and not issubclass(kind, TransformConfig):
             out.update(field_rules(kind, key + "."))
     return out
 
@@ -80,6 +80,18 @@ class RunConfig:
     # auto: nccl on cuda, gloo on cpu | gloo also carries CUDA tensors (e.g. two ranks sharing one GPU)
     dist_backend: str = one_of("auto", "nccl", "gloo")
     deterministic: bool = False  # torch.use_deterministic_algorithms; cudnn.benchmark off
+
+
+AUTO = "auto"  # data.transform.mean / std / interpolation: from the backbone's pretrained config
+
+
+@dataclass
+class TransformKeys(TransformConfig):
+    """data.transform: data_shards' TransformConfig, where mean, std and interpolation may also be `auto` (what the
+    backbone's published weights expect; resolved when the config is loaded, so config.yaml holds the values)."""
+    interpolation: str = "bilinear"  # nearest | bilinear | bicubic | auto
+    mean: Any = field(default_factory=lambda: [0.485, 0.456, 0.406])  # 3 numbers (in channel_order) | auto
+    std: Any = field(default_factory=lambda: [0.229, 0.224, 0.225])  # 3 numbers | auto
 
 
 @dataclass
@@ -103,20 +115,28 @@ class DataConfig:
     sampler: str = one_of("shuffle", "m_per_class")
     m_per_class: int = positive(4)  # samples per class in a batch; the per-rank batch must be a multiple of it
     sampler_window: int = positive(16)  # m_per_class: batches formed from one window of raw samples per reader
-    transform: TransformConfig = field(default_factory=TransformConfig)
+    transform: TransformKeys = field(default_factory=TransformKeys)
 
 
 @dataclass
 class ModelConfig:
-    backbone: str = "resnet50"  # a timm model name | bninception (pretrainedmodels package) | small_cnn
-    pretrained: bool = True  # ImageNet weights from the hub (needs internet) unless weights_file is set
-    weights_file: str = ""  # local weights for offline clusters (timm: its state dict file)
-    pooling: str = one_of("avg", "max", "avgmax", "catavgmax")  # avg | max | avgmax | catavgmax
+    backbone: str = "resnet50"  # a timm model name (with its .tag if wanted) | bninception (ours) | small_cnn
+    # load the published ImageNet weights (a local cache, or a download when the source answers) unless
+    # weights_file is set; either way every backbone tensor must come from them (trainer/weights.py)
+    pretrained: bool = True
+    # a weights file for offline machines: `python -m trainer.weights fetch NAME --out FILE` writes one
+    weights_file: str = ""
+    # avg | max | avgmax | catavgmax | token (a ViT's class token) go to timm's global_pool (the feature is timm's
+    # forward_head(pre_logits=True)); gem: generalized mean over the feature map (ours)
+    pooling: str = one_of("avg", "max", "avgmax", "catavgmax", "token", "gem")
+    backbone_kwargs: dict[str, Any] = field(default_factory=dict)  # to timm.create_model: img_size,
+    #                                  dynamic_img_size, drop_path_rate, ...
     dim: int = positive(512)  # embedding size
     normalize: bool = True  # L2-normalise the embedding
     freeze_bn: bool = False  # BatchNorm in eval mode: running statistics stay the pretrained ones
     freeze_bn_affine: bool = True  # with freeze_bn, the BN weights and biases are frozen too (true: ours) or still
     #                                learn (false: the authors' released code)
+    sync_bn: bool = False  # under DDP on GPUs: BatchNorm statistics over the global batch (SyncBatchNorm)
     # the embedding layer: kaiming_normal (fan_out, zero bias: ours) | torch_default (nn.Linear's own init: the
     # authors' released code)
     embedding_init: str = one_of("kaiming_normal", "torch_default")
@@ -151,6 +171,9 @@ class OptimConfig:
     momentum: float = non_negative(0.9)  # sgd only
     lr_milestones: list[int] = field(default_factory=lambda: [20, 40])  # epochs where all lrs x lr_gamma
     lr_gamma: float = in_range(0.1, 0, 1)
+    # layer-wise lr decay (timm's layer grouping): the backbone's layer i of n learns at lr x layer_decay^(n - i),
+    # biases and norms without weight decay; 1 = off (one backbone group)
+    layer_decay: float = in_range(1.0, 0, 1)
 
 
 @dataclass
@@ -253,8 +276,25 @@ def load_config(path: str | None = None, overrides: list[str] | tuple = ()) -> D
         raise ConfigError(f"--config {path}: not valid YAML{where}: {getattr(e, 'problem', None) or e}") from None
     except (TypeError, ValueError) as e:  # e.g. a YAML list where a mapping of sections is expected
         raise ConfigError(f"--config {path}: not a mapping of config sections ({e})") from None
+    resolve_auto(cfg)
     validate(cfg)
     return cfg
+
+
+def resolve_auto(cfg: DictConfig) -> None:
+    """Put the backbone's own mean, std and interpolation where data.transform says `auto` (trainer.model)."""
+    t = cfg.data.transform
+    keys = [k for k in ("mean", "std", "interpolation") if isinstance(t[k], str) and t[k] == AUTO]
+    if not keys:
+        return
+    from trainer.model import backbone_defaults, check_backbone
+    try:
+        check_backbone(cfg.model.backbone)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    defaults = backbone_defaults(cfg.model.backbone)
+    for k in keys:
+        t[k] = defaults[k]
 
 
 # ----------------------------------------------------------------------------- YAML 1.1 boolean words
@@ -387,11 +427,14 @@ def validate(cfg: DictConfig) -> None:
         TransformConfig(**OmegaConf.to_container(cfg.data.transform))
     except ValueError as e:
         raise ConfigError(f"data.transform: {e}") from None
-    from trainer.model import check_backbone  # each room checks its own part (the model: timm's names)
+    from trainer.model import OWN_BACKBONES, check_model  # each room checks its own part (the model: timm's)
     try:
-        check_backbone(cfg.model.backbone)
+        check_model(cfg.model, cfg.data.transform.image_size)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    if cfg.optim.layer_decay < 1 and cfg.model.backbone in OWN_BACKBONES:
+        raise ConfigError(f"optim.layer_decay: needs a timm backbone (timm groups its layers), not "
+                          f"{cfg.model.backbone!r}; give 1 (off)")
 
 
 def check_finite(cfg: DictConfig) -> None:

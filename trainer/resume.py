@@ -32,6 +32,8 @@ FIXED = {
     "model.pooling": "the saved embedding layer expects another pooled width",
     "model.normalize": "the saved proxies were learnt for another embedding",
     "model.small_cnn_width": "the saved weights have another shape",
+    "model.backbone_kwargs": "the saved weights may have other shapes (img_size) or another network",
+    "optim.layer_decay": "the saved optimizer state has another set of parameter groups",
     "loss.name": "the saved criterion is another loss",
     "loss.proxies_per_class": "the saved proxy table has another number of rows",
     "optim.name": "the saved optimizer state belongs to another optimizer",
@@ -48,7 +50,7 @@ def flatten(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
-        if isinstance(v, dict) and k not in ("kwargs", "miner_kwargs"):
+        if isinstance(v, dict) and k not in ("kwargs", "miner_kwargs", "backbone_kwargs"):
             out.update(flatten(v, key + "."))
         else:
             out[key] = v
@@ -127,10 +129,13 @@ def apply_optim_hyperparameters(optimizer, scheduler, cfg_optim) -> None:
     passed = bisect_right(sorted(cfg_optim.lr_milestones), scheduler.last_epoch)
     bases = []
     for group in optimizer.param_groups:
-        base = cfg_optim[GROUP_LR[group["name"]]] if group.get("name") in GROUP_LR else group["initial_lr"]
+        if group.get("name") in GROUP_LR:  # lr_scale: optim.layer_decay's backbone groups (trainer.build)
+            base = cfg_optim[GROUP_LR[group["name"]]] * group.get("lr_scale", 1.0)
+        else:
+            base = group["initial_lr"]
         group["initial_lr"] = base
         group["lr"] = base * cfg_optim.lr_gamma ** passed
-        group["weight_decay"] = cfg_optim.weight_decay
+        group["weight_decay"] = cfg_optim.weight_decay * group.get("wd_scale", 1.0)
         if "eps" in group:
             group["eps"] = cfg_optim.eps
         if "momentum" in group:

@@ -44,6 +44,7 @@ class RunFacts:
     is_main: bool
     train: Any  # data_shards.Manifest of the train split
     test: Any
+    weights: str = ""  # the backbone's initial weights: the file loaded and that it matched in full, or why none
 
 
 @dataclass
@@ -106,7 +107,8 @@ class RunReport:
         text = (f"**{f.loss}** on **{train.name}** (train {train.num_samples:,} images / "
                 f"{train.num_classes:,} classes, test {test.num_samples:,} / {test.num_classes:,}), backbone "
                 f"**{f.backbone}** -> {f.dim}-d, {f.world_size} rank(s) on {f.device_type} "
-                f"({f.engine}), {f.epochs} epochs of {f.batches_per_epoch} steps.")
+                f"({f.engine}), {f.epochs} epochs of {f.batches_per_epoch} steps."
+                + (f" Weights: {f.weights}." if f.weights else ""))
         scored = [e for e in self.history if "recall_at_1" in e.metrics]
         if scored:
             last, best = scored[-1], max(scored, key=lambda e: e.metrics["recall_at_1"])
@@ -133,6 +135,8 @@ class RunReport:
             f"{f.device_type}, engine {f.engine}; {f.epochs} epochs x {f.batches_per_epoch} "
             f"steps of {f.global_batch} = {total:,} steps" + (f" ({left:,} left)" if pos.step else ""),
         ]
+        if f.weights:
+            lines.append(f"  weights {f.weights}")
         if self.tracker.active:
             lines.append(f"  MLflow run {self.tracker.run_id or '(store not answering yet)'} in experiment "
                          f"{self.tracker.experiment!r} at {self.tracker.uri}")

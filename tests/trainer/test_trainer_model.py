@@ -1,4 +1,4 @@
-"""The embedder: shapes, unit norm, frozen BN, warm-up switch, local weights file, bninception error."""
+"""The embedder: shapes, unit norm, frozen BN, warm-up switch, local weights file."""
 import pytest
 import torch
 
@@ -33,7 +33,8 @@ def test_local_weights_file_is_loaded(tmp_path):
     cfg = model_cfg("model.backbone=resnet18", "model.pretrained=true", f"model.weights_file={path}")
     model = build_model(cfg)
     torch.testing.assert_close(model.backbone.net.conv1.weight, src.conv1.weight)
-    with pytest.raises(FileNotFoundError, match="model.weights_file"):
+    from trainer.weights import WeightsError
+    with pytest.raises(WeightsError, match="model.weights_file: no file"):
         build_model(model_cfg("model.backbone=resnet18", "model.pretrained=true", "model.weights_file=/no/file"))
 
 
@@ -55,16 +56,6 @@ def test_warmup_switch_freezes_only_the_backbone():
     model.set_backbone_trainable(True)
     assert not model.backbone[1].weight.requires_grad  # frozen BN stays frozen
     assert model.backbone[0].weight.requires_grad
-
-
-def test_bninception_names_the_missing_package():
-    try:
-        import pretrainedmodels  # noqa: F401
-        pytest.skip("pretrainedmodels is installed")
-    except ImportError:
-        pass
-    with pytest.raises(ImportError, match="pretrainedmodels"):
-        build_model(model_cfg("model.backbone=bninception"))
 
 
 @pytest.mark.timeout(120)

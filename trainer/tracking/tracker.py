@@ -67,6 +67,11 @@ class Tracker:
 
     # -- public API
 
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        """Params beyond the config (what the build step found, e.g. `weights.loaded`); logged once per run."""
+        if self.active:
+            self._emit({"op": "params", "params": {str(k): str(v) for k, v in params.items()}})
+
     def log_metrics(self, metrics: Mapping[str, Any], step: int) -> None:
         """One batch of scalar metrics at `step` (tensors and numpy scalars welcome); GPU memory added."""
         if not self.active:
