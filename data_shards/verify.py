@@ -26,7 +26,7 @@ import webdataset as wds
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from . import object_store
-from .errors import DamagedShard, MissingData
+from .errors import DamagedShard, DataError, MissingData, StoreUnavailable
 from .manifest import Manifest, is_local, rewrite_hint
 from .object_store import is_s3
 from .tar_reader import tar_samples
@@ -157,6 +157,8 @@ def verify_shards(m: Manifest, mode: str = "quick", rank: int = 0, world_size: i
                 check_sample(m, i, sample)
             if mode == "sha256" and (sha := sha256_url(url)) != m.shard_sha256[i]:
                 raise damaged(m, i, f"its sha256 is {sha}, the manifest says {m.shard_sha256[i]}")
+        except (DataError, StoreUnavailable):  # a missing object, refused credentials, a store down: as they are
+            raise
         except (OSError, tarfile.TarError, EOFError) as exn:
             raise damaged(m, i, f"not a readable tar ({exn.args[0] if exn.args else exn!r})") from None
         _verified.add((mode, url, ids[i]))
