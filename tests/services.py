@@ -26,7 +26,8 @@ from trainer.distributed import free_port
 
 REGION = "us-east-1"
 INSTALL = "install it with .ci/services/object_store.sh"
-PG_BIN = Path("/usr/lib/postgresql/15/bin")
+PG_BIN = max(Path("/usr/lib/postgresql").glob("*/bin"), key=lambda p: int(p.parent.name) if p.parent.name.isdigit()
+             else 0, default=Path("/usr/lib/postgresql/15/bin"))  # Debian's, not on PATH
 
 
 def wait_port(port: int, timeout: float, proc: subprocess.Popen | None = None, log: Path | None = None) -> None:
@@ -233,7 +234,7 @@ class Postgres:
     def __init__(self, root: Path):
         self.dir = Path(root) / "pgdata"
         self.port = free_port()
-        self.uri = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+        self.uri = f"postgresql+psycopg2://postgres@127.0.0.1:{self.port}/postgres"  # psycopg2-binary
 
     def _run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         cmd = [str(PG_BIN / args[0]), *args[1:]]
@@ -293,9 +294,10 @@ class MlflowServer:
         ini.write_text("[mlflow]\ndefault_permission = READ\n"
                        f"database_uri = sqlite:///{self.root / 'basic_auth.db'}\n"
                        f"admin_username = {self.ADMIN[0]}\nadmin_password = {self.ADMIN[1]}\n"
-                       "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+                       "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+                       "auth_cache_ttl_seconds = 300\n")  # else a password hash (PBKDF2) per request: ~1 s here
         env = {**os.environ, **self.s3.env, "MLFLOW_S3_ENDPOINT_URL": self.s3.endpoint,
-               "MLFLOW_AUTH_CONFIG_PATH": str(ini)}
+               "MLFLOW_AUTH_CONFIG_PATH": str(ini), "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-csrf-key"}
         for k in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
             env.pop(k, None)
         self.log = self.root / "server.log"
