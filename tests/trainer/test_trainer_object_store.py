@@ -81,3 +81,37 @@ def test_store_that_stops_answering_is_one_line_exit_1(moto, s3_root, tmp_path):
         assert out.count("retry ") >= 2
     finally:
         proxy.stop()
+
+
+def test_object_deleted_mid_run_is_one_line_exit_2(moto, local_root, s3_root, tmp_path):  # noqa: F811
+    """The train shards are deleted from the bucket once the run has fetched three of them (in the loader workers'
+    traffic, seen by a proxy): the run stops with one line naming a deleted object, exit 2, no shorter epoch."""
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in aws_env(moto).items():
+            mp.setenv(k, v)
+        upload_dataset(str(local_root), "s3://trainer-shards/doomed", progress=False)
+    s3 = moto.boto()
+    doomed = [o["Key"] for o in s3.list_objects_v2(Bucket="trainer-shards", Prefix="doomed/train/")["Contents"]
+              if o["Key"].endswith(".tar")]
+    proxy = FaultProxy(moto.port)
+    fault, seen = proxy._fault, []
+
+    def delete_after_three(method, path):
+        if method == "GET" and "/doomed/train/" in path and path.split("?")[0].endswith(".tar"):
+            seen.append(path)
+            if len(seen) == 3:
+                for key in doomed:
+                    s3.delete_object(Bucket="trainer-shards", Key=key)
+        return fault(method, path)
+
+    proxy._fault = delete_after_three
+    try:
+        env = aws_env(moto, AWS_ENDPOINT_URL=proxy.endpoint)
+        status, out, _ = cli(tiny("s3://trainer-shards/doomed", tmp_path / "d", "data.num_workers=2"), env=env,
+                             timeout=300)
+        assert status == 2, out[-3000:]
+        line = one_error_line(out)
+        assert "s3://trainer-shards/doomed/train/folder-00000" in line and "does not exist (deleted" in line
+        assert len(seen) >= 3
+    finally:
+        proxy.stop()
