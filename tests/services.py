@@ -290,6 +290,12 @@ class MlflowServer:
         self.proc = None
 
     def start(self, timeout: float = 240) -> MlflowServer:
+        import importlib.util
+
+        for module, package in (("flask_wtf", "Flask-WTF (mlflow[auth])"), ("psycopg2", "psycopg2-binary"),
+                                ("boto3", "boto3")):
+            if importlib.util.find_spec(module) is None:
+                pytest.skip(f"the MLflow server needs {package}, not installed ({INSTALL})")
         with contextlib.suppress(Exception):
             self.s3.boto().create_bucket(Bucket=self.bucket)
         self.root.mkdir(parents=True, exist_ok=True)
