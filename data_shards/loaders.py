@@ -8,7 +8,7 @@ import math
 
 import torch
 
-from .errors import DataError
+from .errors import DataError, StoreUnavailable
 from .manifest import Manifest, read_manifest
 from .stream import DECODES, SAMPLERS, EncodedBatch, EvalStream, LabelList, TrainStream, batches_per_epoch
 from .transforms import TransformConfig, as_transform_config
@@ -71,7 +71,7 @@ class ShardLoader:
         done = False
         try:
             for batch in it if self.stream is None else itertools.islice(it, self.length - self.stream.start_batch):
-                if isinstance(batch, DataError):
+                if isinstance(batch, (DataError, StoreUnavailable)):
                     raise batch
                 if isinstance(batch[0], EncodedBatch):
                     batch = (batch[0].views(), *batch[1:])

@@ -1,6 +1,7 @@
 """manifest.json of one split: what was written (counts, classes, shards with sample counts, bytes and sha256).
 
-A split location is a local directory, an http(s) base URL, or any webdataset URL template holding the
+A split location is a local directory, an S3 prefix `s3://bucket/prefix/<split>` (data_shards/object_store.py:
+boto3, the standard AWS credentials), an http(s) base URL, or any webdataset URL template holding the
 literal `{name}`, e.g. `pipe:aws s3 cp s3://bucket/cub/train/{name} -`: the manifest is read from
 `{name}` = manifest.json and every shard from `{name}` = its file name, through `webdataset.gopen`.
 """
@@ -12,7 +13,8 @@ from dataclasses import dataclass, field
 
 import webdataset as wds
 
-from .errors import BadManifest, MissingData
+from .errors import BadManifest, DataError, MissingData, StoreUnavailable
+from .object_store import is_s3, read_object
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -86,7 +88,8 @@ def rewrite_hint(m: "Manifest | None" = None) -> str:
     """The command that rewrites the split of manifest `m` (its dataset, source and options, when known)."""
     if m is None:
         return "python -m data_shards write FORMAT --src SRC --out OUT --overwrite"
-    out = os.path.dirname(os.path.abspath(m.location)) if is_local(m.location) else "OUT"
+    out = (os.path.dirname(os.path.abspath(m.location)) if is_local(m.location)
+           else m.location.rstrip("/").rsplit("/", 1)[0] if is_s3(m.location) else "OUT")
     return write_command(m.dataset, m.raw.get("source", "SRC"), out, written_options(m)) + " --overwrite"
 
 
@@ -105,9 +108,10 @@ def write_command(dataset: str, src: str, out: str, options: dict) -> str:
 def read_manifest(location) -> Manifest:
     """Read and check the manifest of the split at `location` (directory, URL or `{name}` template).
 
-    Raises MissingData (also a FileNotFoundError) when the split or its manifest.json is not there, and
-    BadManifest when it is unreadable, of another format version or inconsistent (counts, classes, shards).
-    Manifests without per-shard "bytes" (hand-made or foreign ones) are read; their shards' size is not checked.
+    Raises MissingData (also a FileNotFoundError) when the split or its manifest.json is not there (s3://: also a
+    missing bucket; StoreAccessDenied, StoreUnavailable: see data_shards/object_store.py), and BadManifest when it
+    is unreadable, of another format version or inconsistent (counts, classes, shards). Manifests without per-shard
+    "bytes" (hand-made or foreign ones) are read; their shards' size is not checked.
     """
     location = os.fspath(location)
     url = resolve(location, MANIFEST)
@@ -115,9 +119,13 @@ def read_manifest(location) -> Manifest:
         if is_local(location):
             with open(url, encoding="utf-8") as f:
                 text = f.read()
+        elif is_s3(location):
+            text = read_object(url, "manifest").decode("utf-8")
         else:
             with wds.gopen(url, "rb") as f:
                 text = f.read().decode("utf-8")
+    except (DataError, StoreUnavailable):  # from the object store: already one line naming the object and fix
+        raise
     except (OSError, UnicodeDecodeError) as exn:
         what = ("the split directory does not exist" if is_local(location) and not os.path.isdir(location)
                 else "not a finished split" if is_local(location) else str(exn))

@@ -50,7 +50,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
-from .errors import DamagedShard, DataError
+from .errors import DamagedShard, DataError, StoreUnavailable
 from .manifest import Manifest
 from .sampler import m_per_class_groups
 from .tar_reader import tar_samples
@@ -112,6 +112,8 @@ class SkipCounter:
         log.warning("data_shards: skipped %s (%d skipped so far by %s)", what, self.count, self.where)
 
     def handler(self, exn: Exception) -> bool:  # a webdataset handler: True = go on
+        if isinstance(exn, (DataError, StoreUnavailable)):  # a missing object, a store down: never a shorter epoch
+            raise exn
         self.skip(f"unreadable data: {exn!r}")
         return True
 
@@ -148,11 +150,12 @@ def first_checked(m: Manifest, shard: int, samples):
 
 
 def handed_to_main(batches):
-    """In a loader worker, a DataError ends the stream as its last item instead of being raised: torch would
-    re-raise it in the main process with the worker's traceback folded into its message. ShardLoader raises it."""
+    """In a loader worker, a DataError (or StoreUnavailable) ends the stream as its last item instead of being
+    raised: torch would re-raise it in the main process with the worker's traceback folded into its message.
+    ShardLoader raises it."""
     try:
         yield from batches
-    except DataError as exn:
+    except (DataError, StoreUnavailable) as exn:
         if get_worker_info() is None:
             raise
         yield exn

@@ -11,14 +11,15 @@ needed. Samples are then grouped by webdataset's own `group_by_keys`, so keys, f
 what webdataset yields (tests/data_shards/test_tar_reader.py compares both on plain, PAX, GNU and damaged tars).
 
 Readable formats: ustar/POSIX and GNU headers, PAX extended headers (`path`, `size`; shards written before the
-writer's integer mtime carry one per member), GNU long names, base-256 sizes, with tarfile's rules where formats
-are ambiguous (a ustar prefix whatever the magic, a GNU long name before a PAX path). A first block that is no tar
-header (a compressed tar, another file), a GNU sparse member (from there on) and every URL that is not a local
-path (pipe:, http) go through webdataset unchanged. Damage (a bad header checksum, a member cut short by the end
-of the file) is handed to the `handler` once and ends the shard, as webdataset does (which sometimes ends such a
-shard silently or calls the handler twice); a sample cut off before its last member is still yielded with the
-fields it has (webdataset's rule), for the reader to skip. Known differences, on hand-made headers only: a
-`__key__`-like member inside a sample counts as a sample when skipping to `start`.
+writer's integer mtime carry one per member), GNU long names, base-256 sizes, with tarfile's rules where formats are
+ambiguous (a ustar prefix whatever the magic, a GNU long name before a PAX path). A shard in object storage
+(`s3://`) is read the same way from one streamed GET (data_shards/object_store.py: retries, ranged resumption). A
+first block that is no tar header (a compressed tar, another file), a GNU sparse member (from there on) and every
+URL that is not a local path or s3:// (pipe:, http) go through webdataset unchanged. Damage (a bad header checksum,
+a member cut short by the end of the file) is handed to the `handler` once and ends the shard, as webdataset does
+(which sometimes ends such a shard silently or calls the handler twice); a sample cut off before its last member is
+still yielded with the fields it has (webdataset's rule), for the reader to skip. Known differences, on hand-made
+headers only: a `__key__`-like member inside a sample counts as a sample when skipping to `start`.
 """
 from __future__ import annotations
 
@@ -27,9 +28,13 @@ import os
 import re
 import tarfile
 from collections.abc import Callable, Iterator
+from typing import BinaryIO
 
 import webdataset as wds
-from webdataset.tariterators import base_plus_ext, group_by_keys, meta_prefix, meta_suffix
+from webdataset.tariterators import base_plus_ext, group_by_keys, meta_prefix, meta_suffix, tar_file_expander
+
+from .errors import DataError, StoreUnavailable
+from .object_store import is_s3, open_object
 
 BLOCK = tarfile.BLOCKSIZE  # 512
 REGULAR = {tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE}
@@ -57,7 +62,10 @@ def local_path(url: str) -> str | None:
 def is_plain_tar(path: str) -> bool:
     """Whether the file starts with a valid (uncompressed) tar header block."""
     with open(path, "rb") as f:
-        block = f.read(BLOCK)
+        return is_header(f.read(BLOCK))
+
+
+def is_header(block: bytes) -> bool:
     return len(block) == BLOCK and block.count(0) != BLOCK and _checksum_ok(block)
 
 
@@ -82,12 +90,14 @@ def _pax_records(data: bytes) -> dict[str, str]:
     return out
 
 
-def local_members(path: str, url: str, wanted: Callable[[str], bool] | None = None) -> Iterator[tuple[str, bytes]]:
-    """(name, data) of every regular member of a local tar, in order. Members for which `wanted(name)` is False
-    yield (name, b"") without being read (their data is seeked over). Raises TarFormatError on a header with a
-    bad checksum or a member cut short; ends at the two zero blocks or at the end of the file."""
+def local_members(path: str | None, url: str, wanted: Callable[[str], bool] | None = None,
+                  stream: BinaryIO | None = None) -> Iterator[tuple[str, bytes]]:
+    """(name, data) of every regular member of a local tar (or of `stream`, a seekable binary stream, e.g. an
+    object store's, which is closed at the end), in order. Members for which `wanted(name)` is False yield
+    (name, b"") without being read (their data is seeked over). Raises TarFormatError on a header with a bad
+    checksum or a member cut short; ends at the two zero blocks or at the end of the file."""
     pax_global: dict[str, str] = {}
-    with open(path, "rb", buffering=1 << 20) as f:
+    with stream if stream is not None else open(path, "rb", buffering=1 << 20) as f:
         pending: dict[str, str] = {}
         long_name: str | None = None
         while True:
@@ -153,7 +163,7 @@ def _selected(name: str) -> bool:
     return SKIP_META.match(name) is None
 
 
-def _files(path: str, url: str, handler, start: int) -> Iterator[dict]:
+def _files(path: str | None, url: str, handler, start: int, stream: BinaryIO | None = None) -> Iterator[dict]:
     """tar_file_expander's items for one local shard: {fname, data, __url__} per member, {} at its end; the
     members of the first `start` samples (by webdataset's key rule) are not read."""
     seen, key = 0, None
@@ -169,12 +179,12 @@ def _files(path: str, url: str, handler, start: int) -> Iterator[dict]:
         return seen > start
 
     try:
-        for name, data in local_members(path, url, wanted if start > 0 else None):
+        for name, data in local_members(path, url, wanted if start > 0 else None, stream):
             if not _selected(name) or (start > 0 and seen <= start):
                 continue
             yield {"fname": name, "data": data, "__url__": url}
         yield {}
-    except NotPlain:
+    except (NotPlain, DataError, StoreUnavailable):  # an object store's missing object, refusal, outage
         raise
     except Exception as exn:  # as webdataset's expander: the handler decides, the shard ends
         if not handler(exn):
@@ -186,6 +196,9 @@ def tar_samples(url: str, handler: Callable[[Exception], bool], start: int = 0) 
     bytes by extension plus `__key__` and `__url__`: `webdataset.tarfile_samples([{"url": url}], handler)` with
     the first `start` skipped. Local plain tars are read by `local_members` (the skipped samples' data never
     read); other URLs and formats by webdataset. handler(exception) -> True to go on (the shard ends there)."""
+    if is_s3(url):
+        yield from _s3_samples(url, handler, start)
+        return
     path = local_path(url)
     if path is None or not os.path.isfile(path) or not is_plain_tar(path):
         yield from itertools.islice(wds.tarfile_samples([{"url": url}], handler=handler), start, None)
@@ -197,6 +210,26 @@ def tar_samples(url: str, handler: Callable[[Exception], bool], start: int = 0) 
             yield sample
     except NotPlain:  # a GNU sparse member: webdataset (tarfile) reads the shard, from the next sample on
         yield from itertools.islice(wds.tarfile_samples([{"url": url}], handler=handler), start + done, None)
+
+
+def _s3_samples(url: str, handler, start: int) -> Iterator[dict]:
+    """tar_samples for an object in S3 (data_shards/object_store.py): one streamed GET read by `local_members`
+    (samples before `start` read through or skipped by a ranged GET); a compressed tar, or one with GNU sparse
+    members, by webdataset's expander over the same kind of stream."""
+    stream = open_object(url, "shard")
+    if not is_header(stream.peek(BLOCK)[:BLOCK]):
+        yield from itertools.islice(group_by_keys(tar_file_expander([{"url": url, "stream": stream}], handler=handler),
+                                                  handler=handler), start, None)
+        return
+    done = 0
+    try:
+        for sample in group_by_keys(_files(None, url, handler, start, stream), handler=handler):
+            done += 1
+            yield sample
+    except NotPlain:
+        stream = open_object(url, "shard")
+        yield from itertools.islice(group_by_keys(tar_file_expander([{"url": url, "stream": stream}], handler=handler),
+                                                  handler=handler), start + done, None)
 
 
 __all__ = ["TarFormatError", "local_members", "local_path", "tar_samples"]

@@ -1,10 +1,11 @@
 """Integrity checks of a split's shards against its manifest: quick (size, first sample) or full sha256.
 
-- quick: a local shard's size must be the manifest's `bytes`, and its first sample must belong to the split
+- quick: a local shard's size must be the manifest's `bytes` (in object storage: the object's size, and the sha256
+  its writer put in the object's metadata, from one HEAD request), and its first sample must belong to the split
   (label within the manifest's classes, with the manifest's class id and name for that label, and the split and
   dataset recorded in the sample, for shards written since they are recorded). This catches truncated, appended
   and replaced shards, in particular a shard of another split copied over one of this split.
-- sha256: quick, plus the sha256 of every shard against the manifest (reads the whole split once).
+- sha256: quick, plus the sha256 of every shard's content against the manifest (reads the whole split once).
 
 `verify_shards` runs when a loader is made, in the main process: every rank checks the size of every local
 shard (one `stat` each, every epoch) and reads, for its share of the shards (rank r: shards r, r+W, ...), the
@@ -24,8 +25,11 @@ import tarfile
 import webdataset as wds
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from .errors import DamagedShard, MissingData
+from . import object_store
+from .errors import DamagedShard, DataError, MissingData, StoreUnavailable
 from .manifest import Manifest, is_local, rewrite_hint
+from .object_store import is_s3
+from .tar_reader import tar_samples
 
 VERIFY = ("quick", "sha256", "off")
 _verified: set[tuple] = set()   # (mode, url, identity of the file) checked by this process
@@ -36,8 +40,12 @@ def damaged(m: Manifest, i: int, what: str) -> DamagedShard:
 
 
 def check_size(m: Manifest, i: int) -> tuple | None:
-    """Shard i of a local split: its size against the manifest's `bytes` (when recorded). Returns the file's
-    identity (size, mtime, inode), None for remote splits. Raises MissingData, DamagedShard."""
+    """Shard i of a local or s3:// split: its size against the manifest's `bytes` (when recorded); in object
+    storage also the sha256 the writer put in the object's metadata (when there) against the manifest's. Returns
+    the shard's identity (size, mtime, inode; s3: size, ETag), None for other remote splits. Raises MissingData,
+    DamagedShard (s3: StoreAccessDenied, StoreUnavailable)."""
+    if is_s3(m.location):
+        return _check_object(m, i)
     if not is_local(m.location):
         return None
     path = m.shard_url(i)
@@ -50,6 +58,19 @@ def check_size(m: Manifest, i: int) -> tuple | None:
     if expected is not None and st.st_size != expected:
         raise damaged(m, i, f"{st.st_size} bytes, the manifest says {expected} (truncated, appended to or replaced)")
     return st.st_size, st.st_mtime_ns, st.st_ino
+
+
+def _check_object(m: Manifest, i: int) -> tuple:
+    url = m.shard_url(i)
+    meta = object_store.head(url, "shard")
+    expected = m.shard_bytes[i] if i < len(m.shard_bytes) else None
+    if expected is not None and meta["size"] != expected:
+        raise damaged(m, i, f"{meta['size']} bytes in the store, the manifest says {expected} (truncated or replaced)")
+    sha = meta["metadata"].get("sha256")
+    if sha and sha != m.shard_sha256[i]:
+        raise damaged(m, i, f"the object's metadata says sha256 {sha}, the manifest says {m.shard_sha256[i]} "
+                            "(a shard of another write uploaded over this one?)")
+    return meta["size"], meta["etag"]
 
 
 def check_sample(m: Manifest, i: int, sample: dict) -> None:
@@ -86,6 +107,9 @@ def check_sample(m: Manifest, i: int, sample: dict) -> None:
 def first_sample(url: str) -> dict | None:
     """The first sample of the tar at `url` (None if it has none), reading no further. Raises OSError,
     tarfile.TarError on unreadable data."""
+    if object_store.is_s3(url):
+        with contextlib.closing(tar_samples(url, reraise)) as samples:
+            return next(samples, None)
     stream = wds.gopen(url, "rb")
     try:
         return next(iter(group_by_keys(tar_file_expander([{"url": url, "stream": stream}]))), None)
@@ -98,9 +122,13 @@ def _close(stream) -> None:
         stream.close()
 
 
+def reraise(exn: Exception) -> bool:
+    raise exn
+
+
 def sha256_url(url: str, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
-    stream = wds.gopen(url, "rb")
+    stream = object_store.open_object(url, "shard", chunk) if object_store.is_s3(url) else wds.gopen(url, "rb")
     try:
         while block := stream.read(chunk):
             h.update(block)
@@ -129,6 +157,8 @@ def verify_shards(m: Manifest, mode: str = "quick", rank: int = 0, world_size: i
                 check_sample(m, i, sample)
             if mode == "sha256" and (sha := sha256_url(url)) != m.shard_sha256[i]:
                 raise damaged(m, i, f"its sha256 is {sha}, the manifest says {m.shard_sha256[i]}")
+        except (DataError, StoreUnavailable):  # a missing object, refused credentials, a store down: as they are
+            raise
         except (OSError, tarfile.TarError, EOFError) as exn:
             raise damaged(m, i, f"not a readable tar ({exn.args[0] if exn.args else exn!r})") from None
         _verified.add((mode, url, ids[i]))

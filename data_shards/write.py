@@ -1,6 +1,7 @@
 """Convert a dataset into webdataset tar shards + manifest.json per split:
 
     python -m data_shards write {cub200,cars196,sop,folder} --src PATH --out DIR [--shard-size 256MB]
+    (--out s3://bucket/prefix: written locally, then uploaded to the bucket, each split's manifest last)
 
 Each sample of a shard: `<key>.<ext>` the image bytes as stored (or re-encoded as JPEG with --reencode),
 `<key>.cls` the contiguous class index 0..C-1 within the split (classes in original-id order), and
@@ -43,7 +44,9 @@ from .manifest import (
     write_manifest,
     written_options,
 )
+from .object_store import is_s3
 from .transforms import to_rgb
+from .upload import write_to_store
 
 log = logging.getLogger("data_shards")
 FORMATS = ("cub200", "cars196", "sop", "folder")
@@ -245,7 +248,8 @@ def write_split(fmt: str, split: str, records: list[Record], split_dir: str, *, 
 def write_dataset(fmt: str, src, out, *, shard_size="256MB", workers: int | None = None, seed: int = 0,
                   reencode: int | None = None, overwrite: bool = False, progress: bool = True,
                   name: str | None = None, **options) -> dict[str, dict]:
-    """Write every split of `src` (format `fmt`) under `out/<split>/`; returns a summary per split.
+    """Write every split of `src` (format `fmt`) under `out/<split>/` (a folder, or s3://bucket/prefix: staged
+    locally, then uploaded with each manifest last, see data_shards/upload.py); returns a summary per split.
     Raises DataError (MissingData, DamagedShard: a finished split that does not verify) naming the input and
     the fix; OSError when the output cannot be written.
 
@@ -257,6 +261,13 @@ def write_dataset(fmt: str, src, out, *, shard_size="256MB", workers: int | None
     if fmt not in FORMATS:
         raise DataError(f"write_dataset: fmt must be one of {FORMATS}, got {fmt!r}")
     src, out = os.fspath(src), os.fspath(out)
+    if is_s3(out):  # written in a local staging folder, then uploaded, manifests last (data_shards/upload.py)
+        def write(staging):
+            return write_dataset(fmt, src, staging, shard_size=shard_size, workers=workers, seed=seed,
+                                 reencode=reencode, overwrite=True, progress=progress, **options)
+        if not os.path.exists(src):
+            raise MissingData(f"write_dataset: src {src} does not exist; give the dataset's folder (--src)")
+        return write_to_store(write, out, overwrite=overwrite, progress=progress)
     if not os.path.exists(src):
         raise MissingData(f"write_dataset: src {src} does not exist; give the dataset's folder (--src)")
     if reencode is not None and not 1 <= int(reencode) <= 100:
@@ -292,7 +303,8 @@ def add_write_parser(sub) -> None:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("format", choices=FORMATS)
     p.add_argument("--src", required=True, help="dataset folder (cub200: folder or CUB_200_2011.tgz)")
-    p.add_argument("--out", required=True, help="output folder; splits go to OUT/train, OUT/test")
+    p.add_argument("--out", required=True, help="output folder or s3://bucket/prefix; splits go to OUT/train, "
+                   "OUT/test (s3: written locally under $TMPDIR, then uploaded, each manifest last)")
     p.add_argument("--shard-size", default="256MB", help="target shard size (default 256MB)")
     p.add_argument("--workers", type=int, default=None, help="parallel shard writers (default min(8, cpus))")
     p.add_argument("--seed", type=int, default=0, help="seed of the sample order across shards")

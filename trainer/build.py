@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import torch
 from omegaconf import OmegaConf
 
-from data_shards import batches_per_epoch, check_decode, eval_loader, read_manifest, train_loader
+from data_shards import batches_per_epoch, check_decode, eval_loader, object_store, read_manifest, train_loader
+from data_shards.object_store import is_s3
 from loss import collectives as C
 from trainer.checkpoint import Checkpointer
 from trainer.config import ConfigError, amp_dtype, check_world_size, to_dict, to_yaml
@@ -67,9 +68,19 @@ def make_plan(cfg, env, train_manifest) -> Plan:
 
 
 def prepare_data(cfg, env) -> None:
-    """Write a built-in dataset's shards (the demo's digits) on rank 0 if the data root has none yet."""
+    """Write a built-in dataset's shards (the demo's digits) on rank 0 if the data root has none yet (an s3://
+    root: written locally, then uploaded, manifests last)."""
     manifest = os.path.join(split_dir(cfg, cfg.data.train_split), "manifest.json")
-    if cfg.data.prepare == "digits" and env.is_main and not os.path.exists(manifest):
+    if cfg.data.prepare == "digits" and env.is_main and is_s3(cfg.data.root):
+        if not object_store.exists(manifest):
+            import tempfile
+
+            from data_shards.upload import upload_dataset
+            from trainer.demo import write_digits_shards
+            with tempfile.TemporaryDirectory(prefix="digits-") as tmp:
+                write_digits_shards(tmp)
+                upload_dataset(tmp, cfg.data.root, progress=False)
+    elif cfg.data.prepare == "digits" and env.is_main and not os.path.exists(manifest):
         from filelock import FileLock
 
         from trainer.demo import write_digits_shards

@@ -13,7 +13,7 @@ import os
 import sys
 import traceback
 
-from data_shards.errors import DataError
+from data_shards.errors import DataError, StoreUnavailable
 
 EXIT_USER_ERROR = 2  # as argparse: the command line or its inputs are wrong
 EXIT_BUG = 1
@@ -39,7 +39,8 @@ def is_peer_failure(e: BaseException) -> bool:
 def report(e: BaseException, rank: int = 0, world_size: int = 1, quiet_ranks: bool = False) -> int:
     """Print `e` for the user and return the exit status.
 
-    UserError / DataError: `error: <message>` (1-2 lines, no traceback), status 2; with `quiet_ranks`, or an
+    UserError / DataError: `error: <message>` (1-2 lines, no traceback), status 2; StoreUnavailable (an object
+    store down after every retry): one line, status 1; with `quiet_ranks`, or an
     error marked `same_on_every_rank` (decided on rank 0, raised everywhere), only rank 0 prints it. A collective
     that failed because a peer died: one line, status 1. KeyboardInterrupt: status 130. Anything else is a bug:
     its traceback, status 1.
@@ -52,6 +53,9 @@ def report(e: BaseException, rank: int = 0, world_size: int = 1, quiet_ranks: bo
     if isinstance(e, KeyboardInterrupt):
         print(f"{tag}interrupted", file=sys.stderr)
         return 130
+    if isinstance(e, StoreUnavailable):  # the object store kept failing after its retries: not a bug, not the data
+        print(f"{tag}error: {one_line(e)}", file=sys.stderr)
+        return EXIT_BUG
     if isinstance(e, SystemExit):
         return e.code if isinstance(e.code, int) else EXIT_BUG
     if world_size > 1 and is_peer_failure(e):

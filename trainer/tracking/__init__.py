@@ -12,7 +12,10 @@
 (`shard_image_lookup` is data_shards.lookup's: the tracker reads no shards and runs no collectives.)
 
 Where it logs: `cfg.tracking_uri` if set, else $MLFLOW_TRACKING_URI, else a SQLite file
-`sqlite:///<parent of run_dir>/mlflow.db` (artifacts beside it in `mlartifacts/`).
+`sqlite:///<parent of run_dir>/mlflow.db` (artifacts beside it in `mlartifacts/`). A shared server with a login
+(MLflow's basic-auth app) gets it from MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD, read by MLflow's client
+and stored nowhere here; a login the server refuses at the start raises `LoginRefused` (one line, exit 2) before
+any training (docs/object-storage-and-tracking-server.md).
 
 Every MLflow call is made by one sender thread, in order: a step only queues its event (pictures and
 tables are written to `<run_dir>/tracking/artifacts/` first). A failing, unreachable or hung server never
@@ -51,11 +54,11 @@ from trainer.tracking.summaries import (
     worst_classes,
     write_csv,
 )
-from trainer.tracking.tracker import DESCRIPTION_TAG, STEP_DIR, Tracker
+from trainer.tracking.tracker import DESCRIPTION_TAG, STEP_DIR, LoginRefused, Tracker
 from trainer.tracking.upload import main, upload
 
-__all__ = ["DESCRIPTION_TAG", "GRID_NEIGHBOURS", "HTTP_DEFAULTS", "MAX_PARAM_VALUE", "STEP_DIR", "TRACKING_DIR",
-           "Tracker", "default_tracking_uri", "flatten_config", "is_local_store", "main", "metric_key",
+__all__ = ["DESCRIPTION_TAG", "GRID_NEIGHBOURS", "HTTP_DEFAULTS", "LoginRefused", "MAX_PARAM_VALUE", "STEP_DIR",
+           "TRACKING_DIR", "Tracker", "default_tracking_uri", "flatten_config", "is_local_store", "main", "metric_key",
            "mlflow_globals", "nearest_neighbours", "per_class_summary", "pick_queries",
            "resolve_tracking_uri", "shard_dataset", "sqlite_path", "system_facts", "upload", "worst_classes",
            "write_csv"]

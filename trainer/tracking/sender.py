@@ -25,6 +25,12 @@ START_WAIT_S = 30.0  # Tracker() waits at most this long for the first answer of
 CLOSE_WAIT_S = 30.0  # close() waits at most this long for the sender thread to deliver what is queued
 
 
+def login_refused(error: Exception) -> bool:
+    """Whether an MLflow error is the server refusing this client's credentials (HTTP 401, or 403 at start)."""
+    code = getattr(error, "error_code", "")
+    return code in ("UNAUTHENTICATED", "PERMISSION_DENIED") or " 401 != 200" in str(error)
+
+
 def read_state(tracking_dir: Path) -> dict:
     """The run's state.json ({} when there is none yet)."""
     path = tracking_dir / "state.json"
@@ -53,6 +59,7 @@ class Sender:
         self._artifact_root = artifact_root
         self.store: Store | None = None
         self.online = False
+        self.refused: Exception | None = None  # the server refused the login at the first connection
         self._warned = False
         self._abandoned = False
         self._last_try = -math.inf
@@ -106,6 +113,11 @@ class Sender:
             warnings.warn(f"Tracker: tracking server unreachable, events kept in {self.pending}; upload them "
                           f"with: python -m trainer.tracking upload {self.run_dir}", RuntimeWarning, stacklevel=3)
 
+    def abort(self) -> None:
+        """End the thread without another call to the store (after a refused login)."""
+        self._abandoned = True
+        self._queue.put(None)
+
     def write_state(self, artifact_root: str | None = None) -> None:
         with self._lock:
             state = read_state(self.dir)
@@ -129,6 +141,9 @@ class Sender:
             self.write_state()
             self.store.replay(self.run_id, self.pending)
         except Exception as e:
+            if not self._started.is_set() and login_refused(e):  # at start: the Tracker says it, no training
+                self.refused = e
+                return False
             self._fail(e)
             return False
         if not self.online and self._warned:

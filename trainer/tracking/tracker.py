@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from trainer.errors import UserError
 from trainer.tracking import plots
 from trainer.tracking.sender import TRACKING_DIR, Sender
 from trainer.tracking.store import apply_http_defaults, default_tracking_uri, resolve_tracking_uri
@@ -33,6 +34,10 @@ STEP_DIR = "step-{:09d}"  # artifact folders per step, padded as the checkpoints
 DESCRIPTION_TAG = "mlflow.note.content"  # the run description the MLflow UI shows (markdown)
 
 
+class LoginRefused(UserError):
+    """The tracking server refused this client's credentials when the run started (nothing was trained yet)."""
+
+
 class Tracker:
     """Logs a training run to MLflow from rank 0; a no-op on other ranks and when `cfg.enabled` is false.
 
@@ -40,6 +45,10 @@ class Tracker:
     retrieval_grid_queries (trainer.config.TrackingConfig). config: the resolved run config (DictConfig
     or dict), logged flattened as params and as config.yaml. resume_run_id: continue that MLflow run.
     world_size: the run's, for the `sys.world_size` tag (default: $WORLD_SIZE, else 1).
+
+    A server that requires a login (MLflow's basic-auth app) reads it from MLFLOW_TRACKING_USERNAME /
+    MLFLOW_TRACKING_PASSWORD (MLflow's client does; nothing here stores them). Raises LoginRefused (a UserError:
+    one line, exit 2) when the server refuses them at the first connection, before any training.
     """
 
     def __init__(self, cfg, run_dir, *, rank: int = 0, config: Any = None, resume_run_id: str | None = None,
@@ -60,6 +69,13 @@ class Tracker:
         self.run_name = cfg.run_name or self.run_dir.name
         # every MLflow call happens in one sender thread: a slow or hung server never blocks a step
         self._sender = Sender(self.run_dir, self.uri, self.experiment, self.run_name, resume_run_id, artifact_root)
+        if self._sender.refused is not None:
+            self._sender.abort()
+            self.active = False
+            raise LoginRefused(f"tracking.tracking_uri: the MLflow server at {self.uri} refused the login "
+                               f"({getattr(self._sender.refused, 'error_code', '') or 'HTTP 401'}); set "
+                               "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to an account of that server "
+                               "with access to experiment " + repr(self.experiment) + " (or tracking.enabled=false)")
         self._emit({"op": "tags", "tags": system_facts(world_size or int(os.environ.get("WORLD_SIZE", "1")))})
         if container:
             self._emit({"op": "params", "params": flatten_config(container)})
