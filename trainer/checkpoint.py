@@ -253,8 +253,11 @@ def load(path: str, check_keys: bool = True, model_only: bool = False) -> dict:
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such checkpoint file")
     verify(path)
+    from trainer.safe_load import UnsafeFileError, torch_load
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch_load(path)  # tensors and plain data only: a file that would run code is refused
+    except UnsafeFileError as e:
+        raise CheckpointError(str(e)) from None
     except Exception as e:  # noqa: BLE001 - unpickling garbage raises anything from EOFError to UnicodeError
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {first})") from None
