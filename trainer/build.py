@@ -258,4 +258,6 @@ def log_line(is_main: bool, line: str) -> None:
     """Print `line` on rank 0 only, above the progress bar (the build step's and the loop's log)."""
     if is_main:
         from tqdm import tqdm
-        tqdm.write(line)
+
+        from trainer.redact import redact
+        tqdm.write(redact(line))

@@ -445,8 +445,12 @@ def check_world_size(cfg: DictConfig, world_size: int) -> int:
 
 
 def to_yaml(cfg: DictConfig) -> str:
-    return OmegaConf.to_yaml(cfg, resolve=True)
+    """The resolved config as YAML to print or write, credentials redacted (trainer/redact.py)."""
+    return OmegaConf.to_yaml(OmegaConf.create(to_dict(cfg)))
 
 
 def to_dict(cfg: DictConfig) -> dict:
-    return OmegaConf.to_container(cfg, resolve=True)
+    """The resolved config as a plain dict to save or log (a checkpoint, MLflow), credentials redacted: a
+    resumed run takes them again from its command line or the environment."""
+    from trainer.redact import redact_tree
+    return redact_tree(OmegaConf.to_container(cfg, resolve=True))

@@ -44,21 +44,23 @@ def report(e: BaseException, rank: int = 0, world_size: int = 1, quiet_ranks: bo
     that failed because a peer died: one line, status 1. KeyboardInterrupt: status 130. Anything else is a bug:
     its traceback, status 1.
     """
+    from trainer.redact import redact  # no credential reaches the terminal, whatever the message quotes
     tag = f"[rank {rank}] " if world_size > 1 else ""
     if isinstance(e, USER_ERRORS):
         if rank == 0 or not (quiet_ranks or getattr(e, "same_on_every_rank", False)):
-            print(f"{tag}error: {one_line(e)}", file=sys.stderr)
+            print(redact(f"{tag}error: {one_line(e)}"), file=sys.stderr)
         return EXIT_USER_ERROR
     if isinstance(e, KeyboardInterrupt):
-        print(f"{tag}interrupted", file=sys.stderr)
+        print(f"{tag}interrupted: stopped at once, without a checkpoint since the last one", file=sys.stderr)
         return 130
     if isinstance(e, SystemExit):
         return e.code if isinstance(e.code, int) else EXIT_BUG
     if world_size > 1 and is_peer_failure(e):
         first = str(e).strip().splitlines()[0][:300]
-        print(f"{tag}stopped: another rank failed first (see its error above); here: {first}", file=sys.stderr)
+        print(redact(f"{tag}stopped: another rank failed first (see its error above); here: {first}"),
+              file=sys.stderr)
         return EXIT_BUG
-    traceback.print_exception(e)
+    print(redact("".join(traceback.format_exception(e))), end="", file=sys.stderr)
     return EXIT_BUG
 
 

@@ -64,6 +64,7 @@ def _evaluate_checkpoint(a) -> int:
     from trainer import checkpoint, config, distributed
     from trainer.evaluation.export import export_embeddings, write_table
     from trainer.model import build_model
+    from trainer.redact import redact
 
     state = checkpoint.load(a.checkpoint, check_keys=False, model_only=True)  # a folder: no proxies read
     if not isinstance(state, dict) or not {"config", "model"} <= state.keys():
@@ -96,7 +97,7 @@ def _evaluate_checkpoint(a) -> int:
         result = evaluate(model, loader, device=env.device, recall_ks=recall_ks, nmi=nmi, map_r=map_r,
                           class_names=manifest.class_names, amp_dtype=amp)
         if result.metrics is not None:
-            print(json.dumps({"checkpoint": a.checkpoint, "data": a.data, "samples": len(result.keys),
+            print(json.dumps({"checkpoint": redact(a.checkpoint), "data": redact(a.data), "samples": len(result.keys),
                               "classes": len(result.per_class), **result.metrics}, indent=1))
             if a.per_class:
                 print("per-class table:", write_table(result.per_class, a.per_class))
