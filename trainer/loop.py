@@ -40,18 +40,44 @@ class Timed:
 
 
 class StopFlag:
-    """SIGTERM / SIGUSR1 (how SLURM preempts) -> finish the step, checkpoint, exit cleanly."""
+    """A stop request -> finish the step, checkpoint, exit cleanly (status 0): SIGTERM / SIGUSR1 (how SLURM and
+    torchrun stop or preempt) and SIGINT (Ctrl-C). A second Ctrl-C stops at once (KeyboardInterrupt: no
+    checkpoint, status 130); SIGINTs within SAME_PRESS_S of the first are that same press (the terminal's and the
+    one torchrun forwards to its workers). Further SIGTERM / SIGUSR1 while a stop is under way change nothing: a
+    launcher that repeats its signal does not turn the clean stop into death by signal, not even after
+    `restore()`."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+    SAME_PRESS_S = 1.0
 
     def __init__(self):
         self.raised = False
-        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGUSR1)}
+        self.signal: int | None = None  # the first stop signal received
+        self._first_interrupt: float | None = None
+        self._old = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
 
     def _handle(self, signum, frame):
+        if signum == signal.SIGINT:
+            now = time.monotonic()
+            if self._first_interrupt is None:
+                self._first_interrupt = now
+            elif now - self._first_interrupt > self.SAME_PRESS_S:  # a second Ctrl-C: stop now
+                signal.signal(signal.SIGINT, signal.SIG_DFL)  # a third one kills, whatever Python is doing
+                raise KeyboardInterrupt
         self.raised = True
+        self.signal = self.signal or signum
+
+    @property
+    def reason(self) -> str:
+        return {signal.SIGINT: "Ctrl-C (SIGINT)"}.get(self.signal, signal.Signals(self.signal).name) \
+            if self.signal else ""
 
     def restore(self):
+        """Give back the handlers found at the start; once a stop is under way SIGTERM / SIGUSR1 stay ignored
+        (the process is about to exit 0 on its own)."""
         for s, h in self._old.items():
-            signal.signal(s, h)
+            ignore = self.raised and s != signal.SIGINT and h in (signal.SIG_DFL, None)
+            signal.signal(s, signal.SIG_IGN if ignore else (h if h is not None else signal.SIG_DFL))
 
 
 @dataclass(frozen=True)
@@ -132,7 +158,10 @@ class Trainer:
                     self.engine.rewrap()
                 if pos.batch < self.batches_per_epoch and not self.train_epoch():
                     self.save()  # preempted (or train.max_steps): checkpoint where we are and leave
-                    self.log(f"stopped at epoch {pos.epoch} batch {pos.batch} (step {pos.step}); checkpoint saved")
+                    by = f" by {self.stop.reason}" if self.stop.raised else ""
+                    self.log(f"stopped at epoch {pos.epoch} batch {pos.batch} (step {pos.step}){by}; checkpoint "
+                             f"saved: {self.state.latest()}" + ("; to resume, run the same command again" if by
+                                                                 else ""))
                     self.tracker.close(status="KILLED")
                     return self.metrics
                 self.scheduler.step()
@@ -149,6 +178,9 @@ class Trainer:
             self.tracker.close(status="FINISHED")
             self.report.end()  # rank 0: best and final Recall@1, where the run, its checkpoint and MLflow run are
             return self.metrics
+        except KeyboardInterrupt:  # a second Ctrl-C: the user stopped it
+            self.tracker.close(status="KILLED")
+            raise
         except BaseException:
             self.tracker.close(status="FAILED")
             raise
