@@ -80,6 +80,10 @@ class RunConfig:
     # auto: nccl on cuda, gloo on cpu | gloo also carries CUDA tensors (e.g. two ranks sharing one GPU)
     dist_backend: str = one_of("auto", "nccl", "gloo")
     deterministic: bool = False  # torch.use_deterministic_algorithms; cudnn.benchmark off
+    # seconds a rank waits in a collective for the others; then the job ends, naming the rank that stopped
+    # answering and what it was doing. It must cover the longest stretch one rank works alone while the others
+    # wait (rank 0's metrics after an evaluation, a checkpoint write, start-up)
+    collective_timeout_s: int = positive(300)
 
 
 @dataclass

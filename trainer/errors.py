@@ -55,6 +55,9 @@ def report(e: BaseException, rank: int = 0, world_size: int = 1, quiet_ranks: bo
         return 130
     if isinstance(e, SystemExit):
         return e.code if isinstance(e.code, int) else EXIT_BUG
+    if type(e).__name__ == "StalledPeer":  # trainer.distributed: a collective timed out, the rank it waited on named
+        print(redact(f"{tag}error: {e}"), file=sys.stderr)
+        return EXIT_BUG
     if world_size > 1 and is_peer_failure(e):
         first = str(e).strip().splitlines()[0][:300]
         print(redact(f"{tag}stopped: another rank failed first (see its error above); here: {first}"),

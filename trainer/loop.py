@@ -197,6 +197,7 @@ class Trainer:
                    desc=f"epoch {pos.epoch}" + (" (warm-up: head + proxies)" if self.warm else ""))
         self.module.train()
         seen, t0, batches = 0, time.perf_counter(), Timed(loader)
+        C.set_phase(f"step {pos.step + 1} (epoch {pos.epoch}, batch {pos.batch})")
         for images, labels in batches:
             try:
                 with autocast:
@@ -228,6 +229,7 @@ class Trainer:
             if stopped or (s.max_steps and pos.step >= s.max_steps):
                 bar.close()
                 return False
+            C.set_phase(f"step {pos.step + 1} (epoch {pos.epoch}, batch {pos.batch})")
         bar.close()
         return True
 
@@ -248,6 +250,7 @@ class Trainer:
 
     def evaluate(self, when: str) -> dict:
         """Collective. Test-split retrieval metrics, printed and logged on rank 0; then the proxies' statistics."""
+        C.set_phase(f"evaluation ({when})")
         C.broadcast_buffers(self.embedder)  # every rank embeds with rank 0's BatchNorm statistics
         result = self.parts.evaluate(self.embedder, self.loaders.eval())
         self.embedder.train()
@@ -264,6 +267,7 @@ class Trainer:
     def save(self) -> None:
         """Collective: a checkpoint of the current position (trainer/train_state.py)."""
         s, pos = self.schedule, self.pos
+        C.set_phase(f"checkpoint at step {pos.step}")
         last = pos.epoch >= s.epochs or bool(s.max_steps and pos.step >= s.max_steps)
         self.state.save(self.parts.trained, pos, tracker_run_id=self.tracker.run_id, run_uid=self.parts.run_uid,
                         last=last, stopping=self.stop.raised, lr_advice=s.lr_advice)
