@@ -17,6 +17,7 @@ import torch
 from tqdm import tqdm
 
 from loss import collectives as C
+from trainer.errors import USER_ERRORS, UserError, one_line
 from trainer.train_state import DivergedError, Position, Trained, TrainState
 
 __all__ = ["DivergedError", "Parts", "Schedule", "StopFlag", "Trainer"]
@@ -191,14 +192,23 @@ class Trainer:
         """Batches pos.batch.. of epoch pos.epoch; advances `pos`. False when stopped early (signal, max_steps).
         Raises DivergedError at the first step whose loss is not finite, on every rank, before any save."""
         s, env, pos, engine = self.schedule, self.env, self.pos, self.engine
-        loader = self.loaders.train(pos.epoch, pos.batch)  # device batches; made once, its workers serve every epoch
+        C.set_phase(f"step {pos.step + 1} (epoch {pos.epoch}, batch {pos.batch})")
+        batch = failed = None
+        try:
+            loader = self.loaders.train(pos.epoch, pos.batch)  # device batches; made once, its workers serve every
+            batches = Timed(loader)                             # epoch
+            batch, failed = self.next_batch(batches)
+        except USER_ERRORS as e:  # a shard gone since the last epoch
+            failed = e
+        if C.any_ranks([failed is not None], env.device)[0]:
+            self.save_then_raise(failed)
         autocast = torch.autocast(env.device.type, dtype=self.amp) if self.amp else nullcontext()
         bar = tqdm(total=len(loader), initial=pos.batch, disable=not env.is_main, dynamic_ncols=True,
                    desc=f"epoch {pos.epoch}" + (" (warm-up: head + proxies)" if self.warm else ""))
         self.module.train()
-        seen, t0, batches = 0, time.perf_counter(), Timed(loader)
-        C.set_phase(f"step {pos.step + 1} (epoch {pos.epoch}, batch {pos.batch})")
-        for images, labels in batches:
+        seen, t0 = 0, time.perf_counter()
+        while batch is not None:
+            images, labels = batch
             try:
                 with autocast:
                     loss = engine(images, labels)
@@ -213,10 +223,15 @@ class Trainer:
             pos.batch, pos.step, seen = pos.batch + 1, pos.step + 1, seen + labels.shape[0] * env.world_size
             self.first_bad_step = torch.where(torch.isfinite(loss.detach()), self.first_bad_step,
                                               self.first_bad_step.clamp(max=pos.step))
-            stopped, diverged = C.any_ranks([self.stop.raised, self.first_bad_step < math.inf], env.device)
+            batch, failed = self.next_batch(batches)  # read now: its failure travels with the step's flags
+            stopped, diverged, data_failed = C.any_ranks([self.stop.raised, self.first_bad_step < math.inf,
+                                                          failed is not None], env.device)
             if diverged:
                 bar.close()
                 self.diverged(self.first_bad_step)
+            if data_failed:
+                bar.close()
+                self.save_then_raise(failed)
             bar.update(1)
             show = pos.step % s.progress_every_steps == 0 or pos.batch == len(loader)
             track = s.track_every_steps and pos.step % s.track_every_steps == 0
@@ -232,6 +247,29 @@ class Trainer:
             C.set_phase(f"step {pos.step + 1} (epoch {pos.epoch}, batch {pos.batch})")
         bar.close()
         return True
+
+    @staticmethod
+    def next_batch(batches) -> tuple[tuple | None, BaseException | None]:
+        """(the next batch, None), (None, None) at the epoch's end, or (None, the user error reading it raised: a
+        shard damaged or gone since the start)."""
+        try:
+            return next(batches), None
+        except StopIteration:
+            return None, None
+        except USER_ERRORS as e:
+            return None, e
+
+    def save_then_raise(self, failed: BaseException | None) -> None:
+        """Collective: a user error met between steps (the model state is that of the last step, consistent) on
+        any rank: checkpoint first, as on SIGTERM, then stop every rank with that error, saying so."""
+        errors = C.all_gather_object(one_line(failed) if failed is not None else None)
+        first = next((r, msg) for r, msg in enumerate(errors) if msg is not None)
+        self.save()
+        where = f" (rank {first[0]})" if self.env.world_size > 1 else ""
+        error = UserError(f"{first[1]}{where}; a checkpoint of step {self.pos.step} was saved first: "
+                          f"{self.state.latest()}; fix the data, then run the same command again to resume")
+        error.same_on_every_rank = True
+        raise error
 
     def diverged(self, first_bad_step: torch.Tensor) -> None:
         """Collective: stop on every rank, naming the first bad step (the earliest over the ranks)."""

@@ -42,6 +42,7 @@ class Trainer:
         env["PYTHONPATH"] = f"{hook}{os.pathsep}{env['PYTHONPATH']}"
         if slow_save:
             env["SLOW_STOP_SAVE"] = str(slow_save)
+        self.env = env
         self.t0 = time.monotonic()
         self.proc = subprocess.Popen([sys.executable, "-m", "trainer", *args], stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, env=env, start_new_session=True)
