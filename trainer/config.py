@@ -412,19 +412,21 @@ def check_finite(cfg: DictConfig) -> None:
 
 
 def validate_metric_loss(cfg: DictConfig) -> None:
-    """A pytorch-metric-learning loss: its name, arguments and miner, tried with one forward and backward on a
-    toy batch (8 embeddings, 4 classes: milliseconds). Any exception becomes a ConfigError naming the key."""
+    """A pytorch-metric-learning loss: its name, arguments and miner, tried with two training steps on a toy
+    batch labelled as data.sampler makes batches (4 classes: milliseconds). Any exception becomes a ConfigError
+    naming the key."""
     if cfg.loss.mode == "sharded":
         raise ConfigError(f"loss.mode: 'sharded' splits ProxyGML's proxies; loss.name={cfg.loss.name!r} takes "
                           "'gather' (global batch) or 'local'")
     from loss.baselines import check
     kwargs, miner_kwargs = OmegaConf.to_container(cfg.loss.kwargs), OmegaConf.to_container(cfg.loss.miner_kwargs)
     try:
-        check(cfg.loss.name, cfg.model.dim, kwargs, cfg.loss.miner or None, miner_kwargs)
+        check(cfg.loss.name, cfg.model.dim, kwargs, cfg.loss.miner or None, miner_kwargs, sampler=cfg.data.sampler,
+              m_per_class=cfg.data.m_per_class)
     except Exception as e:  # every failure is a config error naming the key (check() names it when it can)
         msg = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
-        raise ConfigError(msg if msg.startswith("loss.") else f"loss.name: {cfg.loss.name} with {kwargs} fails: "
-                          f"{type(e).__name__}: {msg}") from None
+        raise ConfigError(msg if msg.startswith(("loss.", "data.")) else f"loss.name: {cfg.loss.name} with {kwargs} "
+                          f"fails: {type(e).__name__}: {msg}") from None
 
 
 def amp_dtype(amp: str, device) -> Any:

@@ -55,6 +55,9 @@ def report(e: BaseException, rank: int = 0, world_size: int = 1, quiet_ranks: bo
         return 130
     if isinstance(e, SystemExit):
         return e.code if isinstance(e.code, int) else EXIT_BUG
+    if isinstance(e, PeerFailed):
+        print(redact(f"{tag}stopped: {e}"), file=sys.stderr)
+        return EXIT_BUG
     if type(e).__name__ == "StalledPeer":  # trainer.distributed: a collective timed out, the rank it waited on named
         print(redact(f"{tag}error: {e}"), file=sys.stderr)
         return EXIT_BUG
@@ -65,6 +68,31 @@ def report(e: BaseException, rank: int = 0, world_size: int = 1, quiet_ranks: bo
         return EXIT_BUG
     print(redact("".join(traceback.format_exception(e))), end="", file=sys.stderr)
     return EXIT_BUG
+
+
+class PeerFailed(Exception):
+    """This rank stops because another rank failed in a collective part (its error is printed there): one line,
+    status 1."""
+
+
+class OutOfMemory(UserError):
+    """A batch did not fit in the device's (or the host's) memory: the message names the keys to lower."""
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, or the CPU allocator's refusal (a RuntimeError)."""
+    import torch
+    return isinstance(e, torch.OutOfMemoryError) or (
+        isinstance(e, RuntimeError) and ("can't allocate memory" in str(e) or "out of memory" in str(e).lower()))
+
+
+def out_of_memory(e: BaseException, images, where: str, keys: str) -> OutOfMemory:
+    """The one-line OutOfMemory for `e`, met on a batch `images` (B, C, H, W) while `where`; `keys`: what to lower."""
+    shape = tuple(getattr(images, "shape", ()))
+    batch = f"a batch of {shape[0]} images of {shape[-2]}x{shape[-1]} px" if len(shape) == 4 else "a batch"
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    first = first.split("DefaultCPUAllocator: ")[-1][:160]
+    return OutOfMemory(f"out of memory {where} with {batch} on this rank ({first}); lower {keys}")
 
 
 def one_line(e: BaseException) -> str:

@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from loss import collectives as C
-from trainer.errors import USER_ERRORS, UserError, one_line
+from trainer.errors import USER_ERRORS, UserError, is_out_of_memory, one_line, out_of_memory
 from trainer.train_state import DivergedError, Position, Trained, TrainState
 
 __all__ = ["DivergedError", "Parts", "Schedule", "StopFlag", "Trainer"]
@@ -215,6 +215,10 @@ class Trainer:
                 engine.backward(loss)
                 engine.step()
             except (ValueError, RuntimeError) as e:  # weights already non-finite: the loss refuses, Adam overflows
+                if is_out_of_memory(e):
+                    bar.close()
+                    raise out_of_memory(e, images, f"at step {pos.step + 1}",
+                                        "train.batch_size or data.transform.image_size (or set train.amp)") from None
                 if not any(w in str(e) for w in ("non-finite", "without overflow")):
                     raise
                 bar.close()
@@ -258,6 +262,11 @@ class Trainer:
             return None, None
         except USER_ERRORS as e:
             return None, e
+        except RuntimeError as e:  # making the batch ran out of memory (torch.OutOfMemoryError is one too)
+            if not is_out_of_memory(e):
+                raise
+            return None, out_of_memory(e, None, "making a training batch",
+                                       "train.batch_size or data.transform.image_size")
 
     def save_then_raise(self, failed: BaseException | None) -> None:
         """Collective: a user error met between steps (the model state is that of the last step, consistent) on

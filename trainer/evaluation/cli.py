@@ -49,10 +49,24 @@ def main(argv=None) -> int:
         except OSError as e:
             p.error(f"cannot create the output folder {folder}: {e.strerror}")
 
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     try:
         return _evaluate_checkpoint(a)
     except USER_ERRORS as e:  # a wrong file or folder: one line, status 2 (tracebacks are for bugs)
-        return report(e, int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), quiet_ranks=True)
+        return report(e, rank, world_size, quiet_ranks=True)
+    except Exception as e:  # noqa: BLE001 - another rank failed first (one line), or a bug (its traceback)
+        from trainer.errors import exit_now
+        exit_now(report(e, rank, world_size))  # no teardown: it could wait on a peer that is gone
+
+
+class _Failing:
+    """A loader whose iteration raises the error its making met (so that evaluate() shares it with the ranks)."""
+
+    def __init__(self, error: BaseException):
+        self.error = error
+
+    def __iter__(self):
+        raise self.error
 
 
 def _evaluate_checkpoint(a) -> int:
@@ -62,6 +76,7 @@ def _evaluate_checkpoint(a) -> int:
 
     from data_shards import TransformConfig, eval_loader, read_manifest
     from trainer import checkpoint, config, distributed
+    from trainer.errors import USER_ERRORS
     from trainer.evaluation.export import export_embeddings, write_table
     from trainer.model import build_model
     from trainer.redact import redact
@@ -91,8 +106,11 @@ def _evaluate_checkpoint(a) -> int:
             raise checkpoint.CheckpointError(f"{a.checkpoint}: its weights do not fit the model its own config "
                                              f"describes ({why})") from None
         transform = TransformConfig(**OmegaConf.to_container(cfg.data.transform))
-        loader = eval_loader(manifest, batch_size=batch_size, num_workers=a.num_workers,
-                             rank=env.rank, world_size=env.world_size, transform=transform)
+        try:
+            loader = eval_loader(manifest, batch_size=batch_size, num_workers=a.num_workers,
+                                 rank=env.rank, world_size=env.world_size, transform=transform)
+        except USER_ERRORS as e:  # this rank's share is damaged: raised inside evaluate(), which tells every rank
+            loader = _Failing(e)
         amp = amp_dtype(a.amp, env.device)  # the one mixed-precision rule (train.amp), as in training
         result = evaluate(model, loader, device=env.device, recall_ks=recall_ks, nmi=nmi, map_r=map_r,
                           class_names=manifest.class_names, amp_dtype=amp)
