@@ -59,6 +59,17 @@ def main(argv=None) -> int:
         exit_now(report(e, rank, world_size))  # no teardown: it could wait on a peer that is gone
 
 
+def trained_on(state: dict, class_names) -> int:
+    """How many of `class_names` the checkpoint trained on: from its list of train class names, or, for older
+    checkpoints that keep only their digest, all of them when the digest matches (else 0)."""
+    names = [str(c) for c in class_names]
+    trained = state.get("train_class_list")
+    if trained:
+        return len(set(names) & {str(c) for c in trained})
+    from trainer.resume import class_digest
+    return len(names) if state.get("train_class_names") == class_digest(names) else 0
+
+
 class _Failing:
     """A loader whose iteration raises the error its making met (so that evaluate() shares it with the ranks)."""
 
@@ -91,6 +102,12 @@ def _evaluate_checkpoint(a) -> int:
         raise checkpoint.CheckpointError(f"{a.checkpoint}: its config does not validate ({e})") from None
     cfg.model.pretrained, cfg.model.weights_file = False, ""  # the checkpoint has the weights
     manifest = read_manifest(a.data)
+    overlap = trained_on(state, manifest.class_names)
+    if overlap and int(os.environ.get("RANK", 0)) == 0:
+        import sys
+        print(redact(f"warning: {overlap} of the {manifest.num_classes} classes of {a.data} are classes "
+                     f"{a.checkpoint} trained on: the metrics measure how well it learnt them, not retrieval of "
+                     f"unseen classes; evaluate on the test split (classes it never saw) for that"), file=sys.stderr)
     recall_ks = a.recall_ks or list(cfg.eval.recall_ks)
     nmi, map_r = not a.no_nmi and cfg.eval.nmi, not a.no_map_r and cfg.eval.map_r
     batch_size = a.batch_size or cfg.eval.batch_size
