@@ -103,8 +103,10 @@ class Sender:
                 if event is not None:
                     self._keep(event)
         if self.pending.exists():
-            warnings.warn(f"Tracker: tracking server unreachable, events kept in {self.pending}; upload them "
-                          f"with: python -m trainer.tracking upload {self.run_dir}", RuntimeWarning, stacklevel=3)
+            where = "the local store did not take them" if self._local else "tracking server unreachable"
+            warnings.warn(redact(f"Tracker: {where} ({self.uri}), events kept in {self.pending}; upload them "
+                                 f"with: python -m trainer.tracking upload {self.run_dir}"), RuntimeWarning,
+                          stacklevel=3)
 
     def write_state(self, artifact_root: str | None = None) -> None:
         with self._lock:
@@ -167,6 +169,13 @@ class Sender:
             try:
                 if event is None:  # close(): a last try for what is pending, whatever the retry interval
                     if not self.online and not self._abandoned and self.pending.exists():
+                        self._connect()
+                    # a local store is busy for a moment (other runs writing the same SQLite file), not down:
+                    # try again until it takes everything, within close()'s wait
+                    deadline = time.monotonic() + CLOSE_WAIT_S - 2 * LOCAL_RETRY_INTERVAL_S
+                    while (self._local and not self._abandoned and self.pending.exists()
+                           and time.monotonic() < deadline):
+                        time.sleep(LOCAL_RETRY_INTERVAL_S / 4)
                         self._connect()
                     return
                 if self._abandoned:  # close() gave up waiting: no more calls to the store
