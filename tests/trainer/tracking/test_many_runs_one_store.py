@@ -46,7 +46,11 @@ def many_runs(shards, out, runs, parallel):
         if not state.exists():
             problems.append(f"r{i:03d}: no {state}")
             continue
-        run = client.get_run(json.loads(state.read_text())["run_id"])
+        run_id = json.loads(state.read_text())["run_id"]
+        if run_id is None:
+            problems.append(f"r{i:03d}: no MLflow run was ever created (the store did not answer)")
+            continue
+        run = client.get_run(run_id)
         statuses[i] = run.info.status
         if run.info.status != "KILLED":  # stopped by train.max_steps: a run that may go on, KILLED like a stop
             problems.append(f"r{i:03d}: MLflow status {run.info.status}")
@@ -55,7 +59,8 @@ def many_runs(shards, out, runs, parallel):
     return problems, [r[3] for r in results]
 
 
-@pytest.mark.timeout(900)
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_sixteen_runs_eight_at_a_time_share_one_sqlite_store(shards, tmp_path):
     problems, secs = many_runs(shards, tmp_path, runs=16, parallel=8)
     assert not problems, "\n".join(problems[:10])
