@@ -29,7 +29,7 @@ def many_runs(shards, out, runs, parallel):
         results = list(pool.map(lambda i: one_run(shards, out, i), range(runs)))
     print(f"{runs} runs, {parallel} at a time: longest {max(r[3] for r in results):.0f} s")
     problems = []
-    for i, code, said, secs in results:
+    for i, code, said, _secs in results:
         run_dir = out / f"r{i:03d}"
         pending = run_dir / "tracking" / "pending.jsonl"
         if code != 0:
