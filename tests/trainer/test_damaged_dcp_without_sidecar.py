@@ -26,7 +26,7 @@ def damage_a_model_tensor(folder):
     return key.fqn
 
 
-@pytest.mark.parametrize("with_sidecar", [False, True])
+@pytest.mark.parametrize("with_sidecar", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_a_damaged_newest_dcp_checkpoint_is_set_aside_and_the_previous_resumed(shards, tmp_path, with_sidecar):
     out = tmp_path / "runs"
     run_in_process(tiny(shards, out, "train.max_steps=6", "checkpoint.every_steps=3", "checkpoint.keep_last=3"))

@@ -53,7 +53,7 @@ def test_compute_metrics_takes_arrays_with_negative_strides():
     assert cols["recall_at_1"] == pytest.approx(recall_at_1_float64(emb[:, ::-1], labels), abs=1e-6)
 
 
-@pytest.mark.parametrize("fmt", ["torch", "dcp"])
+@pytest.mark.parametrize("fmt", ["torch", pytest.param("dcp", marks=pytest.mark.slow)])
 def test_evaluating_on_the_classes_a_checkpoint_trained_on_warns(shards, tmp_path, fmt):
     run_in_process(tiny(shards, tmp_path, "train.max_steps=3", f"checkpoint.format={fmt}"))
     ckpt = os.path.join(tmp_path, "t", "checkpoints", "step-000000003" + (".pt" if fmt == "torch" else ""))

@@ -128,7 +128,7 @@ def StopFlagSamePress():  # noqa: N802
     return getattr(StopFlag, "SAME_PRESS_S", 0.0)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, pytest.param(signal.SIGUSR1, marks=pytest.mark.slow)])
 def test_a_repeated_stop_signal_keeps_the_clean_stop(shards, tmp_path, sig):
     """The launcher signals again and again while the stop's checkpoint is written and the process winds down."""
     out = tmp_path / "runs"
