@@ -65,7 +65,8 @@ os.register_at_fork(after_in_child=gc.freeze)
 
 
 def _ignore_stop_signals(_worker_id):
-    """Loader workers leave SIGTERM/SIGUSR1 to the main process, which checkpoints and stops them.
+    """Loader workers leave SIGTERM/SIGUSR1/SIGINT to the main process, which checkpoints and stops them (a
+    Ctrl-C reaches every process of the terminal's group: a worker dying of it would break the checkpoint step).
 
     torchrun stops its workers with killpg and SLURM signals every process of a step; torch's DataLoader
     workers would die of such a signal and break the step that should write the checkpoint. Since they ignore
@@ -74,6 +75,7 @@ def _ignore_stop_signals(_worker_id):
     """
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     die_with_parent()
 
 

@@ -5,11 +5,14 @@
 
 Each sample of a shard: `<key>.<ext>` the image bytes as stored (or re-encoded as JPEG with --reencode),
 `<key>.cls` the contiguous class index 0..C-1 within the split (classes in original-id order), and
-`<key>.json` {dataset, split, path, class_id, class_name, label, ...}. Samples are shuffled (seeded) before
-being cut into shards of about --shard-size bytes, and every image is decoded once: one that cannot be is
-reported (count and paths, also in the manifest) and left out. So is anything that is not a regular file
-(a FIFO, socket or device named like an image is never opened for a blocking read), and a path that
-resolves to a file already taken (a symlink or hard link to it, in any split: the first in split order,
+`<key>.json` {dataset, split, path, class_id, class_name, label, ...}. An image whose EXIF orientation says the
+camera was turned is stored upright (PIL.ImageOps.exif_transpose, re-encoded: JPEG at quality 95, others as PNG);
+the manifest says so (`exif_orientation: applied`, `exif_rotated`: how many). Shards written before have no such key:
+their images are decoded as stored (sideways where the camera was turned); rewrite them (--overwrite) to fix that.
+Samples are shuffled (seeded) before being cut into shards of about --shard-size bytes, and every image is decoded
+once: one that cannot be is reported (count and paths, also in the manifest) and left out. So is anything that
+is not a regular file (a FIFO, socket or device named like an image is never opened for a blocking read), and a
+path that resolves to a file already taken (a symlink or hard link to it, in any split: the first in split order,
 then listing order, is kept). Shards are written in parallel, one process per
 shard (webdataset's TarWriter with a fixed integer mtime: plain ustar headers, no PAX record per member, and
 the same input gives byte-identical shards; shards of earlier versions, with PAX records, still read);
@@ -29,7 +32,7 @@ import tempfile
 from concurrent.futures import ProcessPoolExecutor, as_completed
 
 import webdataset as wds
-from PIL import Image
+from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from .errors import DamagedShard, DataError, MissingData
@@ -94,6 +97,25 @@ def reencode_jpeg(data: bytes, quality: int) -> bytes:
     return out.getvalue()
 
 
+EXIF_ORIENTATION = 0x0112  # the EXIF tag of how a camera held the picture (1 = as stored)
+
+
+def apply_exif_orientation(data: bytes) -> bytes | None:
+    """The image turned upright as its EXIF orientation says (PIL.ImageOps.exif_transpose), re-encoded (JPEG at
+    quality 95, anything else as PNG); None when it is already upright (no tag, or 1): its bytes stay as they are."""
+    with Image.open(io.BytesIO(data)) as img:
+        if img.getexif().get(EXIF_ORIENTATION, 1) in (1, None):
+            return None
+        fmt = img.format
+        upright = ImageOps.exif_transpose(img)
+        out = io.BytesIO()
+        if fmt == "JPEG":
+            upright.save(out, format="JPEG", quality=95)
+        else:
+            upright.save(out, format="PNG")
+    return out.getvalue()
+
+
 def image_ext(path: str) -> str:
     ext = os.path.splitext(path)[1].lower().lstrip(".")
     return {"jpeg": "jpg", "tif": "tiff"}.get(ext, ext) or "jpg"
@@ -102,12 +124,17 @@ def image_ext(path: str) -> str:
 def write_shard(path: str, items: list[tuple[int, int, Record]], reencode: int | None, tags: dict) -> dict:
     """Write one shard (to a temp name, then renamed); returns its manifest entry and skipped paths.
     tags ({dataset, split}) go into every sample's json."""
-    tmp, skipped, count = path + ".tmp", [], 0
+    tmp, skipped, count, rotated = path + ".tmp", [], 0, 0
     with open(tmp, "wb") as f, wds.TarWriter(f, encoder=False, mtime=0) as tw:
         for index, label, rec in items:
             try:
                 data = read_regular(rec.file)
                 check_image(data)
+                ext = image_ext(rec.file)
+                upright = apply_exif_orientation(data)
+                if upright is not None:  # decoders read pixels as stored: store them upright
+                    data, rotated = upright, rotated + 1
+                    ext = "jpg" if ext == "jpg" else "png"
                 if reencode:
                     data = reencode_jpeg(data, reencode)
             except Exception as exn:  # unreadable, not a regular file or undecodable: reported, left out
@@ -115,12 +142,12 @@ def write_shard(path: str, items: list[tuple[int, int, Record]], reencode: int |
                 continue
             meta = dict(**tags, path=rec.path, class_id=rec.class_id, class_name=rec.class_name, label=label,
                         **rec.extra)
-            tw.write({"__key__": f"{index:08d}", "jpg" if reencode else image_ext(rec.file): data,
+            tw.write({"__key__": f"{index:08d}", "jpg" if reencode else ext: data,
                       "cls": str(label).encode(), "json": json.dumps(meta).encode()})
             count += 1
     os.replace(tmp, path)
     return dict(name=os.path.basename(path), num_samples=count, sha256=sha256_file(path),
-                bytes=os.path.getsize(path), skipped=skipped)
+                bytes=os.path.getsize(path), skipped=skipped, exif_rotated=rotated)
 
 
 def drop_duplicates(splits: dict[str, list[Record]]) -> dict[str, list[str]]:
@@ -227,6 +254,7 @@ def write_split(fmt: str, split: str, records: list[Record], split_dir: str, *, 
             entries[k] = fut.result()
             bar.update(n)
     skipped = sorted([p for e in entries for p in e.pop("skipped")] + left_out)
+    rotated = sum(e.pop("exif_rotated") for e in entries)
     for e in [e for e in entries if e["num_samples"] == 0]:  # every image of the shard was undecodable
         os.remove(os.path.join(split_dir, e["name"]))
         entries.remove(e)
@@ -239,7 +267,7 @@ def write_split(fmt: str, split: str, records: list[Record], split_dir: str, *, 
                     class_names=[n for _, n in classes], class_ids=[c for c, _ in classes],
                     shards=entries, skipped=dict(count=len(skipped), paths=skipped),
                     source=os.path.abspath(src), seed=seed, reencode=reencode, shard_size=shard_size,
-                    options=options)
+                    options=options, exif_orientation="applied", exif_rotated=rotated)
     write_manifest(split_dir, manifest)
     return dict(split=split, status="written", num_samples=manifest["num_samples"], num_classes=len(classes),
                 num_shards=len(entries), skipped=len(skipped), skipped_paths=skipped)

@@ -74,11 +74,14 @@ def init_parameters(cls: type) -> set[str]:
 
 
 def check(name: str, dim: int, kwargs: dict | None = None, miner: str | None = None,
-          miner_kwargs: dict | None = None) -> None:
-    """Build the loss (and miner) on a 4-class toy and run one forward and backward on 8 random embeddings.
+          miner_kwargs: dict | None = None, sampler: str = "shuffle", m_per_class: int = 4) -> None:
+    """Build the loss (and miner) on a 4-class toy and train two steps as training does (forward, backward, an
+    optimizer step on the embeddings and the loss's own weights), on batches whose labels come as `sampler` makes
+    them (toy_labels).
 
     Raises ValueError whose message starts with the key at fault (`loss.name: ...`, `loss.kwargs: ...`,
-    `loss.miner: ...`, `loss.miner_kwargs: ...`) for anything that goes wrong, whatever the exception."""
+    `loss.miner: ...`, `loss.miner_kwargs: ...`, `data.sampler: ...`) for anything that goes wrong, whatever the
+    exception."""
     try:
         crit = MetricLoss(name, 4, dim, kwargs, miner, miner_kwargs, gather=False)
     except ValueError:
@@ -86,18 +89,49 @@ def check(name: str, dim: int, kwargs: dict | None = None, miner: str | None = N
     except Exception as e:  # a constructor failing in its own way (KeyError, AssertionError, ...)
         key = "loss.kwargs" if kwargs else "loss.name"
         raise ValueError(f"{key}: {name}({kwargs or ''}) fails: {type(e).__name__}: {_first_line(e)}") from e
-    gen = torch.Generator().manual_seed(0)
-    emb = torch.randn(8, dim, generator=gen).requires_grad_()
-    labels = torch.arange(4).repeat_interleave(2)
     try:
-        loss = crit(emb, labels)
-        loss.backward()
+        _two_steps(crit, dim, toy_labels(sampler, m_per_class))
     except Exception as e:
-        raise ValueError(f"loss.name: {name} cannot train on a batch of (embeddings, class labels): "
-                         f"{type(e).__name__}: {_first_line(e)}") from e
-    if loss.dim() != 0 or not torch.isfinite(loss):
-        raise ValueError(f"loss.name: {name} gives {loss.shape} / {loss.detach()} on a toy batch, not a finite "
-                         "scalar")
+        if sampler != "m_per_class":
+            try:  # does the loss want batches of m samples per class?
+                _two_steps(MetricLoss(name, 4, dim, kwargs, miner, miner_kwargs, gather=False), dim,
+                           toy_labels("m_per_class", m_per_class))
+            except Exception:  # noqa: BLE001 - it does not train either way: the loss is at fault
+                pass
+            else:
+                raise ValueError(f"data.sampler: {name} trains only on batches of equal samples per class "
+                                 f"({type(e).__name__}: {_first_line(e)}); set data.sampler=m_per_class") from e
+        raise ValueError(f"loss.name: {name} cannot train on batches of (embeddings, class labels) of "
+                         f"data.sampler={sampler}: {type(e).__name__}: {_first_line(e)}") from e
+
+
+def _two_steps(crit: MetricLoss, dim: int, labels: torch.Tensor) -> None:
+    gen = torch.Generator().manual_seed(0)
+    emb = torch.randn(len(labels), dim, generator=gen).requires_grad_()
+    optimizer = torch.optim.SGD([emb, *crit.proxy_parameters()], lr=0.01)
+    for _ in range(2):
+        loss = crit(emb, labels)
+        if loss.dim() != 0 or not torch.isfinite(loss):
+            raise ValueError(f"it gives {tuple(loss.shape)} / {loss.detach()} on a toy batch, not a finite scalar")
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
+def _detach_running_state(module: nn.Module) -> None:
+    """Running statistics a loss keeps across calls (DynamicSoftMarginLoss's histogram) cut from this step's
+    graph: kept attached, the next step's backward runs through the freed graph of this one and fails."""
+    for name, value in list(vars(module).items()):
+        if torch.is_tensor(value) and value.grad_fn is not None:
+            setattr(module, name, value.detach())
+
+
+def toy_labels(sampler: str, m_per_class: int) -> torch.Tensor:
+    """Labels of a toy batch as `data.sampler` makes them: `shuffle`, classes in unequal numbers (as a random
+    draw gives); `m_per_class`, 4 classes of m each."""
+    if sampler == "m_per_class":
+        return torch.arange(4).repeat_interleave(max(2, int(m_per_class)))
+    return torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2, 3])
 
 
 def _first_line(error: BaseException) -> str:
@@ -168,4 +202,5 @@ class MetricLoss(CriterionBase):
         indices = self.miner(emb, labels) if self.miner is not None else None
         loss = self.loss_fn(emb, labels, indices)
         self.last_parts = {"loss": loss.detach()}
+        _detach_running_state(self.loss_fn)
         return loss

@@ -9,6 +9,7 @@ same order.
     flags = any_ranks([stop, diverged], device)
     obj = broadcast_object(obj)              # rank 0's object on every rank
     objs = all_gather_object(obj)            # one per rank, in rank order
+    set_phase("step 12")                     # what this rank does now (named when a peer waits on it too long)
 """
 from __future__ import annotations
 
@@ -18,6 +19,19 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
+
+_PHASE = ["start-up"]
+
+
+def set_phase(text: str) -> None:
+    """Record what this rank is doing (`step 12`, `evaluation after epoch 3`, `checkpoint at step 40`): a plain
+    assignment, no communication; trainer/distributed.py's heartbeat publishes it, so that a rank that waited
+    past the collective timeout can name the rank that stopped answering and what it was doing."""
+    _PHASE[0] = text
+
+
+def phase() -> str:
+    return _PHASE[0]
 
 
 def is_distributed() -> bool:

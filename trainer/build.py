@@ -214,7 +214,8 @@ def build(cfg, env) -> Trainer:
                    cfg.data.sampler, cfg.data.m_per_class)                                 # now
         plan = make_plan(cfg, env, train_manifest)
         data_info = {"classes": train_manifest.num_classes, "samples": train_manifest.num_samples,
-                     "class_names": class_digest(train_manifest.class_names)}
+                     "class_names": class_digest(train_manifest.class_names),
+                     "class_list": [str(c) for c in train_manifest.class_names]}
         log = functools.partial(log_line, env.is_main)
         state = TrainState(env, plan.run_dir, Checkpointer(plan.checkpoint_dir, cfg.checkpoint.keep_last),
                            fmt=cfg.checkpoint.format, async_save=cfg.checkpoint.async_save, config=to_dict(cfg),
@@ -335,4 +336,6 @@ def log_line(is_main: bool, line: str) -> None:
     """Print `line` on rank 0 only, above the progress bar (the build step's and the loop's log)."""
     if is_main:
         from tqdm import tqdm
-        tqdm.write(line)
+
+        from trainer.redact import redact
+        tqdm.write(redact(line))

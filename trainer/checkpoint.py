@@ -169,8 +169,9 @@ class Checkpointer:
     def find_latest(self, log=None, check=None) -> tuple[str | None, dict | None]:
         """The newest checkpoint that loads and verifies, and its state; (None, None) if there is none.
 
-        `check(state)` may raise CheckpointError for more (e.g. DeepSpeed's folder beside it is missing). Each
-        damaged one met on the way (truncated, garbled, failing its sha256 or `check`) is reported through `log`
+        `check(state)` may raise CheckpointError for more (e.g. DeepSpeed's folder beside it is missing). A DCP folder
+        without a sidecar (no sha256 to check its files against) is loaded in full here, once. Each damaged one met
+        on the way (truncated, garbled, failing its sha256, its full load or `check`) is reported through `log`
         (or warnings.warn), naming the file and why, and renamed to <name>.damaged so that it can neither be picked
         again nor outrank good checkpoints in keep-last. When every checkpoint is damaged, CheckpointError: the
         run is not silently started over. Rank 0 only (the others load the path it picks).
@@ -183,6 +184,8 @@ class Checkpointer:
                     from trainer import dcp_checkpoint
                     dcp_checkpoint.verify(path)
                     state = dcp_checkpoint.read_meta(path)
+                    if not os.path.exists(sidecar(path)):  # nothing vouches for its tensors: read them all once
+                        dcp_checkpoint.load_consolidated(path)
                 else:
                     state = load(path)
                 if check is not None:
@@ -253,8 +256,11 @@ def load(path: str, check_keys: bool = True, model_only: bool = False) -> dict:
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such checkpoint file")
     verify(path)
+    from trainer.safe_load import UnsafeFileError, torch_load
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch_load(path)  # tensors and plain data only: a file that would run code is refused
+    except UnsafeFileError as e:
+        raise CheckpointError(str(e)) from None
     except Exception as e:  # noqa: BLE001 - unpickling garbage raises anything from EOFError to UnicodeError
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {first})") from None

@@ -80,6 +80,10 @@ class RunConfig:
     # auto: nccl on cuda, gloo on cpu | gloo also carries CUDA tensors (e.g. two ranks sharing one GPU)
     dist_backend: str = one_of("auto", "nccl", "gloo")
     deterministic: bool = False  # torch.use_deterministic_algorithms; cudnn.benchmark off
+    # seconds a rank waits in a collective for the others; then the job ends, naming the rank that stopped
+    # answering and what it was doing. It must cover the longest stretch one rank works alone while the others
+    # wait (rank 0's metrics after an evaluation, a checkpoint write, start-up)
+    collective_timeout_s: int = positive(300)
 
 
 AUTO = "auto"  # data.transform.mean / std / interpolation: from the backbone's pretrained config
@@ -451,19 +455,21 @@ def check_finite(cfg: DictConfig) -> None:
 
 
 def validate_metric_loss(cfg: DictConfig) -> None:
-    """A pytorch-metric-learning loss: its name, arguments and miner, tried with one forward and backward on a
-    toy batch (8 embeddings, 4 classes: milliseconds). Any exception becomes a ConfigError naming the key."""
+    """A pytorch-metric-learning loss: its name, arguments and miner, tried with two training steps on a toy
+    batch labelled as data.sampler makes batches (4 classes: milliseconds). Any exception becomes a ConfigError
+    naming the key."""
     if cfg.loss.mode == "sharded":
         raise ConfigError(f"loss.mode: 'sharded' splits ProxyGML's proxies; loss.name={cfg.loss.name!r} takes "
                           "'gather' (global batch) or 'local'")
     from loss.baselines import check
     kwargs, miner_kwargs = OmegaConf.to_container(cfg.loss.kwargs), OmegaConf.to_container(cfg.loss.miner_kwargs)
     try:
-        check(cfg.loss.name, cfg.model.dim, kwargs, cfg.loss.miner or None, miner_kwargs)
+        check(cfg.loss.name, cfg.model.dim, kwargs, cfg.loss.miner or None, miner_kwargs, sampler=cfg.data.sampler,
+              m_per_class=cfg.data.m_per_class)
     except Exception as e:  # every failure is a config error naming the key (check() names it when it can)
         msg = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
-        raise ConfigError(msg if msg.startswith("loss.") else f"loss.name: {cfg.loss.name} with {kwargs} fails: "
-                          f"{type(e).__name__}: {msg}") from None
+        raise ConfigError(msg if msg.startswith(("loss.", "data.")) else f"loss.name: {cfg.loss.name} with {kwargs} "
+                          f"fails: {type(e).__name__}: {msg}") from None
 
 
 def amp_dtype(amp: str, device) -> Any:
@@ -488,8 +494,12 @@ def check_world_size(cfg: DictConfig, world_size: int) -> int:
 
 
 def to_yaml(cfg: DictConfig) -> str:
-    return OmegaConf.to_yaml(cfg, resolve=True)
+    """The resolved config as YAML to print or write, credentials redacted (trainer/redact.py)."""
+    return OmegaConf.to_yaml(OmegaConf.create(to_dict(cfg)))
 
 
 def to_dict(cfg: DictConfig) -> dict:
-    return OmegaConf.to_container(cfg, resolve=True)
+    """The resolved config as a plain dict to save or log (a checkpoint, MLflow), credentials redacted: a
+    resumed run takes them again from its command line or the environment."""
+    from trainer.redact import redact_tree
+    return redact_tree(OmegaConf.to_container(cfg, resolve=True))

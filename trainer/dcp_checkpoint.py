@@ -38,10 +38,6 @@ import warnings
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import (
-    DefaultLoadPlanner,
-    FileSystemReader,
-)
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
@@ -50,6 +46,7 @@ from trainer.checkpoint import (
     CheckpointError,
     sidecar,
 )
+from trainer.safe_load import SafeFileSystemReader, SafeLoadPlanner, UnsafeFileError, read_dcp_metadata, torch_load
 
 PROXY_PARAM = "criterion.proxies"  # TrainModule's name of the sharded proxy table
 METADATA = ".metadata"
@@ -68,7 +65,7 @@ class Blob:
         return {"value": buf.getvalue()}
 
     def load_state_dict(self, sd: dict) -> None:
-        self.value = torch.load(io.BytesIO(sd["value"]), weights_only=False)
+        self.value = torch_load(io.BytesIO(sd["value"]), what="a DCP checkpoint's entry")
 
 
 def annotate_rows(t: torch.Tensor, start: int, total: int) -> torch.Tensor:
@@ -171,7 +168,9 @@ def metadata(path: str):
     if not os.path.isfile(os.path.join(path, METADATA)):
         raise CheckpointError(f"{path}: no {METADATA} (not a complete DCP checkpoint)")
     try:
-        return FileSystemReader(path).read_metadata()
+        return read_dcp_metadata(path)  # a restricted unpickler: DCP's records only, nothing that runs code
+    except UnsafeFileError as e:
+        raise CheckpointError(str(e)) from None
     except Exception as e:  # noqa: BLE001 - unpickling garbage raises anything
         raise CheckpointError(f"{path}: unreadable {METADATA} ({type(e).__name__}: {str(e)[:160]})") from None
 
@@ -189,10 +188,12 @@ def quiet_one_process(no_dist: bool):
 
 def _load(path: str, target: dict, no_dist: bool) -> None:
     try:
-        planner = DefaultLoadPlanner(flatten_state_dict=False, flatten_sharded_tensors=False)
+        planner = SafeLoadPlanner(flatten_state_dict=False, flatten_sharded_tensors=False)
         no_dist = no_dist or not C.is_distributed()
         with quiet_one_process(no_dist):
-            dcp.load(target, storage_reader=FileSystemReader(path), planner=planner, no_dist=no_dist)
+            dcp.load(target, storage_reader=SafeFileSystemReader(path), planner=planner, no_dist=no_dist)
+    except UnsafeFileError as e:
+        raise CheckpointError(str(e)) from None
     except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP wraps each rank's failure (a BaseException)
         first = (str(e).strip().splitlines() or [type(e).__name__])[-1][:200]
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {first})") from None

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -93,9 +95,126 @@ def setup(device: str = "auto", timeout_s: int = 1800, backend: str = "auto") ->
         kwargs = {"device_id": dev} if backend == "nccl" else {}
         dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s),
                                 **kwargs)
+        if world_size > 1:
+            Heartbeat.start(rank)
     return DistEnv(rank, world_size, local_rank, dev)
 
 
 def teardown() -> None:
+    Heartbeat.stop()
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------ naming the rank a collective waited on
+
+HEARTBEAT_S = 1.0  # how often each rank publishes its beat and phase
+HEARTBEAT_KEY = "proxygml/heartbeat/{rank}"
+STORE_WAIT_S = 5.0  # how long the diagnosis waits for the rendezvous store
+
+
+class StalledPeer(Exception):
+    """A collective waited past run.collective_timeout_s; the message names the rank and what it was doing."""
+
+
+def _store_client(timeout_s: float):
+    """A client of the job's rendezvous store of its own (torchrun's agent or rank 0 hosts it)."""
+    return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                         timeout=timedelta(seconds=timeout_s), wait_for_workers=False)
+
+
+class Heartbeat:
+    """A daemon thread that publishes, every HEARTBEAT_S, `<beat>|<host>|<pid>|<phase>` of this rank in the
+    rendezvous store (the phase: loss.collectives.phase()): a rank whose beat stops advancing has stopped running
+    (SIGSTOP, frozen, gone)."""
+
+    _thread: threading.Thread | None = None
+    _stop = threading.Event()
+
+    @classmethod
+    def start(cls, rank: int) -> None:
+        if cls._thread is not None:
+            return
+        cls._stop.clear()
+        cls._thread = threading.Thread(target=cls._run, args=(rank,), name="heartbeat", daemon=True)
+        cls._thread.start()
+
+    @classmethod
+    def stop(cls) -> None:
+        cls._stop.set()
+        cls._thread = None
+
+    @classmethod
+    def _run(cls, rank: int) -> None:
+        from loss.collectives import phase
+        try:
+            store = _store_client(STORE_WAIT_S)
+            beat = 0
+            while not cls._stop.is_set():
+                store.set(HEARTBEAT_KEY.format(rank=rank), f"{beat}|{socket.gethostname()}|{os.getpid()}|{phase()}")
+                beat += 1
+                cls._stop.wait(HEARTBEAT_S)
+        except Exception:  # noqa: BLE001 - no store (it went with its host): nothing to publish to
+            return
+
+
+def is_collective_timeout(e: BaseException) -> bool:
+    """True when `e` is a collective (or the store) giving up after the process group's timeout."""
+    text = str(e)
+    return isinstance(e, (RuntimeError, dist.DistBackendError)) and any(
+        s in text for s in ("Timed out", "timed out", "Timeout", "timeout"))
+
+
+def _end_frozen(beats) -> None:
+    """SIGKILL frozen ranks on this host: a stopped process cannot take the launcher's SIGTERM, and torchrun would
+    wait 30 s more for it before its own SIGKILL; the job is ending either way."""
+    import signal
+    for _, _, host, pid in beats:
+        if host == socket.gethostname() and pid > 0:
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    frozen = f.read().rsplit(")", 1)[1].split()[0] in ("T", "t")  # stopped, or traced
+                if frozen:
+                    os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+
+
+def describe_stall(timeout_s: int) -> str:
+    """One line: which rank stopped answering and what it was doing, from the heartbeats of every rank (read
+    twice, 2.5 beats apart: a beat that does not advance is a process that does not run)."""
+    from loss.collectives import phase
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    waited = f"rank {rank} waited at {phase()} for run.collective_timeout_s={timeout_s} s"
+
+    def read(store) -> dict[int, tuple[int, str, str, int]]:
+        out = {}
+        for r in range(world_size):
+            try:
+                beat, host, pid, what = store.get(HEARTBEAT_KEY.format(rank=r)).decode().split("|", 3)
+                out[r] = (int(beat), what, host, int(pid))
+            except Exception:  # noqa: BLE001 - no beat yet, or the store gave up
+                out[r] = (-1, "start-up", "", 0)
+        return out
+
+    try:
+        Heartbeat.stop()  # this rank's own beat is of no use now
+        store = _store_client(STORE_WAIT_S)
+        first = read(store)
+        time.sleep(2.5 * HEARTBEAT_S)
+        second = read(store)
+    except Exception:  # noqa: BLE001 - the store's host itself stopped answering
+        return (f"the job's rendezvous store stopped answering ({os.environ.get('MASTER_ADDR')}:"
+                f"{os.environ.get('MASTER_PORT')}: rank 0, or the launcher, is stopped or gone); {waited}")
+    stopped = [r for r in range(world_size) if r != rank and second[r][0] == first[r][0]]
+    behind = [r for r in range(world_size) if r != rank and second[r][1] != phase()]
+    if stopped:
+        _end_frozen([second[r] for r in stopped])
+        return "; ".join(f"rank {r} stopped answering (its process no longer runs: stopped, frozen or gone); it "
+                         f"was at {second[r][1]}" for r in stopped) + f"; {waited}. Look at that rank's machine, " \
+                         "or raise run.collective_timeout_s if its work is only slow"
+    if behind:
+        return "; ".join(f"rank {r} is running but stuck at {second[r][1]}" for r in behind) + f"; {waited}. " \
+               "Raise run.collective_timeout_s if that work is only slow"
+    return (f"a collective timed out with every rank running at {phase()}; {waited}. The network between the "
+            f"ranks may have failed")

@@ -45,25 +45,58 @@ def report(e: BaseException, rank: int = 0, world_size: int = 1, quiet_ranks: bo
     that failed because a peer died: one line, status 1. KeyboardInterrupt: status 130. Anything else is a bug:
     its traceback, status 1.
     """
+    from trainer.redact import redact  # no credential reaches the terminal, whatever the message quotes
     tag = f"[rank {rank}] " if world_size > 1 else ""
     if isinstance(e, USER_ERRORS):
         if rank == 0 or not (quiet_ranks or getattr(e, "same_on_every_rank", False)):
-            print(f"{tag}error: {one_line(e)}", file=sys.stderr)
+            print(redact(f"{tag}error: {one_line(e)}"), file=sys.stderr)
         return EXIT_USER_ERROR
     if isinstance(e, KeyboardInterrupt):
-        print(f"{tag}interrupted", file=sys.stderr)
+        print(f"{tag}interrupted: stopped at once, without a checkpoint since the last one", file=sys.stderr)
         return 130
     if isinstance(e, StoreUnavailable):  # the object store kept failing after its retries: not a bug, not the data
         print(f"{tag}error: {one_line(e)}", file=sys.stderr)
         return EXIT_BUG
     if isinstance(e, SystemExit):
         return e.code if isinstance(e.code, int) else EXIT_BUG
+    if isinstance(e, PeerFailed):
+        print(redact(f"{tag}stopped: {e}"), file=sys.stderr)
+        return EXIT_BUG
+    if type(e).__name__ == "StalledPeer":  # trainer.distributed: a collective timed out, the rank it waited on named
+        print(redact(f"{tag}error: {e}"), file=sys.stderr)
+        return EXIT_BUG
     if world_size > 1 and is_peer_failure(e):
         first = str(e).strip().splitlines()[0][:300]
-        print(f"{tag}stopped: another rank failed first (see its error above); here: {first}", file=sys.stderr)
+        print(redact(f"{tag}stopped: another rank failed first (see its error above); here: {first}"),
+              file=sys.stderr)
         return EXIT_BUG
-    traceback.print_exception(e)
+    print(redact("".join(traceback.format_exception(e))), end="", file=sys.stderr)
     return EXIT_BUG
+
+
+class PeerFailed(Exception):
+    """This rank stops because another rank failed in a collective part (its error is printed there): one line,
+    status 1."""
+
+
+class OutOfMemory(UserError):
+    """A batch did not fit in the device's (or the host's) memory: the message names the keys to lower."""
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, or the CPU allocator's refusal (a RuntimeError)."""
+    import torch
+    return isinstance(e, torch.OutOfMemoryError) or (
+        isinstance(e, RuntimeError) and ("can't allocate memory" in str(e) or "out of memory" in str(e).lower()))
+
+
+def out_of_memory(e: BaseException, images, where: str, keys: str) -> OutOfMemory:
+    """The one-line OutOfMemory for `e`, met on a batch `images` (B, C, H, W) while `where`; `keys`: what to lower."""
+    shape = tuple(getattr(images, "shape", ()))
+    batch = f"a batch of {shape[0]} images of {shape[-2]}x{shape[-1]} px" if len(shape) == 4 else "a batch"
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    first = first.split("DefaultCPUAllocator: ")[-1][:160]
+    return OutOfMemory(f"out of memory {where} with {batch} on this rank ({first}); lower {keys}")
 
 
 def one_line(e: BaseException) -> str:

@@ -17,6 +17,7 @@ import torch
 from tqdm import tqdm
 
 from loss import collectives as C
+from trainer.errors import USER_ERRORS, UserError, is_out_of_memory, one_line, out_of_memory
 from trainer.train_state import DivergedError, Position, Trained, TrainState
 
 # The training loss and its parts are logged as Train/loss, Train/loss_s, Train/loss_p: MLflow's run page orders
@@ -44,18 +45,44 @@ class Timed:
 
 
 class StopFlag:
-    """SIGTERM / SIGUSR1 (how SLURM preempts) -> finish the step, checkpoint, exit cleanly."""
+    """A stop request -> finish the step, checkpoint, exit cleanly (status 0): SIGTERM / SIGUSR1 (how SLURM and
+    torchrun stop or preempt) and SIGINT (Ctrl-C). A second Ctrl-C stops at once (KeyboardInterrupt: no
+    checkpoint, status 130); SIGINTs within SAME_PRESS_S of the first are that same press (the terminal's and the
+    one torchrun forwards to its workers). Further SIGTERM / SIGUSR1 while a stop is under way change nothing: a
+    launcher that repeats its signal does not turn the clean stop into death by signal, not even after
+    `restore()`."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+    SAME_PRESS_S = 1.0
 
     def __init__(self):
         self.raised = False
-        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGUSR1)}
+        self.signal: int | None = None  # the first stop signal received
+        self._first_interrupt: float | None = None
+        self._old = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
 
     def _handle(self, signum, frame):
+        if signum == signal.SIGINT:
+            now = time.monotonic()
+            if self._first_interrupt is None:
+                self._first_interrupt = now
+            elif now - self._first_interrupt > self.SAME_PRESS_S:  # a second Ctrl-C: stop now
+                signal.signal(signal.SIGINT, signal.SIG_DFL)  # a third one kills, whatever Python is doing
+                raise KeyboardInterrupt
         self.raised = True
+        self.signal = self.signal or signum
+
+    @property
+    def reason(self) -> str:
+        return {signal.SIGINT: "Ctrl-C (SIGINT)"}.get(self.signal, signal.Signals(self.signal).name) \
+            if self.signal else ""
 
     def restore(self):
+        """Give back the handlers found at the start; once a stop is under way SIGTERM / SIGUSR1 stay ignored
+        (the process is about to exit 0 on its own)."""
         for s, h in self._old.items():
-            signal.signal(s, h)
+            ignore = self.raised and s != signal.SIGINT and h in (signal.SIG_DFL, None)
+            signal.signal(s, signal.SIG_IGN if ignore else (h if h is not None else signal.SIG_DFL))
 
 
 @dataclass(frozen=True)
@@ -136,7 +163,10 @@ class Trainer:
                     self.engine.rewrap()
                 if pos.batch < self.batches_per_epoch and not self.train_epoch():
                     self.save()  # preempted (or train.max_steps): checkpoint where we are and leave
-                    self.log(f"stopped at epoch {pos.epoch} batch {pos.batch} (step {pos.step}); checkpoint saved")
+                    by = f" by {self.stop.reason}" if self.stop.raised else ""
+                    self.log(f"stopped at epoch {pos.epoch} batch {pos.batch} (step {pos.step}){by}; checkpoint "
+                             f"saved: {self.state.latest()}" + ("; to resume, run the same command again" if by
+                                                                 else ""))
                     self.tracker.close(status="KILLED")
                     return self.metrics
                 self.scheduler.step()
@@ -153,6 +183,9 @@ class Trainer:
             self.tracker.close(status="FINISHED")
             self.report.end()  # rank 0: best and final Recall@1, where the run, its checkpoint and MLflow run are
             return self.metrics
+        except KeyboardInterrupt:  # a second Ctrl-C: the user stopped it
+            self.tracker.close(status="KILLED")
+            raise
         except BaseException:
             self.tracker.close(status="FAILED")
             raise
@@ -163,19 +196,33 @@ class Trainer:
         """Batches pos.batch.. of epoch pos.epoch; advances `pos`. False when stopped early (signal, max_steps).
         Raises DivergedError at the first step whose loss is not finite, on every rank, before any save."""
         s, env, pos, engine = self.schedule, self.env, self.pos, self.engine
-        loader = self.loaders.train(pos.epoch, pos.batch)  # device batches; made once, its workers serve every epoch
+        C.set_phase(f"step {pos.step + 1} (epoch {pos.epoch}, batch {pos.batch})")
+        batch = failed = None
+        try:
+            loader = self.loaders.train(pos.epoch, pos.batch)  # device batches; made once, its workers serve every
+            batches = Timed(loader)                             # epoch
+            batch, failed = self.next_batch(batches)
+        except USER_ERRORS as e:  # a shard gone since the last epoch
+            failed = e
+        if C.any_ranks([failed is not None], env.device)[0]:
+            self.save_then_raise(failed)
         autocast = torch.autocast(env.device.type, dtype=self.amp) if self.amp else nullcontext()
         bar = tqdm(total=len(loader), initial=pos.batch, disable=not env.is_main, dynamic_ncols=True,
                    desc=f"epoch {pos.epoch}" + (" (warm-up: head + proxies)" if self.warm else ""))
         self.module.train()
-        seen, t0, batches = 0, time.perf_counter(), Timed(loader)
-        for images, labels in batches:
+        seen, t0 = 0, time.perf_counter()
+        while batch is not None:
+            images, labels = batch
             try:
                 with autocast:
                     loss = engine(images, labels)
                 engine.backward(loss)
                 engine.step()
             except (ValueError, RuntimeError) as e:  # weights already non-finite: the loss refuses, Adam overflows
+                if is_out_of_memory(e):
+                    bar.close()
+                    raise out_of_memory(e, images, f"at step {pos.step + 1}",
+                                        "train.batch_size or data.transform.image_size (or set train.amp)") from None
                 if not any(w in str(e) for w in ("non-finite", "without overflow")):
                     raise
                 bar.close()
@@ -184,10 +231,15 @@ class Trainer:
             pos.batch, pos.step, seen = pos.batch + 1, pos.step + 1, seen + labels.shape[0] * env.world_size
             self.first_bad_step = torch.where(torch.isfinite(loss.detach()), self.first_bad_step,
                                               self.first_bad_step.clamp(max=pos.step))
-            stopped, diverged = C.any_ranks([self.stop.raised, self.first_bad_step < math.inf], env.device)
+            batch, failed = self.next_batch(batches)  # read now: its failure travels with the step's flags
+            stopped, diverged, data_failed = C.any_ranks([self.stop.raised, self.first_bad_step < math.inf,
+                                                          failed is not None], env.device)
             if diverged:
                 bar.close()
                 self.diverged(self.first_bad_step)
+            if data_failed:
+                bar.close()
+                self.save_then_raise(failed)
             bar.update(1)
             show = pos.step % s.progress_every_steps == 0 or pos.batch == len(loader)
             track = s.track_every_steps and pos.step % s.track_every_steps == 0
@@ -200,8 +252,37 @@ class Trainer:
             if stopped or (s.max_steps and pos.step >= s.max_steps):
                 bar.close()
                 return False
+            C.set_phase(f"step {pos.step + 1} (epoch {pos.epoch}, batch {pos.batch})")
         bar.close()
         return True
+
+    @staticmethod
+    def next_batch(batches) -> tuple[tuple | None, BaseException | None]:
+        """(the next batch, None), (None, None) at the epoch's end, or (None, the user error reading it raised: a
+        shard damaged or gone since the start)."""
+        try:
+            return next(batches), None
+        except StopIteration:
+            return None, None
+        except USER_ERRORS as e:
+            return None, e
+        except RuntimeError as e:  # making the batch ran out of memory (torch.OutOfMemoryError is one too)
+            if not is_out_of_memory(e):
+                raise
+            return None, out_of_memory(e, None, "making a training batch",
+                                       "train.batch_size or data.transform.image_size")
+
+    def save_then_raise(self, failed: BaseException | None) -> None:
+        """Collective: a user error met between steps (the model state is that of the last step, consistent) on
+        any rank: checkpoint first, as on SIGTERM, then stop every rank with that error, saying so."""
+        errors = C.all_gather_object(one_line(failed) if failed is not None else None)
+        first = next((r, msg) for r, msg in enumerate(errors) if msg is not None)
+        self.save()
+        where = f" (rank {first[0]})" if self.env.world_size > 1 else ""
+        error = UserError(f"{first[1]}{where}; a checkpoint of step {self.pos.step} was saved first: "
+                          f"{self.state.latest()}; fix the data, then run the same command again to resume")
+        error.same_on_every_rank = True
+        raise error
 
     def diverged(self, first_bad_step: torch.Tensor) -> None:
         """Collective: stop on every rank, naming the first bad step (the earliest over the ranks)."""
@@ -221,6 +302,7 @@ class Trainer:
 
     def evaluate(self, when: str) -> dict:
         """Collective. Test-split retrieval metrics, printed and logged on rank 0; then the proxies' statistics."""
+        C.set_phase(f"evaluation ({when})")
         C.broadcast_buffers(self.embedder)  # every rank embeds with rank 0's BatchNorm statistics
         result = self.parts.evaluate(self.embedder, self.loaders.eval())
         self.embedder.train()
@@ -237,6 +319,7 @@ class Trainer:
     def save(self) -> None:
         """Collective: a checkpoint of the current position (trainer/train_state.py)."""
         s, pos = self.schedule, self.pos
+        C.set_phase(f"checkpoint at step {pos.step}")
         last = pos.epoch >= s.epochs or bool(s.max_steps and pos.step >= s.max_steps)
         self.state.save(self.parts.trained, pos, tracker_run_id=self.tracker.run_id, run_uid=self.parts.run_uid,
                         last=last, stopping=self.stop.raised, lr_advice=s.lr_advice)

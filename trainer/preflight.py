@@ -9,7 +9,8 @@ from trainer.config import ConfigError
 def check_data(global_batch: int, train: Manifest, test: Manifest, world_size: int, sampler: str = "shuffle",
                m_per_class: int = 4) -> None:
     """Raise ConfigError (naming the key, the split and the fix) when the splits cannot make a run:
-    fewer than 2 train classes, a global batch larger than the train split, an empty test split, and with
+    fewer than 2 train classes, a global batch larger than the train split, a test split of fewer than 2 samples
+    or 2 classes, and with
     sampler "m_per_class" fewer train classes than a per-rank batch needs (per-rank batch / m_per_class)."""
     if train.num_classes < 2:
         raise ConfigError(f"data.root: the train split {train.location} has {train.num_classes} class; metric "
@@ -27,3 +28,7 @@ def check_data(global_batch: int, train: Manifest, test: Manifest, world_size: i
     if test.num_samples < 2:
         raise ConfigError(f"data.test_split: the test split {test.location} has {test.num_samples} sample(s): "
                           f"nothing to evaluate retrieval on; write a test split (python -m data_shards write ...)")
+    if test.num_classes < 2:  # every neighbour would be of the query's class: every metric 1.0, meaning nothing
+        raise ConfigError(f"data.test_split: the test split {test.location} has {test.num_classes} class; retrieval "
+                          f"metrics need at least 2 (with one, every neighbour matches and every metric is 1.0): "
+                          f"write a test split of 2 classes or more")

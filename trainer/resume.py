@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from data_shards import batches_per_epoch
 from loss.distributed import CHECKPOINT_LAYOUT
 from trainer.config import ConfigError
+from trainer.redact import redact_tree
 
 FIXED = {
     "model.backbone": "the saved weights belong to another network",
@@ -63,8 +64,8 @@ def check_resume(saved: dict, cfg: DictConfig, path: str, at_epoch_start: bool,
     `key: old -> new` lines. Raises ConfigError (one line: key, both values, the ways out) for a change that
     cannot carry over. `saved_data` / `data_now`: {"classes": int, "samples": int} of the train split then
     and now (the data root may move; its content may not)."""
-    now = flatten(OmegaConf.to_container(cfg, resolve=True))
-    then = flatten(saved)
+    now = redact_tree(flatten(OmegaConf.to_container(cfg, resolve=True)))  # saved configs hold no credentials:
+    then = redact_tree(flatten(saved))                                     # compare without them
     ways_out = (f"; resume with {{key}}={{old}}, or start a new run (another run.name=..., or "
                 f"checkpoint.resume=false to move this run's checkpoints to {cfg.run.name}/previous/ and start over)")
     changes = []

@@ -135,7 +135,8 @@ class TrainState:
         meta = dict(config=self.config, epoch=pos.epoch, step=pos.step, batch_in_epoch=pos.batch,
                     rng=C.all_gather_object(rng_state()), mlflow_run_id=C.broadcast_object(tracker_run_id),
                     world_size=env.world_size, run_uid=run_uid, train_classes=self.data_info["classes"],
-                    train_samples=self.data_info["samples"], train_class_names=self.data_info["class_names"])
+                    train_samples=self.data_info["samples"], train_class_names=self.data_info["class_names"],
+                    train_class_list=self.data_info.get("class_list"))
         if self.fmt == "dcp":
             from trainer.dcp_checkpoint import build_state, param_names
             from trainer.dcp_save import DCPSaver

@@ -180,7 +180,15 @@ class DeepSpeedEngine:
         # this run's own DeepSpeed folder: the absolute path in `ref` may be another (copied or moved) run's
         ds_dir = self.ckpt_dir if os.path.isdir(os.path.join(self.ckpt_dir, ref["tag"])) else ref["dir"]
         universal = ref["world_size"] != self.env.world_size and self.stage > 0
-        tag = self._to_universal(ds_dir, ref["tag"]) if universal else ref["tag"]
+        from trainer.safe_load import UnsafeFileError, check_torch_files
+        try:  # DeepSpeed unpickles its files in full: refuse one that would run code, on every rank alike
+            check_torch_files(os.path.join(ds_dir, ref["tag"]))
+            tag = self._to_universal(ds_dir, ref["tag"]) if universal else ref["tag"]
+            if universal:
+                check_torch_files(os.path.join(ds_dir, tag))
+        except UnsafeFileError as e:
+            e.same_on_every_rank = True
+            raise
         before = self.ds._config.load_universal_checkpoint  # read by load_checkpoint only
         self.ds._config.load_universal_checkpoint = universal
         try:

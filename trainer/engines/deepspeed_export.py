@@ -18,11 +18,12 @@ def consolidated_state_dict(ds_dir: str, tag: str | None = None) -> dict:
         with open(os.path.join(ds_dir, "latest")) as f:
             tag = f.read().strip()
     folder = os.path.join(ds_dir, tag)
+    from trainer.safe_load import check_torch_files, torch_load
+    check_torch_files(folder)  # DeepSpeed's reader unpickles in full: refuse a file that would run code first
     if any(f.endswith("optim_states.pt") and "zero_pp_rank" in f for f in os.listdir(folder)):
         sd = get_fp32_state_dict_from_zero_checkpoint(ds_dir, tag=tag)
     else:  # stage 0: the module states file holds the whole fp32 module
-        sd = torch.load(os.path.join(folder, "mp_rank_00_model_states.pt"), map_location="cpu",
-                        weights_only=False)["module"]
+        sd = torch_load(os.path.join(folder, "mp_rank_00_model_states.pt"))["module"]
     return {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
 
 
@@ -58,8 +59,12 @@ def main(argv=None) -> int:
     e.add_argument("--trainer-checkpoint", default=None,
                    help="the trainer's step-N.pt or step-N/ folder: its config, epoch, step ... are copied over")
     a = p.parse_args(argv)
+    from trainer.errors import USER_ERRORS
     try:
         print(export(a.ds_dir, a.out, a.tag, a.trainer_checkpoint))
+    except USER_ERRORS as e:  # a file that would run code, a damaged trainer checkpoint: one line
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except FileNotFoundError as e:
         print(f"error: {e}; give the <checkpoint dir>/deepspeed folder of a run trained with engine.name=deepspeed",
               file=sys.stderr)

@@ -49,10 +49,35 @@ def main(argv=None) -> int:
         except OSError as e:
             p.error(f"cannot create the output folder {folder}: {e.strerror}")
 
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     try:
         return _evaluate_checkpoint(a)
     except USER_ERRORS as e:  # a wrong file or folder: one line, status 2 (tracebacks are for bugs)
-        return report(e, int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), quiet_ranks=True)
+        return report(e, rank, world_size, quiet_ranks=True)
+    except Exception as e:  # noqa: BLE001 - another rank failed first (one line), or a bug (its traceback)
+        from trainer.errors import exit_now
+        exit_now(report(e, rank, world_size))  # no teardown: it could wait on a peer that is gone
+
+
+def trained_on(state: dict, class_names) -> int:
+    """How many of `class_names` the checkpoint trained on: from its list of train class names, or, for older
+    checkpoints that keep only their digest, all of them when the digest matches (else 0)."""
+    names = [str(c) for c in class_names]
+    trained = state.get("train_class_list")
+    if trained:
+        return len(set(names) & {str(c) for c in trained})
+    from trainer.resume import class_digest
+    return len(names) if state.get("train_class_names") == class_digest(names) else 0
+
+
+class _Failing:
+    """A loader whose iteration raises the error its making met (so that evaluate() shares it with the ranks)."""
+
+    def __init__(self, error: BaseException):
+        self.error = error
+
+    def __iter__(self):
+        raise self.error
 
 
 def _evaluate_checkpoint(a) -> int:
@@ -62,8 +87,10 @@ def _evaluate_checkpoint(a) -> int:
 
     from data_shards import TransformConfig, eval_loader, read_manifest
     from trainer import checkpoint, config, distributed
+    from trainer.errors import USER_ERRORS
     from trainer.evaluation.export import export_embeddings, write_table
     from trainer.model import build_model
+    from trainer.redact import redact
 
     state = checkpoint.load(a.checkpoint, check_keys=False, model_only=True)  # a folder: no proxies read
     if not isinstance(state, dict) or not {"config", "model"} <= state.keys():
@@ -75,6 +102,12 @@ def _evaluate_checkpoint(a) -> int:
         raise checkpoint.CheckpointError(f"{a.checkpoint}: its config does not validate ({e})") from None
     cfg.model.pretrained, cfg.model.weights_file = False, ""  # the checkpoint has the weights
     manifest = read_manifest(a.data)
+    overlap = trained_on(state, manifest.class_names)
+    if overlap and int(os.environ.get("RANK", 0)) == 0:
+        import sys
+        print(redact(f"warning: {overlap} of the {manifest.num_classes} classes of {a.data} are classes "
+                     f"{a.checkpoint} trained on: the metrics measure how well it learnt them, not retrieval of "
+                     f"unseen classes; evaluate on the test split (classes it never saw) for that"), file=sys.stderr)
     recall_ks = a.recall_ks or list(cfg.eval.recall_ks)
     nmi, map_r = not a.no_nmi and cfg.eval.nmi, not a.no_map_r and cfg.eval.map_r
     batch_size = a.batch_size or cfg.eval.batch_size
@@ -90,13 +123,16 @@ def _evaluate_checkpoint(a) -> int:
             raise checkpoint.CheckpointError(f"{a.checkpoint}: its weights do not fit the model its own config "
                                              f"describes ({why})") from None
         transform = TransformConfig(**OmegaConf.to_container(cfg.data.transform))
-        loader = eval_loader(manifest, batch_size=batch_size, num_workers=a.num_workers,
-                             rank=env.rank, world_size=env.world_size, transform=transform)
+        try:
+            loader = eval_loader(manifest, batch_size=batch_size, num_workers=a.num_workers,
+                                 rank=env.rank, world_size=env.world_size, transform=transform)
+        except USER_ERRORS as e:  # this rank's share is damaged: raised inside evaluate(), which tells every rank
+            loader = _Failing(e)
         amp = amp_dtype(a.amp, env.device)  # the one mixed-precision rule (train.amp), as in training
         result = evaluate(model, loader, device=env.device, recall_ks=recall_ks, nmi=nmi, map_r=map_r,
                           class_names=manifest.class_names, amp_dtype=amp)
         if result.metrics is not None:
-            print(json.dumps({"checkpoint": a.checkpoint, "data": a.data, "samples": len(result.keys),
+            print(json.dumps({"checkpoint": redact(a.checkpoint), "data": redact(a.data), "samples": len(result.keys),
                               "classes": len(result.per_class), **result.metrics}, indent=1))
             if a.per_class:
                 print("per-class table:", write_table(result.per_class, a.per_class))

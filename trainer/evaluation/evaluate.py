@@ -50,7 +50,12 @@ def evaluate(model, loader, *, device, recall_ks, nmi: bool, map_r: bool, class_
     if gathered is None:
         return EvalResult(None, None, None, None, None)
     emb, labels, keys = deduplicate(*gathered)
-    if len(labels) and int(torch.unique(torch.as_tensor(labels), return_counts=True)[1].max()) < 2:
+    if len(labels) < 2:
+        from trainer.errors import UserError
+        raise UserError(f"evaluation: {len(labels)} readable sample(s) in the evaluated split: every other image "
+                        "failed to decode (see the warnings above); check or rewrite that split's shards "
+                        "(python -m data_shards write ... --overwrite)")
+    if int(torch.unique(torch.as_tensor(labels), return_counts=True)[1].max()) < 2:
         from trainer.config import ConfigError
         raise ConfigError(f"data.test_split: each of the {len(labels)} test images is the only one of its class, so "
                           "no query has a match and Recall@K / MAP@R are undefined; write a test split with at "
@@ -70,6 +75,7 @@ def embed(model, loader, *, device, amp_dtype=None):
     was_training = net.training
     net.eval()
     embs, labels, keys = [], [], []
+    images = None
     try:
         for batch in loader:
             images, y, k = _split_batch(batch, len(keys))
@@ -80,6 +86,12 @@ def embed(model, loader, *, device, amp_dtype=None):
             embs.append(out.float())
             labels.append(torch.as_tensor(y, dtype=torch.int64, device=device))
             keys.extend(k)
+    except RuntimeError as e:  # torch.OutOfMemoryError is one too; in the model or making the batch
+        from trainer.errors import is_out_of_memory, out_of_memory
+        if not is_out_of_memory(e):
+            raise
+        raise out_of_memory(e, images, "embedding the test split",
+                            "eval.batch_size (the evaluation CLI: --batch-size) or data.transform.image_size") from None
     finally:
         net.train(was_training)
     if not embs:
@@ -122,13 +134,21 @@ def gather_to_rank0(local, *, device, error: BaseException | None = None):
         if error is not None:
             raise error
         return local
+    from trainer.errors import USER_ERRORS, PeerFailed, UserError, one_line
     comm = C.comm_device(device)
-    header = C.all_gather_object((-1, 0) if error is not None else (len(local[0]), local[0].shape[1]))
+    failure = (one_line(error), isinstance(error, USER_ERRORS)) if error is not None else None
+    header = C.all_gather_object((-1, 0, failure) if error is not None else (len(local[0]), local[0].shape[1], None))
     counts, dims = [h[0] for h in header], [h[1] for h in header]
-    if error is not None:
-        raise error
-    if -1 in counts:
-        raise RuntimeError(f"evaluation failed on rank(s) {[r for r, c in enumerate(counts) if c == -1]}")
+    failed = [(r, h[2]) for r, h in enumerate(header) if h[2] is not None]
+    if failed:
+        users = [(r, msg) for r, (msg, is_user) in failed if is_user]
+        if users:  # the input is wrong: every rank raises the same one line, rank 0 says it
+            e = UserError("evaluation failed on " + "; ".join(f"rank {r}: {msg}" for r, msg in users))
+            e.same_on_every_rank = True
+            raise e
+        if error is not None:
+            raise error  # a bug: its traceback, on the rank it happened
+        raise PeerFailed(f"evaluation failed on rank(s) {[r for r, _ in failed]} (its error is printed there)")
     dim = max(dims)
     if any(c and di != dim for c, di in zip(counts, dims)):
         raise RuntimeError(f"ranks produced embeddings of different widths: {dims}")

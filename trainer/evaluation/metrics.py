@@ -89,6 +89,8 @@ def _resolve_device(embeddings, device) -> torch.device:
 
 
 def _unit_embeddings(embeddings, device) -> torch.Tensor:
+    if isinstance(embeddings, np.ndarray):  # any layout numpy allows (x[::-1] has negative strides)
+        embeddings = np.ascontiguousarray(embeddings)
     x = torch.as_tensor(embeddings)
     if x.ndim != 2 or x.shape[0] < 2 or x.shape[1] < 1:
         raise ValueError(f"embeddings must be (N >= 2, D) but have shape {tuple(x.shape)}")

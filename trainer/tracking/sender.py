@@ -14,6 +14,7 @@ import time
 import warnings
 from pathlib import Path
 
+from trainer.redact import redact
 from trainer.tracking.store import Store, is_local_store, model_options
 
 log = logging.getLogger("trainer.tracking")
@@ -100,8 +101,8 @@ class Sender:
         self._worker.join(CLOSE_WAIT_S)
         if self._worker.is_alive():  # stuck in a call to a hung server: keep the rest locally
             self._abandoned = True
-            warnings.warn(f"Tracker: MLflow at {self.uri} did not answer within {CLOSE_WAIT_S:.0f} s; the events "
-                          "not sent yet are kept locally", RuntimeWarning, stacklevel=3)
+            warnings.warn(f"Tracker: MLflow at {redact(self.uri)} did not answer within {CLOSE_WAIT_S:.0f} s; the "
+                          "events not sent yet are kept locally", RuntimeWarning, stacklevel=3)
             while True:
                 try:
                     event = self._queue.get_nowait()
@@ -110,8 +111,10 @@ class Sender:
                 if event is not None:
                     self._keep(event)
         if self.pending.exists():
-            warnings.warn(f"Tracker: tracking server unreachable, events kept in {self.pending}; upload them "
-                          f"with: python -m trainer.tracking upload {self.run_dir}", RuntimeWarning, stacklevel=3)
+            where = "the local store did not take them" if self._local else "tracking server unreachable"
+            warnings.warn(redact(f"Tracker: {where} ({self.uri}), events kept in {self.pending}; upload them "
+                                 f"with: python -m trainer.tracking upload {self.run_dir}"), RuntimeWarning,
+                          stacklevel=3)
 
     def abort(self) -> None:
         """End the thread without another call to the store (after a refused login)."""
@@ -121,7 +124,7 @@ class Sender:
     def write_state(self, artifact_root: str | None = None) -> None:
         with self._lock:
             state = read_state(self.dir)
-            state.update({"tracking_uri": self.uri, "experiment": self.experiment, "run_name": self.run_name,
+            state.update({"tracking_uri": redact(self.uri), "experiment": self.experiment, "run_name": self.run_name,
                           "run_id": self.run_id, "eval_history": self.eval_history})
             if artifact_root is not None:
                 state["artifact_root"] = artifact_root
@@ -147,7 +150,7 @@ class Sender:
             self._fail(e)
             return False
         if not self.online and self._warned:
-            log.warning("Tracker: tracking server %s reachable again; pending events uploaded", self.uri)
+            log.warning("Tracker: tracking server %s reachable again; pending events uploaded", redact(self.uri))
         self.online = True
         return True
 
@@ -165,10 +168,10 @@ class Sender:
         self._last_try = time.monotonic()
         if not self._warned:
             self._warned = True
-            warnings.warn(f"Tracker: MLflow at {self.uri} failed ({type(error).__name__}: {error}); training "
-                          f"goes on, events are kept in {self.pending} and retried every {self._retry_s:.0f}"
-                          f" s (or: python -m trainer.tracking upload {self.run_dir})", RuntimeWarning,
-                          stacklevel=4)
+            warnings.warn(redact(f"Tracker: MLflow at {self.uri} failed ({type(error).__name__}: {error}); "
+                                 f"training goes on, events are kept in {self.pending} and retried every "
+                                 f"{self._retry_s:.0f} s (or: python -m trainer.tracking upload {self.run_dir})"),
+                          RuntimeWarning, stacklevel=4)
         else:
             log.debug("Tracker: MLflow still failing: %r", error)
 
@@ -183,6 +186,13 @@ class Sender:
             try:
                 if event is None:  # close(): a last try for what is pending, whatever the retry interval
                     if not self.online and not self._abandoned and self.pending.exists():
+                        self._connect()
+                    # a local store is busy for a moment (other runs writing the same SQLite file), not down:
+                    # try again until it takes everything, within close()'s wait
+                    deadline = time.monotonic() + CLOSE_WAIT_S - 2 * LOCAL_RETRY_INTERVAL_S
+                    while (self._local and not self._abandoned and self.pending.exists()
+                           and time.monotonic() < deadline):
+                        time.sleep(LOCAL_RETRY_INTERVAL_S / 4)
                         self._connect()
                     return
                 if self._abandoned:  # close() gave up waiting: no more calls to the store

@@ -12,6 +12,8 @@ import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
+from trainer.redact import redact, split_userinfo
+
 STORE_LOCK_WAIT_S = 120.0  # creating or upgrading a SQLite store waits at most this long for another process
 HTTP_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
@@ -68,12 +70,23 @@ def resolve_tracking_uri(cfg_uri: str | None, run_dir: str | os.PathLike) -> str
     return cfg_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(run_dir)
 
 
+def credentials_to_environment(uri: str) -> str:
+    """`uri` without its user info; a `user:password` there goes to MLFLOW_TRACKING_USERNAME / _PASSWORD of this
+    process, where MLflow's HTTP client reads them (and trainer/redact.py masks the password in any output)."""
+    clean, user, password = split_userinfo(uri)
+    if password is not None:
+        os.environ["MLFLOW_TRACKING_USERNAME"] = user
+        os.environ["MLFLOW_TRACKING_PASSWORD"] = password
+    return clean
+
+
 class Store:
     """MLflow calls for one tracking URI; applies the tracker's events (also used by the upload CLI)."""
 
     def __init__(self, uri: str, artifact_root: str | None = None):
         from mlflow import MlflowClient
 
+        uri = credentials_to_environment(uri)  # MLflow prints its URI (run links): it holds no password
         self.uri = uri
         self.artifact_root = artifact_root
         self.experiment_id: str | None = None  # known once ensure_run has answered
@@ -101,7 +114,7 @@ class Store:
             except MlflowException as e:
                 if getattr(e, "error_code", "") != "RESOURCE_DOES_NOT_EXIST":
                     raise
-                warnings.warn(f"Tracker: MLflow run {run_id} does not exist at {self.uri}; starting a new run",
+                warnings.warn(f"Tracker: MLflow run {run_id} does not exist at {redact(self.uri)}; starting a new run",
                               RuntimeWarning, stacklevel=3)
             else:
                 if reopen and run.info.status != "RUNNING":

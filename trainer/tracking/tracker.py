@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from trainer.errors import UserError
+from trainer.redact import redact, redact_tree
 from trainer.tracking import plots
 from trainer.tracking.sender import TRACKING_DIR, Sender
 from trainer.tracking.store import apply_http_defaults, default_tracking_uri, resolve_tracking_uri
@@ -58,7 +59,7 @@ class Tracker:
         self._closed = False
         if not self.active:
             return
-        container = to_container(config)  # bad config type: an error before anything is created
+        container = redact_tree(to_container(config))  # bad config type: an error before anything is created
         apply_http_defaults()
         self.run_dir = Path(run_dir)
         self.dir = self.run_dir / TRACKING_DIR
@@ -155,7 +156,7 @@ class Tracker:
         profile = {"samples": int(manifest.num_samples), "classes": int(manifest.num_classes),
                    "shards": len(manifest.shard_names), "skipped": int((manifest.skipped or {}).get("count", 0))}
         self._emit({"op": "dataset", "name": f"{manifest.name}/{manifest.split}", "digest": digest,
-                    "location": str(manifest.location), "profile": profile, "context": context})
+                    "location": redact(str(manifest.location)), "profile": profile, "context": context})
 
     def log_proxy_stats(self, stats, step: int) -> None:
         """Proxy selection statistics since the counts were last reset: the summaries as metrics `proxy/*`, the

@@ -156,7 +156,8 @@ def test_ranks_with_uneven_counts_count_every_sample_once(tmp_path, world_size, 
     assert main.labels.tolist() == labels.tolist()
     last = world_size - 1
     for r in range(last):
-        assert (tmp_path / f"rank{r}.txt").read_text() == f"RuntimeError: evaluation failed on rank(s) [{last}]"
+        assert (tmp_path / f"rank{r}.txt").read_text() == (f"PeerFailed: evaluation failed on rank(s) [{last}] "
+                                                           f"(its error is printed there)")
     assert (tmp_path / f"rank{last}.txt").read_text() == "OSError: shard unreadable"
 
 
