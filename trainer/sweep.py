@@ -330,10 +330,10 @@ def budget_lock(storage_url: str):
 
 
 def next_trial(study, budget: int, storage_url: str):
-    """A new (or an enqueued) trial, or None once the study holds `budget` trials that completed, were pruned, are
-    running or are enqueued."""
+    """A new (or an enqueued) trial, or None once the study holds `budget` trials that completed, were pruned or are
+    running."""
     from optuna.trial import TrialState
-    counted = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
+    counted = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
     with budget_lock(storage_url):
         n = len(study.get_trials(deepcopy=False, states=counted))
         if n >= budget:
