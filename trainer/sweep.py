@@ -91,6 +91,10 @@ def read_space(path: str) -> dict[str, dict]:
             if not isinstance(spec.get("choices"), list) or not spec["choices"]:
                 raise SweepError(f"--space {path}: {key}: categorical needs a non-empty list 'choices'")
         else:
+            for k in ("low", "high", "step"):  # YAML 1.1 reads 1e-4 (no dot) as a string
+                if isinstance(spec.get(k), str):
+                    with contextlib.suppress(ValueError):
+                        spec[k] = float(spec[k])
             low, high = spec.get("low"), spec.get("high")
             if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high)) or low > high:
                 raise SweepError(f"--space {path}: {key}: {kind} needs numbers low <= high, got {low!r}, {high!r}")

@@ -77,6 +77,8 @@ def test_space_file_errors(tmp_path):
     bad.write_text("optim.lr: {type: float, low: 0, high: 1, log: true}\n")
     with pytest.raises(SweepError, match="optim.lr: log needs low > 0"):
         read_space(str(bad))
+    bad.write_text("optim.lr: {type: float, low: 1e-5, high: 1e-3, log: true}\n")  # YAML 1.1: "1e-5" is a string
+    assert read_space(str(bad))["optim.lr"]["low"] == 1e-5
     bad.write_text("optim.lr: {type: normal}\n")
     with pytest.raises(SweepError, match="'type' must be"):
         read_space(str(bad))
