@@ -84,6 +84,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tag", default="", help="suffix of the result files (e.g. the device)")
     p.add_argument("--resume", action="store_true", help="continue the studies and skip finished final runs")
     p.add_argument("--report-only", action="store_true", help="no training: the table and chart of the JSON")
+    p.add_argument("--merge", default="", metavar="DIR:TAG,...",
+                   help="no training: one table of the JSONs <DIR>/fair_compare-<TAG>.json (e.g. one bench process per "
+                        "loss), written to --out as fair_compare[-TAG].*")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads of every run (OMP_NUM_THREADS of the trials); on a loaded shared CPU one "
                         "thread ran 3-4x faster than two (bench/quality.py); 0 = torch's default")
@@ -224,8 +227,27 @@ def chart(searches: dict, rows: list[dict], path: str, title: str) -> None:
     plt.close(fig)
 
 
+def merge(args) -> str:
+    """One report of several benches' JSON files (their searches and final runs side by side)."""
+    searches, results, total = {}, [], 0.0
+    for item in args.merge.split(","):
+        folder, _, tag = item.rpartition(":")
+        with open(os.path.join(folder, f"fair_compare-{tag}.json")) as f:
+            data = json.load(f)
+        searches.update(data["searches"])
+        results += data["results"]
+        total = max(total, data.get("total_s", 0.0))
+    stem = "fair_compare" + (f"-{args.tag}" if args.tag else "")
+    with open(os.path.join(args.out, stem + ".json"), "w") as f:
+        json.dump({"args": vars(args), "searches": searches, "results": results, "total_s": total}, f, indent=1)
+    return report(args, searches, results, stem, total)
+
+
 def main(argv=None) -> str:
     args = parse_args(argv)
+    if args.merge:
+        os.makedirs(args.out, exist_ok=True)
+        return merge(args)
     losses = args.losses.split(",")
     os.makedirs(args.out, exist_ok=True)
     stem = "fair_compare" + (f"-{args.tag}" if args.tag else "")
@@ -238,6 +260,11 @@ def main(argv=None) -> str:
     if not args.report_only:
         save(json_path, args, searches, results)
         final(args, searches, shards, weights, results, json_path)
+        with open(json_path) as f:
+            data = json.load(f)
+        data["total_s"] = time.time() - t0
+        with open(json_path, "w") as f:
+            json.dump(data, f, indent=1)
     return report(args, searches, results, stem, time.time() - t0)
 
 

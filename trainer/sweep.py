@@ -560,7 +560,7 @@ def sweep(args, log=print) -> int:
     best_path = os.path.join(out, "best.yaml")
     failures = 0
     stopping = []
-    old = signal.signal(signal.SIGTERM, lambda *_: stopping.append(1) or _raise_interrupt())
+    old = signal.signal(signal.SIGTERM, lambda *_: _interrupt_once(stopping))
     try:
         while True:
             fail_stale(study, args.grace_s, log)
@@ -617,8 +617,12 @@ def tell(study, trial, **kw) -> None:
         print(f"trial {trial.number}: not recorded ({e})", file=sys.stderr)
 
 
-def _raise_interrupt():
-    raise KeyboardInterrupt
+def _interrupt_once(stopping: list) -> None:
+    """SIGTERM: stop the worker (the running trial is stopped and marked FAIL); a second one while stopping is
+    ignored, so the trainer's own stop (SIGTERM, checkpoint) is waited for."""
+    stopping.append(1)
+    if len(stopping) == 1:
+        raise KeyboardInterrupt
 
 
 if __name__ == "__main__":
