@@ -180,7 +180,8 @@ def report(args, searches: dict, results: list[dict], stem: str, total_s: float)
     title = (f"fair comparison on birds50 (search on the 25 train species, {args.folds} folds; test on the 25 test "
              f"species once): {args.trials} trials per loss x {args.folds} folds x {args.search_epochs} epoch(s); "
              f"best configs {args.epochs} epochs x seeds {seeds}; tf_efficientnet_lite0 ImageNet, "
-             f"{args.image_size} px, batch 32, no warm-up, amp {args.amp}, {machine}")
+             f"{args.image_size} px, batch 32, no warm-up, amp {args.amp}, {machine}"
+             + (f"; every run with {' '.join(args.overrides)} (final runs)" if args.overrides else ""))
     text = (f"{title}; total {total_s:.0f} s\n\n## Search (validation classes only)\n\n" + "\n".join(lines)
             + "\n\n## Test species, once per seed, of each loss's best config\n\n" + test_table + "\n")
     print("\n" + text)
