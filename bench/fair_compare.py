@@ -222,7 +222,8 @@ def chart(searches: dict, rows: list[dict], path: str, title: str) -> None:
     b.set_title("test species, once (mean ± std over seeds)", fontsize=9)
     b.legend(fontsize=7)
     b.grid(axis="y", alpha=0.3)
-    fig.suptitle(title, fontsize=7)
+    import textwrap
+    fig.suptitle("\n".join(textwrap.wrap(title, 200)), fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
