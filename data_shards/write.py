@@ -228,9 +228,10 @@ def verify_split(split_dir: str, dataset: str, split: str, num_records: int, pro
 
 def write_split(fmt: str, split: str, records: list[Record], split_dir: str, *, src: str, shard_size: int,
                 workers: int, seed: int, reencode: int | None, progress: bool, left_out: list[str],
-                options: dict, name: str | None = None) -> dict:
+                options: dict, name: str | None = None, extra: dict | None = None) -> dict:
     """Write the shards and manifest of one split; left_out: what was dropped before (duplicates); options:
-    the format reader's, recorded in the manifest (with seed, reencode, shard_size) to rewrite it the same way."""
+    the format reader's, recorded in the manifest (with seed, reencode, shard_size) to rewrite it the same way;
+    extra: more manifest fields (the val classes held out of train)."""
     classes = sorted({(r.class_id, r.class_name) for r in records})
     if len({cid for cid, _ in classes}) != len(classes):
         raise DataError(f"{fmt}: a class id has several names in split {split} of {src}; fix the source's labels")
@@ -267,7 +268,7 @@ def write_split(fmt: str, split: str, records: list[Record], split_dir: str, *, 
                     class_names=[n for _, n in classes], class_ids=[c for c, _ in classes],
                     shards=entries, skipped=dict(count=len(skipped), paths=skipped),
                     source=os.path.abspath(src), seed=seed, reencode=reencode, shard_size=shard_size,
-                    options=options, exif_orientation="applied", exif_rotated=rotated)
+                    options=options, exif_orientation="applied", exif_rotated=rotated, **(extra or {}))
     write_manifest(split_dir, manifest)
     return dict(split=split, status="written", num_samples=manifest["num_samples"], num_classes=len(classes),
                 num_shards=len(entries), skipped=len(skipped), skipped_paths=skipped)
@@ -275,7 +276,8 @@ def write_split(fmt: str, split: str, records: list[Record], split_dir: str, *, 
 
 def write_dataset(fmt: str, src, out, *, shard_size="256MB", workers: int | None = None, seed: int = 0,
                   reencode: int | None = None, overwrite: bool = False, progress: bool = True,
-                  name: str | None = None, **options) -> dict[str, dict]:
+                  name: str | None = None, val_classes=None, val_fraction: float | None = None, val_seed: int = 0,
+                  **options) -> dict[str, dict]:
     """Write every split of `src` (format `fmt`) under `out/<split>/` (a folder, or s3://bucket/prefix: staged
     locally, then uploaded with each manifest last, see data_shards/upload.py); returns a summary per split.
     Raises DataError (MissingData, DamagedShard: a finished split that does not verify) naming the input and
@@ -285,6 +287,10 @@ def write_dataset(fmt: str, src, out, *, shard_size="256MB", workers: int | None
     else the format); it is recorded when a split is written (an existing output keeps its own).
     options go to the format's reader: cub200/cars196 `train_classes` (the last train class id), folder
     `train_fraction` or `train_classes` / `test_classes` (lists or comma-separated folder names).
+
+    val_classes (names or ids, a list or comma-separated) or val_fraction (share of the train classes, chosen
+    with val_seed): a third split `out/val` of whole classes taken out of the train classes (never the test
+    classes; data_shards/holdout.py), recorded in the train and val manifests (`val_classes`).
     """
     if fmt not in FORMATS:
         raise DataError(f"write_dataset: fmt must be one of {FORMATS}, got {fmt!r}")
@@ -306,6 +312,11 @@ def write_dataset(fmt: str, src, out, *, shard_size="256MB", workers: int | None
         if fmt == "cub200" and os.path.isfile(src):
             options["tmp_dir"] = tmp
         splits = collect(fmt, src, **options)
+        extra = {}
+        if val_classes is not None or val_fraction is not None:
+            extra = hold_out_val(splits, val_classes, val_fraction, val_seed)
+            options = {**options, **({"val_classes": val_classes} if val_classes is not None else
+                                     {"val_fraction": val_fraction, "val_seed": val_seed})}
         dropped = drop_duplicates(splits)
         summary = {}
         for split, records in splits.items():
@@ -322,8 +333,23 @@ def write_dataset(fmt: str, src, out, *, shard_size="256MB", workers: int | None
                 summary[split] = write_split(fmt, split, records, split_dir, src=src, shard_size=size,
                                              workers=workers, seed=seed, reencode=reencode, progress=progress,
                                              left_out=dropped[split], name=name,
+                                             extra=extra if split != "test" else None,
                                              options={k: v for k, v in options.items() if k != "tmp_dir"})
     return summary
+
+
+def hold_out_val(splits: dict[str, list[Record]], val_classes, val_fraction, val_seed: int) -> dict:
+    """Move the records of the val classes (data_shards.holdout.pick_val_classes) from splits["train"] to a new
+    splits["val"], in place; returns the manifest fields that record it."""
+    from .holdout import VAL_SPLIT, pick_val_classes
+
+    classes = lambda recs: sorted({(r.class_id, r.class_name) for r in recs})  # noqa: E731
+    names = set(pick_val_classes(classes(splits.get("train", [])), classes(splits.get("test", [])),
+                                 val_classes=val_classes, val_fraction=val_fraction, seed=val_seed))
+    train = splits["train"]
+    splits[VAL_SPLIT] = [r for r in train if r.class_name in names]
+    train[:] = [r for r in train if r.class_name not in names]
+    return {"val_classes": sorted(names), "val_from": "train", "val_seed": val_seed}
 
 
 def add_write_parser(sub) -> None:
@@ -332,7 +358,7 @@ def add_write_parser(sub) -> None:
     p.add_argument("format", choices=FORMATS)
     p.add_argument("--src", required=True, help="dataset folder (cub200: folder or CUB_200_2011.tgz)")
     p.add_argument("--out", required=True, help="output folder or s3://bucket/prefix; splits go to OUT/train, "
-                   "OUT/test (s3: written locally under $TMPDIR, then uploaded, each manifest last)")
+                   "OUT/test (OUT/val) (s3: written locally under $TMPDIR, then uploaded, each manifest last)")
     p.add_argument("--shard-size", default="256MB", help="target shard size (default 256MB)")
     p.add_argument("--workers", type=int, default=None, help="parallel shard writers (default min(8, cpus))")
     p.add_argument("--seed", type=int, default=0, help="seed of the sample order across shards")
@@ -348,6 +374,12 @@ def add_write_parser(sub) -> None:
     p.add_argument("--test-classes", default=None, help="folder: comma-separated test class folders")
     p.add_argument("--train-fraction", type=float, default=None,
                    help="folder: share of classes (in sorted order) for train (default 0.5)")
+    val = p.add_mutually_exclusive_group()
+    val.add_argument("--val-classes", default=None,
+                     help="a val split (OUT/val) of these train classes (comma-separated names or ids)")
+    val.add_argument("--val-fraction", type=float, default=None,
+                     help="a val split (OUT/val) of this share of the train classes, chosen with --val-seed")
+    p.add_argument("--val-seed", type=int, default=0, help="seed of the --val-fraction choice (default 0)")
 
 
 def run_write(args) -> int:
@@ -366,7 +398,8 @@ def run_write(args) -> int:
                             f"got {args.train_classes!r}") from None
     summary = write_dataset(args.format, args.src, args.out, shard_size=args.shard_size, workers=args.workers,
                             seed=args.seed, reencode=args.reencode, overwrite=args.overwrite, name=args.name,
-                            progress=not args.no_progress, **options)
+                            progress=not args.no_progress, val_classes=args.val_classes,
+                            val_fraction=args.val_fraction, val_seed=args.val_seed, **options)
     for split, s in summary.items():
         print(f"{split}: {s['status']}: {s['num_samples']} images, {s['num_classes']} classes, "
               f"{s['num_shards']} shards, {s['skipped']} left out -> {os.path.join(args.out, split)}")

@@ -43,6 +43,7 @@ class Plan:
     per_rank_batch: int
     batches_per_epoch: int
     amp_dtype: torch.dtype | None
+    val_dir: str = ""  # "" without data.val_split
 
 
 def run_dir(cfg) -> str:
@@ -55,7 +56,7 @@ def checkpoint_dir(cfg) -> str:
 
 
 def split_dir(cfg, split: str) -> str:
-    """<data.root>/<split> (data.train_split or data.test_split)."""
+    """<data.root>/<split> (data.train_split, data.test_split or data.val_split)."""
     return os.path.join(cfg.data.root, split)
 
 
@@ -64,7 +65,8 @@ def make_plan(cfg, env, train_manifest) -> Plan:
                 train_dir=split_dir(cfg, cfg.data.train_split), test_dir=split_dir(cfg, cfg.data.test_split),
                 per_rank_batch=check_world_size(cfg, env.world_size),
                 batches_per_epoch=batches_per_epoch(train_manifest.num_samples, cfg.train.batch_size),
-                amp_dtype=amp_dtype(cfg.train.amp, env.device))
+                amp_dtype=amp_dtype(cfg.train.amp, env.device),
+                val_dir=split_dir(cfg, cfg.data.val_split) if cfg.data.val_split else "")
 
 
 def prepare_data(cfg, env) -> None:
@@ -157,8 +159,9 @@ class RunLoaders:
             train_loader, plan.train_dir, batch_size=plan.per_rank_batch, seed=cfg.run.seed, draft=d.draft_decode,
             sampler=d.sampler, m_per_class=d.m_per_class, sampler_window=d.sampler_window, **common)
         self._eval = functools.partial(eval_loader, plan.test_dir, batch_size=cfg.eval.batch_size, **common)
+        self._val = functools.partial(eval_loader, plan.val_dir, batch_size=cfg.eval.batch_size, **common)
         self.batches_per_epoch = plan.batches_per_epoch
-        self.train_batches = self.eval_batches = None
+        self.train_batches = self.eval_batches = self.val_batches = None
 
     def train(self, epoch: int, start_batch: int):
         """Batches start_batch.. of `epoch` on this rank (images and labels on the device)."""
@@ -173,11 +176,17 @@ class RunLoaders:
             self.eval_batches = self._eval()
         return self.eval_batches
 
+    def val(self):
+        """The val split's loader (data.val_split; made at first use)."""
+        if self.val_batches is None:
+            self.val_batches = self._val()
+        return self.val_batches
+
     def close(self) -> None:
-        for loader in (self.train_batches, self.eval_batches):  # their persistent workers end now
+        for loader in (self.train_batches, self.eval_batches, self.val_batches):  # their persistent workers end
             if loader is not None:
                 loader.close()
-        self.train_batches = self.eval_batches = None
+        self.train_batches = self.eval_batches = self.val_batches = None
 
 
 def schedule(cfg) -> Schedule:
@@ -213,6 +222,9 @@ def build(cfg, env) -> Trainer:
         check_data(cfg.train.batch_size, train_manifest, test_manifest, env.world_size,  # what the manifests tell,
                    cfg.data.sampler, cfg.data.m_per_class)                                 # now
         plan = make_plan(cfg, env, train_manifest)
+        val_manifest = read_manifest(plan.val_dir) if plan.val_dir else None
+        if val_manifest is not None:
+            check_val(val_manifest, train_manifest, test_manifest)
         data_info = {"classes": train_manifest.num_classes, "samples": train_manifest.num_samples,
                      "class_names": class_digest(train_manifest.class_names),
                      "class_list": [str(c) for c in train_manifest.class_names]}
@@ -246,11 +258,17 @@ def build(cfg, env) -> Trainer:
         tracker = build_tracker(cfg, plan, env, saved)
         if saved is None:
             tracker.log_params({"weights.loaded": weights})
-        report = RunReport.start(facts(cfg, plan, env, train_manifest, test_manifest, weights), tracker, pos,
-                                 state.latest, log)
-        evaluate = functools.partial(_evaluate, device=env.device, recall_ks=list(cfg.eval.recall_ks),
-                                     nmi=cfg.eval.nmi, map_r=cfg.eval.map_r, class_names=test_manifest.class_names,
-                                     amp_dtype=plan.amp_dtype)
+        report = RunReport.start(facts(cfg, plan, env, train_manifest, test_manifest, val_manifest, weights), tracker,
+                                 pos, state.latest, log)
+        options = dict(device=env.device, recall_ks=list(cfg.eval.recall_ks), nmi=cfg.eval.nmi, map_r=cfg.eval.map_r,
+                       amp_dtype=plan.amp_dtype)
+        evaluate = functools.partial(_evaluate, class_names=test_manifest.class_names, **options)
+        best = evaluate_val = None
+        if val_manifest is not None:  # model selection on the val classes (trainer/selection.py)
+            from trainer.selection import BestCheckpoint
+            best = BestCheckpoint(plan.checkpoint_dir, cfg.eval.select_metric, is_main=env.is_main, log=log,
+                                  step=pos.step)
+            evaluate_val = functools.partial(_evaluate, class_names=val_manifest.class_names, **options)
         lookup = None
         if cfg.tracking.enabled and env.is_main:
             from data_shards.lookup import shard_image_lookup
@@ -258,7 +276,8 @@ def build(cfg, env) -> Trainer:
         parts = Parts(env=env, trained=trained, loaders=RunLoaders(cfg, plan, env), state=state, tracker=tracker,
                       report=report, schedule=schedule(cfg), stop=stop, pos=pos,
                       run_uid=(saved or {}).get("run_uid") or uuid.uuid4().hex, evaluate=evaluate,
-                      amp_dtype=plan.amp_dtype, warm=warm, image_lookup=lookup, log=log)
+                      amp_dtype=plan.amp_dtype, warm=warm, image_lookup=lookup, log=log, best=best,
+                      evaluate_val=evaluate_val, test_at_end=cfg.eval.test)
         return Trainer(parts)
     except BaseException:
         stop.restore()
@@ -307,12 +326,26 @@ def batch_norm_setup(cfg, env, embedder, per_rank_batch: int, log):
     return embedder
 
 
-def facts(cfg, plan: Plan, env, train_manifest, test_manifest, weights: str = "") -> RunFacts:
+def check_val(val, train, test) -> None:
+    """The val split can score a run and shares no class with the train or the test split (by class name)."""
+    if val.num_samples < 2 or val.num_classes < 2:
+        raise ConfigError(f"data.val_split: {val.location} has {val.num_samples} sample(s) of {val.num_classes} "
+                          f"class(es); retrieval needs at least 2 classes (rewrite it with more --val-classes)")
+    for other, what in ((train, "train"), (test, "test")):
+        shared = sorted(set(val.class_names) & set(other.class_names))
+        if shared:
+            raise ConfigError(f"data.val_split: {val.location} shares classes {shared[:5]} with the {what} split "
+                              f"{other.location}; val classes are held out of training and never test classes "
+                              f"(python -m data_shards write ... --val-fraction F writes such a split)")
+
+
+def facts(cfg, plan: Plan, env, train_manifest, test_manifest, val_manifest=None, weights: str = "") -> RunFacts:
     return RunFacts(weights=weights, run_name=cfg.run.name, run_dir=plan.run_dir, loss=describe_loss(cfg.loss),
                     backbone=cfg.model.backbone, dim=cfg.model.dim, engine=cfg.engine.name, data_root=cfg.data.root,
                     epochs=cfg.train.epochs, global_batch=cfg.train.batch_size,
                     batches_per_epoch=plan.batches_per_epoch, world_size=env.world_size,
-                    device_type=env.device.type, is_main=env.is_main, train=train_manifest, test=test_manifest)
+                    device_type=env.device.type, is_main=env.is_main, train=train_manifest, test=test_manifest,
+                    val=val_manifest, select_metric=cfg.eval.select_metric, test_at_end=cfg.eval.test)
 
 
 def train(cfg, env) -> dict:

@@ -103,6 +103,10 @@ class DataConfig:
     root: str = MISSING  # shards written by `python -m data_shards write`: <root>/train, <root>/test
     train_split: str = "train"
     test_split: str = "test"
+    # "" = none (the test split is evaluated during training, as always) | e.g. "val": classes held out of the
+    # train classes (data_shards write --val-classes/--val-fraction); evaluated during training, the best
+    # checkpoint by eval.select_metric kept, the test split evaluated once at the end on it (trainer/selection.py)
+    val_split: str = ""
     num_workers: int = non_negative(2)  # loader processes per rank
     # cpu: the loader workers decode + augment | gpu: they only read bytes; decode + augment run batched on the
     # CUDA device (data_shards/device_loader.py, gpu_transforms.py)
@@ -200,6 +204,11 @@ class EvalConfig:
     nmi: bool = True  # k-means NMI (faiss) on the test embeddings
     map_r: bool = True  # MAP@R and R-precision
     batch_size: int = positive(128)  # PER RANK (it only bounds memory; results do not depend on it)
+    # with data.val_split: the val metric that picks the best checkpoint: map_at_r | r_precision | nmi |
+    # recall_at_K (K in recall_ks); higher is better
+    select_metric: str = "map_at_r"
+    test: bool = True  # with data.val_split: evaluate the test split once at the end, on the best checkpoint |
+    #                    false: never (hyperparameter search: the test classes stay untouched)
 
 
 @dataclass
@@ -222,6 +231,7 @@ class TrackingConfig:
     run_name: str = ""  # "" = run.name
     log_every_steps: int = non_negative(10)  # cadence of the training metrics sent to MLflow; 0 = off
     retrieval_grid_queries: int = non_negative(8)  # query rows in the logged retrieval picture; 0 = no picture
+    parent_run_id: str = ""  # a nested run under this MLflow run (python -m trainer.sweep sets it per trial)
 
 
 @dataclass
@@ -425,6 +435,7 @@ def validate(cfg: DictConfig) -> None:
         key = "loss.kwargs" if cfg.loss.kwargs else "loss.miner" if cfg.loss.miner else "loss.miner_kwargs"
         raise ConfigError(f"{key}: only for pytorch-metric-learning losses; ProxyGML takes loss.proxies_per_class, "
                           "loss.r, loss.lam, loss.pos_mask, loss.class_mask, loss.proxy_reg, loss.scale")
+    check_val_split(cfg)
     if cfg.engine.name == "deepspeed" and not cfg.engine.deepspeed_config:
         raise ConfigError("engine.deepspeed_config: required with engine.name=deepspeed")
     try:
@@ -439,6 +450,26 @@ def validate(cfg: DictConfig) -> None:
     if cfg.optim.layer_decay < 1 and cfg.model.backbone in OWN_BACKBONES:
         raise ConfigError(f"optim.layer_decay: needs a timm backbone (timm groups its layers), not "
                           f"{cfg.model.backbone!r}; give 1 (off)")
+
+
+def check_val_split(cfg: DictConfig) -> None:
+    """data.val_split, eval.select_metric and eval.test together (trainer/selection.py)."""
+    d, e = cfg.data, cfg.eval
+    if not d.val_split:
+        if not e.test:
+            raise ConfigError("eval.test: false needs a val split (data.val_split=val); without one the test split "
+                              "is what the run evaluates")
+        return
+    if d.val_split in (d.train_split, d.test_split):
+        raise ConfigError(f"data.val_split: {d.val_split!r} is also data.train_split or data.test_split; the val "
+                          f"split is its own (python -m data_shards write ... --val-fraction 0.2 writes <root>/val)")
+    m = e.select_metric
+    ks = list(e.recall_ks)
+    allowed = {"map_at_r": e.map_r, "r_precision": e.map_r, "nmi": e.nmi, **{f"recall_at_{k}": True for k in ks}}
+    if not allowed.get(m, False):
+        why = " (turned off: eval.map_r / eval.nmi)" if m in allowed else ""
+        raise ConfigError(f"eval.select_metric: {m!r} is not a metric this run evaluates{why}; choose one of "
+                          f"{', '.join(k for k, on in allowed.items() if on)}")
 
 
 def check_finite(cfg: DictConfig) -> None:

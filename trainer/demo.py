@@ -33,10 +33,12 @@ def write_digit_folders(out: str) -> int:
     return len(digits.images)
 
 
-def write_digits_shards(root: str) -> dict:
+def write_digits_shards(root: str, val_classes: list[str] | None = None) -> dict:
+    """root/train, root/test (and root/val: `val_classes`, digits taken out of the train digits 0-4)."""
     with tempfile.TemporaryDirectory(prefix="digits-") as tmp:
         n = write_digit_folders(tmp)
         summary = write_dataset("folder", tmp, root, train_classes=TRAIN_DIGITS, test_classes=TEST_DIGITS,
-                                shard_size="64KB", progress=False, name="digits")
-    print(f"demo: wrote {n} scikit-learn digits as shards under {root} (classes 0-4 train, 5-9 test)")
+                                shard_size="64KB", progress=False, name="digits", val_classes=val_classes)
+    val = f", {','.join(val_classes)} val" if val_classes else ""
+    print(f"demo: wrote {n} scikit-learn digits as shards under {root} (classes 0-4 train{val}, 5-9 test)")
     return summary

@@ -120,6 +120,9 @@ class Parts:
     amp_dtype: torch.dtype | None = None
     warm: bool = False  # in warm-up: only the head and the proxies learn
     image_lookup: object = None  # keys -> images of the test split, for the retrieval picture (rank 0)
+    best: object = None  # trainer.selection.BestCheckpoint with a val split (data.val_split), else None
+    evaluate_val: object = None  # like `evaluate`, bound to the val split's class names
+    test_at_end: bool = True  # with a val split: the test split once at the end, on the best checkpoint
 
 
 class Trainer:
@@ -176,7 +179,9 @@ class Trainer:
                     self.save()  # before the evaluation: an evaluation that fails loses no training
                 if last or (s.eval_every_epochs and pos.epoch % s.eval_every_epochs == 0):
                     self.evaluate(f"epoch {pos.epoch}")
-            if self.first_metrics and self.metrics:
+            if self.parts.best is not None:
+                self.test_best()
+            elif self.first_metrics and self.metrics:
                 self.log("test Recall@1: {:.4f} before training -> {:.4f} after".format(
                     self.first_metrics["recall_at_1"], self.metrics["recall_at_1"]))
             self.tracker.log_model(self.embedder)
@@ -301,20 +306,45 @@ class Trainer:
         self.tracker.log_metrics(logs, self.pos.step)
 
     def evaluate(self, when: str) -> dict:
-        """Collective. Test-split retrieval metrics, printed and logged on rank 0; then the proxies' statistics."""
+        """Collective. Retrieval metrics of the test split (of the val split when there is one: the best checkpoint
+        by its metric is kept), printed and logged on rank 0; then the proxies' statistics."""
         C.set_phase(f"evaluation ({when})")
         C.broadcast_buffers(self.embedder)  # every rank embeds with rank 0's BatchNorm statistics
-        result = self.parts.evaluate(self.embedder, self.loaders.eval())
+        val = self.parts.best is not None
+        result = (self.parts.evaluate_val(self.embedder, self.loaders.val()) if val else
+                  self.parts.evaluate(self.embedder, self.loaders.eval()))
         self.embedder.train()
         if result.metrics:
-            self.log(f"[eval {when}] " + "  ".join(f"{k} {v:.4f}" for k, v in result.metrics.items()))
-            self.tracker.log_evaluation(result, self.pos.step, self.pos.epoch, image_lookup=self.parts.image_lookup)
+            self.log(f"[{'val' if val else 'eval'} {when}] " + "  ".join(f"{k} {v:.4f}"
+                                                                          for k, v in result.metrics.items()))
+            self.tracker.log_evaluation(result, self.pos.step, self.pos.epoch, prefix="val" if val else "eval",
+                                        image_lookup=None if val else self.parts.image_lookup)
             self.metrics = result.metrics
-            self.report.evaluated(result.metrics, self.pos)
+            self.report.evaluated(result.metrics, self.pos, split="val" if val else "test")
+            if val:
+                self.parts.best.consider(result.metrics, self.pos, self.embedder)
         if self.schedule.track_proxies:  # collective: the selection counts of every rank
             self.tracker.log_proxy_stats(self.criterion.proxy_statistics(), self.pos.step)
         self.criterion.reset_selection_counts()
         return self.metrics
+
+    def test_best(self) -> None:
+        """Collective, once at the end of a run with a val split: the best checkpoint's weights into the embedder,
+        then the test split evaluated on them (unless eval.test is false), logged as `test/*`."""
+        C.barrier()  # rank 0 has written the best weights
+        record = self.parts.best.load_into(self.embedder)
+        if record is None or not self.parts.test_at_end:
+            return
+        C.broadcast_buffers(self.embedder)
+        result = self.parts.evaluate(self.embedder, self.loaders.eval())
+        self.embedder.train()
+        if result.metrics:
+            self.log(f"[test, once, on the best val checkpoint of epoch {record['epoch']}] "
+                     + "  ".join(f"{k} {v:.4f}" for k, v in result.metrics.items()))
+            self.tracker.log_evaluation(result, self.pos.step, self.pos.epoch, prefix="test",
+                                        image_lookup=self.parts.image_lookup)
+            self.metrics = result.metrics
+            self.report.evaluated(result.metrics, self.pos, split="test", selected=record)
 
     def save(self) -> None:
         """Collective: a checkpoint of the current position (trainer/train_state.py)."""

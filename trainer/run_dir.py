@@ -25,7 +25,8 @@ from trainer.errors import UserError
 LOCK_NAME = ".lock"
 ARCHIVE_DIR = "previous"
 RUN_FILES = ("config.yaml", "summary.json")  # what a run keeps in its directory besides checkpoints and tracking
-CHECKPOINT_PREFIXES = ("step-", ENGINE_DIR)  # step-N.pt, step-N.json, *.damaged; DeepSpeed's folder
+# step-N.pt, step-N.json, *.damaged; best.pt (the best val checkpoint, trainer/selection.py); DeepSpeed's folder
+CHECKPOINT_PREFIXES = ("step-", "best.pt", ENGINE_DIR)
 
 
 class RunDirError(UserError):

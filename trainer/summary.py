@@ -1,7 +1,8 @@
 """What a run tells its user on rank 0: what it is about to do, and at the end what it achieved and where it all is.
 
     report = RunReport.start(facts, tracker, pos, latest, log)   # end of the build: dataset, model, loss, ranks, steps
-    report.evaluated(metrics, pos)      # after each evaluation: kept in <run_dir>/summary.json (survives resumes)
+    report.evaluated(metrics, pos, split="test")   # after each evaluation: kept in <run_dir>/summary.json
+                                        # (survives resumes); split "val" with a val split, then "test" once
                                         # and the MLflow run description (mlflow.note.content) shows its Recall@1
     report.end()                        # end of fit(): best and final Recall@1, MAP@R, paths, MLflow run, `mlflow ui`
     report.already_complete()           # a finished run started again: says so, its final metrics, how to start anew
@@ -23,7 +24,7 @@ from trainer.tracking.store import runs_page_url
 
 MLFLOW_UI = "http://127.0.0.1:5000"  # where `mlflow ui` answers by default
 
-SUMMARY_FILE = "summary.json"  # in the run directory: {"evaluations": [{"epoch", "step", "metrics"}, ...]}
+SUMMARY_FILE = "summary.json"  # in the run directory: {"evaluations": [{"epoch", "step", "split", "metrics"}, ...]}
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,9 @@ class RunFacts:
     train: Any  # data_shards.Manifest of the train split
     test: Any
     weights: str = ""  # the backbone's initial weights: the file loaded and that it matched in full, or why none
+    val: Any = None  # the val split's (data.val_split), or None
+    select_metric: str = "map_at_r"  # eval.select_metric (with a val split)
+    test_at_end: bool = True  # eval.test
 
 
 @dataclass
@@ -52,6 +56,7 @@ class Evaluation:
     epoch: int
     step: int
     metrics: dict[str, float] = field(default_factory=dict)
+    split: str = "test"  # "val": the val split during training; "test": the test split
 
 
 def mlflow_ui_command(uri: str) -> str | None:
@@ -85,8 +90,8 @@ class RunReport:
         if os.path.exists(self.path):  # a resumed run: its evaluations up to the checkpoint it resumed from
             with open(self.path) as f:
                 saved = json.load(f).get("evaluations", [])
-            self.history = [Evaluation(int(e["epoch"]), int(e["step"]), dict(e["metrics"])) for e in saved
-                            if int(e["step"]) <= pos.step]
+            self.history = [Evaluation(int(e["epoch"]), int(e["step"]), dict(e["metrics"]), e.get("split", "test"))
+                            for e in saved if int(e["step"]) <= pos.step]
 
     @classmethod
     def start(cls, facts: RunFacts, tracker, pos, latest, log) -> RunReport:
@@ -97,6 +102,8 @@ class RunReport:
                 log(line)
             tracker.log_dataset(facts.train, "train")
             tracker.log_dataset(facts.test, "test")
+            if facts.val is not None:
+                tracker.log_dataset(facts.val, "validation")
             tracker.set_description(report.description())
         return report
 
@@ -109,7 +116,9 @@ class RunReport:
                 f"**{f.backbone}** -> {f.dim}-d, {f.world_size} rank(s) on {f.device_type} "
                 f"({f.engine}), {f.epochs} epochs of {f.batches_per_epoch} steps."
                 + (f" Weights: {f.weights}." if f.weights else ""))
-        scored = [e for e in self.history if "recall_at_1" in e.metrics]
+        if f.val is not None:
+            return text + "\n\n" + "\n".join(line.strip() for line in self.val_lines())
+        scored = [e for e in self.test_history if "recall_at_1" in e.metrics]
         if scored:
             last, best = scored[-1], max(scored, key=lambda e: e.metrics["recall_at_1"])
             done = "final" if last.epoch >= f.epochs else "latest"
@@ -130,7 +139,8 @@ class RunReport:
         lines = [
             f"run {f.run_name}: {f.loss} on the {train.name} shards at {f.data_root} "
             f"(train {train.num_samples:,} images / {train.num_classes:,} classes, "
-            f"test {test.num_samples:,} / {test.num_classes:,})",
+            f"test {test.num_samples:,} / {test.num_classes:,}"
+            + (f", val {f.val.num_samples:,} / {f.val.num_classes:,}" if f.val is not None else "") + ")",
             f"  model {f.backbone} -> {f.dim}-d embedding; {f.world_size} rank(s) on "
             f"{f.device_type}, engine {f.engine}; {f.epochs} epochs x {f.batches_per_epoch} "
             f"steps of {f.global_batch} = {total:,} steps" + (f" ({left:,} left)" if pos.step else ""),
@@ -142,19 +152,51 @@ class RunReport:
                          f"{self.tracker.experiment!r} at {self.tracker.uri}")
         return lines
 
-    def evaluated(self, metrics: dict, pos) -> None:
-        """Record an evaluation at `pos` (epoch, step); rank 0 keeps the list in summary.json."""
-        self.history.append(Evaluation(int(pos.epoch), int(pos.step), {k: float(v) for k, v in metrics.items()}))
+    @property
+    def test_history(self) -> list[Evaluation]:
+        return [e for e in self.history if e.split == "test"]
+
+    def val_lines(self) -> list[str]:
+        """With a val split: the best val evaluation (the checkpoint kept) and the test split's one evaluation."""
+        from trainer.selection import metric_name
+        key = self.f.select_metric
+        vals = [e for e in self.history if e.split == "val" and key in e.metrics]
+        if not vals:
+            return ["  no val evaluation recorded yet"]
+        best = max(vals, key=lambda e: (e.metrics[key], -e.step))
+        lines = [f"  val (classes held out of training): best {metric_name(key)} {best.metrics[key]:.4f} at epoch "
+                 f"{best.epoch}, step {best.step} (Recall@1 {_fmt(best.metrics, 'recall_at_1')}): the checkpoint "
+                 f"kept"]
+        tests = self.test_history
+        if tests:
+            t = tests[-1]
+            lines.append(f"  test (evaluated once, on that checkpoint): Recall@1 {_fmt(t.metrics, 'recall_at_1')}, "
+                         f"MAP@R {_fmt(t.metrics, 'map_at_r')}")
+        elif not self.f.test_at_end:
+            lines.append("  test: not evaluated (eval.test=false: the test classes stay untouched)")
+        return lines
+
+    def evaluated(self, metrics: dict, pos, split: str = "test", selected: dict | None = None) -> None:
+        """Record an evaluation of `split` at `pos` (epoch, step); rank 0 keeps the list in summary.json, with
+        the `selected` checkpoint's record (trainer/selection.py) once the test split was scored on it."""
+        self.history.append(Evaluation(int(pos.epoch), int(pos.step), {k: float(v) for k, v in metrics.items()},
+                                       split))
         if not self.f.is_main:
             return
         self.tracker.set_description(self.description())
         tmp = self.path + ".tmp"
         with open(tmp, "w") as f:
-            json.dump({"evaluations": [vars(e) for e in self.history]}, f, indent=1)
+            data = {"evaluations": [vars(e) for e in self.history]}
+            if selected is not None:
+                data["selected"] = {k: v for k, v in selected.items() if k != "model"}
+            json.dump(data, f, indent=1)
         os.replace(tmp, self.path)
     def result_lines(self) -> list[str]:
-        """Best and final Recall@1 (with epochs) and MAP@R, or a line saying there was no evaluation."""
-        scored = [e for e in self.history if "recall_at_1" in e.metrics]
+        """Best and final Recall@1 (with epochs) and MAP@R, or a line saying there was no evaluation; with a val split
+        the best val evaluation and the test split's one evaluation on it."""
+        if self.f.val is not None:
+            return self.val_lines()
+        scored = [e for e in self.test_history if "recall_at_1" in e.metrics]
         if not scored:
             return ["  no evaluation recorded (eval.every_epochs and the last epoch evaluate the test split)"]
         final = scored[-1]
@@ -204,5 +246,5 @@ class RunReport:
                      f"  to train a new run, give it another name: run.name={name}-2 (or run.output_dir=...)"]
             for line in lines:
                 self.log(line)
-        scored = [e for e in self.history if e.metrics]
+        scored = [e for e in self.test_history if e.metrics]
         return dict(scored[-1].metrics) if scored else {}

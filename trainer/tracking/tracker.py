@@ -77,7 +77,10 @@ class Tracker:
                                f"({getattr(self._sender.refused, 'error_code', '') or 'HTTP 401'}); set "
                                "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to an account of that server "
                                "with access to experiment " + repr(self.experiment) + " (or tracking.enabled=false)")
-        self._emit({"op": "tags", "tags": system_facts(world_size or int(os.environ.get("WORLD_SIZE", "1")))})
+        tags = system_facts(world_size or int(os.environ.get("WORLD_SIZE", "1")))
+        if getattr(cfg, "parent_run_id", ""):  # a nested run (a trial of python -m trainer.sweep)
+            tags["mlflow.parentRunId"] = cfg.parent_run_id
+        self._emit({"op": "tags", "tags": tags})
         if container:
             self._emit({"op": "params", "params": flatten_config(container)})
             self._log_config_yaml(container)
@@ -98,32 +101,38 @@ class Tracker:
         self._emit({"op": "metrics", "step": int(step), "timestamp": _now_ms(), "metrics": values})
 
     def log_evaluation(self, result, step: int, epoch: int | None = None,
-                       image_lookup: Callable[[list[str]], Mapping[str, Any]] | None = None) -> None:
-        """All metrics of an EvalResult (as `eval/<name>`), the per-class table with its summaries, the
+                       image_lookup: Callable[[list[str]], Mapping[str, Any]] | None = None,
+                       prefix: str = "eval") -> None:
+        """All metrics of an EvalResult (as `<prefix>/<name>`), the per-class table with its summaries, the
         worst classes, a histogram of per-class recall, the recall curve and the retrieval grid (its images
-        from `image_lookup`, e.g. data_shards.lookup.shard_image_lookup(test_split_dir))."""
+        from `image_lookup`, e.g. data_shards.lookup.shard_image_lookup(test_split_dir)).
+
+        prefix: `eval` (the test split during training, runs without a val split), `val` (the val split) or
+        `test` (the test split once, on the best val checkpoint); the artifacts of `val` and `test` go to
+        `evaluations/<prefix>/step-N/`, and the recall curve follows the evaluations during training only."""
         if not self.active or result is None or result.metrics is None:
             return
         metrics, texts = {}, {}
         for k, v in result.metrics.items():
             try:
-                metrics[f"eval/{metric_key(k)}"] = scalar(k, v)
+                metrics[f"{prefix}/{metric_key(k)}"] = scalar(k, v)
             except ValueError:  # not a number: kept as a tag rather than dropped
-                texts[f"eval.{metric_key(k)}"] = str(v)
+                texts[f"{prefix}.{metric_key(k)}"] = str(v)
         if epoch is not None:
             metrics["epoch"] = float(epoch)
-        out = self._artifact_dir(f"evaluations/{STEP_DIR.format(int(step))}")
+        folder = "evaluations" if prefix == "eval" else f"evaluations/{prefix}"
+        out = self._artifact_dir(f"{folder}/{STEP_DIR.format(int(step))}")
         per_class = getattr(result, "per_class", None)
         if per_class is not None and len(per_class):
-            metrics.update({f"eval/{k}": v for k, v in per_class_summary(per_class).items()})
+            metrics.update({f"{prefix}/{k}": v for k, v in per_class_summary(per_class).items()})
             write_csv(per_class, out / "per_class_recall.csv")
             worst = worst_classes(per_class)
             write_csv(worst, out / "worst_classes.csv")
-            texts["eval.worst_classes"] = worst_text(worst.head(10))
+            texts[f"{prefix}.worst_classes"] = worst_text(worst.head(10))
             self._picture(plots.recall_histogram, per_class["recall_at_1"].to_numpy(dtype=float),
                           str(out / "per_class_recall_hist.png"), title=f"per-class Recall@1, step {step}")
         recalls = recall_at_k(result.metrics)
-        if recalls:
+        if recalls and prefix != "test":
             self._sender.eval_history.append((int(step), recalls))
             self._sender.write_state()
             self._picture(plots.recall_curve, self._sender.eval_history, str(out / "recall_curve.png"))
