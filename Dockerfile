@@ -5,7 +5,11 @@
 # *-base-* (cudart, the forward-compatibility driver libraries, NVIDIA_* variables for the container toolkit).
 # A pytorch/pytorch base would bring a second, conda-installed torch that CI never tests.
 #
+# Any apt-based base works as CUDA_IMAGE (python3 comes from its archive): a Debian bookworm base runs the image
+# on machines without a GPU (Python 3.11 there, 3.12 on Ubuntu 24.04; requirements.txt's wheels exist for both).
+#
 #   docker build -t proxygml .
+#   launch/build_image.sh --debian        # podman, a Debian base made locally; lends the build pip's sources
 #   docker run --gpus all --ipc=host -v /data/cub200:/data:ro -v "$PWD/runs":/runs proxygml \
 #     --config cub200 data.root=/data run.output_dir=/runs
 # More (multi-node, Apptainer) in the README, section "Launching on clusters".
@@ -21,7 +25,7 @@ ENV DEBIAN_FRONTEND=noninteractive \
     VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH
 
-# Python 3.12 (Ubuntu 24.04's); g++ and the Python headers for the kernels Triton (torch.compile) and DeepSpeed
+# The base's Python 3 (Ubuntu 24.04: 3.12, Debian bookworm: 3.11) in a venv; g++ and the Python headers for the kernels Triton (torch.compile) and DeepSpeed
 # build at run time. Ubuntu rotates patch versions out of its archive, so apt packages are not pinned; the
 # Python packages are, by requirements.txt.
 # hadolint ignore=DL3008

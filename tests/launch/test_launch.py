@@ -12,7 +12,7 @@ import torch
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))  # the repository
 LAUNCH = os.path.join(ROOT, "launch")
-SCRIPTS = ["single_node.sh", "multi_node.sh", "slurm.sbatch"]
+SCRIPTS = ["single_node.sh", "multi_node.sh", "slurm.sbatch", "local_cluster.sh", "build_image.sh"]
 
 
 def read(path: str) -> str:
@@ -124,6 +124,8 @@ def test_slurm_script_forwards_preemption_and_requeues():
     assert any(re.fullmatch(r"--signal=B:USR1@\d+", d) for d in directives)  # to the batch shell
     assert "--requeue" in directives
     assert re.search(r"trap .*USR1", text) and "scontrol requeue" in text
+    # the warning goes to the step's processes, never as SIGTERM to srun (srun would kill the step at once)
+    assert "scancel --signal=TERM" in text and not re.search(r"kill -(TERM|15) \"?\$srun_pid", text)
     assert "scontrol show hostnames" in text  # the rendezvous endpoint is the first node
 
 
