@@ -37,6 +37,9 @@ RUN apt-get update \
 WORKDIR /opt/proxygml
 # The same two installs as .ci/run: the pinned requirements, then the project itself without dependencies.
 COPY requirements.txt ./
+# A package index behind a TLS-inspecting proxy or a private mirror: pip's own variables as build arguments
+# (--build-arg PIP_CERT=... PIP_INDEX_URL=...); unset unless given, and used by the install steps alone.
+ARG PIP_CERT PIP_INDEX_URL PIP_EXTRA_INDEX_URL PIP_FIND_LINKS PIP_CONSTRAINT
 RUN pip install --no-cache-dir -r requirements.txt
 COPY pyproject.toml README.md ./
 COPY loss ./loss

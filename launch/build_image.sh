@@ -13,10 +13,10 @@
 #   --tag TAG      the image's name (default proxygml:latest, or localhost/proxygml:debian with --debian)
 #   --no-pip-config  do not lend the build this machine's pip configuration (see below)
 #
-# pip inside the build uses the same package sources as pip here: the pip configuration files (`pip config
-# debug`) and the local folders they name (find-links, file:// indexes, a constraints file) are mounted read-only
-# for the build only, so a local wheel cache or mirror serves torch instead of a download; nothing of this machine
-# is written into the image or the Dockerfile. The build prints its time and the image's size at the end.
+# pip inside the build uses the same package sources as pip here: its settings (find-links, index URLs, a
+# constraints file, a certificate bundle) become the Dockerfile's PIP_* build arguments, and the local folders
+# and files they name are mounted read-only under /run/pip-build/ for the build only (launch/pip_sources.py), so
+# a local wheel cache or mirror serves torch instead of a download; nothing of this machine stays in the image. The build prints its time and the image's size at the end.
 # podman needs, on some hosts: PODMAN_OPTS="--runtime runc --cgroup-manager cgroupfs" and a containers.conf with
 # `default_ulimits = []` in CONTAINERS_CONF (docs/clusters.md).
 set -euo pipefail
@@ -65,34 +65,19 @@ build_args=()
 [[ -n "$base" ]] && build_args+=(--build-arg "CUDA_IMAGE=$base")
 
 mounts=()
-if ((pip_config)) && command -v pip >/dev/null; then
-  # the pip config files that exist, and the local paths their values name (file:// URLs, folders, files)
-  while IFS= read -r path; do
-    [[ -e "$path" ]] && mounts+=(--volume "$path:$path:ro")
-  done < <(python3 - <<'EOF'
-import os, re, subprocess
-debug = subprocess.run(["pip", "config", "debug"], capture_output=True, text=True).stdout
-files = re.findall(r"^\s+(\S+), exists: True$", debug, re.M)
-settings = re.findall(r"^\s+\S+?\.(\S+): (.+)$", debug, re.M) + re.findall(r"^\s+PIP_(\w+)='(.*)'$", debug, re.M)
-# certificates are the image's own (its ca-certificates package): a mounted bundle would block its update
-values = [value for key, value in settings if "cert" not in key.lower()]
-paths = set(files)
-for value in values:
-    for word in value.split():
-        word = word[len("file://"):] if word.startswith("file://") else word
-        if word.startswith("/") and os.path.exists(word):
-            paths.add(word)
-# a file:// index's packages may live beside its simple/ folder (../files): lend the index's parent
-paths = {os.path.dirname(p.rstrip("/")) if p.rstrip("/").endswith("/simple") else p for p in paths}
-for p in sorted(paths):
-    print(p)
-EOF
-)
+if ((pip_config)) && command -v pip >/dev/null; then  # pip's sources here, for the build only (launch/pip_sources.py)
+  while IFS=$'\t' read -r kind a b; do
+    case "$kind" in
+      mount) mounts+=(--volume "$a:$b:ro") ;;
+      arg) build_args+=(--build-arg "$a=$b") ;;
+    esac
+  done < <(python3 "$ROOT/launch/pip_sources.py")
 fi
 
 if [[ "${engine[0]}" == docker && ${#mounts[@]} -gt 0 ]]; then
   echo "build_image.sh: docker build cannot mount folders: pip downloads what the image needs" >&2
   mounts=()
+  build_args=(${base:+--build-arg "CUDA_IMAGE=$base"})
 fi
 
 echo "build_image.sh: ${engine[*]} build ${build_args[*]} -t $tag ($(( ${#mounts[@]} / 2 )) pip source(s) lent)"
