@@ -56,7 +56,9 @@ RUN if id ubuntu >/dev/null 2>&1; then userdel --remove ubuntu; fi \
  && mkdir -p /runs /data \
  && chown proxygml:proxygml /runs
 USER 1000:1000
-ENV HOME=/home/proxygml
+# HOME for the user; MLflow's git probe stays quiet (no git in the image: the run records no commit)
+ENV HOME=/home/proxygml \
+    GIT_PYTHON_REFRESH=quiet
 # Relative paths (the demo's shards, MLflow's default sqlite:///mlflow.db) land in the mounted run directory.
 WORKDIR /runs
 

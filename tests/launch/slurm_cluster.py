@@ -113,15 +113,27 @@ class Cluster:
     def run_dir(self, tmp_path, job: str) -> str:
         return str(tmp_path / "runs" / f"proxygml-{job}")
 
-    def wait_training(self, tmp_path, job: str, epoch: int, timeout: float = 180) -> None:
-        """Until the job log shows the progress bar of `epoch` (0-based): the job is mid-training."""
+    def wait_training(self, tmp_path, job: str, epoch: int, timeout: float = 240, or_line: str | None = None) -> bool:
+        """Until the job log shows the progress bar of `epoch` (0-based): the job is mid-training. True then;
+        False if `or_line` showed up first."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             self.state(job)
-            if re.search(rf"epoch {epoch}: +\d+%", self.log(tmp_path)):
-                return
+            log = self.log(tmp_path)
+            if re.search(rf"epoch {epoch}: +\d+%", log):
+                return True
+            if or_line and or_line in log:
+                return False
             time.sleep(0.5)
         raise TimeoutError(f"job {job} did not reach epoch {epoch} in {timeout} s:\n{self.log(tmp_path)[-3000:]}")
+
+    def wait_line(self, tmp_path, line: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if line in self.log(tmp_path):
+                return
+            time.sleep(0.5)
+        raise TimeoutError(f"no {line!r} in the job log after {timeout} s:\n{self.log(tmp_path)[-3000:]}")
 
     # --- processes on the nodes ---
     def job_processes(self, job: str) -> list[str]:
