@@ -220,19 +220,30 @@ def test_job_runs_in_the_image(cluster: Cluster, tmp_path):
     os.chmod(runs, 0o777)  # the image's user (uid 1000) writes there
     conf = tmp_path / "containers.conf"
     conf.write_text("[containers]\ndefault_ulimits = []\n")
-    container = (f"{podman} --runtime runc --cgroup-manager cgroupfs run --rm --network host "
-                 f"--volume {runs}:/runs --entrypoint env {image}")
+    # --init: signals reach torchrun (a container's pid 1 ignores those it has no handler for); --uts private:
+    # each "node" its own host name, as on a real cluster (both run on this machine here)
+    label = f"proxygml.test={tmp_path.name}"
+    container = (f"{podman} --runtime runc --cgroup-manager cgroupfs run --rm --init --uts private --network host "
+                 f"--label {label} --volume {runs}:/runs --entrypoint env {image}")
     t0 = time.monotonic()
     job = cluster.submit(tmp_path, ["--config", "demo", "train.epochs=2", "run.output_dir=/runs"],
                          env={"CONTAINER": container, "PROXYGML_ROOT": "/opt/proxygml",
                               "CONTAINERS_CONF": str(conf)}, output_dir=None)
-    state = cluster.wait_done(job, timeout=500)
+    try:
+        state = cluster.wait_done(job, timeout=500)
+    finally:  # a container the job's end did not stop (its podman client killed) is removed here
+        penv = dict(os.environ, CONTAINERS_CONF=str(conf))
+        pods = subprocess.run([podman, "ps", "-q", "--filter", f"label={label}"], capture_output=True, text=True,
+                              env=penv).stdout.split()
+        for pod in pods:
+            subprocess.run([podman, "rm", "-f", pod], capture_output=True, env=penv)
     took = time.monotonic() - t0
     log = cluster.log(tmp_path)
     assert state["JobState"] == "COMPLETED" and state["ExitCode"] == "0:0", log[-4000:]
+    assert not pods, f"containers left running after the job: {pods}"
     metrics, step = final(str(runs / f"proxygml-{job}"))
     assert step == 28 and metrics["recall_at_1"] > 0.5
     left = cluster.job_processes(job)
     assert not left, left
     report("job in image", f"CONTAINER=podman run {image}, demo 2 epochs", f"COMPLETED, R@1 "
-           f"{metrics['recall_at_1']:.4f}", took, len(left))
+           f"{metrics['recall_at_1']:.4f}", took, len(left) + len(pods))
