@@ -220,10 +220,10 @@ def test_job_runs_in_the_image(cluster: Cluster, tmp_path):
     os.chmod(runs, 0o777)  # the image's user (uid 1000) writes there
     conf = tmp_path / "containers.conf"
     conf.write_text("[containers]\ndefault_ulimits = []\n")
-    # --init: signals reach torchrun (a container's pid 1 ignores those it has no handler for); --pid host:
-    # the "nodes" share one host name here, their launchers must not share a pid (the rendezvous tells them apart so)
+    # --pid host: the "nodes" share one host name here, so their launchers must not share a pid (the rendezvous
+    # tells nodes apart so); torchrun is then no container's pid 1 either, so signals reach it (else: --init)
     label = f"proxygml.test={tmp_path.name}"
-    container = (f"{podman} --runtime runc --cgroup-manager cgroupfs run --rm --init --pid host --network host "
+    container = (f"{podman} --runtime runc --cgroup-manager cgroupfs run --rm --pid host --network host "
                  f"--label {label} --volume {runs}:/runs --entrypoint env {image}")
     t0 = time.monotonic()
     job = cluster.submit(tmp_path, ["--config", "demo", "train.epochs=2", "run.output_dir=/runs"],
