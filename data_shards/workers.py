@@ -79,21 +79,30 @@ def _ignore_stop_signals(_worker_id):
     die_with_parent()
 
 
+def _in_container() -> bool:
+    """True in a podman / docker container (their marker files), where pid 1 is the container's first process."""
+    return os.path.exists("/run/.containerenv") or os.path.exists("/.dockerenv")
+
+
 def die_with_parent(sig: int = signal.SIGKILL, parent: int | None = None) -> bool:
     """Ask the kernel to send this process `sig` when its parent exits (Linux prctl PR_SET_PDEATHSIG; strictly,
     when the parent THREAD that forked it ends: fork loader workers from a thread that lives as long as they
-    must); if the parent is already gone by then (the parent is not `parent`, default the current one, or is
-    init), send it now. Returns whether it was set up (False elsewhere than Linux)."""
+    must); if the parent is already gone by then (the parent is not `parent`, default the current one), send it
+    now. Without `parent`, a parent that is pid 1 counts as gone (orphans are adopted by init) unless this process
+    runs in a container whose pid 1 started it; with `parent` given, pid 1 is that parent (a launcher that is the
+    container's first process). Returns whether it was set up (False elsewhere than Linux)."""
     if not sys.platform.startswith("linux"):
         return False
     import ctypes
+    given = parent is not None
     parent = parent or os.getppid()
     try:
         if ctypes.CDLL(None, use_errno=True).prctl(1, sig, 0, 0, 0) != 0:  # PR_SET_PDEATHSIG = 1
             return False
     except (OSError, AttributeError):
         return False  # then torch's own worker watchdog still ends a worker once it notices the parent is gone
-    if os.getppid() != parent or parent == 1:  # the parent died before the request was in place
+    orphaned = parent == 1 and not given and not _in_container()
+    if os.getppid() != parent or orphaned:  # the parent died before the request was in place
         os.kill(os.getpid(), sig)
     return True
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import socket
 import sys
 
@@ -142,7 +143,9 @@ def node_line(args, worker_group, omp: str) -> str:
 
 def install_hooks(args) -> None:
     """Patch torchrun's agent (torch 2.14): a line per node after each rendezvous (and the workers' thread
-    count), and no restart of workers that exited with a user error: the same input fails again."""
+    count), and no restart of workers that exited with a user error: the same input fails again; workers that
+    exit with a user error while the launcher stops them (srun ends a node's task when another node's exits
+    first) still make the launcher's status 2."""
     rendezvous, monitor = SimpleElasticAgent._rendezvous, LocalElasticAgent._monitor_workers
 
     def _rendezvous(self, worker_group):
@@ -158,10 +161,38 @@ def install_hooks(args) -> None:
         result = monitor(self, worker_group)
         if result.is_failed() and any(f.exitcode == EXIT_USER_ERROR for f in result.failures.values()):
             self._remaining_restarts = 0
+            refused_input()
         return result
+
+    shutdown = LocalElasticAgent._shutdown
+
+    def _shutdown(self, *args, **kwargs):  # a stop signal came: did the workers end on a user error meanwhile?
+        shutdown(self, *args, **kwargs)
+        handlers = getattr(self._pcontext, "subprocess_handlers", None) or {}
+        if any(getattr(h.proc, "returncode", None) == EXIT_USER_ERROR for h in handlers.values()):
+            refused_input()
 
     SimpleElasticAgent._rendezvous = _rendezvous
     LocalElasticAgent._monitor_workers = _monitor_workers
+    LocalElasticAgent._shutdown = _shutdown
+
+
+USER_ERROR_SEEN = False  # set when a worker exited with a user error: this launcher then exits 2, whatever follows
+
+
+def refused_input() -> None:
+    """The workers refused their input (exit status 2): the launcher's status is 2 from now on. A stop signal
+    that comes now (srun --kill-on-bad-exit ends the other nodes' tasks when one exits; torchrun's rendezvous
+    teardown may fail once another node is gone) must not turn it into 143 or 1: no worker is left to stop."""
+    global USER_ERROR_SEEN
+    USER_ERROR_SEEN = True
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def user_error_line(ranks: str = "") -> str:
+    return (f"launch: the trainer refused its input{f' on rank(s) {ranks}' if ranks else ''} (exit status "
+            f"{EXIT_USER_ERROR}; the reason is printed above); fix it and start again")
 
 
 class _QuietUserErrors(logging.Filter):
@@ -179,8 +210,7 @@ def user_error(error: ChildFailedError) -> str | None:
     if first.exitcode != EXIT_USER_ERROR:
         return None
     ranks = sorted(r for r, f in error.failures.items() if f.exitcode == EXIT_USER_ERROR)
-    return (f"launch: the trainer refused its input on rank(s) {', '.join(map(str, ranks))} (exit status "
-            f"{EXIT_USER_ERROR}; the reason is printed above); fix it and start again")
+    return user_error_line(", ".join(map(str, ranks)))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -194,7 +224,13 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(_QuietUserErrors())
     try:
         run(args)
-    except (RendezvousTimeoutError, RendezvousConnectionError, RendezvousClosedError) as e:
+    except (RendezvousTimeoutError, RendezvousConnectionError, RendezvousClosedError, SignalException) as e:
+        if USER_ERROR_SEEN:  # the rendezvous' teardown after the workers refused their input: that is the news
+            print(user_error_line(), file=sys.stderr)
+            sys.exit(EXIT_USER_ERROR)
+        if isinstance(e, SignalException):
+            print(f"launch: got {e.sigval.name}: the workers were asked to checkpoint and stop", file=sys.stderr)
+            sys.exit(128 + int(e.sigval))
         sys.exit(explain(e, args))
     except ChildFailedError as e:
         line = user_error(e)
@@ -202,9 +238,6 @@ def main(argv: list[str] | None = None) -> None:
             raise
         print(line, file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
-    except SignalException as e:
-        print(f"launch: got {e.sigval.name}: the workers were asked to checkpoint and stop", file=sys.stderr)
-        sys.exit(128 + int(e.sigval))
 
 
 if __name__ == "__main__":

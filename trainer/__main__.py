@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 
@@ -72,6 +73,7 @@ def _let_rank0_speak(code: int, rank: int) -> int:
     """An error every rank has is printed by rank 0 alone; the other ranks wait a moment before they exit, so that
     torchrun, which stops the whole group at the first exit it sees, does not stop rank 0 before it has said it."""
     if rank != 0 and code:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a launcher that stops us meanwhile still sees the status
         time.sleep(QUIET_RANK_DELAY_S)
     return code
 

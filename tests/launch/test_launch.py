@@ -12,7 +12,7 @@ import torch
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))  # the repository
 LAUNCH = os.path.join(ROOT, "launch")
-SCRIPTS = ["single_node.sh", "multi_node.sh", "slurm.sbatch"]
+SCRIPTS = ["single_node.sh", "multi_node.sh", "slurm.sbatch", "local_cluster.sh", "build_image.sh"]
 
 
 def read(path: str) -> str:
@@ -124,6 +124,8 @@ def test_slurm_script_forwards_preemption_and_requeues():
     assert any(re.fullmatch(r"--signal=B:USR1@\d+", d) for d in directives)  # to the batch shell
     assert "--requeue" in directives
     assert re.search(r"trap .*USR1", text) and "scontrol requeue" in text
+    # the warning goes to the step's processes, never as SIGTERM to srun (srun would kill the step at once)
+    assert "scancel --signal=TERM" in text and not re.search(r"kill -(TERM|15) \"?\$srun_pid", text)
     assert "scontrol show hostnames" in text  # the rendezvous endpoint is the first node
 
 
@@ -132,3 +134,22 @@ def test_slurm_script_outside_slurm_says_so():
     r = subprocess.run(["bash", os.path.join(LAUNCH, "slurm.sbatch")], capture_output=True, text=True,
                        env=env, timeout=30)
     assert r.returncode != 0 and "run this script with sbatch" in r.stderr
+
+
+def test_pip_sources_lends_local_paths_under_run_and_leaves_urls(tmp_path):
+    """build_image.sh's pip sources: local folders become mounts under /run/pip-build, URLs pass unchanged."""
+    wheels = tmp_path / "wheels"
+    index = tmp_path / "mirror" / "simple"
+    index.mkdir(parents=True)
+    wheels.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
+    env.update(PIP_CONFIG_FILE=os.devnull, PIP_FIND_LINKS=str(wheels),
+               PIP_EXTRA_INDEX_URL=f"file://{index} https://mirror.example/simple")
+    r = subprocess.run(["python3", os.path.join(LAUNCH, "pip_sources.py")], env=env, capture_output=True,
+                       text=True, timeout=60, check=True)
+    lines = [line.split("\t") for line in r.stdout.splitlines()]
+    assert ["mount", str(wheels), "/run/pip-build/0"] in lines
+    assert ["mount", str(tmp_path / "mirror"), "/run/pip-build/1"] in lines  # the index's parent: ../files
+    assert ["arg", "PIP_FIND_LINKS", "/run/pip-build/0"] in lines
+    assert ["arg", "PIP_EXTRA_INDEX_URL", "file:///run/pip-build/1/simple https://mirror.example/simple"] in lines
+    assert not any(str(tmp_path) in line[2] for line in lines if line[0] == "arg")

@@ -317,8 +317,12 @@ def test_killed_worker_restarts_and_resumes_from_the_latest_checkpoint(jobs, tmp
 # --- the SLURM batch script's preemption path ----------------------------------------------------------------
 
 SLURM_SHIMS = {
-    # Stand-ins for the two SLURM commands the batch script calls; the job itself (torchrun + trainer) is real.
-    "srun": '#!/usr/bin/env bash\nwhile [[ "$1" == --* ]]; do shift; done\nexec "$@"\n',
+    # Stand-ins for the SLURM commands the batch script calls; the job itself (torchrun + trainer) is real (a real
+    # two-node cluster runs the same script in tests/launch/test_slurm_cluster.py). srun notes the step's pid,
+    # which `scancel --signal=SIG JOB` signals.
+    "srun": '#!/usr/bin/env bash\nwhile [[ "$1" == --* ]]; do shift; done\necho $$ > "$SHIM_LOG.step"\n'
+            'exec "$@"\n',
+    "scancel": '#!/usr/bin/env bash\nkill -"${1#--signal=}" "$(cat "$SHIM_LOG.step")"\n',
     "scontrol": '#!/usr/bin/env bash\ncase "$1 $2" in\n  "show hostnames") echo 127.0.0.1 ;;\n'
                 '  requeue*) echo "requeue $2" >> "$SHIM_LOG" ;;\nesac\n',
 }
