@@ -52,7 +52,7 @@ ON_IMAGE = {"torch", "torchvision", "timm", "tqdm", "scikit-learn", "scipy", "pi
 CARRIED_AS = {"mlflow": "mlflow-skinny"}  # a pin carried as another distribution of the same version
 IMPORTS = {"deepspeed": "deepspeed", "webdataset": "webdataset", "omegaconf": "omegaconf", "faiss-cpu": "faiss",
            "pytorch-metric-learning": "pytorch_metric_learning", "mlflow-skinny": "mlflow",
-           "sqlalchemy": "sqlalchemy", "alembic": "alembic"}
+           "sqlalchemy": "sqlalchemy", "alembic": "alembic", "boto3": "boto3", "optuna": "optuna"}
 PROJECT_IMPORTS = ["loss", "data_shards.gpu_transforms", "trainer.loop", "trainer.tracking",
                    "trainer.deepspeed_engine", "trainer.evaluation.metrics"]
 STEPS = ["install", "versions", "pytest", "loss", "throughput", "eval", "demo1", "demo2"]

@@ -119,8 +119,10 @@ def _allowed(meta: dict) -> str:
 def schema_keys(cls: type = Config, prefix: str = "") -> list[Key]:
     """Every key of the schema, in declaration order (sections first to last)."""
     hints = typing.get_type_hints(cls)
-    comments = _class_comments(cls)
-    checks = _transform_checks() if cls is TransformConfig else {}
+    comments = {}  # a subclass's comments over its bases' (data.transform: TransformKeys over TransformConfig)
+    for base in reversed([c for c in cls.__mro__ if dataclasses.is_dataclass(c)]):
+        comments.update(_class_comments(base))
+    checks = _transform_checks() if issubclass(cls, TransformConfig) else {}
     out = []
     for f in dataclasses.fields(cls):
         kind = hints[f.name]

@@ -98,6 +98,7 @@ def test_pair_based_loss_on_two_gloo_ranks(shards, tmp_path):
 # Losses that cannot run without arguments of their own or on (embeddings, labels) batches; each must be
 # refused by the config with the reason, every other one must train.
 NEEDS_ARGUMENTS = {"RankedListLoss": {"margin": 0.4, "Tn": 10}}  # listed with the loss.kwargs it needs
+NEEDS_M_PER_CLASS = {"SmoothAPLoss"}  # refused with data.sampler=shuffle (the check's second step), trains with it
 
 
 def one_step(cfg, num_classes=4):
@@ -127,8 +128,13 @@ def test_every_listed_loss_trains_one_step():
     trained = []
     for name in available_losses():
         assert required_kwargs(name) == list(NEEDS_ARGUMENTS.get(name, {})), name
-        cfg = load_config("demo", [*base, f"loss.name={name}",
-                                   *(f"loss.kwargs.{k}={v}" for k, v in NEEDS_ARGUMENTS.get(name, {}).items())])
+        overrides = [*base, f"loss.name={name}",
+                     *(f"loss.kwargs.{k}={v}" for k, v in NEEDS_ARGUMENTS.get(name, {}).items())]
+        if name in NEEDS_M_PER_CLASS:
+            with pytest.raises(ConfigError, match="^data.sampler: .*set data.sampler=m_per_class"):
+                load_config("demo", overrides)
+            overrides.append("data.sampler=m_per_class")
+        cfg = load_config("demo", overrides)
         loss, moved = one_step(cfg)
         assert loss.dim() == 0 and torch.isfinite(loss) and moved, name
         trained.append(name)

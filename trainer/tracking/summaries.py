@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from trainer.redact import redact
+
 MAX_PARAM_VALUE = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH
 WORST_CLASSES = 25  # rows of worst_classes.csv (and the first 10 in the run's `eval.worst_classes` tag)
 PACKAGES = ("torch", "torchvision", "deepspeed", "webdataset", "mlflow", "omegaconf", "timm",
@@ -80,11 +82,12 @@ def git_commit(root: Path = PROJECT_ROOT) -> tuple[str, bool] | None:
 
 
 def run_command(argv: list[str] | None = None) -> str:
-    """The command line that started this process, as a user would type it (`python -m trainer ...`)."""
+    """The command line that started this process, as a user would type it (`python -m trainer ...`), with every
+    credential in it masked (trainer/redact.py: a password in a tracking URI or a data URL never reaches MLflow)."""
     argv = list(sys.argv if argv is None else argv)
     if argv and argv[0].endswith(os.path.join("trainer", "__main__.py")):  # python -m trainer (or torchrun -m)
-        return shlex.join(["python", "-m", "trainer", *argv[1:]])
-    return shlex.join(argv)
+        argv = ["python", "-m", "trainer", *argv[1:]]
+    return redact(shlex.join(argv))
 
 
 def source_tags(argv: list[str] | None = None) -> dict[str, str]:
