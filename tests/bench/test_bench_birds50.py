@@ -11,6 +11,7 @@ sys.path.insert(0, os.path.join(ROOT, "bench"))
 import birds50  # noqa: E402
 
 
+@pytest.mark.slow  # builds every recipe row's config (27 s)
 @pytest.mark.timeout(120)
 def test_every_row_is_a_valid_config_and_rows_differ_only_in_their_keys(tmp_path):
     from trainer.config import load_config

@@ -272,6 +272,7 @@ def test_throughput_output_is_parsed():
     assert G.judge_throughput(o, workers=4)[0].result == "FAILED (no figure in its output)"
 
 
+@pytest.mark.slow  # runs eval_bench on the CPU (16 s); the loss and throughput outputs are parsed by default
 def test_eval_bench_output_is_parsed():
     o = run_bench(["bench/eval_bench.py", "--only-sop", "--size", "tiny", "--forward-backbone", "small_cnn",
                    "--forward-batches", "1", "--forward-batch", "8", "--forward-image-size", "32"])

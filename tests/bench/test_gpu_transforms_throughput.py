@@ -29,6 +29,7 @@ def test_throughput_bench_rejects_bad_workers():
         throughput.parse_args(["--workers", "1,four"])
 
 
+@pytest.mark.slow  # the --trainer comparison (19 s); the plain throughput bench runs by default
 def test_throughput_trainer_comparison_runs_tiny(capsys):
     """--trainer: the demo's Trainer.train_epoch, a plain loop on its loader and over tensors in memory."""
     res = throughput.main(["--trainer", "--rounds", "1", "--trainer-workers", "0"])

@@ -55,6 +55,7 @@ dist.destroy_process_group()
 '''
 
 
+@pytest.mark.slow  # the layouts bench under torchrun (20 s); the 2-rank stream tests stay in the default run
 @pytest.mark.distributed
 def test_benchmark_layouts_under_torchrun(tmp_path):
     shards = tmp_path / "shards"

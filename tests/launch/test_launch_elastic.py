@@ -328,6 +328,7 @@ SLURM_SHIMS = {
 }
 
 
+@pytest.mark.slow  # the stand-in; the real SLURM cluster runs this path in the services tests
 def test_slurm_usr1_before_the_time_limit_checkpoints_and_requeues(jobs, tmp_path, shards):
     bin_dir = tmp_path / "slurm-bin"
     bin_dir.mkdir()

@@ -92,7 +92,8 @@ def _worker(rank, world, name, miner):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("name,miner", [("MultiSimilarityLoss", "MultiSimilarityMiner"), ("ProxyAnchorLoss", None)])
+@pytest.mark.parametrize("name,miner", [  # one by default
+    pytest.param("MultiSimilarityLoss", "MultiSimilarityMiner", marks=pytest.mark.slow), ("ProxyAnchorLoss", None)])
 def test_gather_equals_one_process_on_global_batch(name, miner):
     loss, grads = run_on_gloo_ranks(_worker, 2, name, miner)[0]
     ref_loss, ref_grads = _grads(name, miner, *_data())

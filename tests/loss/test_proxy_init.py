@@ -91,7 +91,7 @@ def tables_on_ranks(rank, size):
 
 @pytest.mark.distributed
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("size", [2, 3])
+@pytest.mark.parametrize("size", [2, pytest.param(3, marks=pytest.mark.slow)])  # 2 ranks by default
 def test_every_mode_and_world_size_starts_from_one_table(size):
     want = init_proxy_rows(4500, 4, 0, 4500, 5)
     results = run_on_gloo_ranks(tables_on_ranks, size, timeout=240)
