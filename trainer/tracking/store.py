@@ -14,7 +14,8 @@ from pathlib import Path
 
 from trainer.redact import redact, split_userinfo
 
-STORE_LOCK_WAIT_S = 120.0  # creating or upgrading a SQLite store waits at most this long for another process
+STORE_LOCK_WAIT_S = 120.0  # creating a SQLite store waits at most this long for another process (then retried)
+SQLITE_BUSY_TIMEOUT_MS = 60_000  # a SQLite connection waits this long for another writer before `database is locked`
 HTTP_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
@@ -94,15 +95,24 @@ class Store:
         if db is None:
             self.client = MlflowClient(tracking_uri=uri)
             return
-        # Opening a SQLite store creates or upgrades its schema; runs starting together on a new store race
-        # there ("duplicate column name"). One process at a time does it, under a lock file beside the store.
+        # Opening a SQLite store creates its schema when it has none; runs starting together on a new store race
+        # there ("duplicate column name"). One process at a time does it, under a lock file beside the store, and
+        # leaves `<db>.ready` (the MLflow version that opened it): later runs open a ready store without the lock
+        # (opening takes seconds of CPU: eight runs in a row behind one lock wait a minute on a loaded machine).
         from filelock import FileLock
 
+        _sqlite_busy_timeout()
         db.parent.mkdir(parents=True, exist_ok=True)
         logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # "Creating initial ... tables"
+        ready = Path(f"{db}.ready")
+        if _store_ready(db, ready):
+            self.client = MlflowClient(tracking_uri=uri)
+            self.client.search_experiments(max_results=1)
+            return
         with FileLock(f"{db}.lock", timeout=STORE_LOCK_WAIT_S):
             self.client = MlflowClient(tracking_uri=uri)
             self.client.search_experiments(max_results=1)  # the store is ready before the lock is let go
+            ready.write_text(_mlflow_version())
 
     def ensure_run(self, experiment: str, run_name: str, run_id: str | None, reopen: bool = True) -> str:
         """The id of run `run_id` (set RUNNING again if `reopen`), or of a new run when it is None or unknown."""
@@ -232,6 +242,35 @@ class Store:
             else:
                 pending.unlink()
         return done
+
+
+def _mlflow_version() -> str:
+    return importlib.metadata.version("mlflow")
+
+
+def _store_ready(db: Path, ready: Path) -> bool:
+    """Whether this MLflow version already opened the SQLite store `db` (its schema is made)."""
+    try:
+        return db.stat().st_size > 0 and ready.read_text() == _mlflow_version()
+    except OSError:
+        return False
+
+
+def _set_busy_timeout(dbapi_connection, _record) -> None:
+    import sqlite3
+
+    if isinstance(dbapi_connection, sqlite3.Connection):
+        dbapi_connection.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+
+
+def _sqlite_busy_timeout() -> None:
+    """Every SQLite connection of this process waits SQLITE_BUSY_TIMEOUT_MS for other writers (pysqlite's default is
+    5 s; MLflow sets 20 s per session but not on the connections that open the store)."""
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    if not event.contains(Engine, "connect", _set_busy_timeout):
+        event.listen(Engine, "connect", _set_busy_timeout)
 
 
 def _dataset_source(location: str):
