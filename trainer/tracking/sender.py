@@ -18,7 +18,7 @@ import warnings
 from pathlib import Path
 
 from trainer.redact import redact
-from trainer.tracking.store import Store, is_local_store, model_options
+from trainer.tracking.store import OFFLINE_MODEL_DIR, Store, is_local_store, save_offline_model
 
 log = logging.getLogger("trainer.tracking")
 
@@ -254,21 +254,14 @@ class Sender:
         self._keep(event)
 
     def _keep(self, event: dict) -> None:
-        """Append an event to pending.jsonl (a model object is saved under tracking/model first)."""
+        """Append an event to pending.jsonl (a model object is saved under tracking/model first, as data only:
+        see store.save_offline_model)."""
         if event["op"] == "model_object":
-            import shutil
-
-            import mlflow.pytorch
-
-            local = self.dir / "model"
-            if local.exists():
-                shutil.rmtree(local)
             try:
-                mlflow.pytorch.save_model(event["model"], str(local), **model_options())
+                event = save_offline_model(event["model"], self.dir / OFFLINE_MODEL_DIR)
             except Exception as e:
-                warnings.warn(f"Tracker.log_model: the model could not be saved: {e!r}", RuntimeWarning,
+                warnings.warn(f"Tracker.log_model: the model could not be kept offline: {e}", RuntimeWarning,
                               stacklevel=2)
                 return
-            event = {"op": "model", "local": str(local)}
         with self._lock, self.pending.open("a") as f:
             f.write(json.dumps(event) + "\n")

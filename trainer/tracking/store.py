@@ -168,7 +168,8 @@ class Store:
         self._show_training_runs(experiment_id)
         return experiment_id
 
-    def apply(self, run_id: str, event: dict) -> None:
+    def apply(self, run_id: str, event: dict, base: Path | None = None) -> None:
+        """Apply one tracker event; `base`: the run's tracking folder (where an offline model is kept)."""
         op = event["op"]
         if op == "params":
             self._log_params(run_id, event["params"])
@@ -193,11 +194,8 @@ class Store:
             dataset = shard_dataset(event["location"], event["name"], event["digest"], event["profile"])
             self.client.log_inputs(run_id, [DatasetInput(dataset._to_mlflow_entity(),
                                                          [InputTag("mlflow.data.context", event["context"])])])
-        elif op == "model":
-            import mlflow.pytorch
-
-            model = mlflow.pytorch.load_model(event["local"], map_location="cpu")
-            self.log_model(run_id, model)
+        elif op == "model":  # the folder beside the pending file, whatever path the run wrote it from
+            self.log_model(run_id, load_offline_model(Path(base or Path(event["local"]).parent) / OFFLINE_MODEL_DIR))
         elif op == "end":
             self.client.set_terminated(run_id, event["status"], int(event["timestamp"]))
         else:
@@ -233,7 +231,7 @@ class Store:
         done = 0
         try:
             for event in events:
-                self.apply(run_id, event)
+                self.apply(run_id, event, base=pending.parent)
                 done += 1
         finally:
             rest = events[done:]
@@ -242,6 +240,58 @@ class Store:
             else:
                 pending.unlink()
         return done
+
+
+OFFLINE_MODEL_DIR = "model"  # under the run's tracking folder: a model kept while the store was unreachable
+OFFLINE_WEIGHTS, OFFLINE_RECIPE = "model.safetensors", "recipe.json"
+
+
+def save_offline_model(model, folder: Path) -> dict:
+    """Keep an embedder (trainer.model.Embedder) as data only: its tensors in `model.safetensors`, the `model`
+    config section that rebuilds it in `recipe.json`. Returns the pending event; ValueError for a module that
+    carries no such config (it could only be kept as a pickle, which the upload would refuse)."""
+    import shutil
+
+    from safetensors.torch import save_model
+
+    config = getattr(model, "model_config", None)
+    if not isinstance(config, dict):
+        raise ValueError(f"a {type(model).__name__} has no `model_config` to rebuild it from (only the trainer's "
+                         "embedder is kept offline); it is not logged")
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    save_model(model, str(folder / OFFLINE_WEIGHTS))
+    (folder / OFFLINE_RECIPE).write_text(json.dumps({"builder": "trainer.model.build_model", "model": config},
+                                                    indent=1))
+    return {"op": "model", "local": str(folder), "format": "safetensors"}
+
+
+def load_offline_model(folder: Path):
+    """The embedder kept by save_offline_model, rebuilt from its recipe with random weights, then its tensors
+    (strict). Runs no code from the folder: only `recipe.json` (JSON) and `model.safetensors` are read; anything
+    else (e.g. a pickled model) raises UnsafeFileError (one line naming the file, exit 2)."""
+    from safetensors.torch import load_model
+
+    from trainer.model import build_model, model_config_from_dict
+    from trainer.safe_load import UnsafeFileError
+
+    allowed = {OFFLINE_WEIGHTS, OFFLINE_RECIPE}
+    others = sorted(p for p in folder.rglob("*") if p.is_file() and p.relative_to(folder).as_posix() not in allowed)
+    if others or not (folder / OFFLINE_RECIPE).is_file() or not (folder / OFFLINE_WEIGHTS).is_file():
+        bad = others[0] if others else folder / OFFLINE_RECIPE
+        raise UnsafeFileError(f"{bad}: not loaded: an offline model is kept as {OFFLINE_RECIPE} and {OFFLINE_WEIGHTS} "
+                              "only (tensors and plain data; a pickled model could run code while loading)")
+    try:
+        recipe = json.loads((folder / OFFLINE_RECIPE).read_text())
+        if recipe.get("builder") != "trainer.model.build_model" or not isinstance(recipe.get("model"), dict):
+            raise ValueError("not a recipe of trainer.model.build_model")
+        model = build_model(model_config_from_dict(recipe["model"]), load_weights=False)
+        load_model(model, str(folder / OFFLINE_WEIGHTS), strict=True, device="cpu")
+    except (ValueError, RuntimeError, OSError) as e:
+        raise UnsafeFileError(f"{folder}: not loaded: {str(e).splitlines()[0] if str(e) else type(e).__name__}") \
+            from None
+    return model.eval()
 
 
 def _mlflow_version() -> str:
