@@ -76,7 +76,7 @@ class Sender:
         self._warned = False
         self._abandoned = False
         self._last_try = -math.inf
-        self._error: Exception | None = None  # the last error of a connection attempt
+        self._error: Exception | None = None  # the store's last error
         self._local = is_local_store(uri)
         self._lock = threading.Lock()  # pending.jsonl and state.json are written by both threads
         self.write_state(artifact_root)
@@ -178,7 +178,6 @@ class Sender:
             if not self._started.is_set() and login_refused(e):  # at start: the Tracker says it, no training
                 self.refused = e
                 return False
-            self._error = e
             self._fail(e)
             return False
         if not self.online and self._warned:
@@ -196,6 +195,7 @@ class Sender:
         return self._connect()
 
     def _fail(self, error: Exception) -> None:
+        self._error = error
         self.online = False
         self._last_try = time.monotonic()
         if self._local and store_busy(error) and not self._stalled():  # busy, not failing: retried, no word
@@ -226,8 +226,10 @@ class Sender:
                     if not self.online and not self._abandoned and self.pending.exists():
                         self._connect()
                     # a local store is busy (other runs writing the same SQLite file), not down: try again
-                    # until it takes everything, as long as it answers (close() waits as long)
-                    while self._local and not self._abandoned and self.pending.exists() and not self._stalled():
+                    # until it takes everything, as long as it answers (close() waits as long); a store that fails
+                    # otherwise (not a database, a schema MLflow refuses) is not waited for
+                    while (self._local and not self._abandoned and self.pending.exists() and not self._stalled()
+                           and store_busy(self._error)):
                         time.sleep(LOCAL_RETRY_INTERVAL_S / 4)
                         self._connect()
                     return

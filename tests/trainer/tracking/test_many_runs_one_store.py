@@ -139,3 +139,28 @@ def test_a_hundred_runs_eight_at_a_time_share_one_sqlite_store(shards, tmp_path)
     problems, secs = many_runs(shards, tmp_path, runs=100, parallel=8)
     print(f"100 runs: {sum(secs):.0f} s of run time, longest {max(secs):.0f} s")
     assert not problems, "\n".join(problems[:10])
+
+
+@pytest.mark.timeout(300)
+def test_a_broken_local_store_is_not_waited_for(tmp_path):
+    """A local store that fails for another reason than being busy (here: not a database) is not retried until the
+    stall bound: one warning, the events kept in pending.jsonl, close() returns within seconds."""
+    import warnings
+
+    from trainer.config import TrackingConfig
+    from trainer.tracking import Tracker
+
+    db = tmp_path / "broken.db"
+    db.write_bytes(b"not a database, " * 512)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tracker = Tracker(TrackingConfig(enabled=True, tracking_uri=f"sqlite:///{db}"), tmp_path / "r")
+        tracker.log_metrics({"loss": 1.0}, 0)
+        t0 = time.monotonic()
+        tracker.close()
+        closing = time.monotonic() - t0
+    said = [str(w.message) for w in caught]
+    assert closing < 30, f"close() waited {closing:.0f} s for a store that cannot work"
+    assert any("failed" in m for m in said) and any("the local store did not take them" in m for m in said), said
+    ops = [json.loads(e)["op"] for e in tracker.pending.read_text().splitlines()]
+    assert ops[-2:] == ["metrics", "end"]
