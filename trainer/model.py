@@ -189,9 +189,31 @@ def backbone_defaults(name: str) -> dict:
             "interpolation": interp if interp in ("nearest", "bilinear", "bicubic") else "bilinear"}
 
 
+def model_config_dict(cfg) -> dict:
+    """The `model` config section as plain data (JSON-safe): `build_model(model_config_from_dict(d), False)`
+    builds the same module (random weights)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+
+
+def model_config_from_dict(d: dict):
+    """A ModelConfig from plain data (model_config_dict's); ValueError naming the key that does not fit."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from trainer.config import ModelConfig
+
+    try:
+        return OmegaConf.merge(OmegaConf.structured(ModelConfig), d)
+    except OmegaConfBaseException as e:
+        raise ValueError(f"model config: {str(e).splitlines()[0]}") from None
+
+
 class Embedder(nn.Module):
     def __init__(self, cfg, load_weights: bool = True):
         super().__init__()
+        self.model_config = model_config_dict(cfg)  # plain data: rebuilds this module (tracking's offline queue)
         b = new_backbone(cfg.backbone, cfg.pooling, backbone_kwargs(cfg), cfg.small_cnn_width)
         self.backbone = b.module
         self.loaded = load_backbone_weights(cfg, b) if load_weights else None

@@ -20,10 +20,13 @@ any training (docs/object-storage-and-tracking-server.md).
 Every MLflow call is made by one sender thread, in order: a step only queues its event (pictures and
 tables are written to `<run_dir>/tracking/artifacts/` first). A failing, unreachable or hung server never
 stops nor stalls training: the first failure warns once, later events are appended to
-`<run_dir>/tracking/pending.jsonl`, the server is retried every RETRY_INTERVAL_S (a local SQLite store every
-LOCAL_RETRY_INTERVAL_S: busy, not down) and, once it answers, gets
-what is pending. Tracker() waits at most START_WAIT_S for the run id, close() at most CLOSE_WAIT_S for the
-queue (those four in trainer.tracking.sender). Whatever is still pending at the end is uploaded with
+`<run_dir>/tracking/pending.jsonl`, the server is retried every RETRY_INTERVAL_S and, once it answers, gets
+what is pending. Tracker() waits at most START_WAIT_S for a server's run id, close() at most CLOSE_WAIT_S for the
+queue. A local store (SQLite file) is only ever busy, never far: its waits follow progress (the run is created
+before Tracker() returns, close() returns once everything is delivered), a busy answer is retried every
+LOCAL_RETRY_INTERVAL_S without a word, and only a store silent for LOCAL_STALL_S is given up (those in
+trainer.tracking.sender). A model kept offline is data (model.safetensors + recipe.json, rebuilt with
+trainer.model.build_model; the upload refuses anything else). Whatever is still pending at the end is uploaded with
 
     python -m trainer.tracking upload RUN_DIR [--tracking-uri URI]
 

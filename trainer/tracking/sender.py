@@ -1,8 +1,11 @@
 """The tracker's sender thread: every MLflow call of a run, in order, off the training thread. A failing,
 unreachable or hung store never stops nor stalls training: the first failure warns once, later events are
-appended to `<run_dir>/tracking/pending.jsonl`, the store is retried every RETRY_INTERVAL_S (a local SQLite
-store every LOCAL_RETRY_INTERVAL_S: busy, not down) and, once it answers, gets what is pending. The run's
-id, store and recall history are kept in `<run_dir>/tracking/state.json` (read by resume and by upload)."""
+appended to `<run_dir>/tracking/pending.jsonl`, the store is retried every RETRY_INTERVAL_S and, once it answers,
+gets what is pending. A local store (SQLite file, folder) has no network to wait for: it is only ever busy (other runs
+writing the same file), so its waits are driven by progress, not by a clock: the start waits for the run to be
+created and close() for every event to be delivered, as long as the store answers something within LOCAL_STALL_S;
+meanwhile a busy answer is retried every LOCAL_RETRY_INTERVAL_S without a warning. The run's id, store and recall
+history are kept in `<run_dir>/tracking/state.json` (read by resume and by upload)."""
 from __future__ import annotations
 
 import json
@@ -15,15 +18,24 @@ import warnings
 from pathlib import Path
 
 from trainer.redact import redact
-from trainer.tracking.store import Store, is_local_store, model_options
+from trainer.tracking.store import OFFLINE_MODEL_DIR, Store, is_local_store, save_offline_model
 
 log = logging.getLogger("trainer.tracking")
 
 TRACKING_DIR = "tracking"  # under the run directory: state.json, pending.jsonl, artifacts/, model/
 RETRY_INTERVAL_S = 60.0  # while offline, ask the server again at most this often
 LOCAL_RETRY_INTERVAL_S = 2.0  # the same for a local store (SQLite file): busy for a moment, not down
-START_WAIT_S = 30.0  # Tracker() waits at most this long for the first answer of the store (run id)
-CLOSE_WAIT_S = 30.0  # close() waits at most this long for the sender thread to deliver what is queued
+START_WAIT_S = 30.0  # Tracker() waits at most this long for a server's first answer (run id)
+CLOSE_WAIT_S = 30.0  # close() waits at most this long for the sender thread to deliver what is queued to a server
+LOCAL_STALL_S = 300.0  # a local store that stays busy (or hung) this long without a single answer is given up
+
+
+def store_busy(error: BaseException) -> bool:
+    """Whether an error is a local store being busy (SQLite `database is locked`, the store-creation lock file
+    held by another process): a reason to retry, not a failure."""
+    from filelock import Timeout
+
+    return isinstance(error, Timeout) or "database is locked" in str(error) or "database is busy" in str(error)
 
 
 def login_refused(error: Exception) -> bool:
@@ -64,14 +76,27 @@ class Sender:
         self._warned = False
         self._abandoned = False
         self._last_try = -math.inf
+        self._error: Exception | None = None  # the store's last error
         self._local = is_local_store(uri)
         self._lock = threading.Lock()  # pending.jsonl and state.json are written by both threads
         self.write_state(artifact_root)
         self._queue: queue.Queue = queue.Queue()
         self._started = threading.Event()
+        self._progress = time.monotonic()  # the last answer of the store (a call that returned)
         self._worker = threading.Thread(target=self._work, name="mlflow-tracker", daemon=True)
         self._worker.start()
-        self._started.wait(START_WAIT_S)  # the run id, when the store answers in time
+        self._wait_start()  # the run id, when the store answers in time
+
+    def _wait_start(self) -> None:
+        """A server: at most START_WAIT_S. A local store: until the run exists, unless it makes no progress."""
+        if not self._local:
+            self._started.wait(START_WAIT_S)
+            return
+        while not self._started.wait(1.0) and not self._stalled():
+            pass
+
+    def _stalled(self) -> bool:
+        return time.monotonic() - self._progress > LOCAL_STALL_S
 
     def emit(self, event: dict) -> None:
         self._queue.put(event)
@@ -79,7 +104,7 @@ class Sender:
     def wait_run_id(self) -> str | None:
         """The run id, waiting up to START_WAIT_S for the thread's first connection attempt."""
         if not self._started.is_set():
-            self._started.wait(START_WAIT_S)
+            self._wait_start()
         return self.run_id
 
     def flush(self, timeout: float | None = None) -> bool:
@@ -98,10 +123,15 @@ class Sender:
         what could not be sent."""
         self.emit(end)
         self._queue.put(None)
-        self._worker.join(CLOSE_WAIT_S)
+        if self._local:  # no network: wait while the store answers (other runs may hold it for a while)
+            while self._worker.is_alive() and not self._stalled():
+                self._worker.join(1.0)
+        else:
+            self._worker.join(CLOSE_WAIT_S)
         if self._worker.is_alive():  # stuck in a call to a hung server: keep the rest locally
             self._abandoned = True
-            warnings.warn(f"Tracker: MLflow at {redact(self.uri)} did not answer within {CLOSE_WAIT_S:.0f} s; the "
+            waited = f"for {LOCAL_STALL_S:.0f} s" if self._local else f"within {CLOSE_WAIT_S:.0f} s"
+            warnings.warn(f"Tracker: MLflow at {redact(self.uri)} did not answer {waited}; the "
                           "events not sent yet are kept locally", RuntimeWarning, stacklevel=3)
             while True:
                 try:
@@ -142,6 +172,7 @@ class Sender:
             self.run_id = self.store.ensure_run(self.experiment, self.run_name, self.run_id)
             self.experiment_id = self.store.experiment_id
             self.write_state()
+            self._progress = time.monotonic()
             self.store.replay(self.run_id, self.pending)
         except Exception as e:
             if not self._started.is_set() and login_refused(e):  # at start: the Tracker says it, no training
@@ -164,8 +195,12 @@ class Sender:
         return self._connect()
 
     def _fail(self, error: Exception) -> None:
+        self._error = error
         self.online = False
         self._last_try = time.monotonic()
+        if self._local and store_busy(error) and not self._stalled():  # busy, not failing: retried, no word
+            log.debug("Tracker: local store busy: %r", error)
+            return
         if not self._warned:
             self._warned = True
             warnings.warn(redact(f"Tracker: MLflow at {self.uri} failed ({type(error).__name__}: {error}); "
@@ -178,7 +213,10 @@ class Sender:
     def _work(self) -> None:
         """The thread: connects, then delivers events in order until close() sends None."""
         try:
-            self._connect()
+            # a local store busy with other runs is waited for (the run id is known before training starts)
+            while (not self._connect() and self._local and self.refused is None and store_busy(self._error)
+                   and not self._stalled()):
+                time.sleep(LOCAL_RETRY_INTERVAL_S / 4)
         finally:
             self._started.set()
         while True:
@@ -187,11 +225,11 @@ class Sender:
                 if event is None:  # close(): a last try for what is pending, whatever the retry interval
                     if not self.online and not self._abandoned and self.pending.exists():
                         self._connect()
-                    # a local store is busy for a moment (other runs writing the same SQLite file), not down:
-                    # try again until it takes everything, within close()'s wait
-                    deadline = time.monotonic() + CLOSE_WAIT_S - 2 * LOCAL_RETRY_INTERVAL_S
-                    while (self._local and not self._abandoned and self.pending.exists()
-                           and time.monotonic() < deadline):
+                    # a local store is busy (other runs writing the same SQLite file), not down: try again
+                    # until it takes everything, as long as it answers (close() waits as long); a store that fails
+                    # otherwise (not a database, a schema MLflow refuses) is not waited for
+                    while (self._local and not self._abandoned and self.pending.exists() and not self._stalled()
+                           and store_busy(self._error)):
                         time.sleep(LOCAL_RETRY_INTERVAL_S / 4)
                         self._connect()
                     return
@@ -211,27 +249,21 @@ class Sender:
                     self.store.log_model(self.run_id, event["model"])
                 else:
                     self.store.apply(self.run_id, event)
+                self._progress = time.monotonic()
                 return
             except Exception as e:
                 self._fail(e)
         self._keep(event)
 
     def _keep(self, event: dict) -> None:
-        """Append an event to pending.jsonl (a model object is saved under tracking/model first)."""
+        """Append an event to pending.jsonl (a model object is saved under tracking/model first, as data only:
+        see store.save_offline_model)."""
         if event["op"] == "model_object":
-            import shutil
-
-            import mlflow.pytorch
-
-            local = self.dir / "model"
-            if local.exists():
-                shutil.rmtree(local)
             try:
-                mlflow.pytorch.save_model(event["model"], str(local), **model_options())
+                event = save_offline_model(event["model"], self.dir / OFFLINE_MODEL_DIR)
             except Exception as e:
-                warnings.warn(f"Tracker.log_model: the model could not be saved: {e!r}", RuntimeWarning,
+                warnings.warn(f"Tracker.log_model: the model could not be kept offline: {e}", RuntimeWarning,
                               stacklevel=2)
                 return
-            event = {"op": "model", "local": str(local)}
         with self._lock, self.pending.open("a") as f:
             f.write(json.dumps(event) + "\n")

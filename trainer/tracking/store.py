@@ -14,7 +14,8 @@ from pathlib import Path
 
 from trainer.redact import redact, split_userinfo
 
-STORE_LOCK_WAIT_S = 120.0  # creating or upgrading a SQLite store waits at most this long for another process
+STORE_LOCK_WAIT_S = 120.0  # creating a SQLite store waits at most this long for another process (then retried)
+SQLITE_BUSY_TIMEOUT_MS = 60_000  # a SQLite connection waits this long for another writer before `database is locked`
 HTTP_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
@@ -94,15 +95,24 @@ class Store:
         if db is None:
             self.client = MlflowClient(tracking_uri=uri)
             return
-        # Opening a SQLite store creates or upgrades its schema; runs starting together on a new store race
-        # there ("duplicate column name"). One process at a time does it, under a lock file beside the store.
+        # Opening a SQLite store creates its schema when it has none; runs starting together on a new store race
+        # there ("duplicate column name"). One process at a time does it, under a lock file beside the store, and
+        # leaves `<db>.ready` (the MLflow version that opened it): later runs open a ready store without the lock
+        # (opening takes seconds of CPU: eight runs in a row behind one lock wait a minute on a loaded machine).
         from filelock import FileLock
 
+        _sqlite_busy_timeout()
         db.parent.mkdir(parents=True, exist_ok=True)
         logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # "Creating initial ... tables"
+        ready = Path(f"{db}.ready")
+        if _store_ready(db, ready):
+            self.client = MlflowClient(tracking_uri=uri)
+            self.client.search_experiments(max_results=1)
+            return
         with FileLock(f"{db}.lock", timeout=STORE_LOCK_WAIT_S):
             self.client = MlflowClient(tracking_uri=uri)
             self.client.search_experiments(max_results=1)  # the store is ready before the lock is let go
+            ready.write_text(_mlflow_version())
 
     def ensure_run(self, experiment: str, run_name: str, run_id: str | None, reopen: bool = True) -> str:
         """The id of run `run_id` (set RUNNING again if `reopen`), or of a new run when it is None or unknown."""
@@ -158,7 +168,8 @@ class Store:
         self._show_training_runs(experiment_id)
         return experiment_id
 
-    def apply(self, run_id: str, event: dict) -> None:
+    def apply(self, run_id: str, event: dict, base: Path | None = None) -> None:
+        """Apply one tracker event; `base`: the run's tracking folder (where an offline model is kept)."""
         op = event["op"]
         if op == "params":
             self._log_params(run_id, event["params"])
@@ -183,11 +194,8 @@ class Store:
             dataset = shard_dataset(event["location"], event["name"], event["digest"], event["profile"])
             self.client.log_inputs(run_id, [DatasetInput(dataset._to_mlflow_entity(),
                                                          [InputTag("mlflow.data.context", event["context"])])])
-        elif op == "model":
-            import mlflow.pytorch
-
-            model = mlflow.pytorch.load_model(event["local"], map_location="cpu")
-            self.log_model(run_id, model)
+        elif op == "model":  # the folder beside the pending file, whatever path the run wrote it from
+            self.log_model(run_id, load_offline_model(Path(base or Path(event["local"]).parent) / OFFLINE_MODEL_DIR))
         elif op == "end":
             self.client.set_terminated(run_id, event["status"], int(event["timestamp"]))
         else:
@@ -223,7 +231,7 @@ class Store:
         done = 0
         try:
             for event in events:
-                self.apply(run_id, event)
+                self.apply(run_id, event, base=pending.parent)
                 done += 1
         finally:
             rest = events[done:]
@@ -232,6 +240,87 @@ class Store:
             else:
                 pending.unlink()
         return done
+
+
+OFFLINE_MODEL_DIR = "model"  # under the run's tracking folder: a model kept while the store was unreachable
+OFFLINE_WEIGHTS, OFFLINE_RECIPE = "model.safetensors", "recipe.json"
+
+
+def save_offline_model(model, folder: Path) -> dict:
+    """Keep an embedder (trainer.model.Embedder) as data only: its tensors in `model.safetensors`, the `model`
+    config section that rebuilds it in `recipe.json`. Returns the pending event; ValueError for a module that
+    carries no such config (it could only be kept as a pickle, which the upload would refuse)."""
+    import shutil
+
+    from safetensors.torch import save_model
+
+    config = getattr(model, "model_config", None)
+    if not isinstance(config, dict):
+        raise ValueError(f"a {type(model).__name__} has no `model_config` to rebuild it from (only the trainer's "
+                         "embedder is kept offline); it is not logged")
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    save_model(model, str(folder / OFFLINE_WEIGHTS))
+    (folder / OFFLINE_RECIPE).write_text(json.dumps({"builder": "trainer.model.build_model", "model": config},
+                                                    indent=1))
+    return {"op": "model", "local": str(folder), "format": "safetensors"}
+
+
+def load_offline_model(folder: Path):
+    """The embedder kept by save_offline_model, rebuilt from its recipe with random weights, then its tensors
+    (strict). Runs no code from the folder: only `recipe.json` (JSON) and `model.safetensors` are read; anything
+    else (e.g. a pickled model) raises UnsafeFileError (one line naming the file, exit 2)."""
+    from safetensors.torch import load_model
+
+    from trainer.model import build_model, model_config_from_dict
+    from trainer.safe_load import UnsafeFileError
+
+    allowed = {OFFLINE_WEIGHTS, OFFLINE_RECIPE}
+    others = sorted(p for p in folder.rglob("*") if p.is_file() and p.relative_to(folder).as_posix() not in allowed)
+    if others or not (folder / OFFLINE_RECIPE).is_file() or not (folder / OFFLINE_WEIGHTS).is_file():
+        bad = others[0] if others else folder / OFFLINE_RECIPE
+        raise UnsafeFileError(f"{bad}: not loaded: an offline model is kept as {OFFLINE_RECIPE} and {OFFLINE_WEIGHTS} "
+                              "only (tensors and plain data; a pickled model could run code while loading)")
+    try:
+        recipe = json.loads((folder / OFFLINE_RECIPE).read_text())
+        if recipe.get("builder") != "trainer.model.build_model" or not isinstance(recipe.get("model"), dict):
+            raise ValueError("not a recipe of trainer.model.build_model")
+        model = build_model(model_config_from_dict(recipe["model"]), load_weights=False)
+        load_model(model, str(folder / OFFLINE_WEIGHTS), strict=True, device="cpu")
+    except (ValueError, RuntimeError, OSError) as e:
+        raise UnsafeFileError(f"{folder}: not loaded: {str(e).splitlines()[0] if str(e) else type(e).__name__}") \
+            from None
+    return model.eval()
+
+
+def _mlflow_version() -> str:
+    return importlib.metadata.version("mlflow")
+
+
+def _store_ready(db: Path, ready: Path) -> bool:
+    """Whether this MLflow version already opened the SQLite store `db` (its schema is made)."""
+    try:
+        return db.stat().st_size > 0 and ready.read_text() == _mlflow_version()
+    except OSError:
+        return False
+
+
+def _set_busy_timeout(dbapi_connection, _record) -> None:
+    import sqlite3
+
+    if isinstance(dbapi_connection, sqlite3.Connection):
+        dbapi_connection.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+
+
+def _sqlite_busy_timeout() -> None:
+    """Every SQLite connection of this process waits SQLITE_BUSY_TIMEOUT_MS for other writers (pysqlite's default is
+    5 s; MLflow sets 20 s per session but not on the connections that open the store)."""
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    if not event.contains(Engine, "connect", _set_busy_timeout):
+        event.listen(Engine, "connect", _set_busy_timeout)
 
 
 def _dataset_source(location: str):

@@ -188,8 +188,9 @@ class Tracker:
     def log_model(self, model) -> None:
         """The embedding model (DDP/DeepSpeed/torch.compile wrappers removed, a CPU copy) with mlflow.pytorch
         as `model` of the run: `mlflow.pytorch.load_model("runs:/<run_id>/model")` (or the run's `model_uri`
-        tag) loads it back where this project is importable. Offline, it is saved under tracking/model and
-        uploaded later. A model that cannot be serialised is reported with a warning, never fatal."""
+        tag) loads it back where this project is importable. Offline, the trainer's embedder is kept under
+        tracking/model as data (store.save_offline_model) and uploaded later; another module is not kept.
+        A model that cannot be serialised is reported with a warning, never fatal."""
         if not self.active:
             return
         while hasattr(model, "module") or hasattr(model, "_orig_mod"):
@@ -221,7 +222,7 @@ class Tracker:
     @property
     def run_id(self) -> str | None:
         """The MLflow run id (None off rank 0, when disabled, or while the store has not answered yet: then
-        this waits up to START_WAIT_S for the sender thread's first connection attempt)."""
+        this waits for the sender thread's first connection attempt: up to START_WAIT_S for a server)."""
         return self._sender.wait_run_id() if self.active else None
 
     @property

@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+from trainer.errors import UserError
 from trainer.redact import is_redacted, redact
 from trainer.tracking.sender import TRACKING_DIR
 from trainer.tracking.store import Store, apply_http_defaults
@@ -43,7 +44,7 @@ def upload(run_dir: str | os.PathLike, tracking_uri: str | None = None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """The CLI; returns the exit status: 0, or 2 with one line on stderr when the run directory is not a tracked
-    run (no tracking/state.json)."""
+    run (no tracking/state.json) or a kept model is anything but data (store.load_offline_model)."""
     parser = argparse.ArgumentParser(prog="python -m trainer.tracking", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("upload", help="send the events a run kept locally while MLflow was unreachable")
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "upload":
         try:
             upload(args.run_dir, args.tracking_uri)
-        except FileNotFoundError as e:
+        except (FileNotFoundError, UserError) as e:
             print(redact(f"error: {e}"), file=sys.stderr)
             return 2
     return 0

@@ -20,7 +20,13 @@ from PIL import Image
 
 from data_shards.lookup import shard_image_lookup
 from tests.helpers import free_port
-from tests.trainer.tracking.test_tracking import eval_result, metric_steps, no_mlflow_env, shards  # noqa: F401
+from tests.trainer.tracking.test_tracking import (  # noqa: F401
+    eval_result,
+    metric_steps,
+    no_mlflow_env,
+    shards,
+    tiny_embedder,
+)
 from trainer import tracking
 from trainer.config import TrackingConfig
 from trainer.tracking import Tracker
@@ -109,7 +115,7 @@ def test_server_dies_mid_run(tmp_path, server, shards, eval_result):  # noqa: F8
     """Live logging through HTTP (artifacts proxied by the server), then the server is killed: what was
     sent is in the server's store, the rest waits in pending.jsonl, and the loop was not stalled."""
     server.start()
-    model = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.Tanh())
+    model = tiny_embedder()
     tracker, elapsed = live_run(tmp_path, server, shards, eval_result, model)
     assert elapsed < 90, f"the dead server stalled the loop for {elapsed:.0f} s"
 
@@ -133,7 +139,7 @@ def test_server_dies_mid_run(tmp_path, server, shards, eval_result):  # noqa: F8
 def test_server_killed_mid_run_then_uploaded(tmp_path, server, shards, eval_result):  # noqa: F811
     """As above, then the server comes back and `python -m trainer.tracking upload RUN_DIR` completes the run."""
     server.start()
-    model = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.Tanh())
+    model = tiny_embedder()
     tracker, _ = live_run(tmp_path, server, shards, eval_result, model)
     run_dir, pending = tracker.run_dir, tracker.dir / "pending.jsonl"
 
@@ -158,5 +164,5 @@ def test_server_killed_mid_run_then_uploaded(tmp_path, server, shards, eval_resu
         assert len(pd.read_csv(dl / step / "per_class_recall.csv")) == len(eval_result.per_class)
     with tracking.mlflow_globals(server.uri):
         loaded = mlflow.pytorch.load_model(f"runs:/{tracker.run_id}/model")
-    x = torch.randn(3, 6)
+    x = torch.rand(3, 3, 32, 32)
     torch.testing.assert_close(loaded(x), model(x))
