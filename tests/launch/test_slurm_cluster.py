@@ -116,7 +116,7 @@ def test_time_limit_checkpoints_requeues_and_resumes(cluster: Cluster, reference
     log = cluster.log(tmp_path)
     assert state["JobState"] == "COMPLETED" and state["ExitCode"] == "0:0", log[-4000:]
     assert int(state["Restarts"]) >= 1
-    stops = re.findall(r"stopped at epoch \d+ batch \d+ \(step (\d+)\); checkpoint saved", log)
+    stops = re.findall(r"stopped at epoch \d+ batch \d+ \(step (\d+)\)(?: by [^;]+)?; checkpoint saved", log)
     resumes = re.findall(r"resumed from \S+: epoch \d+, batch \d+, step (\d+)", log)
     assert stops and int(stops[0]) > 0, log[-4000:]
     assert stops[0] in resumes, (stops, resumes)  # the requeued job went on from the stop's checkpoint
@@ -137,7 +137,7 @@ def test_scontrol_requeue_resumes(cluster: Cluster, reference, tmp_path):
     log = cluster.log(tmp_path)
     assert state["JobState"] == "COMPLETED" and state["ExitCode"] == "0:0", log[-4000:]
     assert state["Restarts"] == "1"
-    stops = re.findall(r"stopped at epoch \d+ batch \d+ \(step (\d+)\); checkpoint saved", log)
+    stops = re.findall(r"stopped at epoch \d+ batch \d+ \(step (\d+)\)(?: by [^;]+)?; checkpoint saved", log)
     resumes = re.findall(r"resumed from \S+: epoch \d+, batch \d+, step (\d+)", log)
     assert stops and stops[0] in resumes, log[-4000:]
     assert_same_training(cluster.run_dir(tmp_path, job), reference)
@@ -161,7 +161,7 @@ def test_scancel_stops_every_process_with_a_checkpoint(cluster: Cluster, tmp_pat
     assert gone, cluster.job_processes(job)
     assert state["JobState"] == "CANCELLED", state
     assert took < cluster.kill_wait, f"{took:.0f} s: the job's processes outlived SIGTERM until SIGKILL"
-    saved = re.search(r"stopped at epoch \d+ batch \d+ \(step (\d+)\); checkpoint saved", log)
+    saved = re.search(r"stopped at epoch \d+ batch \d+ \(step (\d+)\)(?: by [^;]+)?; checkpoint saved", log)
     assert saved, log[-4000:]
     run_dir = cluster.run_dir(tmp_path, job)
     assert os.path.exists(os.path.join(run_dir, "checkpoints", f"step-{int(saved.group(1)):09d}"))

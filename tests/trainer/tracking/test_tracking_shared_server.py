@@ -76,7 +76,7 @@ def test_training_run_logs_everything_and_the_password_nowhere(services, shards,
     run = client.search_runs([client.get_experiment_by_name("shared").experiment_id])[0]
     assert run.info.status == "FINISHED"
     assert run.data.params["data.root"] == shards and run.data.params["train.epochs"] == "2"
-    assert {"eval/recall_at_1", "loss"} <= set(run.data.metrics)
+    assert {"eval/recall_at_1", "Train/loss"} <= set(run.data.metrics)
     arts = all_artifacts(client, run.info.run_id)
     assert "config.yaml" in arts
     assert any(a.endswith("per_class_recall.csv") for a in arts) and any(a.endswith(".png") for a in arts), arts
