@@ -20,6 +20,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -32,9 +33,11 @@ from tests.launch.slurm_cluster import Cluster
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 pytestmark = [pytest.mark.services, pytest.mark.distributed]
 
-EPOCHS = 8  # ~10 s of training on 2 idle CPU ranks; each test acts at epoch 2
+EPOCHS = 8  # each test acts at epoch 2 (the job log, polled, lags the training by a second or two)
+# A CNN 4x the demo's width: the demo itself runs 112 steps in under 5 s on 2 idle cores, over before a signal
+# sent at "epoch 2" lands; at width 128 it is about 20 s. No periodic checkpoint: a resume starts from the stop's.
 TRAIN = ["--config", "demo", f"train.epochs={EPOCHS}", f"eval.every_epochs={EPOCHS}", "eval.at_start=false",
-         f"checkpoint.every_epochs={EPOCHS}"]  # no periodic checkpoint: a resume starts from the stop's own one
+         f"checkpoint.every_epochs={EPOCHS}", "model.small_cnn_width=128"]
 
 
 def free_port() -> int:
@@ -101,6 +104,25 @@ def test_submit_trains_like_torchrun(cluster: Cluster, reference, tmp_path):
            len(left))
 
 
+def hold(cluster: Cluster, job: str) -> list[int]:
+    """SIGSTOP to the job's trainers (and their loader workers): on a fast machine the demo would end before a
+    signal sent now arrives; the signal sent next (scancel's or requeue's SIGTERM) then finds them mid-run. Not
+    through SLURM (`scancel --signal=STOP` marks the job STOPPED, and a STOPPED job is not cancelled)."""
+    pids = [int(line.split()[0]) for line in cluster.job_processes(job)
+            if " -m trainer" in line and "torch.distributed.run" not in line and "launch.torchrun" not in line]
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGSTOP)
+    return pids
+
+
+def release(pids: list[int]) -> None:
+    """SIGCONT to the held trainers: the SIGTERM that waited for them is handled now."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+
+
 @pytest.mark.timeout(600)
 def test_time_limit_checkpoints_requeues_and_resumes(cluster: Cluster, reference, tmp_path):
     """SLURM's own warning (--signal=B:USR1@60 with --time=2 comes 30-60 s after the start): the training step is
@@ -132,7 +154,10 @@ def test_time_limit_checkpoints_requeues_and_resumes(cluster: Cluster, reference
 def test_scontrol_requeue_resumes(cluster: Cluster, reference, tmp_path):
     job = cluster.submit(tmp_path, TRAIN)
     cluster.wait_training(tmp_path, job, epoch=2)
+    held = hold(cluster, job)  # the short demo stays mid-run however fast the machine is
     subprocess.run(["scontrol", "requeue", job], env=cluster.env, check=True, timeout=30)
+    time.sleep(1)  # the step's SIGTERM reaches torchrun and is forwarded to the held trainers
+    release(held)
     state = cluster.wait_done(job, timeout=360)
     log = cluster.log(tmp_path)
     assert state["JobState"] == "COMPLETED" and state["ExitCode"] == "0:0", log[-4000:]
@@ -152,8 +177,11 @@ def test_scancel_stops_every_process_with_a_checkpoint(cluster: Cluster, tmp_pat
     job = cluster.submit(tmp_path, TRAIN)
     cluster.wait_training(tmp_path, job, epoch=2)
     assert cluster.job_processes(job)  # the tasks, torchrun, the trainers and their loader workers
+    held = hold(cluster, job)  # the short demo stays mid-run however fast the machine is
     t0 = time.monotonic()
     subprocess.run(["scancel", job], env=cluster.env, check=True, timeout=30)
+    time.sleep(1)  # the step's SIGTERM reaches torchrun and is forwarded to the held trainers
+    release(held)
     gone = cluster.wait_no_processes(job, timeout=cluster.kill_wait + 30)
     took = time.monotonic() - t0
     state = cluster.wait_done(job, timeout=60)

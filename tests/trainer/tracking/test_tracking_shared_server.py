@@ -81,7 +81,7 @@ def test_training_run_logs_everything_and_the_password_nowhere(services, shards,
     assert "config.yaml" in arts
     assert any(a.endswith("per_class_recall.csv") for a in arts) and any(a.endswith(".png") for a in arts), arts
     assert "model_uri" in run.data.tags
-    assert sorted(d.dataset.name for d in run.inputs.dataset_inputs) == ["folder/test", "folder/train"]
+    assert sorted(d.dataset.name for d in run.inputs.dataset_inputs) == ["digits/test", "digits/train"]
     keys = [o["Key"] for o in s3.boto().list_objects_v2(Bucket=server.bucket).get("Contents", [])]
     assert any(run.info.run_id in k and k.endswith("config.yaml") for k in keys), keys  # artifacts in S3
     # the password: not in the output, any file of the run (config.yaml, checkpoints, tracking state, queue),
