@@ -132,7 +132,8 @@ class ModelConfig:
     # load the published ImageNet weights (a local cache, or a download when the source answers) unless
     # weights_file is set; either way every backbone tensor must come from them (trainer/weights.py)
     pretrained: bool = True
-    # a weights file for offline machines: `python -m trainer.weights fetch NAME --out FILE` writes one
+    # a weights file for offline machines: `python -m trainer.weights fetch NAME --out FILE` writes one; loaded
+    # whenever it is given (also with pretrained=false), and it must fit the backbone in full
     weights_file: str = ""
     # avg | max | avgmax | catavgmax | token (a ViT's class token) go to timm's global_pool (the feature is timm's
     # forward_head(pre_logits=True)); gem: generalized mean over the feature map (ours)

@@ -277,8 +277,9 @@ class Embedder(nn.Module):
 
 def load_backbone_weights(cfg, b: Backbone):
     """model.pretrained: the weights file, or else the published weights, loaded exactly (trainer.weights);
-    small_cnn has no published weights (random unless a file is given). Returns trainer.weights.Loaded | None."""
-    if not cfg.pretrained or (cfg.backbone == "small_cnn" and not cfg.weights_file):
+    small_cnn has no published weights (random unless a file is given). A weights file is loaded whatever
+    model.pretrained says: a file given is never ignored. Returns trainer.weights.Loaded | None."""
+    if not cfg.weights_file and (not cfg.pretrained or cfg.backbone == "small_cnn"):
         return None
     from trainer.weights import load_exact, pretrained_state_dict
     common = dict(backbone=cfg.backbone, classifier=b.classifier, filter_fn=b.filter_fn)
@@ -292,7 +293,7 @@ def check_weights(cfg) -> None:
     """Before any work: the weights the model would load exist and fit it (a weights file is matched against a
     twin on the meta device, nothing loaded), or the published weights are cached or their source answers.
     Raises trainer.weights.WeightsError (one line: the key, the count matched, the unmatched keys, the fix)."""
-    if not cfg.pretrained or (cfg.backbone == "small_cnn" and not cfg.weights_file):
+    if not cfg.weights_file and (not cfg.pretrained or cfg.backbone == "small_cnn"):
         return
     from trainer.weights import check_source, load_exact
     check_source(cfg.backbone, cfg.weights_file)

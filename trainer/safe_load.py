@@ -71,9 +71,12 @@ def _blocked(e: Exception) -> str | None:
     msg = str(e)
     if "Weights only load failed" not in msg and "weights_only" not in msg:
         return None
-    m = (re.search(r"GLOBAL ([\w.]+)", msg) or re.search(r"Unsupported operand (\d+)", msg)
-         or re.search(r"global (\S+)", msg))
-    return f"the Python object {m.group(1)}" if m else "Python objects beyond tensors and plain data"
+    m = re.search(r"GLOBAL ([\w.]+)", msg) or re.search(r"global (\S+)", msg)
+    if m:
+        return f"the Python object {m.group(1)}"
+    m = re.search(r"Unsupported operand (\d+)", msg)
+    return (f"pickle instructions beyond tensors and plain data (opcode {m.group(1)})" if m
+            else "Python objects beyond tensors and plain data")
 
 
 def torch_load(f, what: str | None = None, mmap: bool = False):

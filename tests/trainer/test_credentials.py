@@ -133,3 +133,17 @@ def test_no_credential_reaches_a_real_mlflow_server(shards, tmp_path):
     finally:
         server.stop()
     assert not files_with_secrets(root) and not files_with_secrets(tmp_path / "runs")
+
+
+def test_a_picture_that_fails_to_draw_warns_without_the_data_urls_password():
+    """The retrieval picture of shards served over HTTP fails (its image lookup needs local shards); the warning
+    quotes the split's URL, whose password is masked."""
+    from trainer.tracking.tracker import Tracker
+
+    def _retrieval_grid():
+        raise FileNotFoundError("split_dir 'http://alice:dataPW99@127.0.0.1:8099/digits/test' is not a local directory")
+
+    with pytest.warns(RuntimeWarning) as caught:
+        Tracker._picture(None, _retrieval_grid)
+    said = " ".join(str(w.message) for w in caught)
+    assert "dataPW99" not in said and "alice:***@" in said

@@ -134,3 +134,21 @@ def test_the_trainers_own_checkpoints_still_load(runs):
         ck = Checkpointer(str(runs[fmt] / "t" / "checkpoints"))
         state = load(ck.latest())
         assert state["step"] == 5 and state["rng"][0]["numpy"][1].dtype.name == "uint32"
+
+
+def test_a_raw_pickle_is_refused_naming_pickle_instructions_not_an_object(tmp_path):
+    """A plain pickle (not a torch file) stops at its first instruction the safe loader does not take; the line
+    says so instead of calling the opcode number a Python object."""
+    import pickle
+
+    from trainer.safe_load import UnsafeFileError, torch_load
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'ran'}",))
+
+    path = tmp_path / "raw.pt"
+    path.write_bytes(pickle.dumps({"w": Payload()}, protocol=4))
+    with pytest.raises((UnsafeFileError, pickle.UnpicklingError)) as e:
+        torch_load(str(path))
+    assert "object 1" not in str(e.value) and not (tmp_path / "ran").exists()

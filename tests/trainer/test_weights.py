@@ -245,3 +245,33 @@ def test_reachable_is_bounded_and_tells_why():
     finally:
         server.shutdown()
         silent.close()
+
+
+def test_a_weights_file_is_never_ignored_also_with_pretrained_false(tmp_path):
+    """The demo's small_cnn with model.pretrained=false: a given file is loaded in full, a file that does not fit
+    is refused, and a pickle that would run code is refused naming what it holds, without torch's advice to load
+    it with weights_only=False."""
+    donor = build_model(load_config("demo", ["data.root=x"]).model)
+    sd = {k: v.clone() for k, v in donor.backbone.state_dict().items()}
+    good = tmp_path / "small.pth"
+    torch.save(sd, good)
+    model = build_model(load_config("demo", ["data.root=x", f"model.weights_file={good}"]).model)
+    assert model.loaded is not None
+    for k, v in model.backbone.state_dict().items():
+        assert torch.equal(v, sd[k]), k
+    wide = tmp_path / "wide.pth"
+    torch.save(build_model(load_config("demo", ["data.root=x", "model.small_cnn_width=8"]).model)
+               .backbone.state_dict(), wide)
+    with pytest.raises(WeightsError, match="does not fit small_cnn"):
+        build_model(load_config("demo", ["data.root=x", f"model.weights_file={wide}"]).model)
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'ran'}",))
+
+    evil = tmp_path / "evil.pth"
+    torch.save({"w": Payload()}, evil)
+    with pytest.raises(WeightsError) as e:
+        build_model(load_config("demo", ["data.root=x", f"model.weights_file={evil}"]).model)
+    assert "system" in str(e.value) and "weights_only=False" not in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "ran").exists()

@@ -270,7 +270,7 @@ class Tracker:
         try:
             fn(*args, **kwargs)
         except Exception as e:
-            warnings.warn(f"Tracker: could not draw {fn.__name__}: {e!r}", RuntimeWarning, stacklevel=3)
+            warnings.warn(redact(f"Tracker: could not draw {fn.__name__}: {e!r}"), RuntimeWarning, stacklevel=3)
 
     def _emit(self, event: dict) -> None:
         self._sender.emit(event)
