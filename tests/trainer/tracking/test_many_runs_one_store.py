@@ -41,6 +41,7 @@ def tracked_run(out: Path, name: str):
     return p.returncode, p.stdout + p.stderr
 
 
+@pytest.mark.slow  # 44 s; test_tracking_concurrent keeps concurrent runs on one store in the default run
 @pytest.mark.timeout(600)
 def test_eight_tracked_runs_at_once_while_the_store_is_held(tmp_path):
     """8 runs start together on one SQLite store while another process holds its write lock for 35 s (a long

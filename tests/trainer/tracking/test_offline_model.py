@@ -49,6 +49,7 @@ def upload(run_dir, db, tmp_path):
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 
+@pytest.mark.slow  # 26 s; test_untrusted_files keeps the kind in the default run
 @pytest.mark.timeout(600)
 def test_offline_model_is_data_and_a_pickled_one_is_refused(tmp_path):
     model = tiny_embedder()

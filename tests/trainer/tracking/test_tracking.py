@@ -272,6 +272,7 @@ def test_tracking_uri_precedence(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------- unreachable server
 
 
+@pytest.mark.slow  # 12 s; test_tracking_server.py keeps a dead server in the default run
 def test_unreachable_server_keeps_training_and_uploads_later(tmp_path):
     """Nothing listens at the URI: one warning, steps stay fast, events go to pending.jsonl; the CLI uploads
     them later (here into a SQLite store via --tracking-uri)."""
@@ -311,6 +312,7 @@ def test_unreachable_server_keeps_training_and_uploads_later(tmp_path):
     torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
 
 
+@pytest.mark.slow  # 17 s
 def test_hung_server_never_blocks_a_step(tmp_path, monkeypatch):
     """A server that accepts connections and never answers: the steps do not wait for it (the sender thread
     does), Tracker() waits at most START_WAIT_S, and close() keeps everything locally."""

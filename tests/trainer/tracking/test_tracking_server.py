@@ -111,6 +111,7 @@ def live_run(tmp_path, server, shards, eval_result, model):  # noqa: F811
     return tracker, elapsed
 
 
+@pytest.mark.slow  # 13 s; the services tests restart a real shared server mid-run in CI
 def test_server_dies_mid_run(tmp_path, server, shards, eval_result):  # noqa: F811
     """Live logging through HTTP (artifacts proxied by the server), then the server is killed: what was
     sent is in the server's store, the rest waits in pending.jsonl, and the loop was not stalled."""
