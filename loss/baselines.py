@@ -21,7 +21,7 @@ import torch
 from pytorch_metric_learning import losses, miners
 from torch import nn
 
-from loss.collectives import all_gather_rows
+from collectives import all_gather_rows
 from loss.criterion import CriterionBase
 
 # Constructor arguments under which pytorch-metric-learning's classifier-style losses take the class count

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from loss.collectives import all_gather_object, all_gather_rows, all_reduce_, world
+from collectives import all_gather_object, all_gather_rows, all_reduce_, world
 
 SUMS = ("rows", "classes", "never", "class_never", "selections", "c_log_c", "spread", "norm")
 

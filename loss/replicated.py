@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from loss.collectives import all_gather_rows, all_reduce_, block, world
+from collectives import all_gather_rows, all_reduce_, block, world
 from loss.proxygml import ProxyGML
 
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from loss.collectives import all_gather_rows, all_reduce_, block, broadcast_, world
+from collectives import all_gather_rows, all_reduce_, block, broadcast_, world
 from loss.proxygml import (
     ProxyGMLBase,
     class_scores,

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from loss.collectives import all_gather_tensors, all_reduce_, world
+from collectives import all_gather_tensors, all_reduce_, world
 
 
 class ScaleGrad(torch.autograd.Function):

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 import torch
 from omegaconf import OmegaConf
 
+import collectives
 from data_shards import batches_per_epoch, check_decode, eval_loader, object_store, read_manifest, train_loader
 from data_shards.object_store import is_s3
-from loss import collectives as C
 from trainer.checkpoint import Checkpointer
 from trainer.config import ConfigError, amp_dtype, check_world_size, to_dict, to_yaml
 from trainer.engines import TrainModule, build_engine
@@ -90,7 +90,7 @@ def prepare_data(cfg, env) -> None:
         with FileLock(os.path.join(cfg.data.root, ".prepare.lock")):  # two runs started at once on a new root
             if not os.path.exists(manifest):
                 write_digits_shards(cfg.data.root)
-    C.barrier()
+    collectives.barrier()
 
 
 def build_criterion(cfg_loss, num_classes: int, dim: int, seed: int = 0):

@@ -41,7 +41,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
-from loss import collectives as C
+import collectives
 from trainer.checkpoint import (
     CheckpointError,
     sidecar,
@@ -189,7 +189,7 @@ def quiet_one_process(no_dist: bool):
 def _load(path: str, target: dict, no_dist: bool) -> None:
     try:
         planner = SafeLoadPlanner(flatten_state_dict=False, flatten_sharded_tensors=False)
-        no_dist = no_dist or not C.is_distributed()
+        no_dist = no_dist or not collectives.is_distributed()
         with quiet_one_process(no_dist):
             dcp.load(target, storage_reader=SafeFileSystemReader(path), planner=planner, no_dist=no_dist)
     except UnsafeFileError as e:

@@ -15,7 +15,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import DefaultSavePlanner, FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
 
-from loss import collectives as C
+import collectives
 from trainer.checkpoint import TMP_PREFIX, CheckpointWriteError, _fsync_dir, _umask, describe_write_error, sidecar
 from trainer.dcp_checkpoint import METADATA, _digest, _is_rows, annotate_rows, quiet_one_process
 
@@ -83,7 +83,7 @@ class DCPSaver:
         final = os.path.join(self.ckpt.dir, f"step-{step:09d}")
         tmp = os.path.join(self.ckpt.dir, f"{TMP_PREFIX}step-{step:09d}")
         error = None
-        if C.rank() == 0:
+        if collectives.rank() == 0:
             try:
                 os.makedirs(self.ckpt.dir, exist_ok=True)
                 if os.path.lexists(tmp):
@@ -91,22 +91,22 @@ class DCPSaver:
                 os.makedirs(tmp)
             except OSError as e:
                 error = describe_write_error(e, tmp, self.ckpt.latest())
-        error = C.broadcast_object(error)
+        error = collectives.broadcast_object(error)
         if error is not None:
             raise CheckpointWriteError(error)
         planner = DefaultSavePlanner(flatten_state_dict=False)
         writer = FileSystemWriter(tmp)
         try:
             if async_save:
-                if self._pg is None and C.is_distributed():
+                if self._pg is None and collectives.is_distributed():
                     self._pg = dist.new_group(backend="gloo")  # DCP's collectives off the training thread
                 with quiet_one_process(self._pg is None):
                     future = dcp.async_save(sd, storage_writer=writer, planner=planner, process_group=self._pg,
                                             async_stager=_CloneStager(), no_dist=self._pg is None)
                 self.pending = dict(future=future, tmp=tmp, final=final, step=step, meta=meta)
                 return
-            with quiet_one_process(not C.is_distributed()):
-                dcp.save(sd, storage_writer=writer, planner=planner, no_dist=not C.is_distributed())
+            with quiet_one_process(not collectives.is_distributed()):
+                dcp.save(sd, storage_writer=writer, planner=planner, no_dist=not collectives.is_distributed())
         except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP wraps each rank's failure (a BaseException)
             self._fail(e, tmp, final)
         self._publish(tmp, final, step, meta)
@@ -123,8 +123,8 @@ class DCPSaver:
         self._publish(p["tmp"], p["final"], p["step"], p["meta"])
 
     def _fail(self, e: BaseException, tmp: str, final: str):
-        C.barrier()  # no rank still writes into the folder
-        if C.rank() == 0:
+        collectives.barrier()  # no rank still writes into the folder
+        if collectives.rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         cause = _write_error(e)
         if cause is None:
@@ -133,7 +133,7 @@ class DCPSaver:
 
     def _publish(self, tmp: str, final: str, step: int, meta: dict) -> None:
         """Each rank hashes its own files; rank 0 writes the sidecar, renames the folder, keeps the last K."""
-        rank = C.rank()
+        rank = collectives.rank()
         mine = {}
         error = None
         try:
@@ -142,7 +142,7 @@ class DCPSaver:
                     mine[name] = _digest(os.path.join(tmp, name))
         except OSError as e:
             error = describe_write_error(e, final, self.ckpt.latest())
-        everyone = C.all_gather_object((mine, error))
+        everyone = collectives.all_gather_object((mine, error))
         if rank == 0:
             errors = [e for _, e in everyone if e]
             if not errors:
@@ -154,7 +154,7 @@ class DCPSaver:
             if errors:
                 shutil.rmtree(tmp, ignore_errors=True)
             error = errors[0] if errors else None
-        error = C.broadcast_object(error)
+        error = collectives.broadcast_object(error)
         if error is not None:
             raise CheckpointWriteError(error)
 

@@ -7,7 +7,7 @@
 
 NCCL on CUDA devices, gloo on the CPU (`run.dist_backend` can ask for gloo on CUDA). A single process
 without torchrun's variables still gets a (gloo or NCCL) group of one on a free local port, so the code below
-it has one path. The collectives themselves are in `loss/collectives.py` (one toolbox for every room).
+it has one path. The collectives themselves are in `collectives/` (one toolbox for every room).
 """
 from __future__ import annotations
 
@@ -125,7 +125,7 @@ def _store_client(timeout_s: float):
 
 class Heartbeat:
     """A daemon thread that publishes, every HEARTBEAT_S, `<beat>|<host>|<pid>|<phase>` of this rank in the
-    rendezvous store (the phase: loss.collectives.phase()): a rank whose beat stops advancing has stopped running
+    rendezvous store (the phase: collectives.phase()): a rank whose beat stops advancing has stopped running
     (SIGSTOP, frozen, gone)."""
 
     _thread: threading.Thread | None = None
@@ -146,7 +146,7 @@ class Heartbeat:
 
     @classmethod
     def _run(cls, rank: int) -> None:
-        from loss.collectives import phase
+        from collectives import phase
         try:
             store = _store_client(STORE_WAIT_S)
             beat = 0
@@ -183,7 +183,7 @@ def _end_frozen(beats) -> None:
 def describe_stall(timeout_s: int) -> str:
     """One line: which rank stopped answering and what it was doing, from the heartbeats of every rank (read
     twice, 2.5 beats apart: a beat that does not advance is a process that does not run)."""
-    from loss.collectives import phase
+    from collectives import phase
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     waited = f"rank {rank} waited at {phase()} for run.collective_timeout_s={timeout_s} s"
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from loss import collectives as C
+import collectives
 from trainer.errors import USER_ERRORS, UserError, is_out_of_memory, one_line, out_of_memory
 from trainer.train_state import DivergedError, Position, Trained, TrainState
 
@@ -201,7 +201,7 @@ class Trainer:
         """Batches pos.batch.. of epoch pos.epoch; advances `pos`. False when stopped early (signal, max_steps).
         Raises DivergedError at the first step whose loss is not finite, on every rank, before any save."""
         s, env, pos, engine = self.schedule, self.env, self.pos, self.engine
-        C.set_phase(f"step {pos.step + 1} (epoch {pos.epoch}, batch {pos.batch})")
+        collectives.set_phase(f"step {pos.step + 1} (epoch {pos.epoch}, batch {pos.batch})")
         batch = failed = None
         try:
             loader = self.loaders.train(pos.epoch, pos.batch)  # device batches; made once, its workers serve every
@@ -209,7 +209,7 @@ class Trainer:
             batch, failed = self.next_batch(batches)
         except USER_ERRORS as e:  # a shard gone since the last epoch
             failed = e
-        if C.any_ranks([failed is not None], env.device)[0]:
+        if collectives.any_ranks([failed is not None], env.device)[0]:
             self.save_then_raise(failed)
         autocast = torch.autocast(env.device.type, dtype=self.amp) if self.amp else nullcontext()
         bar = tqdm(total=len(loader), initial=pos.batch, disable=not env.is_main, dynamic_ncols=True,
@@ -237,7 +237,7 @@ class Trainer:
             self.first_bad_step = torch.where(torch.isfinite(loss.detach()), self.first_bad_step,
                                               self.first_bad_step.clamp(max=pos.step))
             batch, failed = self.next_batch(batches)  # read now: its failure travels with the step's flags
-            stopped, diverged, data_failed = C.any_ranks([self.stop.raised, self.first_bad_step < math.inf,
+            stopped, diverged, data_failed = collectives.any_ranks([self.stop.raised, self.first_bad_step < math.inf,
                                                           failed is not None], env.device)
             if diverged:
                 bar.close()
@@ -257,7 +257,7 @@ class Trainer:
             if stopped or (s.max_steps and pos.step >= s.max_steps):
                 bar.close()
                 return False
-            C.set_phase(f"step {pos.step + 1} (epoch {pos.epoch}, batch {pos.batch})")
+            collectives.set_phase(f"step {pos.step + 1} (epoch {pos.epoch}, batch {pos.batch})")
         bar.close()
         return True
 
@@ -280,7 +280,7 @@ class Trainer:
     def save_then_raise(self, failed: BaseException | None) -> None:
         """Collective: a user error met between steps (the model state is that of the last step, consistent) on
         any rank: checkpoint first, as on SIGTERM, then stop every rank with that error, saying so."""
-        errors = C.all_gather_object(one_line(failed) if failed is not None else None)
+        errors = collectives.all_gather_object(one_line(failed) if failed is not None else None)
         first = next((r, msg) for r, msg in enumerate(errors) if msg is not None)
         self.save()
         where = f" (rank {first[0]})" if self.env.world_size > 1 else ""
@@ -291,7 +291,7 @@ class Trainer:
 
     def diverged(self, first_bad_step: torch.Tensor) -> None:
         """Collective: stop on every rank, naming the first bad step (the earliest over the ranks)."""
-        bad = int(C.all_reduce_(first_bad_step.clone(), op="min").item())
+        bad = int(collectives.all_reduce_(first_bad_step.clone(), op="min").item())
         raise DivergedError(
             f"step {bad}: the training loss is not finite (nan/inf); training stopped at step {self.pos.step} and "
             f"nothing after step {bad - 1} was saved. Last good checkpoint: {self.state.latest() or 'none'}. "
@@ -308,8 +308,8 @@ class Trainer:
     def evaluate(self, when: str) -> dict:
         """Collective. Retrieval metrics of the test split (of the val split when there is one: the best checkpoint
         by its metric is kept), printed and logged on rank 0; then the proxies' statistics."""
-        C.set_phase(f"evaluation ({when})")
-        C.broadcast_buffers(self.embedder)  # every rank embeds with rank 0's BatchNorm statistics
+        collectives.set_phase(f"evaluation ({when})")
+        collectives.broadcast_buffers(self.embedder)  # every rank embeds with rank 0's BatchNorm statistics
         val = self.parts.best is not None
         result = (self.parts.evaluate_val(self.embedder, self.loaders.val()) if val else
                   self.parts.evaluate(self.embedder, self.loaders.eval()))
@@ -331,11 +331,11 @@ class Trainer:
     def test_best(self) -> None:
         """Collective, once at the end of a run with a val split: the best checkpoint's weights into the embedder,
         then the test split evaluated on them (unless eval.test is false), logged as `test/*`."""
-        C.barrier()  # rank 0 has written the best weights
+        collectives.barrier()  # rank 0 has written the best weights
         record = self.parts.best.load_into(self.embedder)
         if record is None or not self.parts.test_at_end:
             return
-        C.broadcast_buffers(self.embedder)
+        collectives.broadcast_buffers(self.embedder)
         result = self.parts.evaluate(self.embedder, self.loaders.eval())
         self.embedder.train()
         if result.metrics:
@@ -349,7 +349,7 @@ class Trainer:
     def save(self) -> None:
         """Collective: a checkpoint of the current position (trainer/train_state.py)."""
         s, pos = self.schedule, self.pos
-        C.set_phase(f"checkpoint at step {pos.step}")
+        collectives.set_phase(f"checkpoint at step {pos.step}")
         last = pos.epoch >= s.epochs or bool(s.max_steps and pos.step >= s.max_steps)
         self.state.save(self.parts.trained, pos, tracker_run_id=self.tracker.run_id, run_uid=self.parts.run_uid,
                         last=last, stopping=self.stop.raised, lr_advice=s.lr_advice)

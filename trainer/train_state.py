@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from loss import collectives as C
+import collectives
 from trainer.checkpoint import ENGINE_DIR, Checkpointer, CheckpointError, is_folder, load, rng_state, set_rng_state
 from trainer.config import ConfigError
 from trainer.dcp_checkpoint import read_meta
@@ -87,7 +87,7 @@ class TrainState:
             except UserError as e:
                 e.same_on_every_rank = True  # every rank raises it; rank 0 alone prints it
                 outcome = (None, e)
-        path, error = C.broadcast_object(outcome)
+        path, error = collectives.broadcast_object(outcome)
         if error is not None:
             raise error
         if path is not None and state is None:
@@ -127,13 +127,14 @@ class TrainState:
         tensors = [x for m in (t.embedder, crit) for x in m.state_dict().values()
                    if torch.is_tensor(x) and x.is_floating_point()]
         finite = torch.stack([torch.isfinite(x).all() for x in tensors]).all() if tensors else True
-        bad, stopping = C.any_ranks([~finite if torch.is_tensor(finite) else False, stopping], env.device)
+        bad, stopping = collectives.any_ranks([~finite if torch.is_tensor(finite) else False, stopping], env.device)
         if bad:
             raise DivergedError(
                 f"step {pos.step}: a model weight, BatchNorm statistic or proxy is not finite (nan/inf): not saved. "
                 f"Last good checkpoint: {self.latest() or 'none'}. {lr_advice}")
         meta = dict(config=self.config, epoch=pos.epoch, step=pos.step, batch_in_epoch=pos.batch,
-                    rng=C.all_gather_object(rng_state()), mlflow_run_id=C.broadcast_object(tracker_run_id),
+                    rng=collectives.all_gather_object(rng_state()),
+                    mlflow_run_id=collectives.broadcast_object(tracker_run_id),
                     world_size=env.world_size, run_uid=run_uid, train_classes=self.data_info["classes"],
                     train_samples=self.data_info["samples"], train_class_names=self.data_info["class_names"],
                     train_class_list=self.data_info.get("class_list"))
@@ -160,7 +161,7 @@ class TrainState:
             except UserError as e:  # e.g. the disk is full: every rank stops with it
                 e.same_on_every_rank = True
                 error = e
-        error = C.broadcast_object(error)
+        error = collectives.broadcast_object(error)
         if error is not None:
             raise error
 

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from collectives import block
 from loss import ProxyGML
-from loss.collectives import block
 from loss.distributed import build_criterion, ddp_ignore
 from tests.helpers import run_on_gloo_ranks
 

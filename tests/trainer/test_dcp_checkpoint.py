@@ -94,7 +94,7 @@ def _check_load(saved, path, world):
         for k, v in saved[0]["model"].items():
             np.testing.assert_array_equal(res["model"][k], v)
         assert res["last_epoch"] == 1 and res["step"] == 2.0
-    from loss.collectives import block
+    from collectives import block
     blocks = [loaded[r]["block"] for r in range(world)]
     assert blocks == [((block(C, world, r)[1] - block(C, world, r)[0]) * N, DIM) for r in range(world)]
     assert [loaded[r]["start"] for r in range(world)] == [block(C, world, r)[0] * N for r in range(world)]

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from loss.collectives import all_reduce_
+from collectives import all_reduce_
 from loss.distributed import ddp_ignore, ddp_ignored_names
 from trainer.engines.train_module import TrainModule
 

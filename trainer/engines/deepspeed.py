@@ -41,7 +41,7 @@ import sys
 
 import torch
 
-from loss import collectives as C
+import collectives
 from loss.distributed import ddp_ignored_names
 from trainer.checkpoint import ENGINE_DIR
 from trainer.engines.deepspeed_config import DeepSpeedConfigError, load_ds_config
@@ -136,7 +136,7 @@ class DeepSpeedEngine:
         for dtype in sorted({b.dtype for b in self.buffers}, key=str):
             bufs = [b for b in self.buffers if b.dtype == dtype]
             flat = torch.cat([b.reshape(-1) for b in bufs])
-            C.broadcast_(flat, 0)
+            collectives.broadcast_(flat, 0)
             for b, new in zip(bufs, flat.split([b.numel() for b in bufs])):
                 b.copy_(new.view_as(b))
 
@@ -162,7 +162,7 @@ class DeepSpeedEngine:
         self.ds.save_checkpoint(self.ckpt_dir, tag=tag)
         if self.env.rank == 0:
             self._prune()
-        C.barrier()
+        collectives.barrier()
         return {"deepspeed": {"dir": os.path.abspath(self.ckpt_dir), "tag": tag, "stage": self.stage,
                               "world_size": self.env.world_size}}
 
@@ -215,7 +215,7 @@ class DeepSpeedEngine:
             else:
                 status = (f"resume on {self.env.world_size} ranks: converting {ds_dir}/{tag} to DeepSpeed's "
                           f"universal checkpoint failed:\n{proc.stderr[-2000:]}")
-        status = C.broadcast_object(status)
+        status = collectives.broadcast_object(status)
         if status:
             raise RuntimeError(status)
         return out

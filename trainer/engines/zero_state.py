@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from loss.collectives import all_reduce_
+from collectives import all_reduce_
 
 
 def zero_optimizer(ds_engine):

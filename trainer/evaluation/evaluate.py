@@ -5,7 +5,7 @@
     result.metrics        # {"recall_at_1": ..., "map_at_r": ..., "r_precision": ..., "nmi": ...} on rank 0
     result.per_class      # pandas DataFrame: class_name, recall_at_1, map_at_r, size, class_index
 
-Per-rank counts may differ: the rows are gathered with loss.collectives.all_gather_rows (uneven counts), and
+Per-rank counts may differ: the rows are gathered with collectives.all_gather_rows (uneven counts), and
 samples seen twice (by key) are kept once, so every sample counts exactly once. The gathered set is sorted by
 key, so the result does not depend on the world size. A rank that fails while
 embedding makes every rank raise instead of leaving the others waiting in a collective.
@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from loss import collectives as C
+import collectives
 from trainer.evaluation.metrics import compute_metrics
 
 
@@ -129,15 +129,16 @@ def gather_to_rank0(local, *, device, error: BaseException | None = None):
     Each rank's header (row count and width, or a failure) and keys go round with all_gather_object, the rows
     with all_gather_rows (uneven counts). If any rank passes an error, every rank raises.
     """
-    size, rank = C.world()
+    size, rank = collectives.world()
     if size == 1:
         if error is not None:
             raise error
         return local
     from trainer.errors import USER_ERRORS, PeerFailed, UserError, one_line
-    comm = C.comm_device(device)
+    comm = collectives.comm_device(device)
     failure = (one_line(error), isinstance(error, USER_ERRORS)) if error is not None else None
-    header = C.all_gather_object((-1, 0, failure) if error is not None else (len(local[0]), local[0].shape[1], None))
+    mine = (-1, 0, failure) if error is not None else (len(local[0]), local[0].shape[1], None)
+    header = collectives.all_gather_object(mine)
     counts, dims = [h[0] for h in header], [h[1] for h in header]
     failed = [(r, h[2]) for r, h in enumerate(header) if h[2] is not None]
     if failed:
@@ -153,9 +154,9 @@ def gather_to_rank0(local, *, device, error: BaseException | None = None):
     if any(c and di != dim for c, di in zip(counts, dims)):
         raise RuntimeError(f"ranks produced embeddings of different widths: {dims}")
     emb, labels, keys = local
-    emb = C.all_gather_rows(emb.reshape(len(emb), dim).to(comm))[0]
-    labels = C.all_gather_rows(labels.to(comm))[0]
-    all_keys = C.all_gather_object(keys)
+    emb = collectives.all_gather_rows(emb.reshape(len(emb), dim).to(comm))[0]
+    labels = collectives.all_gather_rows(labels.to(comm))[0]
+    all_keys = collectives.all_gather_object(keys)
     if rank != 0:
         return None
     return emb, labels, [k for ks in all_keys for k in ks]

@@ -161,7 +161,7 @@ def flat_buffers(module) -> torch.Tensor:
 
 def worker(rank: int, world: int, tmp: str):
     os.environ.update(DS_ACCELERATOR="cpu")  # RANK, WORLD_SIZE, LOCAL_RANK, MASTER_*: set by run_on_gloo_ranks
-    from loss import collectives as C
+    import collectives
     from trainer import distributed as D
     env = D.setup("cpu")
     out = {}
@@ -171,7 +171,7 @@ def worker(rank: int, world: int, tmp: str):
         if rank == 0:
             with open(fp32[stage], "w") as f:
                 json.dump({"zero_optimization": {"stage": stage}}, f)
-    C.barrier()
+    collectives.barrier()
 
     # 1. the same run under DDP and under ZeRO 0, 1, 2
     for name, engine_name, ds_json in [("ddp", "ddp", ""), *[(f"zero{s}", "deepspeed", fp32[s]) for s in (0, 1, 2)]]:
@@ -232,7 +232,7 @@ def worker(rank: int, world: int, tmp: str):
             model_sd, crit_sd = split_state_dict(consolidated_state_dict(opt_ref["deepspeed"]["dir"],
                                                                          opt_ref["deepspeed"]["tag"]))
             out[f"ckpt{stage}"]["exported"] = dict(model=model_sd, criterion=crit_sd)
-        C.barrier()
+        collectives.barrier()
     torch.save(out, os.path.join(tmp, f"rank{rank}.pt"))
     D.teardown()
 
