@@ -37,11 +37,9 @@ from __future__ import annotations
 from torch import nn
 
 from loss.criterion import Criterion
+from loss.family import MODES
 from loss.replicated import ReplicatedProxyGML
 from loss.sharded import ShardedProxyGML
-
-MODES = ("local", "gather", "sharded")
-CHECKPOINT_LAYOUT = {"local": "replicated", "gather": "replicated", "sharded": "sharded"}  # what a mode saves
 
 
 def build_criterion(mode: str, num_classes: int, dim: int, *, group=None, **proxygml_kwargs) -> Criterion:

@@ -314,8 +314,9 @@ def class_sums(p: Tensor, n: int) -> Tensor:
 # --- the module ------------------------------------------------------------------------------------------
 
 class ProxyGMLBase(CriterionBase):
-    """What every ProxyGML form shares: the hyperparameter checks and attributes, the proxy rows it holds (all
-    of them, or one rank's block of classes), the selection counts and the statistics built on them."""
+    """What every ProxyGML form shares: the hyperparameters (declared here only; the forms pass theirs on), their
+    checks and attributes, the proxy rows it holds (all of them, or one rank's block of classes), the selection
+    counts and the statistics built on them."""
 
     def __init__(self, num_classes: int, dim: int, proxies_per_class: int = 1, r: float = 0.05,
                  lam: float = 0.3, pos_mask: bool = True, class_mask: bool = True, proxy_reg: bool = True,
@@ -386,13 +387,9 @@ class ProxyGML(ProxyGMLBase):
     paper's loss; L^p is not scaled.
     """
 
-    def __init__(self, num_classes: int, dim: int, proxies_per_class: int = 1, r: float = 0.05,
-                 lam: float = 0.3, pos_mask: bool = True, class_mask: bool = True, proxy_reg: bool = True,
-                 *, chunk_elements: int = 2 ** 28, validate: bool = True, scale: float = 1.0,
-                 seed: int | None = None):
-        super().__init__(num_classes, dim, proxies_per_class, r, lam, pos_mask, class_mask, proxy_reg,
-                         chunk_elements=chunk_elements, validate=validate, scale=scale)
-        rows = num_classes * proxies_per_class
+    def __init__(self, num_classes: int, dim: int, *args, seed: int | None = None, **kwargs):
+        super().__init__(num_classes, dim, *args, **kwargs)  # the hyperparameters: ProxyGMLBase
+        rows = num_classes * self.proxies_per_class
         self.hold_classes(0, num_classes, init_proxy_rows(rows, dim, 0, rows, proxy_seed(seed)))
 
     def sample_losses(self, x: Tensor, p: Tensor, labels: Tensor) -> Tensor:

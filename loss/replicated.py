@@ -14,10 +14,8 @@ from loss.proxygml import ProxyGML
 class ReplicatedProxyGML(ProxyGML):
     """ProxyGML with proxies replicated on every rank (inside DDP): ``mode`` is ``local`` or ``gather``."""
 
-    def __init__(self, num_classes: int, dim: int, proxies_per_class: int = 1, r: float = 0.05,
-                 lam: float = 0.3, pos_mask: bool = True, class_mask: bool = True, proxy_reg: bool = True,
-                 *, mode: str = "gather", group=None, **kwargs):
-        super().__init__(num_classes, dim, proxies_per_class, r, lam, pos_mask, class_mask, proxy_reg, **kwargs)
+    def __init__(self, num_classes: int, dim: int, *args, mode: str = "gather", group=None, **kwargs):
+        super().__init__(num_classes, dim, *args, **kwargs)  # the hyperparameters: ProxyGMLBase
         if mode not in ("local", "gather"):
             raise ValueError(f"mode must be 'local' or 'gather', got {mode!r}")
         self.mode, self.group = mode, group

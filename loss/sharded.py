@@ -46,12 +46,9 @@ class ShardedProxyGML(ProxyGMLBase):
     generator seeded by (``seed``, block)): the same table as ``local`` and ``gather``, on any world size.
     """
 
-    def __init__(self, num_classes: int, dim: int, proxies_per_class: int = 1, r: float = 0.05,
-                 lam: float = 0.3, pos_mask: bool = True, class_mask: bool = True, proxy_reg: bool = True,
-                 *, group=None, chunk_elements: int = 2 ** 28, validate: bool = True, seed: int = 0,
-                 candidate_factor: float = 2.0, scale: float = 1.0):
-        super().__init__(num_classes, dim, proxies_per_class, r, lam, pos_mask, class_mask, proxy_reg,
-                         chunk_elements=chunk_elements, validate=validate, scale=scale, group=group)
+    def __init__(self, num_classes: int, dim: int, *args, group=None, seed: int = 0, candidate_factor: float = 2.0,
+                 **kwargs):
+        super().__init__(num_classes, dim, *args, group=group, **kwargs)  # the hyperparameters: ProxyGMLBase
         size, rank = world(group)
         if num_classes < size:
             raise ValueError(f"num_classes ({num_classes}) must be >= the world size ({size}) in sharded mode")
@@ -59,7 +56,7 @@ class ShardedProxyGML(ProxyGMLBase):
             raise ValueError(f"candidate_factor must be > 0, got {candidate_factor!r}")
         self.candidate_factor = float(candidate_factor)
         start, stop = block(num_classes, size, rank)
-        n = proxies_per_class
+        n = self.proxies_per_class
         self.hold_classes(start, stop, init_proxy_rows(num_classes * n, dim, start * n, stop * n, seed))
 
     def extra_repr(self) -> str:

@@ -17,11 +17,11 @@ import uuid
 from dataclasses import dataclass
 
 import torch
-from omegaconf import OmegaConf
 
 import collectives
 from data_shards import batches_per_epoch, check_decode, eval_loader, object_store, read_manifest, train_loader
 from data_shards.object_store import is_s3
+from loss import get_family
 from trainer.checkpoint import Checkpointer
 from trainer.config import ConfigError, amp_dtype, check_world_size, to_dict, to_yaml
 from trainer.engines import TrainModule, build_engine
@@ -94,19 +94,11 @@ def prepare_data(cfg, env) -> None:
 
 
 def build_criterion(cfg_loss, num_classes: int, dim: int, seed: int = 0):
-    """ProxyGML in its distributed form `loss.mode` (local | gather | sharded) on the current group, or the
-    pytorch-metric-learning loss `loss.name` (loss/baselines.py; mode gather: it sees the global batch).
-    ProxyGML's initial proxy table is a function of `seed` alone: the same in every mode and world size."""
-    if cfg_loss.name != "proxygml":
-        from loss.baselines import MetricLoss
-        return MetricLoss(cfg_loss.name, num_classes, dim, OmegaConf.to_container(cfg_loss.kwargs),
-                          cfg_loss.miner or None, OmegaConf.to_container(cfg_loss.miner_kwargs),
-                          gather=cfg_loss.mode == "gather")
-    from loss.distributed import build_criterion as build_proxygml
-    return build_proxygml(cfg_loss.mode, num_classes, dim, proxies_per_class=cfg_loss.proxies_per_class,
-                          r=cfg_loss.r, lam=cfg_loss.lam, pos_mask=cfg_loss.pos_mask,
-                          class_mask=cfg_loss.class_mask, proxy_reg=cfg_loss.proxy_reg, scale=cfg_loss.scale,
-                          seed=seed)
+    """The criterion of family `loss.family` in its distributed form `loss.mode` on the current group, from the
+    family's section `loss.<family>` (loss/family.py). ProxyGML's initial proxy table is a function of `seed`
+    alone: the same in every mode and world size."""
+    family = get_family(cfg_loss.family)
+    return family.build(cfg_loss[family.name], cfg_loss.mode, num_classes, dim, seed=seed)
 
 
 def backbone_groups(cfg_optim, embedder) -> list[dict]:

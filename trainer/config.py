@@ -22,7 +22,9 @@ from omegaconf.errors import OmegaConfBaseException
 from data_shards.device_loader import DECODE_CHOICES
 from data_shards.transforms import TransformConfig
 from data_shards.verify import VERIFY
-from loss.distributed import MODES
+from loss import LossContext, families, get_family
+from loss.family import MODES, in_range, non_negative, one_of, positive
+from trainer.config_legacy import as_written, is_legacy, translate_config, translate_loss, translate_override
 from trainer.errors import UserError
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
@@ -33,39 +35,19 @@ class ConfigError(UserError, ValueError):
     """A bad config key or value; the message starts with the key."""
 
 
-# ----------------------------------------------------------------------------- allowed values, beside each field
-# A field's allowed values are written where it is declared; validate() reads them from the schema.
-
-def one_of(default: str, *others: str, among: tuple = ()) -> Any:
-    """A string field whose value must be `default`, one of `others`, or one of `among`."""
-    allowed = tuple(among) or (default, *others)
-    assert default in allowed
-    return field(default=default, metadata={"choices": allowed})
-
-
-def positive(default: float) -> Any:
-    """A number that must be > 0."""
-    return field(default=default, metadata={"low": 0, "low_open": True})
-
-
-def non_negative(default: float) -> Any:
-    """A number that must be >= 0."""
-    return field(default=default, metadata={"low": 0, "low_open": False})
-
-
-def in_range(default: float, low: float, high: float) -> Any:
-    """A number in (low, high]."""
-    return field(default=default, metadata={"low": low, "low_open": True, "high": high})
-
+# A field's allowed values are written where it is declared (one_of, positive, non_negative, in_range: the
+# helpers of loss/family.py, which the loss families' sections use too); validate() reads them from the schema.
 
 def field_rules(cls: Any = None, prefix: str = "") -> dict[str, dict]:
     """{dotted key: metadata} of every schema field that declares allowed values."""
+    cls = cls or schema()
     out = {}
-    for f in dataclasses.fields(cls or Config):
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
         key = f"{prefix}{f.name}"
         if f.metadata:
             out[key] = dict(f.metadata)
-        kind = typing.get_type_hints(cls or Config).get(f.name)
+        kind = hints.get(f.name)
         if dataclasses.is_dataclass(kind) and not issubclass(kind, TransformConfig):
             out.update(field_rules(kind, key + "."))
     return out
@@ -153,20 +135,14 @@ class ModelConfig:
 
 
 @dataclass
-class LossConfig:
-    name: str = "proxygml"  # proxygml | a pytorch-metric-learning loss class, e.g. ProxyAnchorLoss (loss/baselines.py)
-    kwargs: dict[str, Any] = field(default_factory=dict)  # arguments of that loss (e.g. {margin: 0.1})
-    miner: str = ""  # pytorch-metric-learning miner class for it, e.g. MultiSimilarityMiner; "" = none
-    miner_kwargs: dict[str, Any] = field(default_factory=dict)
+class LossKeys:
+    """loss: the family and the mode; then one section per registered loss family (loss/family.py), of which only
+    `loss.<family>` is used (the schema adds them: schema())."""
+    # proxygml | pml (a pytorch-metric-learning loss: loss.pml.name) | any family registered in loss/__init__.py
+    family: str = "proxygml"
     # gather: all ranks' embeddings meet all proxies | local: each rank's own | sharded: proxies split by class
+    # (ProxyGML); the family says which modes it takes
     mode: str = one_of("gather", among=MODES)
-    proxies_per_class: int = positive(1)  # N
-    r: float = in_range(0.05, 0, 1)  # share of proxies kept per sample (top-k subgraph)
-    lam: float = non_negative(0.3)  # weight of the proxy loss L_P
-    pos_mask: bool = True
-    class_mask: bool = True
-    proxy_reg: bool = True
-    scale: float = positive(1.0)  # ProxyGML: Z (per-class sums of cosines) times this before the softmax; 1 = the paper
 
 
 @dataclass
@@ -243,11 +219,11 @@ class EngineConfig:
 
 
 @dataclass
-class Config:
+class ConfigBase:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
+    loss: LossKeys = field(default_factory=LossKeys)  # with the families' sections: schema()
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -256,8 +232,36 @@ class Config:
     engine: EngineConfig = field(default_factory=EngineConfig)
 
 
-FIELD_RULES = field_rules()  # computed once from the schema
-CHOICES = {k: r["choices"] for k, r in FIELD_RULES.items() if "choices" in r}  # e.g. "loss.mode": (...)
+_SCHEMAS: dict[tuple, type] = {}
+
+
+def schema() -> type:
+    """The config schema: ConfigBase whose `loss` holds LossKeys and a section `loss.<name>` for every registered
+    loss family (loss/family.py), in registration order. Made once per set of registered families; `Config` and
+    `LossConfig` (module attributes) are the schema of the families registered now."""
+    registered = families()
+    key = tuple((name, family.section) for name, family in registered.items())
+    if key not in _SCHEMAS:
+        loss = dataclasses.make_dataclass(
+            "LossConfig", [(name, section, field(default_factory=section)) for name, section in key],
+            bases=(LossKeys,))
+        config = dataclasses.make_dataclass("Config", [("loss", loss, field(default_factory=loss))],
+                                            bases=(ConfigBase,))
+        loss.__module__ = config.__module__ = __name__
+        _SCHEMAS[key] = config
+    return _SCHEMAS[key]
+
+
+def __getattr__(name: str) -> Any:  # PEP 562: the schema of the families registered now
+    if name == "Config":
+        return schema()
+    if name == "LossConfig":
+        return typing.get_type_hints(schema())["loss"]
+    if name == "FIELD_RULES":  # {dotted key: allowed values}, e.g. "loss.mode": {"choices": (...)}
+        return field_rules()
+    if name == "CHOICES":
+        return {k: r["choices"] for k, r in field_rules().items() if "choices" in r}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def resolve_config_path(name: str) -> str:
@@ -272,15 +276,30 @@ def resolve_config_path(name: str) -> str:
 
 
 def load_config(path: str | None = None, overrides: list[str] | tuple = ()) -> DictConfig:
-    """Schema defaults, merged with the YAML file and the `key=value` overrides; validated."""
-    cfg = OmegaConf.structured(Config)
+    """Schema defaults, merged with the YAML file and the `key=value` overrides; validated. The loss section's
+    old flat spelling (`loss.name`, `loss.r`, ...) is translated (trainer/config_legacy.py); an error about a key
+    so written names it as written."""
+    aliases: dict[str, str] = {}
+    try:
+        return _load_config(path, overrides, aliases)
+    except ConfigError as e:
+        raise ConfigError(as_written(str(e), aliases)) from None
+
+
+def _load_config(path: str | None, overrides: list[str] | tuple, aliases: dict[str, str]) -> DictConfig:
+    cfg = OmegaConf.structured(schema())
+    given: list[str] = []  # the keys the overrides set (today's spelling)
     try:
         if path is not None:
-            cfg = OmegaConf.merge(cfg, load_yaml(resolve_config_path(path)))
+            cfg = OmegaConf.merge(cfg, load_yaml(resolve_config_path(path), aliases))
         for item in overrides:
             if "=" not in item:
                 raise ConfigError(f"{item}: overrides are key=value (e.g. train.epochs=10)")
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([quote_bool_word(item)]))
+            items, moved = translate_override(item)
+            aliases.update(moved)
+            for one in items:
+                given.append(one.split("=", 1)[0].strip())
+                cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([quote_bool_word(one)]))
     except ConfigError:
         raise
     except OmegaConfBaseException as e:
@@ -293,7 +312,20 @@ def load_config(path: str | None = None, overrides: list[str] | tuple = ()) -> D
         raise ConfigError(f"--config {path}: not a mapping of config sections ({e})") from None
     resolve_auto(cfg)
     validate(cfg)
+    check_other_families(cfg, given)
     return cfg
+
+
+def check_other_families(cfg: DictConfig, given: list[str]) -> None:
+    """A key of another loss family's section given on the command line does nothing: refuse it. (Sections of
+    other families that a file carries, e.g. a preset's `loss.proxygml` under `loss.family=pml`, are left alone.)"""
+    active = cfg.loss.family
+    for key in given:
+        parts = key.split(".")
+        if len(parts) > 2 and parts[0] == "loss" and parts[1] in families() and parts[1] != active:
+            key = ".".join(parts[:3])
+            raise ConfigError(f"{key}: a setting of loss.family={parts[1]}, and this run's loss.family is "
+                              f"{active!r}; set loss.family={parts[1]} or leave it out")
 
 
 def resolve_auto(cfg: DictConfig) -> None:
@@ -359,11 +391,16 @@ def _unword(node: Any, kind: Any) -> Any:
     return node
 
 
-def load_yaml(path: str) -> DictConfig:
-    """A config file as omegaconf reads it, except that YAML boolean words stay words in string fields."""
+def load_yaml(path: str, aliases: dict[str, str] | None = None) -> DictConfig:
+    """A config file as omegaconf reads it, except that YAML boolean words stay words in string fields; a loss
+    section in the old flat spelling is translated (the keys that moved are added to `aliases`)."""
     with open(path) as f:
         data = yaml.load(f, Loader=_WordLoader)
-    return OmegaConf.create(_unword(data if data is not None else {}, Config))
+    if isinstance(data, dict) and is_legacy(data.get("loss")):
+        data["loss"], moved = translate_loss(data["loss"])
+        if aliases is not None:
+            aliases.update(moved)
+    return OmegaConf.create(_unword(data if data is not None else {}, schema()))
 
 
 def quote_bool_word(item: str) -> str:
@@ -374,15 +411,15 @@ def quote_bool_word(item: str) -> str:
         parsed = yaml.load(value, Loader=_WordLoader)
     except yaml.YAMLError:
         return item
-    if isinstance(parsed, _BoolWord) and _schema_type(Config, key.strip()) is str:
+    if isinstance(parsed, _BoolWord) and _schema_type(schema(), key.strip()) is str:
         return f"{key}='{parsed}'"
     return item
 
 
 def from_dict(d: dict) -> DictConfig:
-    """A validated config from a plain dict (e.g. the `config` of a checkpoint)."""
+    """A validated config from a plain dict (e.g. the `config` of a checkpoint, in today's or the old spelling)."""
     try:
-        cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(d))
+        cfg = OmegaConf.merge(OmegaConf.structured(schema()), OmegaConf.create(translate_config(d)))
     except OmegaConfBaseException as e:
         raise ConfigError(_describe(e)) from None
     validate(cfg)
@@ -405,7 +442,7 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"run.name: {cfg.run.name!r} must be a plain folder name (no '/', not '.' or '..'): "
                           f"the run directory is <run.output_dir>/<run.name>")
     get = lambda key: OmegaConf.select(cfg, key)  # noqa: E731
-    for key, rule in FIELD_RULES.items():
+    for key, rule in field_rules().items():
         value = get(key)
         if "choices" in rule and value not in rule["choices"]:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(repr(a) for a in rule['choices'])}")
@@ -427,15 +464,7 @@ def validate(cfg: DictConfig) -> None:
     if cfg.train.warmup_epochs >= cfg.train.epochs:
         raise ConfigError(f"train.warmup_epochs: {cfg.train.warmup_epochs} leaves no epoch for the backbone "
                           f"(train.epochs={cfg.train.epochs})")
-    if cfg.loss.name != "proxygml":
-        if cfg.loss.scale != 1.0:
-            raise ConfigError(f"loss.scale: only for ProxyGML (got {cfg.loss.scale} with loss.name={cfg.loss.name!r}); "
-                              "a pytorch-metric-learning loss takes its own scale in loss.kwargs")
-        validate_metric_loss(cfg)
-    elif cfg.loss.kwargs or cfg.loss.miner or cfg.loss.miner_kwargs:
-        key = "loss.kwargs" if cfg.loss.kwargs else "loss.miner" if cfg.loss.miner else "loss.miner_kwargs"
-        raise ConfigError(f"{key}: only for pytorch-metric-learning losses; ProxyGML takes loss.proxies_per_class, "
-                          "loss.r, loss.lam, loss.pos_mask, loss.class_mask, loss.proxy_reg, loss.scale")
+    check_loss(cfg)
     check_val_split(cfg)
     if cfg.engine.name == "deepspeed" and not cfg.engine.deepspeed_config:
         raise ConfigError("engine.deepspeed_config: required with engine.name=deepspeed")
@@ -486,22 +515,21 @@ def check_finite(cfg: DictConfig) -> None:
     walk(OmegaConf.to_container(cfg, resolve=True), "")
 
 
-def validate_metric_loss(cfg: DictConfig) -> None:
-    """A pytorch-metric-learning loss: its name, arguments and miner, tried with two training steps on a toy
-    batch labelled as data.sampler makes batches (4 classes: milliseconds). Any exception becomes a ConfigError
-    naming the key."""
-    if cfg.loss.mode == "sharded":
-        raise ConfigError(f"loss.mode: 'sharded' splits ProxyGML's proxies; loss.name={cfg.loss.name!r} takes "
-                          "'gather' (global batch) or 'local'")
-    from loss.baselines import check
-    kwargs, miner_kwargs = OmegaConf.to_container(cfg.loss.kwargs), OmegaConf.to_container(cfg.loss.miner_kwargs)
+def check_loss(cfg: DictConfig) -> None:
+    """loss.family is registered, loss.mode is one of its modes, and its section passes its own checks
+    (loss/family.py; the pytorch-metric-learning family trains two toy steps: milliseconds)."""
     try:
-        check(cfg.loss.name, cfg.model.dim, kwargs, cfg.loss.miner or None, miner_kwargs, sampler=cfg.data.sampler,
-              m_per_class=cfg.data.m_per_class)
-    except Exception as e:  # every failure is a config error naming the key (check() names it when it can)
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
-        raise ConfigError(msg if msg.startswith(("loss.", "data.")) else f"loss.name: {cfg.loss.name} with {kwargs} "
-                          f"fails: {type(e).__name__}: {msg}") from None
+        family = get_family(cfg.loss.family)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if cfg.loss.mode not in family.modes:
+        raise ConfigError(f"loss.mode: {cfg.loss.mode!r} is not a mode of loss.family={family.name!r}; it takes "
+                          f"{', '.join(repr(m) for m in family.modes)}")
+    context = LossContext(dim=cfg.model.dim, sampler=cfg.data.sampler, m_per_class=cfg.data.m_per_class)
+    try:
+        family.validate(cfg.loss[family.name], cfg.loss.mode, context)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def amp_dtype(amp: str, device) -> Any:

@@ -17,7 +17,7 @@ from dataclasses import MISSING
 from omegaconf import MISSING as OMEGA_MISSING
 
 from data_shards.transforms import TransformConfig
-from trainer.config import Config
+from trainer.config import schema
 
 TITLE = "Configuration reference"
 
@@ -34,8 +34,12 @@ class Key:
 def _class_comments(cls: type) -> dict[str, str]:
     """{field name: comment} from the class's source: the comment on the field's line, the comment lines just
     above it (since the previous field), and the lines that continue the previous field's comment (a `#`
-    followed by a run of spaces, aligned under it) go with the previous field."""
-    lines, first = inspect.getsourcelines(cls)
+    followed by a run of spaces, aligned under it) go with the previous field. A class made at run time (the
+    schema's `Config` and `LossConfig`, trainer.config.schema()) has no source: no comments of its own."""
+    try:
+        lines, first = inspect.getsourcelines(cls)
+    except (OSError, TypeError):
+        return {}
     source = textwrap.dedent("".join(lines))
     body = ast.parse(source).body[0].body
     text = source.splitlines()
@@ -116,8 +120,10 @@ def _allowed(meta: dict) -> str:
     return ", ".join(parts)
 
 
-def schema_keys(cls: type = Config, prefix: str = "") -> list[Key]:
-    """Every key of the schema, in declaration order (sections first to last)."""
+def schema_keys(cls: type | None = None, prefix: str = "") -> list[Key]:
+    """Every key of the schema (by default the whole config, with the registered loss families' sections), in
+    declaration order (sections first to last)."""
+    cls = cls or schema()
     hints = typing.get_type_hints(cls)
     comments = {}  # a subclass's comments over its bases' (data.transform: TransformKeys over TransformConfig)
     for base in reversed([c for c in cls.__mro__ if dataclasses.is_dataclass(c)]):
@@ -144,7 +150,8 @@ def markdown() -> str:
     """The reference page: one table per section, the keys in the schema's order."""
     keys = schema_keys()
     lines = [f"# {TITLE}", "",
-             "Generated from the schema (`trainer/config.py`; `data.transform` from `data_shards/transforms.py`) "
+             "Generated from the schema (`trainer/config.py`; `data.transform` from `data_shards/transforms.py`, "
+             "each loss family's section `loss.<family>` from its file in `loss/`) "
              "each time the site is built: every key, its type, default, allowed values and the comment beside "
              "it in the code. Presets (`trainer/configs/*.yaml`) set some of them; `key=value` on the command "
              "line sets any (`python -m trainer --config cub200 train.epochs=10 loss.mode=local`). "

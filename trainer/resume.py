@@ -5,8 +5,9 @@
 
 Keys are of three kinds:
 - FIXED: the saved weights or optimizer state would not fit or would mean something else (model shape, loss
-  family, N, optimizer, engine). A change refuses to resume, in one line naming the key, both values and the
-  ways out (keep the old value, or start a new run).
+  family and the keys the family fixes (loss/family.py: ProxyGML's N, the pytorch-metric-learning loss class),
+  optimizer, engine); a mode change that crosses checkpoint layouts (the family's `layout`). A change refuses
+  to resume, in one line naming the key, both values and the ways out (keep the old value, or start a new run).
 - AT_EPOCH_START: the data position (batch index inside the epoch) would point elsewhere. They may change only
   when the checkpoint sits at an epoch boundary.
 - everything else carries over (learning rates, epochs, eval, logging, workers, world size ...), each change
@@ -23,8 +24,9 @@ from collections import Counter
 from omegaconf import DictConfig, OmegaConf
 
 from data_shards import batches_per_epoch
-from loss.distributed import CHECKPOINT_LAYOUT
+from loss import families, get_family
 from trainer.config import ConfigError
+from trainer.config_legacy import translate_config
 from trainer.redact import redact_tree
 
 FIXED = {
@@ -35,8 +37,7 @@ FIXED = {
     "model.small_cnn_width": "the saved weights have another shape",
     "model.backbone_kwargs": "the saved weights may have other shapes (img_size) or another network",
     "optim.layer_decay": "the saved optimizer state has another set of parameter groups",
-    "loss.name": "the saved criterion is another loss",
-    "loss.proxies_per_class": "the saved proxy table has another number of rows",
+    "loss.family": "the saved criterion is another loss",
     "optim.name": "the saved optimizer state belongs to another optimizer",
     "engine.name": "the saved optimizer state is in another engine's format",
     "run.name": "these checkpoints belong to another run (a shared checkpoint.dir?); give each run its own",
@@ -45,6 +46,12 @@ AT_EPOCH_START = {
     "train.batch_size": "the checkpoint is inside an epoch whose batches were cut for the old batch size",
 }
 IGNORED = {"model.pretrained", "model.weights_file", "checkpoint.resume"}  # the checkpoint has the weights
+
+
+def fixed_keys() -> dict[str, str]:
+    """FIXED and every registered loss family's fixed keys (`loss.<family>.<key>`), {dotted key: why}."""
+    return {**FIXED, **{f"loss.{name}.{key}": why for name, family in families().items()
+                        for key, why in family.fixed_keys.items()}}
 
 
 def flatten(d: dict, prefix: str = "") -> dict:
@@ -65,17 +72,19 @@ def check_resume(saved: dict, cfg: DictConfig, path: str, at_epoch_start: bool,
     cannot carry over. `saved_data` / `data_now`: {"classes": int, "samples": int} of the train split then
     and now (the data root may move; its content may not)."""
     now = redact_tree(flatten(OmegaConf.to_container(cfg, resolve=True)))  # saved configs hold no credentials:
-    then = redact_tree(flatten(saved))                                     # compare without them
+    then = redact_tree(flatten(translate_config(saved)))                   # compare without them
     ways_out = (f"; resume with {{key}}={{old}}, or start a new run (another run.name=..., or "
                 f"checkpoint.resume=false to move this run's checkpoints to {cfg.run.name}/previous/ and start over)")
     changes = []
+    fixed = fixed_keys()
+    family = get_family(cfg.loss.family)
     for key in sorted(set(now) | set(then)):
         if key in IGNORED or key not in then or now.get(key) == then.get(key):
             continue
         old, new = then.get(key), now.get(key)
-        reason = FIXED.get(key)
-        if key == "loss.mode" and CHECKPOINT_LAYOUT.get(old) != CHECKPOINT_LAYOUT.get(new):
-            reason = "sharded proxies keep another checkpoint layout than gather/local"
+        reason = fixed.get(key)
+        if key == "loss.mode" and then.get("loss.family") == family.name and family.layout(old) != family.layout(new):
+            reason = f"{family.layout(old)} and {family.layout(new)} criteria keep different checkpoint layouts"
         if key in AT_EPOCH_START and not at_epoch_start:
             reason = AT_EPOCH_START[key]
         if reason:

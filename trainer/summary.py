@@ -68,11 +68,9 @@ def mlflow_ui_command(uri: str) -> str | None:
 
 def describe_loss(cfg_loss) -> str:
     """`ProxyGML (gather, 4 proxies/class, r 0.25, lam 0.3)` or `CosFaceLoss (gather)`, etc."""
-    if cfg_loss.name == "proxygml":
-        return (f"ProxyGML ({cfg_loss.mode}, {cfg_loss.proxies_per_class} proxies/class, r {cfg_loss.r:g}, "
-                f"lam {cfg_loss.lam:g})")
-    miner = f", miner {cfg_loss.miner}" if cfg_loss.miner else ""
-    return f"{cfg_loss.name} ({cfg_loss.mode}{miner})"
+    from loss import get_family
+    family = get_family(cfg_loss.family)
+    return family.describe(cfg_loss[family.name], cfg_loss.mode)
 
 
 def _fmt(metrics: dict, key: str) -> str:

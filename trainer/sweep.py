@@ -10,8 +10,8 @@ in), each fold's classes held out in turn (Musgrave et al., "A Metric Learning R
 SPACE.yaml maps config keys to Optuna distributions:
 
     optim.lr: {type: float, low: 1.0e-5, high: 1.0e-3, log: true}
-    loss.proxies_per_class: {type: int, low: 1, high: 12}
-    loss.scale: {type: categorical, choices: [1, 4, 8, 16]}
+    loss.proxygml.proxies_per_class: {type: int, low: 1, high: 12}
+    loss.proxygml.scale: {type: categorical, choices: [1, 4, 8, 16]}
 
 The study lives in the storage: an RDB URL (`sqlite:///study.db`, `postgresql://...`) or a journal file path
 (Optuna's JournalStorage: several processes, or SLURM jobs on shared storage, may work on one study). Any number
@@ -458,12 +458,14 @@ def write_best(study, preset: str, overrides: list[str], path: str, metric: str)
     trial completed."""
     from omegaconf import OmegaConf
     from optuna.trial import TrialState
+
+    from trainer.config_legacy import translate_override
     done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not done:
         return None
     best = max(done, key=lambda t: t.value)
-    cfg = OmegaConf.merge(load_yaml(resolve_config_path(preset)),
-                          OmegaConf.from_dotlist([*overrides, *as_overrides(best.params)]))
+    items = [new for item in [*overrides, *as_overrides(best.params)] for new in translate_override(item)[0]]
+    cfg = OmegaConf.merge(load_yaml(resolve_config_path(preset)), OmegaConf.from_dotlist(items))
     head = (f"# Tuned by python -m trainer.sweep: study {study.study_name}, trial {best.number} of {len(done)} "
             f"completed, val {metric} {best.value:.4f}\n# (mean over folds: {best.user_attrs.get('fold_values')})\n"
             f"# from {preset} with: {' '.join([*overrides, *as_overrides(best.params)])}\n")

@@ -24,7 +24,7 @@ def test_every_row_is_a_valid_config_and_rows_differ_only_in_their_keys(tmp_path
     assert list(birds50.entries_for("compare", "")) == birds50.DEFAULT_COMPARE
     authors = load_config(args.preset, [*shared, *birds50.COMPARE["ProxyGML (authors)"]])
     assert (authors.model.freeze_bn, authors.model.freeze_bn_affine, authors.model.embedding_init,
-            authors.train.warmup_epochs, authors.loss.proxies_per_class, authors.loss.scale) == \
+            authors.train.warmup_epochs, authors.loss.proxygml.proxies_per_class, authors.loss.proxygml.scale) == \
         (True, False, "torch_default", 1, 12, 1.0)
     with pytest.raises(SystemExit, match="--entries"):
         birds50.entries_for("ablation", "nope")

@@ -39,8 +39,8 @@ def test_allowed_values_and_comments_come_from_the_code():
     keys = {k.key: k for k in schema_keys()}
     for key, choices in CHOICES.items():
         assert keys[key].allowed == " | ".join(choices), key
-    assert keys["loss.r"].allowed == "> 0, <= 1" and keys["data.num_workers"].allowed == ">= 0"
-    assert keys["loss.lam"].comment == "weight of the proxy loss L_P"
+    assert keys["loss.proxygml.r"].allowed == "> 0, <= 1" and keys["data.num_workers"].allowed == ">= 0"
+    assert keys["loss.proxygml.lam"].comment == "weight of the proxy loss L_P"
     assert keys["data.persistent_workers"].comment.endswith("new ones each epoch and evaluation")  # continued
     assert keys["run.dist_backend"].comment.startswith("auto: nccl on cuda")  # the line above the field
     assert keys["data.transform.resize_size"].allowed == "`resize_size >= image_size`"

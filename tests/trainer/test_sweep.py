@@ -107,7 +107,8 @@ def test_two_workers_share_one_study_nested_in_mlflow(val_shards, tmp_path):
         assert not client.get_metric_history(run.info.run_id, "test/map_at_r")  # the test classes untouched
     best = max(trials, key=lambda t: t.value)
     cfg = load_config(str(tmp_path / "out" / "best.yaml"))
-    assert cfg.optim.lr == pytest.approx(best.params["optim.lr"]) and cfg.loss.scale == best.params["loss.scale"]
+    assert cfg.optim.lr == pytest.approx(best.params["optim.lr"]) and \
+        cfg.loss.proxygml.scale == best.params["loss.scale"]
     assert cfg.train.epochs == 2 and cfg.data.val_split == "val"
 
 

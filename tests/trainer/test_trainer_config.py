@@ -16,11 +16,11 @@ def test_presets_load(preset):
 def test_paper_recipes():
     cub, cars, sop = (load_config(p) for p in ("cub200", "cars196", "sop"))
     for c in (cub, cars, sop):
-        assert (c.train.batch_size, c.train.epochs, c.model.dim, c.loss.r) == (32, 50, 512, 0.05)
+        assert (c.train.batch_size, c.train.epochs, c.model.dim, c.loss.proxygml.r) == (32, 50, 512, 0.05)
         assert (c.optim.name, c.optim.eps, c.optim.weight_decay, c.optim.lr) == ("adam", 0.01, 1e-4, 1e-4)
         assert list(c.optim.lr_milestones) == [20, 40] and c.optim.lr_gamma == 0.1 and c.train.warmup_epochs == 1
-    assert [c.loss.proxies_per_class for c in (cub, cars, sop)] == [12, 12, 1]
-    assert [c.loss.lam for c in (cub, cars, sop)] == [0.3, 0.3, 0.0]
+    assert [c.loss.proxygml.proxies_per_class for c in (cub, cars, sop)] == [12, 12, 1]
+    assert [c.loss.proxygml.lam for c in (cub, cars, sop)] == [0.3, 0.3, 0.0]
     assert [c.optim.proxy_lr for c in (cub, cars, sop)] == [0.03, 0.03, 0.3]
     assert [c.model.freeze_bn for c in (cub, cars, sop)] == [True, True, False]
 
@@ -102,7 +102,7 @@ def test_documented_amp_off_is_accepted_and_bool_fields_still_read_words(tmp_pat
                     "loss:\n  name: TripletMarginLoss\n  kwargs: {smooth_loss: yes}\n")
     cfg = load_config(str(path))
     assert cfg.train.amp == "off" and cfg.model.pretrained is False and cfg.eval.nmi is False
-    assert cfg.loss.kwargs == {"smooth_loss": True}  # a free dict: the word is a boolean there
+    assert cfg.loss.pml.kwargs == {"smooth_loss": True}  # a free dict: the word is a boolean there
     with pytest.raises(ConfigError, match="^train.amp: 'yes' is not one of"):
         load_config("demo", ["train.amp=yes"])  # a word, but not a legal value: refused as the word
 

@@ -43,8 +43,8 @@ def test_bad_loss_choice_names_the_key(overrides, key):
 def test_loss_choices_load():
     cfg = load_config("omniglot", ["data.root=x", "loss.name=MultiSimilarityLoss", "loss.miner=MultiSimilarityMiner",
                                    "loss.kwargs.alpha=2", "loss.kwargs.beta=50", "loss.miner_kwargs.epsilon=0.1"])
-    assert cfg.loss.kwargs == {"alpha": 2, "beta": 50} and cfg.loss.miner_kwargs == {"epsilon": 0.1}
-    assert load_config("demo", ["data.root=x"]).loss.name == "proxygml"
+    assert cfg.loss.pml.kwargs == {"alpha": 2, "beta": 50} and cfg.loss.pml.miner_kwargs == {"epsilon": 0.1}
+    assert load_config("demo", ["data.root=x"]).loss.family == "proxygml"
 
 
 def test_cli_unknown_loss_fails_before_any_work(tmp_path):
@@ -91,7 +91,7 @@ def test_pair_based_loss_on_two_gloo_ranks(shards, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     state = Checkpointer(str(tmp_path / "t" / "checkpoints")).load_latest()
     assert (state["epoch"], state["step"], state["world_size"]) == (1, 14, 2)
-    assert state["config"]["loss"]["miner"] == "MultiSimilarityMiner"
+    assert state["config"]["loss"]["pml"]["miner"] == "MultiSimilarityMiner"
     assert "recall_at_1" in r.stdout + r.stderr
 
 

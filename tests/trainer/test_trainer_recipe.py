@@ -73,5 +73,6 @@ def test_warmup_freezes_the_backbone_for_the_warmup_epoch_only(shards, tmp_path)
 def test_cub_and_cars_presets_are_the_authors_recipe_exactly(preset):
     cfg = load_config(preset)
     assert (cfg.model.freeze_bn, cfg.model.freeze_bn_affine, cfg.model.embedding_init, cfg.train.warmup_epochs,
-            cfg.loss.proxies_per_class, cfg.loss.r, cfg.loss.lam, cfg.loss.scale, cfg.data.sampler) == \
+            cfg.loss.proxygml.proxies_per_class, cfg.loss.proxygml.r, cfg.loss.proxygml.lam, cfg.loss.proxygml.scale,
+            cfg.data.sampler) == \
         (True, False, "torch_default", 1, 12, 0.05, 0.3, 1.0, "shuffle")
