@@ -22,7 +22,7 @@ Modes (rows = config overrides on top of the cub200 preset and the shared schedu
             ProxyAnchor, NormalizedSoftmax, MultiSimilarity (+ its miner); `--entries all` adds the rest.
   recipe    what each difference between the authors' recipe and the previous preset costs: BN affines
             frozen, our embedding init, no warm-up, each alone on top of the authors' recipe.
-  ablation  the paper's ordering check: the authors' recipe with and without S^pos (loss.pos_mask).
+  ablation  the paper's ordering check: the authors' recipe with and without S^pos (loss.proxygml.pos_mask).
   levers    the ProxyGML levers tried for our recipe (scale on Z, proxy lr, N, r, lambda, sampler).
 
 Measured (4 epochs, shared 2-core CPU; everything, with what was not run: bench/results/birds50.md), R@1 over
@@ -55,8 +55,8 @@ OURS_BEFORE = ["model.freeze_bn=true", "model.freeze_bn_affine=true", "model.emb
                "train.warmup_epochs=1"]  # the cub200 preset's model/warm-up keys before this bench
 # the best of the levers tried (bench/results/birds50.md): one proxy per class, the 20% most similar proxies
 # (5 of 25 classes) per sample, Z x 16 before the softmax; on top of the authors' recipe
-OURS = ["loss.proxies_per_class=1", "loss.r=0.2", "loss.scale=16"]
-BASE = ["loss.name=proxygml"]
+OURS = ["loss.proxygml.proxies_per_class=1", "loss.proxygml.r=0.2", "loss.proxygml.scale=16"]
+BASE = ["loss.family=proxygml"]
 COMPARE = {
     "ProxyGML (authors)": [*AUTHORS],
     "ProxyGML (preset before)": [*OURS_BEFORE],
@@ -71,31 +71,31 @@ RECIPE = {
     "authors + kaiming init": [*AUTHORS, "model.embedding_init=kaiming_normal"],
     "authors + no warm-up": [*AUTHORS, "train.warmup_epochs=0"],
 }
-ABLATION = {"full (authors)": [*AUTHORS], "without S^pos": [*AUTHORS, "loss.pos_mask=false"]}
+ABLATION = {"full (authors)": [*AUTHORS], "without S^pos": [*AUTHORS, "loss.proxygml.pos_mask=false"]}
 LEVERS = {  # each on top of the authors' recipe (N 12, r 0.05, lam 0.3, proxy lr 0.03)
     "m-per-class 4": [*AUTHORS, "data.sampler=m_per_class", "data.m_per_class=4"],
-    "N 1 r 0.2 scale 16": [*AUTHORS, "loss.proxies_per_class=1", "loss.r=0.2", "loss.scale=16"],
-    "N 1 r 1 scale 16": [*AUTHORS, "loss.proxies_per_class=1", "loss.r=1.0", "loss.scale=16"],
-    "N 1 r 0.2 scale 16 m-per-class 4": [*AUTHORS, "loss.proxies_per_class=1", "loss.r=0.2", "loss.scale=16",
+    "N 1 r 0.2 scale 16": [*AUTHORS, "loss.proxygml.proxies_per_class=1", "loss.proxygml.r=0.2", "loss.proxygml.scale=16"],
+    "N 1 r 1 scale 16": [*AUTHORS, "loss.proxygml.proxies_per_class=1", "loss.proxygml.r=1.0", "loss.proxygml.scale=16"],
+    "N 1 r 0.2 scale 16 m-per-class 4": [*AUTHORS, "loss.proxygml.proxies_per_class=1", "loss.proxygml.r=0.2", "loss.proxygml.scale=16",
                                             "data.sampler=m_per_class", "data.m_per_class=4"],
-    "N 12 r 0.2 scale 2": [*AUTHORS, "loss.r=0.2", "loss.scale=2"],
-    "N 2 r 0.2 scale 16": [*AUTHORS, "loss.proxies_per_class=2", "loss.r=0.2", "loss.scale=16"],
-    "N 1 r 0.2 scale 32": [*AUTHORS, "loss.proxies_per_class=1", "loss.r=0.2", "loss.scale=32"],
-    "scale 0.25": [*AUTHORS, "loss.scale=0.25"],
+    "N 12 r 0.2 scale 2": [*AUTHORS, "loss.proxygml.r=0.2", "loss.proxygml.scale=2"],
+    "N 2 r 0.2 scale 16": [*AUTHORS, "loss.proxygml.proxies_per_class=2", "loss.proxygml.r=0.2", "loss.proxygml.scale=16"],
+    "N 1 r 0.2 scale 32": [*AUTHORS, "loss.proxygml.proxies_per_class=1", "loss.proxygml.r=0.2", "loss.proxygml.scale=32"],
+    "scale 0.25": [*AUTHORS, "loss.proxygml.scale=0.25"],
     "proxy lr 0.1": [*AUTHORS, "optim.proxy_lr=0.1"],
-    "lam 0": [*AUTHORS, "loss.lam=0.0"],
+    "lam 0": [*AUTHORS, "loss.proxygml.lam=0.0"],
     # second round: each on top of ours (the authors' recipe with N 1, r 0.2, scale 16)
     "ours + head lr 1e-3": [*AUTHORS, *OURS, "optim.head_lr=1e-3"],
     "ours + m-per-class 4": [*AUTHORS, *OURS, "data.sampler=m_per_class", "data.m_per_class=4"],
-    "ours + lam 0": [*AUTHORS, *OURS, "loss.lam=0.0"],
-    "ours + lam 1": [*AUTHORS, *OURS, "loss.lam=1.0"],
-    "ours + scale 8": [*AUTHORS, *OURS, "loss.scale=8"],
-    "ours + scale 24": [*AUTHORS, *OURS, "loss.scale=24"],
-    "ours + scale 4": [*AUTHORS, *OURS, "loss.scale=4"],
+    "ours + lam 0": [*AUTHORS, *OURS, "loss.proxygml.lam=0.0"],
+    "ours + lam 1": [*AUTHORS, *OURS, "loss.proxygml.lam=1.0"],
+    "ours + scale 8": [*AUTHORS, *OURS, "loss.proxygml.scale=8"],
+    "ours + scale 24": [*AUTHORS, *OURS, "loss.proxygml.scale=24"],
+    "ours + scale 4": [*AUTHORS, *OURS, "loss.proxygml.scale=4"],
     "ours + proxy lr 0.1": [*AUTHORS, *OURS, "optim.proxy_lr=0.1"],
     "ours + proxy lr 0.01": [*AUTHORS, *OURS, "optim.proxy_lr=0.01"],
-    "ours + r 0.4": [*AUTHORS, *OURS, "loss.r=0.4"],
-    "ours + N 2": [*AUTHORS, *OURS, "loss.proxies_per_class=2"],
+    "ours + r 0.4": [*AUTHORS, *OURS, "loss.proxygml.r=0.4"],
+    "ours + N 2": [*AUTHORS, *OURS, "loss.proxygml.proxies_per_class=2"],
     "ours + no warm-up": [*AUTHORS, *OURS, "train.warmup_epochs=0"],
     "ours + lr 3e-4": [*AUTHORS, *OURS, "optim.lr=3e-4", "optim.head_lr=3e-4"],
     # the same two changes on ProxyAnchor (its row of the compare table otherwise): does a lever help ours only?

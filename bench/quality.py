@@ -7,7 +7,7 @@ Every entry is trained by the project's trainer (`trainer.build.build(cfg, env).
 other) from the same preset (`--preset`, default trainer/configs/omniglot.yaml) with the same backbone, data,
 schedule (`--steps` optimizer steps of the same global batch, constant learning rates) and time budget
 (`--budget-s` seconds of training at most; an entry stopped by it is evaluated where it stands and its step
-count is shown); only the `loss.*` keys differ (baselines: `loss.name` = a pytorch-metric-learning class,
+count is shown); only the `loss.*` keys differ (baselines: `loss.pml.name` = a pytorch-metric-learning class,
 trained through loss/baselines.py with the proxy lr on their own weights). Each entry runs with seeds
 0..`--seeds`-1 (model init and data order); the table shows mean ± std over the seeds of Recall@1/2/4/8, NMI,
 MAP@R on the test split and the training seconds, as markdown (printed and written to
@@ -25,7 +25,7 @@ Modes:
             ProxyNCA, ProxyAnchor, SoftTriple, MultiSimilarity (+ its miner), Triplet (+ semi-hard miner).
             Default entries: ProxyGML N=12, NormalizedSoftmax, ProxyAnchor, MultiSimilarity (`--entries all`
             for all eight; `--entries ProxyGML,...` for N = 1).
-  ablation  the paper's 8 rows: S^pos (loss.pos_mask), M (loss.class_mask), L^p (loss.proxy_reg) on/off.
+  ablation  the paper's 8 rows: S^pos (loss.proxygml.pos_mask), M (loss.proxygml.class_mask), L^p (loss.proxygml.proxy_reg) on/off.
   sweep-n   proxies per class N (`--values 1,2,4`).
   sweep-r   share r of proxies kept per sample (`--values 0.01,0.05,0.1,0.2,0.4`).
 
@@ -69,15 +69,15 @@ COLUMNS = [("recall_at_1", "R@1"), ("recall_at_2", "R@2"), ("recall_at_4", "R@4"
 
 BASELINES = {
     "ProxyGML": [],  # the preset's N = 1
-    "ProxyGML N=12": ["loss.proxies_per_class=12"],  # the paper's N for CUB-200 / Cars196
-    "NormalizedSoftmax": ["loss.name=NormalizedSoftmaxLoss", "loss.kwargs.temperature=0.05"],
-    "ProxyNCA": ["loss.name=ProxyNCALoss", "loss.kwargs.softmax_scale=10"],
-    "ProxyAnchor": ["loss.name=ProxyAnchorLoss", "loss.kwargs.margin=0.1", "loss.kwargs.alpha=32"],
-    "SoftTriple": ["loss.name=SoftTripleLoss", "loss.kwargs.centers_per_class=2"],
-    "MultiSimilarity": ["loss.name=MultiSimilarityLoss", "loss.kwargs.alpha=2", "loss.kwargs.beta=50",
-                        "loss.kwargs.base=0.5", "loss.miner=MultiSimilarityMiner", "loss.miner_kwargs.epsilon=0.1"],
-    "Triplet": ["loss.name=TripletMarginLoss", "loss.kwargs.margin=0.1", "loss.miner=TripletMarginMiner",
-                "loss.miner_kwargs.margin=0.1", "loss.miner_kwargs.type_of_triplets=semihard"],
+    "ProxyGML N=12": ["loss.proxygml.proxies_per_class=12"],  # the paper's N for CUB-200 / Cars196
+    "NormalizedSoftmax": ["loss.family=pml", "loss.pml.name=NormalizedSoftmaxLoss", "loss.pml.kwargs.temperature=0.05"],
+    "ProxyNCA": ["loss.family=pml", "loss.pml.name=ProxyNCALoss", "loss.pml.kwargs.softmax_scale=10"],
+    "ProxyAnchor": ["loss.family=pml", "loss.pml.name=ProxyAnchorLoss", "loss.pml.kwargs.margin=0.1", "loss.pml.kwargs.alpha=32"],
+    "SoftTriple": ["loss.family=pml", "loss.pml.name=SoftTripleLoss", "loss.pml.kwargs.centers_per_class=2"],
+    "MultiSimilarity": ["loss.family=pml", "loss.pml.name=MultiSimilarityLoss", "loss.pml.kwargs.alpha=2", "loss.pml.kwargs.beta=50",
+                        "loss.pml.kwargs.base=0.5", "loss.pml.miner=MultiSimilarityMiner", "loss.pml.miner_kwargs.epsilon=0.1"],
+    "Triplet": ["loss.family=pml", "loss.pml.name=TripletMarginLoss", "loss.pml.kwargs.margin=0.1", "loss.pml.miner=TripletMarginMiner",
+                "loss.pml.miner_kwargs.margin=0.1", "loss.pml.miner_kwargs.type_of_triplets=semihard"],
 }
 DEFAULT_COMPARE = ["ProxyGML N=12", "NormalizedSoftmax", "ProxyAnchor", "MultiSimilarity"]
 DEFAULT_VALUES = {"sweep-n": "1,2,4", "sweep-r": "0.01,0.05,0.1,0.2,0.4"}
@@ -92,7 +92,7 @@ def entries_for(mode: str, names: str, values: str) -> dict[str, list[str]]:
         table = {}
         for pos, mask, reg in itertools.product((False, True), repeat=3):
             name = "S^pos {} / M {} / L^p {}".format(*("on" if b else "off" for b in (pos, mask, reg)))
-            table[name] = [f"loss.pos_mask={pos}", f"loss.class_mask={mask}", f"loss.proxy_reg={reg}"]
+            table[name] = [f"loss.proxygml.pos_mask={pos}", f"loss.proxygml.class_mask={mask}", f"loss.proxygml.proxy_reg={reg}"]
         default = list(table)
     else:
         key = "proxies_per_class" if mode == "sweep-n" else "r"

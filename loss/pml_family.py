@@ -48,7 +48,8 @@ class MetricLossFamily(LossFamily):
                   sampler=context.sampler, m_per_class=context.m_per_class)
         except Exception as e:  # every failure names the key (check() names it when it can)
             msg = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
-            msg = msg.replace("choose 'proxygml' or one of", "choose one of")
+            msg = msg.replace("choose 'proxygml' or one of", "choose one of").replace("(with loss.kwargs ",
+                                                                                      "(with loss.pml.kwargs ")
             for key in _KEYS:
                 if msg.startswith(key + ":"):
                     raise ValueError("loss.pml." + msg[len("loss."):]) from None
