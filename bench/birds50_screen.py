@@ -27,7 +27,8 @@ import birds50  # noqa: E402
 A = ["model.embedding_init=torch_default"]
 ROWS = {
     "authors (N 12, r 0.05)": [*A],
-    "ProxyAnchor": ["loss.family=pml", "loss.pml.name=ProxyAnchorLoss", "loss.pml.kwargs.margin=0.1", "loss.pml.kwargs.alpha=32"],
+    "ProxyAnchor": ["loss.family=pml", "loss.pml.name=ProxyAnchorLoss", "loss.pml.kwargs.margin=0.1",
+                    "loss.pml.kwargs.alpha=32"],
     "NormalizedSoftmax": ["loss.family=pml", "loss.pml.name=NormalizedSoftmaxLoss", "loss.pml.kwargs.temperature=0.05"],
     "scale 0.5": [*A, "loss.proxygml.scale=0.5"],
     "scale 3": [*A, "loss.proxygml.scale=3"],
@@ -40,8 +41,10 @@ ROWS = {
     "N 2 r 0.2 scale 8": [*A, "loss.proxygml.proxies_per_class=2", "loss.proxygml.r=0.2", "loss.proxygml.scale=8"],
     "N 4 r 0.2 scale 4": [*A, "loss.proxygml.proxies_per_class=4", "loss.proxygml.r=0.2", "loss.proxygml.scale=4"],
     "N 12 r 0.2 scale 2": [*A, "loss.proxygml.r=0.2", "loss.proxygml.scale=2"],
-    "N 1 r 1 scale 16 lam 0": [*A, "loss.proxygml.proxies_per_class=1", "loss.proxygml.r=1.0", "loss.proxygml.scale=16", "loss.proxygml.lam=0"],
-    "N 1 r 1 scale 16 proxy lr 0.1": [*A, "loss.proxygml.proxies_per_class=1", "loss.proxygml.r=1.0", "loss.proxygml.scale=16",
+    "N 1 r 1 scale 16 lam 0": [*A, "loss.proxygml.proxies_per_class=1", "loss.proxygml.r=1.0",
+                               "loss.proxygml.scale=16", "loss.proxygml.lam=0"],
+    "N 1 r 1 scale 16 proxy lr 0.1": [*A, "loss.proxygml.proxies_per_class=1", "loss.proxygml.r=1.0",
+                                      "loss.proxygml.scale=16",
                                       "optim.proxy_lr=0.1"],
 }
 

@@ -25,7 +25,8 @@ Modes:
             ProxyNCA, ProxyAnchor, SoftTriple, MultiSimilarity (+ its miner), Triplet (+ semi-hard miner).
             Default entries: ProxyGML N=12, NormalizedSoftmax, ProxyAnchor, MultiSimilarity (`--entries all`
             for all eight; `--entries ProxyGML,...` for N = 1).
-  ablation  the paper's 8 rows: S^pos (loss.proxygml.pos_mask), M (loss.proxygml.class_mask), L^p (loss.proxygml.proxy_reg) on/off.
+  ablation  the paper's 8 rows: S^pos (loss.proxygml.pos_mask), M (loss.proxygml.class_mask), L^p
+            (loss.proxygml.proxy_reg) on/off.
   sweep-n   proxies per class N (`--values 1,2,4`).
   sweep-r   share r of proxies kept per sample (`--values 0.01,0.05,0.1,0.2,0.4`).
 
@@ -72,11 +73,15 @@ BASELINES = {
     "ProxyGML N=12": ["loss.proxygml.proxies_per_class=12"],  # the paper's N for CUB-200 / Cars196
     "NormalizedSoftmax": ["loss.family=pml", "loss.pml.name=NormalizedSoftmaxLoss", "loss.pml.kwargs.temperature=0.05"],
     "ProxyNCA": ["loss.family=pml", "loss.pml.name=ProxyNCALoss", "loss.pml.kwargs.softmax_scale=10"],
-    "ProxyAnchor": ["loss.family=pml", "loss.pml.name=ProxyAnchorLoss", "loss.pml.kwargs.margin=0.1", "loss.pml.kwargs.alpha=32"],
+    "ProxyAnchor": ["loss.family=pml", "loss.pml.name=ProxyAnchorLoss", "loss.pml.kwargs.margin=0.1",
+                    "loss.pml.kwargs.alpha=32"],
     "SoftTriple": ["loss.family=pml", "loss.pml.name=SoftTripleLoss", "loss.pml.kwargs.centers_per_class=2"],
-    "MultiSimilarity": ["loss.family=pml", "loss.pml.name=MultiSimilarityLoss", "loss.pml.kwargs.alpha=2", "loss.pml.kwargs.beta=50",
-                        "loss.pml.kwargs.base=0.5", "loss.pml.miner=MultiSimilarityMiner", "loss.pml.miner_kwargs.epsilon=0.1"],
-    "Triplet": ["loss.family=pml", "loss.pml.name=TripletMarginLoss", "loss.pml.kwargs.margin=0.1", "loss.pml.miner=TripletMarginMiner",
+    "MultiSimilarity": ["loss.family=pml", "loss.pml.name=MultiSimilarityLoss", "loss.pml.kwargs.alpha=2",
+                        "loss.pml.kwargs.beta=50",
+                        "loss.pml.kwargs.base=0.5", "loss.pml.miner=MultiSimilarityMiner",
+                            "loss.pml.miner_kwargs.epsilon=0.1"],
+    "Triplet": ["loss.family=pml", "loss.pml.name=TripletMarginLoss", "loss.pml.kwargs.margin=0.1",
+                "loss.pml.miner=TripletMarginMiner",
                 "loss.pml.miner_kwargs.margin=0.1", "loss.pml.miner_kwargs.type_of_triplets=semihard"],
 }
 DEFAULT_COMPARE = ["ProxyGML N=12", "NormalizedSoftmax", "ProxyAnchor", "MultiSimilarity"]
@@ -92,7 +97,8 @@ def entries_for(mode: str, names: str, values: str) -> dict[str, list[str]]:
         table = {}
         for pos, mask, reg in itertools.product((False, True), repeat=3):
             name = "S^pos {} / M {} / L^p {}".format(*("on" if b else "off" for b in (pos, mask, reg)))
-            table[name] = [f"loss.proxygml.pos_mask={pos}", f"loss.proxygml.class_mask={mask}", f"loss.proxygml.proxy_reg={reg}"]
+            table[name] = [f"loss.proxygml.pos_mask={pos}", f"loss.proxygml.class_mask={mask}",
+                  f"loss.proxygml.proxy_reg={reg}"]
         default = list(table)
     else:
         key = "proxies_per_class" if mode == "sweep-n" else "r"
