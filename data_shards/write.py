@@ -36,7 +36,7 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from .errors import DamagedShard, DataError, MissingData
-from .formats import Record, collect
+from .formats import Record, collect, formats
 from .manifest import (
     FORMAT_VERSION,
     MANIFEST,
@@ -52,7 +52,6 @@ from .transforms import to_rgb
 from .upload import write_to_store
 
 log = logging.getLogger("data_shards")
-FORMATS = ("cub200", "cars196", "sop", "folder")
 
 
 def parse_size(value) -> int:
@@ -292,8 +291,8 @@ def write_dataset(fmt: str, src, out, *, shard_size="256MB", workers: int | None
     with val_seed): a third split `out/val` of whole classes taken out of the train classes (never the test
     classes; data_shards/holdout.py), recorded in the train and val manifests (`val_classes`).
     """
-    if fmt not in FORMATS:
-        raise DataError(f"write_dataset: fmt must be one of {FORMATS}, got {fmt!r}")
+    if fmt not in formats():
+        raise DataError(f"write_dataset: fmt must be one of {formats()}, got {fmt!r}")
     src, out = os.fspath(src), os.fspath(out)
     if is_s3(out):  # written in a local staging folder, then uploaded, manifests last (data_shards/upload.py)
         def write(staging):
@@ -355,7 +354,7 @@ def hold_out_val(splits: dict[str, list[Record]], val_classes, val_fraction, val
 def add_write_parser(sub) -> None:
     p = sub.add_parser("write", help="convert a dataset to shards", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("format", choices=FORMATS)
+    p.add_argument("format", choices=formats())
     p.add_argument("--src", required=True, help="dataset folder (cub200: folder or CUB_200_2011.tgz)")
     p.add_argument("--out", required=True, help="output folder or s3://bucket/prefix; splits go to OUT/train, "
                    "OUT/test (OUT/val) (s3: written locally under $TMPDIR, then uploaded, each manifest last)")

@@ -1,8 +1,12 @@
-"""Readers of the source layouts: each `collect(src, **options)` returns {split: [Record, ...]}.
+"""Readers of the source layouts: each `collect(src, **options)` returns {split: [Record, ...]}, registered under
+the format's name (`python -m data_shards write NAME`); the built-in ones at the end of this file, one line each.
+
+    register_format("myset", myset.collect)       # a new format: one file with its collect(), one line
 
 A source that is missing or does not parse raises DataError (MissingData) naming the file and the problem."""
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..errors import DataError, MissingData
@@ -19,15 +23,45 @@ class Record:
     extra: dict = field(default_factory=dict)   # stored in the sample's json (e.g. a bounding box)
 
 
+Reader = Callable[..., dict[str, list[Record]]]  # collect(src, **options) -> {split: [Record, ...]}
+_READERS: dict[str, Reader] = {}
+
+
+def register_format(name: str, collect: Reader) -> None:
+    """Make `name` a format of `python -m data_shards write` and `write_dataset`, read by `collect`. Raises
+    ValueError when `name` is taken by another reader or is not a plain name (it prefixes shard file names)."""
+    if not name.replace("_", "").isalnum():
+        raise ValueError(f"format name {name!r}: letters, digits and _ only (it names the shard files)")
+    if _READERS.get(name, collect) is not collect:
+        raise ValueError(f"format {name!r} is already registered")
+    _READERS[name] = collect
+
+
+def unregister_format(name: str) -> None:
+    """Remove format `name` (tests that register a toy format clean up with this)."""
+    _READERS.pop(name, None)
+
+
+def formats() -> tuple[str, ...]:
+    """The registered format names, in registration order."""
+    return tuple(_READERS)
+
+
 def collect(fmt: str, src: str, **options) -> dict[str, list[Record]]:
-    from . import cars196, cub200, folder, sop
-    readers = {"cub200": cub200.collect, "cars196": cars196.collect, "sop": sop.collect, "folder": folder.collect}
-    if fmt not in readers:
-        raise DataError(f"unknown format {fmt!r}; choose one of {sorted(readers)}")
-    return readers[fmt](src, **options)
+    if fmt not in _READERS:
+        raise DataError(f"unknown format {fmt!r}; choose one of {sorted(_READERS)}")
+    return _READERS[fmt](src, **options)
 
 
 def require(path: str, what: str) -> str:
     if not os.path.exists(path):
         raise MissingData(f"{what}: {path} not found")
     return path
+
+
+from . import cars196, cub200, folder, sop  # noqa: E402 - the built-in formats, registered here
+
+register_format("cub200", cub200.collect)
+register_format("cars196", cars196.collect)
+register_format("sop", sop.collect)
+register_format("folder", folder.collect)
