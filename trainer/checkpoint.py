@@ -1,7 +1,7 @@
 """Checkpoints: atomic, verified writes; the last K kept; on resume the newest intact one.
 
 A checkpoint holds (docs/architecture.md): config, model, criterion, optimizer, scheduler, epoch, step,
-batch_in_epoch, rng, mlflow_run_id, world_size, run_uid, train_classes, train_samples. `epoch` / `batch_in_epoch`
+batch_in_epoch, rng, tracker_run_ids, world_size, run_uid, train_classes, train_samples. `epoch` / `batch_in_epoch`
 is the data position where training continues: batches `batch_in_epoch..` of epoch `epoch`. Two formats
 (`checkpoint.format`); files in the checkpoint directory:
 
@@ -252,7 +252,7 @@ def load(path: str, check_keys: bool = True, model_only: bool = False) -> dict:
         missing = [k for k in REQUIRED if k not in state] if check_keys and not model_only else []
         if missing:
             raise CheckpointError(f"{path}: not a trainer checkpoint (no {', '.join(missing)})")
-        return state
+        return upgrade(state)
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such checkpoint file")
     verify(path)
@@ -268,6 +268,16 @@ def load(path: str, check_keys: bool = True, model_only: bool = False) -> dict:
         missing = [k for k in REQUIRED if not isinstance(state, dict) or k not in state]
         if missing:
             raise CheckpointError(f"{path}: not a trainer checkpoint (no {', '.join(missing)})")
+    return upgrade(state) if isinstance(state, dict) else state
+
+
+def upgrade(state: dict) -> dict:
+    """`state` (a checkpoint's dict or DCP `trainer` entry) in today's keys, changed in place: the tracking run ids
+    of checkpoints written before they were keyed by backend (`mlflow_run_id`: id or None) become
+    `tracker_run_ids` ({backend: run id})."""
+    if "mlflow_run_id" in state and "tracker_run_ids" not in state:
+        run_id = state.pop("mlflow_run_id")
+        state["tracker_run_ids"] = {"mlflow": run_id} if run_id else {}
     return state
 
 

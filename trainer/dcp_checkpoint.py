@@ -45,6 +45,7 @@ import collectives
 from trainer.checkpoint import (
     CheckpointError,
     sidecar,
+    upgrade,
 )
 from trainer.safe_load import SafeFileSystemReader, SafeLoadPlanner, UnsafeFileError, read_dcp_metadata, torch_load
 
@@ -204,7 +205,7 @@ def _blobs(md, keys) -> dict:
 
 
 def read_meta(path: str) -> dict:
-    """The `trainer` entry of folder `path` (config, epoch, step, batch_in_epoch, rng, mlflow_run_id, world_size,
+    """The `trainer` entry of folder `path` (config, epoch, step, batch_in_epoch, rng, tracker_run_ids, world_size,
     run_uid, train_classes, train_samples, ...) with `format`="dcp", `path` and `optimizer` (DeepSpeed's reference,
     else None: the optimizer's tensors are loaded with the rest); one process, reads only those entries."""
     md = metadata(path)
@@ -213,7 +214,7 @@ def read_meta(path: str) -> dict:
         raise CheckpointError(f"{path}: not a trainer checkpoint (no trainer entry)")
     _load(path, target, no_dist=True)
     engine = target["optim/engine"].value if "optim/engine" in target else None  # DeepSpeed's reference
-    return {**target["trainer"].value, "optimizer": engine, "format": "dcp", "path": path}
+    return upgrade({**target["trainer"].value, "optimizer": engine, "format": "dcp", "path": path})
 
 
 def _full_targets(md, keys) -> dict:

@@ -4,7 +4,7 @@ config, then save and restore weights, proxies, optimizer, schedule, RNG states 
     state = TrainState(env, run_dir, checkpointer, fmt="dcp", async_save=False, config=cfg_dict, ...)
     saved = state.claim(resume=True, check_config=fn)     # collective; rank 0 locks the run directory
     pos = state.restore(saved, trained, apply_optim)      # collective: any world size
-    state.save(parts, pos, tracker_run_id, run_uid, last=..., stopping=...)   # collective
+    state.save(parts, pos, tracker_run_ids, run_uid, last=..., stopping=...)   # collective
 
 The criterion is reached only through its written contract (loss/criterion.py): its full state for a .pt file,
 its own block for a DCP folder, the optimizer rows of its proxies gathered or cut the same way.
@@ -117,7 +117,7 @@ class TrainState:
     def latest(self) -> str | None:
         return self.ckpt.latest()
 
-    def save(self, t: Trained, pos: Position, *, tracker_run_id: str | None, run_uid: str, last: bool,
+    def save(self, t: Trained, pos: Position, *, tracker_run_ids: dict[str, str], run_uid: str, last: bool,
              stopping: bool, lr_advice: str) -> None:
         """Collective (RNG states; sharded proxies and ZeRO optimizer state gathered for the torch format; with dcp
         every rank writes its own block). Raises DivergedError instead of saving when a weight or buffer is not
@@ -134,7 +134,7 @@ class TrainState:
                 f"Last good checkpoint: {self.latest() or 'none'}. {lr_advice}")
         meta = dict(config=self.config, epoch=pos.epoch, step=pos.step, batch_in_epoch=pos.batch,
                     rng=collectives.all_gather_object(rng_state()),
-                    mlflow_run_id=collectives.broadcast_object(tracker_run_id),
+                    tracker_run_ids=collectives.broadcast_object(tracker_run_ids),
                     world_size=env.world_size, run_uid=run_uid, train_classes=self.data_info["classes"],
                     train_samples=self.data_info["samples"], train_class_names=self.data_info["class_names"],
                     train_class_list=self.data_info.get("class_list"))

@@ -309,7 +309,7 @@ def test_killed_worker_restarts_and_resumes_from_the_latest_checkpoint(jobs, tmp
     runs = client.search_runs([client.get_experiment_by_name("launch").experiment_id])
     assert len(runs) == 1, "the restarted job opened a second MLflow run"
     run = runs[0]
-    assert run.info.status == "FINISHED" and {s["mlflow_run_id"] for s in states} == {run.info.run_id}
+    assert run.info.status == "FINISHED" and {s["tracker_run_ids"]["mlflow"] for s in states} == {run.info.run_id}
     logged = sorted({m.step for m in client.get_metric_history(run.info.run_id, "loss")})
     assert logged == list(range(1, epochs * STEPS_PER_EPOCH + 1))  # every step, before and after the restart
 
