@@ -2,8 +2,8 @@
 every rank (`CriterionBase`): the trainer, its checkpoints and its statistics use only these methods.
 
 Implemented by ProxyGML (one process, loss/proxygml.py), ReplicatedProxyGML (local | gather, loss/replicated.py),
-ShardedProxyGML (a block of classes per rank, loss/sharded.py) and MetricLoss (pytorch-metric-learning,
-loss/baselines.py). Methods marked collective must be called on every rank, in the same order.
+ShardedProxyGML (a block of classes per rank, loss/sharded.py on loss/row_sharded.py) and MetricLoss
+(pytorch-metric-learning, loss/baselines.py). Methods marked collective must be called on every rank, in the same order.
 """
 from __future__ import annotations
 
@@ -42,8 +42,14 @@ class Criterion(Protocol):
         """Load what a DCP load gives this rank: its own block when sharded, else the full state."""
         ...
 
+    def sharded_rows(self) -> dict[str, tuple[int, int, int]]:
+        """{name in ``state_dict()``: (start, stop, total)} of the tables cut by rows across ranks: this rank holds
+        rows [start, stop) of a (total, ...) table; checkpoints save and load them as every rank's block (and the
+        optimizer state of those that are parameters likewise). {} when the whole state is on every rank."""
+        ...
+
     def local_rows(self) -> tuple[int, int, int] | None:
-        """(start, stop, total) proxy rows this rank owns when the table is sharded; None when replicated."""
+        """(start, stop, total) rows this rank owns of its sharded tables; None when replicated."""
         ...
 
     def optimizer_state_to_full(self, optimizer_sd: dict, group: str = "proxies") -> dict:
@@ -87,8 +93,12 @@ class CriterionBase(nn.Module):
     def load_local_state_dict(self, state: dict) -> None:
         self.load_full_state_dict(state)
 
+    def sharded_rows(self) -> dict[str, tuple[int, int, int]]:
+        return {}
+
     def local_rows(self) -> tuple[int, int, int] | None:
-        return None
+        rows = set(self.sharded_rows().values())
+        return rows.pop() if len(rows) == 1 else None
 
     def optimizer_state_to_full(self, optimizer_sd: dict, group: str = "proxies") -> dict:
         return optimizer_sd

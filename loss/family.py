@@ -82,7 +82,7 @@ class LossFamily(ABC):
 
     def layout(self, mode: str) -> str:
         """The checkpoint layout of `mode`: "replicated" (every rank holds the whole state) or "sharded" (each rank
-        its block, declared by the criterion's `sharded_state()`). A resume may not cross layouts."""
+        its block, declared by the criterion's `sharded_rows()`). A resume may not cross layouts."""
         return "replicated"
 
     def defaults(self) -> dict:

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from collectives import all_gather_rows, all_reduce_, block, broadcast_, world
+from collectives import all_gather_rows, all_reduce_, block, world
 from loss.proxygml import (
     ProxyGMLBase,
     class_scores,
@@ -20,22 +20,11 @@ from loss.proxygml import (
     selected_similarity,
     softmax_inputs,
 )
+from loss.row_sharded import RowSharded
 from loss.sharded_topk import ScaleGrad, ShardedLogSumExp, sharded_topk
 
 
-def map_group_rows(optimizer_sd: dict, name: str, rows: int, fn) -> dict:
-    """A copy of an optimizer state dict whose per-row state tensors (first dim `rows`) of param group
-    `name` went through `fn`. Sharded proxies: gather a rank's rows to the full table or cut them back."""
-    ids = [i for g in optimizer_sd["param_groups"] if g.get("name") == name for i in g["params"]]
-    state = dict(optimizer_sd["state"])
-    for i in ids:  # the same ids and keys, in the same order, on every rank: fn may be collective
-        if i in state:
-            state[i] = {k: fn(v) if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == rows else v
-                        for k, v in state[i].items()}
-    return {**optimizer_sd, "state": state}
-
-
-class ShardedProxyGML(ProxyGMLBase):
+class ShardedProxyGML(RowSharded, ProxyGMLBase):
     """ProxyGML with a contiguous block of classes (and their proxies) per rank; see loss/distributed.py.
 
     ``proxies`` (C_r*N, dim) are this rank's, global rows ``proxy_start:proxy_stop``; ``selection_counts``
@@ -45,6 +34,12 @@ class ShardedProxyGML(ProxyGMLBase):
     rows of the table every mode draws for ``seed`` (``init_proxy_rows``: blocks of global rows, each from a
     generator seeded by (``seed``, block)): the same table as ``local`` and ``gather``, on any world size.
     """
+
+    sharded_tables = ("proxies",)
+
+    @property
+    def rows_per_class(self) -> int:
+        return self.proxies_per_class
 
     def __init__(self, num_classes: int, dim: int, *args, group=None, seed: int = 0, candidate_factor: float = 2.0,
                  **kwargs):
@@ -58,6 +53,7 @@ class ShardedProxyGML(ProxyGMLBase):
         start, stop = block(num_classes, size, rank)
         n = self.proxies_per_class
         self.hold_classes(start, stop, init_proxy_rows(num_classes * n, dim, start * n, stop * n, seed))
+        self.hold_rows(start, stop)
 
     def extra_repr(self) -> str:
         return f"mode=sharded, classes=[{self.class_start}, {self.class_stop}), " + super().extra_repr()
@@ -146,68 +142,7 @@ class ShardedProxyGML(ProxyGMLBase):
         all_reduce_(total, group=self.group)
         return reg_sum, total / (self.num_classes * self.proxies_per_class)
 
-    # checkpoints and statistics across world sizes
-    def gather_rows(self, rows: Tensor) -> Tensor:
-        """The full (C*N, ...) tensor, on the CPU, from every rank's block of proxy rows (collective).
-
-        One rank's block at a time is broadcast, so the device holds one block more, not C*N rows.
-        """
-        size, rank = world(self.group)
-        rows = rows.detach()
-        if size == 1:
-            return rows.cpu().clone()
-        n = self.num_classes * self.proxies_per_class
-        parts = []
-        for src in range(size):
-            start, stop = block(self.num_classes, size, src)
-            if src == rank:
-                buf = rows.contiguous()
-            else:
-                buf = rows.new_empty((stop - start) * self.proxies_per_class, *rows.shape[1:])
-            broadcast_(buf, src, group=self.group)
-            parts.append(buf.cpu())
-        full = torch.cat(parts)
-        assert full.shape[0] == n
-        return full
-
-    def shard_rows(self, full: Tensor) -> Tensor:
-        """This rank's block of a full (C*N, ...) tensor shaped like the proxies."""
-        total = self.num_classes * self.proxies_per_class
-        if full.shape[0] != total:
-            raise ValueError(f"expected {total} proxy rows, got {tuple(full.shape)}")
-        return full[self.proxy_start:self.proxy_stop]
-
-    def full_state_dict(self) -> dict[str, Tensor]:
-        """{"proxies": (C*N, dim)} as ``ProxyGML.state_dict()`` (collective: call on every rank)."""
-        return {"proxies": self.gather_rows(self.proxies)}
-
-    def load_full_state_dict(self, state: dict[str, Tensor]) -> None:
-        """Load a full {"proxies": (C*N, dim)} (from any world size, or from ``ProxyGML``)."""
-        if "proxies" not in state:
-            raise ValueError(f"state has no 'proxies' entry (keys: {sorted(state)})")
-        full = state["proxies"]
-        if tuple(full.shape) != (self.num_classes * self.proxies_per_class, self.dim):
-            raise ValueError(f"state['proxies'] must have shape ({self.num_classes * self.proxies_per_class}, "
-                             f"{self.dim}), got {tuple(full.shape)}")
-        with torch.no_grad():
-            self.proxies.copy_(self.shard_rows(full))
-
+    # checkpoints and statistics across world sizes: loss/row_sharded.py
     def global_selection_counts(self) -> Tensor:
         """The (C*N,) selection counts of all shards (collective: call on every rank)."""
         return self.gather_rows(self.selection_counts)
-
-    def local_rows(self) -> tuple[int, int, int]:
-        return self.proxy_start, self.proxy_stop, self.num_classes * self.proxies_per_class
-
-    def load_local_state_dict(self, state: dict[str, Tensor]) -> None:
-        """This rank's block {"proxies": (C_r*N, dim)}, as a DCP load gives it."""
-        with torch.no_grad():
-            self.proxies.copy_(state["proxies"])
-
-    def optimizer_state_to_full(self, optimizer_sd: dict, group: str = "proxies") -> dict:
-        """Each rank holds its block's moments: the full table's (collective)."""
-        return map_group_rows(optimizer_sd, group, self.proxies.shape[0], self.gather_rows)
-
-    def optimizer_state_from_full(self, optimizer_sd: dict, group: str = "proxies") -> dict:
-        return map_group_rows(optimizer_sd, group, self.num_classes * self.proxies_per_class,
-                              lambda t: self.shard_rows(t).to(self.proxies.device))

@@ -13,7 +13,7 @@ C, DIM = 5, 4  # 5 classes over 2 ranks: blocks of 3 and 2
 
 def _worker(rank, world):
     from loss.distributed import build_criterion, ddp_ignored_names
-    from loss.sharded import map_group_rows
+    from loss.row_sharded import map_group_rows
     from trainer.engines import TrainModule
     from trainer.engines.ddp import clip_grad_norm
 
