@@ -35,10 +35,12 @@ def main(argv=None) -> int:
     and the process group left as it is (peers may be gone): the caller exits at once (see `__main__`)."""
     args = parse_args(argv)
     from trainer.config import DEFAULT_CONFIG, ConfigError, load_config
+    from trainer.config_legacy import as_written
     from trainer.errors import report
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    aliases: dict[str, str] = {}  # keys written in the loss section's old spelling
     try:
-        cfg = load_config(args.config or DEFAULT_CONFIG, args.overrides)
+        cfg = load_config(args.config or DEFAULT_CONFIG, args.overrides, aliases)
     except ConfigError as e:  # every rank has the same one: rank 0 says it
         return _let_rank0_speak(report(e, rank, world_size, quiet_ranks=True), rank)
     if args.print_config:
@@ -54,6 +56,8 @@ def main(argv=None) -> int:
                                 timeout_s=cfg.run.collective_timeout_s)
         train(cfg, env)
     except BaseException as e:  # noqa: BLE001 - every failure ends the same way: told, non-zero, at once
+        if isinstance(e, ConfigError) and aliases:  # e.g. a resume's check names a key written in the old spelling
+            e = ConfigError(as_written(str(e), aliases))
         quiet = isinstance(e, ConfigError) or getattr(e, "same_on_every_rank", False)
         if world_size > 1 and distributed.is_collective_timeout(e):  # a peer stopped answering: name it
             e = distributed.StalledPeer(distributed.describe_stall(cfg.run.collective_timeout_s))

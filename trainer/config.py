@@ -275,11 +275,13 @@ def resolve_config_path(name: str) -> str:
     raise ConfigError(f"--config: no file {name!r} and no preset of that name (presets: {', '.join(presets)})")
 
 
-def load_config(path: str | None = None, overrides: list[str] | tuple = ()) -> DictConfig:
+def load_config(path: str | None = None, overrides: list[str] | tuple = (),
+                aliases: dict[str, str] | None = None) -> DictConfig:
     """Schema defaults, merged with the YAML file and the `key=value` overrides; validated. The loss section's
     old flat spelling (`loss.name`, `loss.r`, ...) is translated (trainer/config_legacy.py); an error about a key
-    so written names it as written."""
-    aliases: dict[str, str] = {}
+    so written names it as written. `aliases`, when given, is filled with {today's key: the old one written}, for
+    errors found later (e.g. a resume's checks: `config_legacy.as_written`)."""
+    aliases = {} if aliases is None else aliases
     try:
         return _load_config(path, overrides, aliases)
     except ConfigError as e:

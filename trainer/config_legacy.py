@@ -68,8 +68,8 @@ def translate_override(item: str) -> tuple[list[str], dict[str, str]]:
         return [item], {}
     if parts == ["loss", "name"]:
         if value.strip().strip("'\"") == PROXYGML:
-            return [f"loss.family={value}"], dict(OLD_SPELLING)
-        return [f"loss.family={PML}", f"loss.pml.name={value}"], dict(OLD_SPELLING)
+            return [f"loss.family={value}"], {**OLD_SPELLING, "loss.family": "loss.name"}
+        return [f"loss.family={PML}", f"loss.pml.name={value}"], {**OLD_SPELLING, "loss.family": "loss.name"}
     if parts[1] in MOVED:
         return [".".join(["loss", MOVED[parts[1]], *parts[1:]]) + f"={value}"], dict(OLD_SPELLING)
     return [item], {}
