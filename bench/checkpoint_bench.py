@@ -54,9 +54,9 @@ def worker(rank: int, size: int, port: int, cfg: dict, out_path: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=size)
     from loss.distributed import build_criterion
-    from loss.sharded import map_group_rows
+    from loss.row_sharded import map_group_rows
     from trainer.checkpoint import Checkpointer, load
-    from trainer.dcp_checkpoint import build_state, load_train_state, param_names
+    from trainer.dcp_checkpoint import build_state, load_train_state
     from trainer.dcp_save import DCPSaver
     from trainer.engines import TrainModule
 
@@ -96,14 +96,17 @@ def worker(rank: int, size: int, port: int, cfg: dict, out_path: str) -> None:
             rows = crit.num_classes * crit.proxies_per_class
             opt.load_state_dict(map_group_rows(state["optimizer"], "proxies", rows, crit.shard_rows))
     else:
+        from trainer.train_state import Trained
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+        parts = Trained(embedder, crit, module, opt, sched, None).parts
         saver = DCPSaver(ckpt)
 
         def save():
-            sd = build_state(meta, embedder, crit, opt.state_dict(), param_names(module, opt), {}, rank)
+            sd = build_state(meta, parts, rank)
             saver.save(sd, 1, meta)
 
         def restore():
-            state = load_train_state(ckpt.latest(), module, opt, crit)
+            state = load_train_state(ckpt.latest(), parts)
             with torch.no_grad():
                 crit.proxies.copy_(state["criterion"]["proxies"])
             opt.load_state_dict(state["optimizer"])

@@ -83,10 +83,6 @@ def is_folder(path: str) -> bool:
     return not path.rstrip(os.sep).endswith(".pt")
 
 
-def step_of(path: str) -> int:
-    return int(NAME.match(os.path.basename(path)).group(1))
-
-
 class Checkpointer:
     def __init__(self, directory: str, keep_last: int = 3):
         self.dir = directory
@@ -124,7 +120,7 @@ class Checkpointer:
         try:
             os.makedirs(self.dir, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=TMP_PREFIX, suffix=".pt")
-            os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600: teammates must read checkpoints too
+            os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600: teammates must read checkpoints too
             with os.fdopen(fd, "wb") as f:
                 out = _Digesting(f)
                 try:
@@ -138,14 +134,14 @@ class Checkpointer:
             meta = dict(sha256=out.sha.hexdigest(), bytes=out.bytes, step=step, epoch=state.get("epoch"),
                         run_uid=state.get("run_uid"), written=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
             fd, side_tmp = tempfile.mkstemp(dir=self.dir, prefix=TMP_PREFIX, suffix=".json")
-            os.fchmod(fd, 0o666 & ~_umask())
+            os.fchmod(fd, 0o666 & ~current_umask())
             with os.fdopen(fd, "w") as f:
                 json.dump(meta, f)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(side_tmp, sidecar(path))  # the sidecar first: a .pt in place always has its digest
             os.replace(tmp, path)  # atomic: a reader sees the old set or the new file, never half of it
-            _fsync_dir(self.dir)
+            fsync_dir(self.dir)
         except OSError as e:
             for t in (tmp, side_tmp):
                 if t and os.path.exists(t):
@@ -281,13 +277,14 @@ def upgrade(state: dict) -> dict:
     return state
 
 
-def _umask() -> int:
+def current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
 
 
-def _fsync_dir(directory: str) -> None:
+def fsync_dir(directory: str) -> None:
+    """fsync `directory` (a rename in it survives a crash); silently nothing where the OS refuses."""
     try:
         fd = os.open(directory, os.O_RDONLY)
     except OSError:

@@ -1,11 +1,12 @@
 """Trainer checkpoints through torch.distributed.checkpoint (DCP): every rank writes its own block of the sharded
 proxies, replicated state is written once, and a load re-shards to the world size at hand.
 
+    sd = build_state(meta, parts, rank)                 # this rank's flat DCP dict of the state parts
     saver = DCPSaver(checkpointer)                      # one per trainer (trainer/dcp_save.py)
-    saver.save(parts, step, async_save=False)           # collective; CheckpointWriteError when the disk refuses
+    saver.save(sd, step, meta, async_save=False)        # collective; CheckpointWriteError when the disk refuses
     saver.wait()                                        # collective: finish a pending async save (publish it)
     meta = read_meta(path)                              # config, position, rng, ... (small; any process)
-    tensors = load_train_state(path, module, optimizer, criterion)   # collective: this rank's share
+    local = load_train_state(path, parts)               # collective: {part key: this rank's share}
     state = load_consolidated(path)                     # one process: the .pt layout (tools, tests, evaluate)
 
 On disk (checkpoint.format=dcp; names in trainer/checkpoint.py):
@@ -19,13 +20,14 @@ to `step-000000042/`: a checkpoint counts only once complete. With `async_save` 
 thread (DCP's async_save on a gloo group of its own, a clone of this rank's tensors staged first) and is
 published at the next save or `wait()`.
 
-Keys of the flat DCP state dict (flatten off): `model/<k>` (embedder), `criterion/<k>`, `optim/<param fqn>/<k>`
-(tensors of the optimizer state), `optim/param_groups`, `optim/other`, `optim/engine` (DeepSpeed's reference),
-`scheduler`, `trainer` (config, position, every rank's RNG state, ids). Rows of the sharded proxies (and of the
-optimizer state shaped like them) are this rank's block [proxy_start, proxy_stop) of the (C*N, ...) table,
-described to DCP by the `CheckpointableTensor` fields (global_shape, global_offsets, local_offsets,
-local_sizes), so that blocks of any size and offset are stored as chunks of one global tensor; everything
-else is contributed by rank 0 only (rank 0's values, like the .pt checkpoint).
+Keys of the flat DCP state dict (flatten off): `trainer` (config, position, every rank's RNG state, ids) and
+each state part's entries `<dcp_prefix>/<name>` (trainer/state_parts.py): `model/<k>`, `model/other` (embedder),
+`criterion/<k>`, `optim/<param fqn>/<k>` (tensors of the optimizer state), `optim/param_groups`, `optim/other`,
+`optim/engine` (DeepSpeed's reference), `scheduler`. A row block (the rows of a table the criterion declares cut,
+`sharded_rows()`, and of the optimizer state shaped like it) is this rank's rows [start, stop) of the (total,
+...) table, described to DCP by the `CheckpointableTensor` fields (state_parts.annotate_rows), so that blocks
+of any size and offset are stored as chunks of one global tensor; everything else is contributed by rank 0
+only (rank 0's values, like the .pt checkpoint).
 """
 from __future__ import annotations
 
@@ -48,8 +50,8 @@ from trainer.checkpoint import (
     upgrade,
 )
 from trainer.safe_load import SafeFileSystemReader, SafeLoadPlanner, UnsafeFileError, read_dcp_metadata, torch_load
+from trainer.state_parts import StatePart, annotate_rows, is_row_block, plain, state_parts
 
-PROXY_PARAM = "criterion.proxies"  # TrainModule's name of the sharded proxy table
 METADATA = ".metadata"
 
 
@@ -69,70 +71,40 @@ class Blob:
         self.value = torch_load(io.BytesIO(sd["value"]), what="a DCP checkpoint's entry")
 
 
-def annotate_rows(t: torch.Tensor, start: int, total: int) -> torch.Tensor:
-    """Mark `t` (rows, ...) as rows [start, start + rows) of a (total, ...) tensor for DCP (any offsets)."""
-    t.global_shape = (total, *t.shape[1:])
-    t.global_offsets = ((start,) + (0,) * (t.dim() - 1),)
-    t.local_offsets = ((0,) * t.dim(),)
-    t.local_sizes = (tuple(t.shape),)
-    return t
+def entry_key(prefix: str, name: str) -> str:
+    """The DCP key of a state part's entry `name` ("" : the part's whole state as one entry `prefix`)."""
+    return f"{prefix}/{name}" if name else prefix
 
 
-def _is_rows(t) -> bool:
-    return torch.is_tensor(t) and hasattr(t, "global_shape")
+def _split(key: str, prefixes) -> tuple[str, str] | None:
+    """(prefix, name) of DCP key `key` among `prefixes`, or None."""
+    for prefix in prefixes:
+        if key == prefix:
+            return prefix, ""
+        if key.startswith(prefix + "/"):
+            return prefix, key[len(prefix) + 1:]
+    return None
 
 
 # ----------------------------------------------------------------------------------------------- building
 
-def param_names(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
-    """The parameter names of `module` in the order of the optimizer's state dict ids."""
-    names = {id(p): n for n, p in module.named_parameters()}
-    return [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
-
-
-def build_state(meta: dict, embedder, criterion, optimizer_sd: dict, fqns, scheduler_sd: dict,
-                rank: int) -> dict:
-    """This rank's flat DCP state dict (see the module docstring). `optimizer_sd`: the engine's optimizer state
-    dict, whose ids are the positions in `fqns` (parameter names, or a callable giving them), or DeepSpeed's
-    reference {"deepspeed": {...}} (its own checkpoint holds the optimizer)."""
-    rows = criterion.local_rows()
-    sd: dict = {}
-    if rows is not None:
-        start, stop, total = rows
-        sd["criterion/proxies"] = annotate_rows(criterion.proxies.detach(), start, total)
-    if rank == 0:
-        sd["trainer"] = Blob(meta)
-        sd["scheduler"] = Blob(scheduler_sd)
-        model = embedder.state_dict()
-        sd.update({f"model/{k}": v for k, v in model.items() if torch.is_tensor(v)})
-        sd["model/other"] = Blob({k: v for k, v in model.items() if not torch.is_tensor(v)})
-        if rows is None:
-            sd.update({f"criterion/{k}": v for k, v in criterion.state_dict().items()})
-    if "deepspeed" in optimizer_sd:
-        if rank == 0:
-            sd["optim/engine"] = Blob(optimizer_sd)
-        return sd
-    fqns = fqns() if callable(fqns) else fqns
-    other = {}
-    for i, st in optimizer_sd["state"].items():
-        name = fqns[i]
-        for k, v in st.items():
-            if rows is not None and name == PROXY_PARAM and torch.is_tensor(v) and v.dim() > 0:
-                sd[f"optim/{name}/{k}"] = annotate_rows(v.detach(), rows[0], rows[2])
-            elif rank == 0 and torch.is_tensor(v):
-                sd[f"optim/{name}/{k}"] = v
+def build_state(meta: dict, parts: dict[str, StatePart], rank: int) -> dict:
+    """This rank's flat DCP state dict (see the module docstring): every part's `local_state()` as entries (a
+    collective where a part's is, e.g. DeepSpeed's optimizer); row blocks from every rank, the rest from rank 0."""
+    sd: dict = {"trainer": Blob(meta)} if rank == 0 else {}
+    for part in parts.values():
+        for name, v in part.entries(part.local_state()).items():
+            if is_row_block(v):
+                sd[entry_key(part.dcp_prefix, name)] = v
             elif rank == 0:
-                other.setdefault(name, {})[k] = v
-    if rank == 0:
-        sd["optim/other"] = Blob(other)
-        sd["optim/param_groups"] = Blob([{**g, "params": [fqns[i] for i in g["params"]]}
-                                         for g in optimizer_sd["param_groups"]])
+                sd[entry_key(part.dcp_prefix, name)] = v if torch.is_tensor(v) else Blob(v)
     return sd
 
 
 # ------------------------------------------------------------------------------------------------ checking
 
-def _digest(path: str) -> dict:
+def file_digest(path: str) -> dict:
+    """{"bytes": size, "sha256": hex digest} of file `path`."""
     sha, n = hashlib.sha256(), 0
     with open(path, "rb") as f:
         while chunk := f.read(1 << 22):
@@ -159,7 +131,7 @@ def verify(path: str) -> None:
             if size != want["bytes"]:
                 raise CheckpointError(f"{file}: {size} bytes, its sidecar says {want['bytes']} (truncated or "
                                       f"overwritten)")
-            if _digest(file)["sha256"] != want["sha256"]:
+            if file_digest(file)["sha256"] != want["sha256"]:
                 raise CheckpointError(f"{file}: sha256 differs from the one written with it (the file is damaged)")
     metadata(path)
 
@@ -225,84 +197,58 @@ def _full_targets(md, keys) -> dict:
     return out
 
 
-def load_train_state(path: str, module, optimizer, criterion, device=None) -> dict:
-    """Collective: model, criterion, optimizer and scheduler state dicts for this rank from folder `path`, on any
-    world size. Sharded proxies and their optimizer rows come as this rank's block (never the full table);
-    the optimizer state dict has the ids of `optimizer`'s current parameter order. Raises CheckpointError."""
+def load_train_state(path: str, parts: dict[str, StatePart]) -> dict:
+    """Collective: {part key: this rank's share} from folder `path`, on any world size, each as the part's
+    `from_entries` makes it (row blocks cut for this rank by `block_of`, never the whole table; the optimizer's
+    ids in the current parameter order). A part the checkpoint has no entries for is left out; entries of no
+    part of this run are not read. Raises CheckpointError."""
     md = metadata(path)
-    rows = criterion.local_rows()
-    target = {}
+    by_prefix = {p.dcp_prefix: p for p in parts.values()}
+    target: dict = {}
     for k, m in md.state_dict_metadata.items():
-        if k == "trainer":
+        where = _split(k, by_prefix)
+        if where is None:
             continue
+        rows = None if isinstance(m, BytesStorageMetadata) else by_prefix[where[0]].block_of(where[1], tuple(m.size))
         if isinstance(m, BytesStorageMetadata):
             target[k] = Blob()
-        elif rows is not None and (k == "criterion/proxies" or k.startswith(f"optim/{PROXY_PARAM}/")) \
-                and len(m.size) > 0 and m.size[0] == rows[2]:
+        elif rows is not None:
             start, stop, total = rows
             target[k] = annotate_rows(torch.empty((stop - start, *m.size[1:]), dtype=m.properties.dtype), start,
                                       total)
         else:
             target[k] = torch.empty(m.size, dtype=m.properties.dtype)
     _load(path, target, no_dist=False)
-    out = _assemble(target, lambda: param_names(module, optimizer))
-    if device is not None:
-        out["criterion"] = {k: v.to(device) for k, v in out["criterion"].items()}
+    entries = _by_part(target, by_prefix)
+    return {p.key: p.from_entries(entries[prefix], p) for prefix, p in by_prefix.items() if prefix in entries}
+
+
+def _by_part(loaded: dict, prefixes) -> dict[str, dict]:
+    """{prefix: {name: value}} of loaded DCP entries (Blobs unwrapped, row marks removed)."""
+    out: dict = {}
+    for k, v in loaded.items():
+        where = _split(k, prefixes)
+        if where is not None:
+            out.setdefault(where[0], {})[where[1]] = v.value if isinstance(v, Blob) else plain(v)
     return out
-
-
-def _assemble(loaded: dict, fqns) -> dict:
-    """The .pt layout from a loaded flat dict: model, criterion, optimizer (ids as in `fqns`, a callable giving
-    the current parameter names, or in the saved order when None), scheduler."""
-    def plain(v):
-        if _is_rows(v):
-            for a in ("global_shape", "global_offsets", "local_offsets", "local_sizes"):
-                delattr(v, a)
-        return v
-
-    model = {k[len("model/"):]: plain(v) for k, v in loaded.items() if k.startswith("model/") and k != "model/other"}
-    model.update(loaded["model/other"].value if "model/other" in loaded else {})
-    criterion = {k[len("criterion/"):]: plain(v) for k, v in loaded.items() if k.startswith("criterion/")}
-    if "optim/engine" in loaded:
-        optimizer = loaded["optim/engine"].value
-    else:
-        groups = loaded["optim/param_groups"].value
-        saved_order = [n for g in groups for n in g["params"]]
-        order = fqns() if fqns is not None else saved_order
-        ids = {n: i for i, n in enumerate(order)}
-        missing = [n for n in saved_order if n not in ids]
-        if missing:
-            raise CheckpointError(f"the checkpoint's optimizer has parameters this model lacks: {missing[:3]}")
-        state: dict = {}
-        for k, v in loaded.items():
-            if k.startswith("optim/") and torch.is_tensor(v):
-                name, key = k[len("optim/"):].rsplit("/", 1)
-                state.setdefault(ids[name], {})[key] = plain(v)
-        for name, st in loaded["optim/other"].value.items():
-            state.setdefault(ids[name], {}).update(st)
-        optimizer = {"state": dict(sorted(state.items())),
-                     "param_groups": [{**g, "params": [ids[n] for n in g["params"]]} for g in groups]}
-    return dict(model=model, criterion=criterion, optimizer=optimizer,
-                scheduler=loaded["scheduler"].value if "scheduler" in loaded else None)
 
 
 def load_consolidated(path: str, model_only: bool = False) -> dict:
     """The checkpoint in folder `path` as one dict of the .pt layout (full tensors, on the CPU), read by this
-    process alone. `model_only`: config, position and model, without proxies and optimizer (evaluation)."""
+    process alone: the `trainer` entry's keys and each registered state part's whole state under its key (the
+    entries of a part not registered now, as saved, under their prefix). `model_only`: config, position and
+    model, without proxies and optimizer (evaluation)."""
     md = metadata(path)
     keys = [k for k in md.state_dict_metadata
             if not model_only or k in ("trainer", "model/other") or k.startswith("model/")]
     target = _full_targets(md, keys)
     _load(path, target, no_dist=True)
     meta = target.pop("trainer").value if "trainer" in target else {}
-    if model_only:
-        model = {k[len("model/"):]: v for k, v in target.items() if k.startswith("model/") and k != "model/other"}
-        model.update(target["model/other"].value if "model/other" in target else {})
-        return {**meta, "model": model}
-    return {**meta, **_assemble(target, None)}
+    known = {cls.dcp_prefix: cls for cls in state_parts().values()}
+    prefixes = set(known) | {k.split("/", 1)[0] for k in target}
+    out = {}
+    for prefix, entries in _by_part(target, sorted(prefixes, key=len, reverse=True)).items():
+        cls = known.get(prefix)
+        out[cls.key if cls else prefix] = cls.from_entries(entries) if cls else entries
+    return {**meta, **out}
 
-
-def to_torch(path: str, out: str) -> str:
-    """Write the DCP checkpoint folder `path` as one .pt file `out` (the layout of checkpoint.format=torch)."""
-    torch.save(load_consolidated(path), out)
-    return out

@@ -16,8 +16,16 @@ from torch.distributed.checkpoint import DefaultSavePlanner, FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
 
 import collectives
-from trainer.checkpoint import TMP_PREFIX, CheckpointWriteError, _fsync_dir, _umask, describe_write_error, sidecar
-from trainer.dcp_checkpoint import METADATA, _digest, _is_rows, annotate_rows, quiet_one_process
+from trainer.checkpoint import (
+    TMP_PREFIX,
+    CheckpointWriteError,
+    current_umask,
+    describe_write_error,
+    fsync_dir,
+    sidecar,
+)
+from trainer.dcp_checkpoint import METADATA, file_digest, quiet_one_process
+from trainer.state_parts import annotate_rows, is_row_block
 
 
 class _CloneStager:
@@ -34,7 +42,7 @@ class _CloneStager:
         for k, v in state_dict.items():
             if torch.is_tensor(v):
                 c = v.detach().to("cpu", copy=True)
-                if _is_rows(v):
+                if is_row_block(v):
                     annotate_rows(c, v.global_offsets[0][0], v.global_shape[0])
                 out[k] = c
             else:
@@ -139,7 +147,7 @@ class DCPSaver:
         try:
             for name in sorted(os.listdir(tmp)):
                 if name.startswith(f"__{rank}_") or (rank == 0 and name == METADATA):
-                    mine[name] = _digest(os.path.join(tmp, name))
+                    mine[name] = file_digest(os.path.join(tmp, name))
         except OSError as e:
             error = describe_write_error(e, final, self.ckpt.latest())
         everyone = collectives.all_gather_object((mine, error))
@@ -161,13 +169,13 @@ class DCPSaver:
     def _commit(self, tmp: str, final: str, step: int, meta: dict, files: dict) -> None:
         missing = sorted(set(os.listdir(tmp)) - set(files))
         if missing:  # a file no rank claimed: hash it here (e.g. an extra file per thread)
-            files.update({name: _digest(os.path.join(tmp, name)) for name in missing})
+            files.update({name: file_digest(os.path.join(tmp, name)) for name in missing})
         side = dict(format="dcp", files=files, bytes=sum(f["bytes"] for f in files.values()), step=step,
                     epoch=meta.get("epoch"), run_uid=meta.get("run_uid"), world_size=meta.get("world_size"),
                     written=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
         fd, side_tmp = tempfile.mkstemp(dir=self.ckpt.dir, prefix=TMP_PREFIX, suffix=".json")
         try:
-            os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600: teammates must read checkpoints too
+            os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600: teammates must read checkpoints too
             with os.fdopen(fd, "w") as f:
                 json.dump(side, f)
                 f.flush()
@@ -179,5 +187,5 @@ class DCPSaver:
         finally:
             if os.path.exists(side_tmp):
                 os.remove(side_tmp)
-        _fsync_dir(self.ckpt.dir)
+        fsync_dir(self.ckpt.dir)
         self.ckpt.prune()

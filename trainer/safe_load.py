@@ -66,7 +66,7 @@ def refusal(name: str, why: str) -> str:
             f"this trainer")
 
 
-def _blocked(e: Exception) -> str | None:
+def blocked_object(e: Exception) -> str | None:
     """The Python object a weights_only load refused, from torch's message (None: another failure)."""
     msg = str(e)
     if "Weights only load failed" not in msg and "weights_only" not in msg:
@@ -88,7 +88,7 @@ def torch_load(f, what: str | None = None, mmap: bool = False):
         with torch.serialization.safe_globals(safe_globals()):
             return torch.load(f, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
-        blocked = _blocked(e)
+        blocked = blocked_object(e)
         if blocked is None:
             raise
         raise UnsafeFileError(refusal(name, blocked)) from None

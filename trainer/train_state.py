@@ -4,16 +4,17 @@ config, then save and restore weights, proxies, optimizer, schedule, RNG states 
     state = TrainState(env, run_dir, checkpointer, fmt="dcp", async_save=False, config=cfg_dict, ...)
     saved = state.claim(resume=True, check_config=fn)     # collective; rank 0 locks the run directory
     pos = state.restore(saved, trained, apply_optim)      # collective: any world size
-    state.save(parts, pos, tracker_run_ids, run_uid, last=..., stopping=...)   # collective
+    state.save(trained, pos, tracker_run_ids, run_uid, last=..., stopping=...)   # collective
 
-The criterion is reached only through its written contract (loss/criterion.py): its full state for a .pt file,
-its own block for a DCP folder, the optimizer rows of its proxies gathered or cut the same way.
+What a checkpoint holds is the dict of state parts of trainer/state_parts.py (model, criterion, optimizer,
+scheduler, and any part registered there), built once per run over `Trained`: each gives its whole state for a
+.pt file and its own share for a DCP folder, and takes them back; this file knows none of them by name.
 """
 from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -24,6 +25,7 @@ from trainer.dcp_checkpoint import read_meta
 from trainer.errors import UserError
 from trainer.resume import at_epoch_end
 from trainer.run_dir import RunDir
+from trainer.state_parts import StatePart, build_parts
 
 
 class DivergedError(UserError):
@@ -47,6 +49,10 @@ class Trained:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     engine: object  # a trainer.engines.Engine
+    parts: dict[str, StatePart] = field(init=False, repr=False)
+
+    def __post_init__(self):
+        self.parts = build_parts(self)  # what every checkpoint saves and loads (trainer/state_parts.py)
 
 
 class TrainState:
@@ -119,10 +125,10 @@ class TrainState:
 
     def save(self, t: Trained, pos: Position, *, tracker_run_ids: dict[str, str], run_uid: str, last: bool,
              stopping: bool, lr_advice: str) -> None:
-        """Collective (RNG states; sharded proxies and ZeRO optimizer state gathered for the torch format; with dcp
-        every rank writes its own block). Raises DivergedError instead of saving when a weight or buffer is not
-        finite (on any rank). With async_save the write goes on in the background, except for the run's `last`
-        save (or when `stopping` on any rank), which waits for the disk."""
+        """Collective (RNG states; each state part's whole state gathered for the torch format, e.g. sharded
+        proxies and ZeRO optimizer state; with dcp every rank writes its own share). Raises DivergedError instead
+        of saving when a weight or buffer is not finite (on any rank). With async_save the write goes on in the
+        background, except for the run's `last` save (or when `stopping` on any rank), which waits for the disk."""
         crit, env = t.criterion, self.env
         tensors = [x for m in (t.embedder, crit) for x in m.state_dict().values()
                    if torch.is_tensor(x) and x.is_floating_point()]
@@ -139,25 +145,22 @@ class TrainState:
                     train_samples=self.data_info["samples"], train_class_names=self.data_info["class_names"],
                     train_class_list=self.data_info.get("class_list"))
         if self.fmt == "dcp":
-            from trainer.dcp_checkpoint import build_state, param_names
+            from trainer.dcp_checkpoint import build_state
             from trainer.dcp_save import DCPSaver
             if self.dcp_saver is None:
                 self.dcp_saver = DCPSaver(self.ckpt)
-            sd = build_state(meta, t.embedder, crit, t.engine.optimizer_state_dict(),
-                             lambda: param_names(t.module, t.optimizer), t.scheduler.state_dict(), env.rank)
+            sd = build_state(meta, t.parts, env.rank)
             try:
                 self.dcp_saver.save(sd, pos.step, meta, async_save=self.async_save and not (last or stopping))
             except UserError as e:  # e.g. the disk is full: the same on every rank
                 e.same_on_every_rank = True
                 raise
             return
-        crit_sd = crit.full_state_dict()
-        optimizer_sd = crit.optimizer_state_to_full(t.engine.optimizer_state_dict())  # sharded: the full table
+        whole = {key: part.full_state() for key, part in t.parts.items()}  # collective: cut rows gathered
         error = None
         if env.is_main:
             try:
-                self.ckpt.save(dict(meta, model=t.embedder.state_dict(), criterion=crit_sd,
-                                    optimizer=optimizer_sd, scheduler=t.scheduler.state_dict()), pos.step)
+                self.ckpt.save(dict(meta, **whole), pos.step)
             except UserError as e:  # e.g. the disk is full: every rank stops with it
                 e.same_on_every_rank = True
                 error = e
@@ -166,31 +169,29 @@ class TrainState:
             raise error
 
     def restore(self, state: dict, t: Trained, apply_optim: Callable[[], None]) -> Position:
-        """Collective. Weights, optimizer, schedule, RNG and position from `state`: a .pt checkpoint's dict, or a
-        DCP folder's `trainer` entry, whose tensors every rank now loads for its own share (any world size).
-        `apply_optim()` then puts the current config's optimizer hyperparameters on top."""
-        crit = t.criterion
+        """Collective. Every state part (weights, proxies, optimizer, schedule, ...), RNG and position from `state`:
+        a .pt checkpoint's dict, or a DCP folder's `trainer` entry, whose tensors every rank now loads for its own
+        share (any world size). `apply_optim()` then puts the current config's optimizer hyperparameters on top.
+        A part the checkpoint lacks (registered since it was written) starts fresh, said in one line."""
         dcp = state.get("format") == "dcp"
         if dcp:
             from trainer.dcp_checkpoint import load_train_state
-            state = {**state, **load_train_state(state["path"], t.module, t.optimizer, crit)}
+            state = {**state, **load_train_state(state["path"], t.parts)}
         elif self.fmt == "dcp":
             self.log(f"{self.resumed_from}: a torch-format checkpoint; it is read as it is, and the checkpoints from "
                      f"now on are DCP folders (checkpoint.format=dcp)")
-        try:
-            t.embedder.load_state_dict(state["model"])
-            if dcp:  # this rank's own share, as DCP loaded it
-                crit.load_local_state_dict(state["criterion"])
-            else:
-                crit.load_full_state_dict(state["criterion"])
-        except RuntimeError as e:  # a key no rule in trainer/resume.py knew of changed a shape (e.g. loss.kwargs)
-            lines = str(e).strip().splitlines()
-            raise ConfigError(f"checkpoint.resume: {self.resumed_from} does not fit the current config "
-                              f"({(lines[1] if len(lines) > 1 else lines[0]).strip()}); resume with the config it was "
-                              f"written with (its config.yaml), or start a new run (another run.name=...)") from None
-        optimizer_sd = state["optimizer"] if dcp else crit.optimizer_state_from_full(state["optimizer"])
-        t.engine.load_optimizer_state_dict(optimizer_sd)
-        t.scheduler.load_state_dict(state["scheduler"])
+        for key, part in t.parts.items():
+            if key not in state:
+                self.log(f"resume: {part.missing()}")
+                continue
+            try:
+                part.load_local_state(state[key]) if dcp else part.load_full_state(state[key])  # dcp: this rank's
+            except RuntimeError as e:  # a key no rule in trainer/resume.py knew of changed a shape (loss.pml.kwargs)
+                lines = str(e).strip().splitlines()
+                raise ConfigError(f"checkpoint.resume: {self.resumed_from} does not fit the current config "
+                                  f"({(lines[1] if len(lines) > 1 else lines[0]).strip()}); resume with the config it "
+                                  f"was written with (its config.yaml), or start a new run (another run.name=...)") \
+                    from None
         apply_optim()  # changed learning rates carry over
         rngs = state["rng"]  # one per rank of the saving run; on another world size rank r takes r mod n
         set_rng_state(rngs[self.env.rank % len(rngs)])

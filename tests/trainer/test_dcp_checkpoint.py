@@ -38,8 +38,9 @@ def _full(crit, opt):
 
 
 def _worker(rank, world, phase, path, use_async):
-    from trainer.dcp_checkpoint import build_state, load_train_state, param_names
+    from trainer.dcp_checkpoint import build_state, load_train_state
     from trainer.dcp_save import DCPSaver
+    from trainer.train_state import Trained
     if phase == "save":
         embedder, crit, module, opt, sched = _parts(0)
         g = torch.Generator().manual_seed(1)
@@ -54,8 +55,7 @@ def _worker(rank, world, phase, path, use_async):
         sched.step()
         ref = _full(crit, opt)
         meta = dict(step=2, epoch=1, run_uid="u", world_size=world)
-        sd = build_state(meta, embedder, crit, opt.state_dict(), param_names(module, opt), sched.state_dict(),
-                         rank)
+        sd = build_state(meta, Trained(embedder, crit, module, opt, sched, None).parts, rank)
         rows = {k: tuple(v.shape) for k, v in sd.items() if hasattr(v, "global_shape")}
         saver = DCPSaver(Checkpointer(path))
         saver.save(sd, 2, meta, async_save=use_async)
@@ -68,7 +68,7 @@ def _worker(rank, world, phase, path, use_async):
     else:
         embedder, crit, module, opt, sched = _parts(5)  # other values everywhere: the load must set them
         ckpt = Checkpointer(path).paths()[-1]
-        state = load_train_state(ckpt, module, opt, crit)
+        state = load_train_state(ckpt, Trained(embedder, crit, module, opt, sched, None).parts)
         embedder.load_state_dict(state["model"])
         with torch.no_grad():
             crit.proxies.copy_(state["criterion"]["proxies"])
@@ -139,17 +139,20 @@ def _one_process_saves(directory, steps, keep_last=3):
     from loss.distributed import build_criterion
     from trainer.dcp_checkpoint import build_state
     from trainer.dcp_save import DCPSaver
+    from trainer.engines import TrainModule
+    from trainer.train_state import Trained
     torch.manual_seed(0)
     embedder = nn.Linear(3, DIM)
     crit = build_criterion("gather", C, DIM)
     opt = torch.optim.SGD(list(embedder.parameters()) + list(crit.parameters()), lr=0.1, momentum=0.9)
     ck = Checkpointer(str(directory), keep_last=keep_last)
     saver = DCPSaver(ck)
-    fqns = ["embedder.weight", "embedder.bias", "criterion.proxies"]
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, [3], 0.5)
+    parts = Trained(embedder, crit, TrainModule(embedder, crit), opt, sched, None).parts
     for step in steps:
         meta = dict(config={}, model=None, step=step, epoch=0, batch_in_epoch=step, rng=[], run_uid="u",
                     world_size=1)
-        sd = build_state(meta, embedder, crit, opt.state_dict(), fqns, {"last_epoch": 0}, 0)
+        sd = build_state(meta, parts, 0)
         saver.save(sd, step, meta)
     return ck
 

@@ -44,3 +44,11 @@ def test_rng_round_trip():
     set_rng_state(state)
     b = (random.random(), torch.rand(3))
     assert a[0] == b[0] and torch.equal(a[1], b[1])
+
+
+@pytest.mark.parametrize("run_id,expected", [("abc123", {"mlflow": "abc123"}), (None, {})])
+def test_a_checkpoint_with_the_old_mlflow_run_id_reads_as_tracker_run_ids(tmp_path, run_id, expected):
+    ck = Checkpointer(str(tmp_path))
+    ck.save(state_of(3, mlflow_run_id=run_id), 3)
+    state = load(ck.latest())
+    assert state["tracker_run_ids"] == expected and "mlflow_run_id" not in state

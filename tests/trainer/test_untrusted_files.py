@@ -50,9 +50,9 @@ def runs(shards, tmp_path_factory):
 
 def write_sidecar_for(folder):
     """A sidecar that matches the folder as it now is (an attacker can write one too)."""
-    from trainer.dcp_checkpoint import _digest
+    from trainer.dcp_checkpoint import file_digest
     side = folder.rstrip("/") + ".json"
-    files = {f: _digest(os.path.join(folder, f)) for f in os.listdir(folder)}
+    files = {f: file_digest(os.path.join(folder, f)) for f in os.listdir(folder)}
     meta = json.loads(open(side).read()) if os.path.exists(side) else {}  # noqa: SIM115
     with open(side, "w") as f:
         json.dump({**meta, "files": files}, f)

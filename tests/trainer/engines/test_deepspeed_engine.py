@@ -454,20 +454,8 @@ def test_cli_one_process_resume_matches_uninterrupted_and_ddp(digits, tmp_path):
             torch.testing.assert_close(plain[part][k], resumed[part][k], rtol=0, atol=0)
 
 
-def loop_saves_optimizer_on_every_rank() -> bool:
-    """DeepSpeed's save is collective: trainer/train_state.py must call engine.optimizer_state_dict() on all ranks."""
-    import inspect
-
-    from trainer.train_state import TrainState
-    src = inspect.getsource(TrainState.save)
-    return "optimizer_state_dict()" in src and src.index("optimizer_state_dict()") < src.index("if env.is_main")
-
-
 @pytest.mark.slow
 @pytest.mark.distributed
-@pytest.mark.skipif(not loop_saves_optimizer_on_every_rank(),
-                    reason="trainer/train_state.py TrainState.save calls engine.optimizer_state_dict() on rank 0 only; "
-                           "engine=deepspeed needs it on every rank (DeepSpeed's save_checkpoint is collective)")
 def test_cli_two_ranks_zero2_resume_matches_uninterrupted(digits, tmp_path):
     ds_json = os.path.join(ROOT, "launch", "deepspeed", "zero2_bf16.json")  # bf16 autocast on the CPU too
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
