@@ -131,22 +131,29 @@ def build_parts(trained) -> dict[str, StatePart]:
 
 # --------------------------------------------------------------------------------------------- the built-ins
 
-class ModelPart(StatePart):
-    """The embedder's state dict; in DCP its tensors one entry each, its other values in one entry `other`."""
-    key = "model"
+class StateDictPart(StatePart):
+    """A part over one object of `Trained` (its field `field`) with state_dict() / load_state_dict(), whole on
+    every rank."""
+    field: ClassVar[str]
 
-    def __init__(self, embedder: torch.nn.Module):
-        self.embedder = embedder
+    def __init__(self, obj):
+        self.obj = obj
 
     @classmethod
     def build(cls, trained):
-        return cls(trained.embedder)
+        return cls(getattr(trained, cls.field))
 
     def local_state(self) -> dict:
-        return self.embedder.state_dict()
+        return self.obj.state_dict()
 
     def load_local_state(self, value: dict) -> None:
-        self.embedder.load_state_dict(value)
+        self.obj.load_state_dict(value)
+
+
+class ModelPart(StateDictPart):
+    """The embedder's state dict; in DCP its tensors one entry each, its other values in one entry `other`."""
+    key = "model"
+    field = "embedder"
 
     def entries(self, value: dict) -> dict:
         out = {k: v for k, v in value.items() if torch.is_tensor(v)}
@@ -287,22 +294,10 @@ class OptimizerPart(StatePart):
         return rows if rows is not None and len(shape) > 0 and shape[0] == rows[2] else None
 
 
-class SchedulerPart(StatePart):
+class SchedulerPart(StateDictPart):
     """The learning-rate schedule's state dict (one DCP entry `scheduler`)."""
     key = "scheduler"
-
-    def __init__(self, scheduler):
-        self.scheduler = scheduler
-
-    @classmethod
-    def build(cls, trained):
-        return cls(trained.scheduler)
-
-    def local_state(self) -> dict:
-        return self.scheduler.state_dict()
-
-    def load_local_state(self, value: dict) -> None:
-        self.scheduler.load_state_dict(value)
+    field = "scheduler"
 
     def entries(self, value: dict) -> dict:
         return {"": value}
