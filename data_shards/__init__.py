@@ -1,6 +1,7 @@
 """Datasets as webdataset shards: writers, manifests, integrity checks, data errors, train / eval streams."""
 
-from .device_loader import DECODE_CHOICES, DeviceLoader, check_decode
+from .decode import DECODE_CHOICES, check_decode
+from .device_loader import DeviceLoader
 from .errors import BadManifest, DamagedShard, DataError, MissingData
 from .loaders import eval_loader, train_loader
 from .manifest import Manifest, read_manifest

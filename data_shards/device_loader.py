@@ -1,6 +1,6 @@
 """The decode switch, end to end: `decode` cpu | gpu in, batches on the training device out.
 
-    check_decode("gpu", device)                  # ValueError naming data.decode when it cannot run here
+    check_decode("gpu", device)                  # data_shards/decode.py: ValueError naming data.decode
     loader = train_loader(split, ..., decode="gpu", device=device)   # a DeviceLoader around the shard loader
     for images, labels in loader: ...            # on `device`, whichever decoder made them
 
@@ -11,23 +11,6 @@ the device, batch b+1 on a side stream while step b runs. The trainer never sees
 from __future__ import annotations
 
 import torch
-
-DECODE_CHOICES = ("cpu", "gpu")  # the config's data.decode
-
-
-def check_decode(decode: str, device: str | torch.device | None = None) -> None:
-    """The one check of `data.decode` against the machine: raise ValueError naming the key when `gpu` cannot run
-    on `device` (not CUDA, or no CUDA here) or the value is unknown."""
-    if decode not in DECODE_CHOICES:
-        raise ValueError(f"data.decode must be 'cpu' or 'gpu', got {decode!r}")
-    if decode == "cpu":
-        return
-    if device is not None and torch.device(device).type != "cuda":
-        raise ValueError(f"data.decode=gpu decodes JPEGs with nvJPEG on a CUDA device, but the device is "
-                         f"{str(device)!r}; use data.decode=cpu or a cuda device")
-    if not torch.cuda.is_available():
-        raise ValueError("data.decode=gpu needs a CUDA GPU, but torch.cuda.is_available() is False on this "
-                         "machine; use data.decode=cpu")
 
 
 class DeviceLoader:

@@ -36,7 +36,7 @@ from omegaconf import OmegaConf
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import InterpolationMode
 
-from data_shards.device_loader import check_decode
+from data_shards.decode import check_decode
 from data_shards.stream import fill_from_nearest, hash_seed
 from data_shards.transforms import INTERPOLATIONS, TransformConfig, decode_image
 

@@ -190,7 +190,8 @@ def _on_device(loader: ShardLoader, decode: str, device, transform, train: bool,
         raise ValueError("decode='gpu' needs the device the batches are decoded on (device=...)")
     if device is None:
         return loader
-    from data_shards.device_loader import DeviceLoader, check_decode
+    from data_shards.decode import check_decode
+    from data_shards.device_loader import DeviceLoader
     if decode == "none":
         raise ValueError("decode='none' yields encoded bytes: give no device, or decode='cpu' | 'gpu'")
     check_decode(decode, device)

@@ -19,7 +19,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf._yaml import get_yaml_loader
 from omegaconf.errors import OmegaConfBaseException
 
-from data_shards.device_loader import DECODE_CHOICES
+from data_shards.decode import DECODE_CHOICES
 from data_shards.transforms import TransformConfig
 from data_shards.verify import VERIFY
 from loss import LossContext, families, get_family
@@ -336,7 +336,7 @@ def resolve_auto(cfg: DictConfig) -> None:
     keys = [k for k in ("mean", "std", "interpolation") if isinstance(t[k], str) and t[k] == AUTO]
     if not keys:
         return
-    from trainer.model import backbone_defaults, check_backbone
+    from trainer.backbones import backbone_defaults, check_backbone
     try:
         check_backbone(cfg.model.backbone)
     except ValueError as e:
@@ -474,7 +474,7 @@ def validate(cfg: DictConfig) -> None:
         TransformConfig(**OmegaConf.to_container(cfg.data.transform))
     except ValueError as e:
         raise ConfigError(f"data.transform: {e}") from None
-    from trainer.model import OWN_BACKBONES, check_model  # each room checks its own part (the model: timm's)
+    from trainer.backbones import OWN_BACKBONES, check_model  # each room checks its own part (the model: timm's)
     try:
         check_model(cfg.model, cfg.data.transform.image_size)
     except ValueError as e:

@@ -9,7 +9,7 @@ proxies, replicated state is written once, and a load re-shards to the world siz
     local = load_train_state(path, parts)               # collective: {part key: this rank's share}
     state = load_consolidated(path)                     # one process: the .pt layout (tools, tests, evaluate)
 
-On disk (checkpoint.format=dcp; names in trainer/checkpoint.py):
+On disk (checkpoint.format=dcp; names in trainer/checkpoint_disk.py):
 
     step-000000042/            .metadata + __<rank>_0.distcp per rank (DCP's FileSystemWriter, fsynced)
     step-000000042.json        sidecar: size and sha256 of every file in the folder, step, epoch, run_uid
@@ -44,7 +44,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
 import collectives
-from trainer.checkpoint import (
+from trainer.checkpoint_disk import (
     CheckpointError,
     sidecar,
     upgrade,

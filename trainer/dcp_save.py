@@ -16,7 +16,7 @@ from torch.distributed.checkpoint import DefaultSavePlanner, FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
 
 import collectives
-from trainer.checkpoint import (
+from trainer.checkpoint_disk import (
     TMP_PREFIX,
     CheckpointWriteError,
     current_umask,

@@ -19,7 +19,7 @@ import socket
 import tempfile
 import time
 
-from trainer.checkpoint import ENGINE_DIR
+from trainer.checkpoint_disk import ENGINE_DIR
 from trainer.errors import UserError
 
 LOCK_NAME = ".lock"

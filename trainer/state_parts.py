@@ -276,7 +276,7 @@ class OptimizerPart(StatePart):
         ids = {n: i for i, n in enumerate(live.names() if live is not None else saved_order)}
         missing = [n for n in saved_order if n not in ids]
         if missing:
-            from trainer.checkpoint import CheckpointError
+            from trainer.checkpoint_disk import CheckpointError
             raise CheckpointError(f"the checkpoint's optimizer has parameters this model lacks: {missing[:3]}")
         state: dict = {}
         for k, v in entries.items():

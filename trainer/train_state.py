@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 import torch
 
 import collectives
-from trainer.checkpoint import ENGINE_DIR, Checkpointer, CheckpointError, is_folder, load, rng_state, set_rng_state
+from trainer.checkpoint import Checkpointer, CheckpointError, is_folder, load, rng_state, set_rng_state
+from trainer.checkpoint_disk import ENGINE_DIR
 from trainer.config import ConfigError
 from trainer.dcp_checkpoint import read_meta
 from trainer.errors import UserError

@@ -319,7 +319,7 @@ def fetch(name: str, out: str) -> Loaded:
 
 
 def _backbone(name: str):
-    from trainer.model import check_backbone, new_backbone
+    from trainer.backbones import check_backbone, new_backbone
     try:
         check_backbone(name)
     except ValueError as e:

@@ -43,7 +43,7 @@ import torch
 
 import collectives
 from loss.distributed import ddp_ignored_names
-from trainer.checkpoint import ENGINE_DIR
+from trainer.checkpoint_disk import ENGINE_DIR
 from trainer.engines.deepspeed_config import DeepSpeedConfigError, load_ds_config
 from trainer.engines.deepspeed_env import adopt_process_group
 from trainer.engines.zero_state import export_zero_state, import_zero_state, zero_optimizer
