@@ -107,7 +107,7 @@ def live_run(tmp_path, server, shards, eval_result, model):  # noqa: F811
     failures = [w for w in caught if "training goes on" in str(w.message)]
     assert len(failures) == 1, [str(w.message) for w in caught]
     assert not tracker.online
-    assert (tracker.run_dir / "tracking" / "pending.jsonl").exists()
+    assert (tracker.run_dir / "tracking" / "mlflow" / "pending.jsonl").exists()
     return tracker, elapsed
 
 
@@ -131,7 +131,7 @@ def test_server_dies_mid_run(tmp_path, server, shards, eval_result):  # noqa: F8
         im.load()
     table = next((server.root / "artifacts").rglob("step-000000004/per_class_recall.csv"))
     assert len(pd.read_csv(table)) == len(eval_result.per_class)
-    pending = [json.loads(line) for line in (tracker.dir / "pending.jsonl").read_text().splitlines()]
+    pending = [json.loads(line) for line in (tracker.dir / "mlflow" / "pending.jsonl").read_text().splitlines()]
     steps = [e["step"] for e in pending if e["op"] == "metrics" and "loss" in e["metrics"]]
     assert steps == list(range(5, 25)) and [e["op"] for e in pending][-2:] == ["model", "end"]
 
@@ -142,14 +142,14 @@ def test_server_killed_mid_run_then_uploaded(tmp_path, server, shards, eval_resu
     server.start()
     model = tiny_embedder()
     tracker, _ = live_run(tmp_path, server, shards, eval_result, model)
-    run_dir, pending = tracker.run_dir, tracker.dir / "pending.jsonl"
+    run_dir, pending = tracker.run_dir, tracker.dir / "mlflow" / "pending.jsonl"
 
     server.start()  # back (same port, same backend): upload what was kept
     out = subprocess.run([sys.executable, "-m", "trainer.tracking", "upload", str(run_dir)], capture_output=True,
                          text=True, timeout=300, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert out.returncode == 0, out.stderr[-3000:]
     assert not pending.exists()
-    assert json.loads((run_dir / "tracking" / "state.json").read_text())["run_id"] == tracker.run_id
+    assert json.loads((run_dir / "tracking" / "mlflow" / "state.json").read_text())["run_id"] == tracker.run_id
 
     client = mlflow.MlflowClient(server.uri)
     run = client.get_run(tracker.run_id)
