@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 import warnings
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from PIL import Image
 
 from data_shards.lookup import shard_image_lookup
 from tests.helpers import free_port
+from tests.services import wait_for_mlflow
 from tests.trainer.tracking.test_tracking import (  # noqa: F401
     eval_result,
     metric_steps,
@@ -44,25 +44,16 @@ class MlflowServer:
         self.uri = f"http://127.0.0.1:{port}"
 
     def start(self) -> MlflowServer:
-        log = open(self.root / "server.log", "ab")  # noqa: SIM115 (closed in stop)
+        self.log = self.root / "server.log"
+        log = open(self.log, "ab")  # noqa: SIM115 (closed in stop)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
              "--workers", "1", "--backend-store-uri", f"sqlite:///{self.root / 'server.db'}",
              "--artifacts-destination", str(self.root / "artifacts")],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=self.root)
         self._log = log
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"mlflow server exited: {(self.root / 'server.log').read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as r:
-                    if r.status == 200:
-                        return self
-            except OSError:
-                time.sleep(0.5)
-        self.stop()
-        raise RuntimeError(f"mlflow server not up after {START_TIMEOUT_S} s")
+        wait_for_mlflow(self, START_TIMEOUT_S)
+        return self
 
     def stop(self, sig=signal.SIGTERM) -> None:
         if self.proc is not None and self.proc.poll() is None:
