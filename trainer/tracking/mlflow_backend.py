@@ -61,6 +61,8 @@ class MlflowBackend(TrackingBackend):
         return run_id
 
     def apply(self, run_id: str, event: dict, folder: Path) -> None:
+        if self.store is None:
+            raise RuntimeError("MlflowBackend.apply: open() first")
         if event["op"] == "model_object":
             self.store.log_model(run_id, event["model"])
         else:

@@ -279,6 +279,7 @@ class Sender:
     def _deliver(self, event: dict) -> None:
         if self.online or self._reconnect_due():
             try:
+                assert self.run_id is not None  # online: _connect set it
                 self.backend.apply(self.run_id, event, self.dir)
                 self._progress = time.monotonic()
                 return

@@ -70,6 +70,8 @@ class Tracker:
             return
         container = redact_tree(to_container(config))  # bad config type: an error before anything is created
         classes = {name: get_backend(name) for name in getattr(cfg, "backends", DEFAULT_BACKENDS)}
+        if not classes:
+            raise ValueError("tracking.backends: empty; give at least one backend, or tracking.enabled=false")
         resume = {**({"mlflow": resume_run_id} if resume_run_id else {}), **(resume_run_ids or {})}
         self.run_dir = Path(run_dir)
         self.dir = self.run_dir / TRACKING_DIR
