@@ -277,6 +277,23 @@ class Postgres:
             self._run("pg_ctl", "-D", str(self.dir), "-m", "fast", "-w", "stop", check=False)
 
 
+def wait_for_mlflow(server, timeout: float) -> None:
+    """Wait until the `mlflow server` started as `server.proc` answers at `server.uri` + /health. RuntimeError with the
+    end of its log (`server.log`, a path) when it exits, or when it is not up after `timeout` s (then server.stop())."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.proc.poll() is not None:
+            raise RuntimeError(f"mlflow server exited: {server.log.read_text(errors='replace')[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"{server.uri}/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    server.stop()
+    raise RuntimeError(f"mlflow server not up after {timeout:.0f} s: {server.log.read_text(errors='replace')[-2000:]}")
+
+
 class MlflowServer:
     """`mlflow server` with a PostgreSQL backend, artifacts proxied to an S3 bucket, and MLflow's basic-auth app
     (admin user `admin`, password `password`), on 127.0.0.1, in its own process group."""
@@ -316,18 +333,8 @@ class MlflowServer:
                  "--workers", "1", "--backend-store-uri", self.backend_uri,
                  "--artifacts-destination", f"s3://{self.bucket}/artifacts", "--app-name", "basic-auth"],
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=self.root, env=env)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"mlflow server exited: {self.log.read_text(errors='replace')[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as r:
-                    if r.status == 200:
-                        return self
-            except OSError:
-                time.sleep(0.5)
-        self.stop()
-        raise RuntimeError(f"mlflow server not up after {timeout:.0f} s: {self.log.read_text()[-2000:]}")
+        wait_for_mlflow(self, timeout)
+        return self
 
     def stop(self, sig=signal.SIGTERM) -> None:
         stop_group(self.proc, sig)

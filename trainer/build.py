@@ -281,7 +281,7 @@ def build(cfg, env) -> Trainer:
 def build_tracker(cfg, plan: Plan, env, saved: dict | None):
     from trainer.tracking import Tracker
     return Tracker(cfg.tracking, plan.run_dir, rank=env.rank, config=to_dict(cfg), world_size=env.world_size,
-                   resume_run_id=saved["tracker_run_ids"].get("mlflow") if saved else None)
+                   resume_run_ids=saved["tracker_run_ids"] if saved else None)
 
 
 def describe_weights(cfg_model, embedder, saved) -> str:

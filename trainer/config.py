@@ -203,6 +203,8 @@ class CheckpointConfig:
 @dataclass
 class TrackingConfig:
     enabled: bool = True  # MLflow tracking on rank 0 (tests and benches that want none say enabled=false)
+    # where the run is logged: registered tracking backends (trainer/tracking/backend.py), each its own queue
+    backends: list[str] = field(default_factory=lambda: ["mlflow"])
     tracking_uri: str = ""  # "" = $MLFLOW_TRACKING_URI, else sqlite:///<run.output_dir>/mlflow.db
     experiment: str = "proxygml"
     run_name: str = ""  # "" = run.name
@@ -468,6 +470,7 @@ def validate(cfg: DictConfig) -> None:
                           f"(train.epochs={cfg.train.epochs})")
     check_loss(cfg)
     check_val_split(cfg)
+    check_tracking(cfg)
     if cfg.engine.name == "deepspeed" and not cfg.engine.deepspeed_config:
         raise ConfigError("engine.deepspeed_config: required with engine.name=deepspeed")
     try:
@@ -515,6 +518,20 @@ def check_finite(cfg: DictConfig) -> None:
                 raise ConfigError(f"{key}: must be a finite number, got {v}")
             walk(v, key)
     walk(OmegaConf.to_container(cfg, resolve=True), "")
+
+
+def check_tracking(cfg: DictConfig) -> None:
+    """tracking.backends: registered backend names (trainer/tracking/backend.py), each once, at least one."""
+    from trainer.tracking import backends
+    names, registered = list(cfg.tracking.backends), backends()
+    known = ", ".join(registered) or "none"
+    for name in names:
+        if name not in registered:
+            raise ConfigError(f"tracking.backends: {name!r} is not a registered tracking backend (registered: {known})")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"tracking.backends: {names} names a backend twice")
+    if not names and cfg.tracking.enabled:
+        raise ConfigError(f"tracking.backends: empty; give at least one of {known}, or tracking.enabled=false")
 
 
 def check_loss(cfg: DictConfig) -> None:

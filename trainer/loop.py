@@ -351,8 +351,7 @@ class Trainer:
         s, pos = self.schedule, self.pos
         collectives.set_phase(f"checkpoint at step {pos.step}")
         last = pos.epoch >= s.epochs or bool(s.max_steps and pos.step >= s.max_steps)
-        run_ids = {"mlflow": self.tracker.run_id} if self.tracker.run_id else {}
-        self.state.save(self.parts.trained, pos, tracker_run_ids=run_ids, run_uid=self.parts.run_uid,
+        self.state.save(self.parts.trained, pos, tracker_run_ids=self.tracker.run_ids, run_uid=self.parts.run_uid,
                         last=last, stopping=self.stop.raised, lr_advice=s.lr_advice)
 
     def log(self, line: str) -> None:

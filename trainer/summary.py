@@ -146,8 +146,13 @@ class RunReport:
         if f.weights:
             lines.append(f"  weights {f.weights}")
         if self.tracker.active:
-            lines.append(f"  MLflow run {self.tracker.run_id or '(store not answering yet)'} in experiment "
-                         f"{self.tracker.experiment!r} at {self.tracker.uri}")
+            for name, backend in self.tracker.backends.items():
+                if name == "mlflow":
+                    lines.append(f"  MLflow run {self.tracker.run_id or '(store not answering yet)'} in experiment "
+                                 f"{self.tracker.experiment!r} at {self.tracker.uri}")
+                else:
+                    lines.append(f"  {name} run {self.tracker.run_ids.get(name) or '(store not answering yet)'} "
+                                 f"({backend})")
         return lines
 
     @property
@@ -215,10 +220,14 @@ class RunReport:
         if not tracker.active:
             lines.append("  MLflow         off (tracking.enabled=false)")
             return lines
-        lines.append(f"  MLflow         run {tracker.run_id or '(not created: see the warning above)'}, "
-                     f"experiment {tracker.experiment!r}, store {tracker.uri}")
-        if tracker.pending.exists():
+        for name, backend in tracker.backends.items():
+            run_id = tracker.run_ids.get(name) or "(not created: see the warning above)"
+            lines.append(f"  MLflow         run {run_id}, experiment {tracker.experiment!r}, store {tracker.uri}"
+                         if name == "mlflow" else f"  {name:<14} run {run_id}, {backend}")
+        if tracker.unsent:
             lines.append(f"  not sent yet   python -m trainer.tracking upload {run_dir}")
+        if tracker.uri is None:  # no MLflow backend
+            return lines
         ui = mlflow_ui_command(tracker.uri)
         lines.append(f"  look at it     {ui}" if ui else f"  look at it     {tracker.uri} (the server's UI)")
         if tracker.experiment_id is not None:

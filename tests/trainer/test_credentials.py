@@ -88,12 +88,12 @@ def test_no_credential_on_screen_or_disk_and_the_run_resumes(http_shards, tmp_pa
         assert not files_with_secrets(out), files_with_secrets(out)
     run = out / "t"
     assert f"http://alice:{MASK}@127.0.0.1" in (run / "config.yaml").read_text()
-    state = json.loads((run / "tracking" / "state.json").read_text())
+    state = json.loads((run / "tracking" / "mlflow" / "state.json").read_text())
     assert state["tracking_uri"] == f"http://bob:{MASK}@127.0.0.1:{closed}/"
     from trainer.checkpoint import Checkpointer, load
     saved = load(Checkpointer(str(run / "checkpoints")).latest())
     assert saved["step"] == 8 and MASK in saved["config"]["tracking"]["tracking_uri"]
-    events = (run / "tracking" / "pending.jsonl").read_text()
+    events = (run / "tracking" / "mlflow" / "pending.jsonl").read_text()
     assert "params" in events and "dataset" in events and not leaks(events)
 
     # the upload CLI does not take the redacted URI for a real one: it asks for it
@@ -123,7 +123,7 @@ def test_no_credential_reaches_a_real_mlflow_server(shards, tmp_path):
         said = p.stdout + p.stderr
         assert p.returncode == 0 and not leaks(said), said[-3000:]
         client = MlflowClient(server.uri)
-        run_id = json.loads((tmp_path / "runs" / "t" / "tracking" / "state.json").read_text())["run_id"]
+        run_id = json.loads((tmp_path / "runs" / "t" / "tracking" / "mlflow" / "state.json").read_text())["run_id"]
         run = client.get_run(run_id)
         assert run.data.params["tracking.tracking_uri"] == uri.replace("tr4ckPW", MASK)
         assert not leaks(json.dumps(run.data.params)) and not leaks(json.dumps(run.data.tags))

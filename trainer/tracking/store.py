@@ -1,6 +1,7 @@
 """The MLflow calls of the tracker, for one tracking URI: where runs are stored (URI rules), creating or reopening
-a run, applying the tracker's events (params, tags, metrics, artifacts, dataset inputs, models), replaying a
-pending file; the dataset inputs and model options; MLflow's globals set for a block."""
+a run, applying the tracker's events (params, tags, metrics, artifacts, dataset inputs, models); the dataset inputs
+and model options; a model kept offline as data; MLflow's globals set for a block. The backend that the tracker
+drives with them: trainer.tracking.mlflow_backend."""
 from __future__ import annotations
 
 import contextlib
@@ -222,24 +223,6 @@ class Store:
         with mlflow_globals(self.uri, self.client.get_run(run_id).info.experiment_id):
             info = mlflow.pytorch.log_model(model, name="model", run_id=run_id, **model_options())
         self.client.set_tag(run_id, "model_uri", info.model_uri)
-
-    def replay(self, run_id: str, pending: Path) -> int:
-        """Apply the events of a pending file in order; the file keeps only those not yet applied."""
-        if not pending.exists():
-            return 0
-        events = [json.loads(line) for line in pending.read_text().splitlines() if line.strip()]
-        done = 0
-        try:
-            for event in events:
-                self.apply(run_id, event, base=pending.parent)
-                done += 1
-        finally:
-            rest = events[done:]
-            if rest:
-                pending.write_text("".join(json.dumps(e) + "\n" for e in rest))
-            else:
-                pending.unlink()
-        return done
 
 
 OFFLINE_MODEL_DIR = "model"  # under the run's tracking folder: a model kept while the store was unreachable

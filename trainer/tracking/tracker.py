@@ -1,6 +1,7 @@
-"""The Tracker facade: what the training loop calls to log a run to MLflow (rank 0 logs, every other rank and
-disabled tracking do nothing). Each call turns into events (pictures and tables are written to
-`<run_dir>/tracking/artifacts/` first) that the sender thread (trainer.tracking.sender) delivers."""
+"""The Tracker facade: what the training loop calls to log a run (rank 0 logs, every other rank and disabled
+tracking do nothing). Each call turns into backend-neutral events (pictures and tables are written to
+`<run_dir>/tracking/artifacts/` first) that one sender thread per backend (trainer.tracking.sender) delivers to the
+backends `tracking.backends` names (trainer.tracking.backend: MLflow by default)."""
 from __future__ import annotations
 
 import copy
@@ -15,8 +16,8 @@ from typing import Any
 from trainer.errors import UserError
 from trainer.redact import redact, redact_tree
 from trainer.tracking import plots
-from trainer.tracking.sender import TRACKING_DIR, Sender
-from trainer.tracking.store import apply_http_defaults, default_tracking_uri, resolve_tracking_uri
+from trainer.tracking.backend import get_backend
+from trainer.tracking.sender import TRACKING_DIR, Sender, read_state, upgrade_layout, write_state
 from trainer.tracking.summaries import (
     flatten_config,
     gpu_memory_metrics,
@@ -35,48 +36,63 @@ STEP_DIR = "step-{:09d}"  # artifact folders per step, padded as the checkpoints
 DESCRIPTION_TAG = "mlflow.note.content"  # the run description the MLflow UI shows (markdown)
 
 
+DEFAULT_BACKENDS = ("mlflow",)  # tracking.backends when the config does not say
+
+
 class LoginRefused(UserError):
     """The tracking server refused this client's credentials when the run started (nothing was trained yet)."""
 
 
 class Tracker:
-    """Logs a training run to MLflow from rank 0; a no-op on other ranks and when `cfg.enabled` is false.
+    """Logs a training run from rank 0 to every backend of `cfg.backends`; a no-op on other ranks and when
+    `cfg.enabled` is false.
 
-    cfg: any object with enabled, tracking_uri, experiment, run_name, log_every_steps,
-    retrieval_grid_queries (trainer.config.TrackingConfig). config: the resolved run config (DictConfig
-    or dict), logged flattened as params and as config.yaml. resume_run_id: continue that MLflow run.
-    world_size: the run's, for the `sys.world_size` tag (default: $WORLD_SIZE, else 1).
+    cfg: any object with enabled, backends, tracking_uri, experiment, run_name, log_every_steps,
+    retrieval_grid_queries (trainer.config.TrackingConfig; without `backends`: MLflow). config: the resolved run
+    config (DictConfig or dict), logged flattened as params and as config.yaml. resume_run_ids: {backend: run id}
+    to continue (a checkpoint's `tracker_run_ids`); resume_run_id: the MLflow one alone. world_size: the run's, for
+    the `sys.world_size` tag (default: $WORLD_SIZE, else 1).
 
     A server that requires a login (MLflow's basic-auth app) reads it from MLFLOW_TRACKING_USERNAME /
     MLFLOW_TRACKING_PASSWORD (MLflow's client does; nothing here stores them). Raises LoginRefused (a UserError:
-    one line, exit 2) when the server refuses them at the first connection, before any training.
+    one line, exit 2) when a backend's server refuses them at the first connection, before any training; ValueError
+    for a backend name that is not registered.
     """
 
-    def __init__(self, cfg, run_dir, *, rank: int = 0, config: Any = None, resume_run_id: str | None = None,
+    def __init__(self, cfg, run_dir, *, rank: int = 0, config: Any = None,
+                 resume_run_ids: Mapping[str, str] | None = None, resume_run_id: str | None = None,
                  world_size: int | None = None):
         self.cfg = cfg
         self.active = bool(cfg.enabled) and rank == 0
         self._closed = False
+        self._senders: dict[str, Sender] = {}
         if not self.active:
             return
         container = redact_tree(to_container(config))  # bad config type: an error before anything is created
-        apply_http_defaults()
+        classes = {name: get_backend(name) for name in getattr(cfg, "backends", DEFAULT_BACKENDS)}
+        if not classes:
+            raise ValueError("tracking.backends: empty; give at least one backend, or tracking.enabled=false")
+        resume = {**({"mlflow": resume_run_id} if resume_run_id else {}), **(resume_run_ids or {})}
         self.run_dir = Path(run_dir)
         self.dir = self.run_dir / TRACKING_DIR
-        self.uri = resolve_tracking_uri(getattr(cfg, "tracking_uri", ""), run_dir)
-        default_store = self.uri == default_tracking_uri(run_dir)
-        artifact_root = str(self.run_dir.resolve().parent / "mlartifacts") if default_store else None
         self.experiment = cfg.experiment or "proxygml"
         self.run_name = cfg.run_name or self.run_dir.name
-        # every MLflow call happens in one sender thread: a slow or hung server never blocks a step
-        self._sender = Sender(self.run_dir, self.uri, self.experiment, self.run_name, resume_run_id, artifact_root)
-        if self._sender.refused is not None:
-            self._sender.abort()
-            self.active = False
-            raise LoginRefused(f"tracking.tracking_uri: the MLflow server at {self.uri} refused the login "
-                               f"({getattr(self._sender.refused, 'error_code', '') or 'HTTP 401'}); set "
-                               "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to an account of that server "
-                               "with access to experiment " + repr(self.experiment) + " (or tracking.enabled=false)")
+        self.dir.mkdir(parents=True, exist_ok=True)
+        upgrade_layout(self.dir)  # a queue an earlier version kept (MLflow's, in tracking/ itself)
+        # every call to a backend happens in its sender thread: a slow or hung server never blocks a step
+        for name, cls in classes.items():
+            sender = Sender(cls(cfg, self.run_dir), self.dir / name, self.run_dir, resume.get(name))
+            self._senders[name] = sender
+            if sender.refused is not None:
+                for started in self._senders.values():
+                    started.abort()
+                self.active = False
+                raise LoginRefused(sender.refused)
+        resumed = any(s.resumed for s in self._senders.values())  # the same run goes on: so does its recall curve
+        self.eval_history: list[tuple[int, dict[int, float]]] = [
+            (int(s), {int(k): v for k, v in r.items()}) for s, r in read_state(self.dir).get("eval_history", [])
+        ] if resumed else []
+        self._write_history()
         tags = system_facts(world_size or int(os.environ.get("WORLD_SIZE", "1")))
         if getattr(cfg, "parent_run_id", ""):  # a nested run (a trial of python -m trainer.sweep)
             tags["mlflow.parentRunId"] = cfg.parent_run_id
@@ -133,9 +149,9 @@ class Tracker:
                           str(out / "per_class_recall_hist.png"), title=f"per-class Recall@1, step {step}")
         recalls = recall_at_k(result.metrics)
         if recalls and prefix != "test":
-            self._sender.eval_history.append((int(step), recalls))
-            self._sender.write_state()
-            self._picture(plots.recall_curve, self._sender.eval_history, str(out / "recall_curve.png"))
+            self.eval_history.append((int(step), recalls))
+            self._write_history()
+            self._picture(plots.recall_curve, self.eval_history, str(out / "recall_curve.png"))
         n_rows = int(getattr(self.cfg, "retrieval_grid_queries", 0) or 0)
         if image_lookup is not None and n_rows > 0:
             title = f"retrieval at step {int(step)}" + (f", epoch {epoch}" if epoch is not None else "")
@@ -203,11 +219,13 @@ class Tracker:
         self._emit({"op": "model_object", "model": cpu_model})
 
     def close(self, status: str = "FINISHED") -> None:
-        """End the MLflow run (FINISHED | FAILED | KILLED); says how to upload what could not be sent."""
+        """End the run in every backend (FINISHED | FAILED | KILLED); says how to upload what could not be sent."""
         if not self.active or self._closed:
             return
         self._closed = True
-        self._sender.close({"op": "end", "status": status, "timestamp": _now_ms()})
+        end = {"op": "end", "status": status, "timestamp": _now_ms()}
+        for sender in self._senders.values():
+            sender.close(end)
 
     def __enter__(self):
         return self
@@ -216,33 +234,67 @@ class Tracker:
         self.close("FAILED" if exc_type else "FINISHED")
 
     def flush(self, timeout: float | None = None) -> bool:
-        """Wait until every event logged so far is delivered (or kept locally); False on timeout."""
-        return self._sender.flush(timeout) if self.active else True
+        """Wait until every event logged so far is delivered (or kept locally) by every backend; False on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for sender in self._senders.values():
+            if not sender.flush(None if deadline is None else max(0.0, deadline - time.monotonic())):
+                return False
+        return True
+
+    @property
+    def run_ids(self) -> dict[str, str]:
+        """{backend: run id} of the backends that have one (waiting, as run_id, for each first connection); what a
+        checkpoint keeps as `tracker_run_ids`. {} off rank 0 and when disabled."""
+        ids = {name: sender.wait_run_id() for name, sender in self._senders.items()}
+        return {name: run_id for name, run_id in ids.items() if run_id}
 
     @property
     def run_id(self) -> str | None:
-        """The MLflow run id (None off rank 0, when disabled, or while the store has not answered yet: then
-        this waits for the sender thread's first connection attempt: up to START_WAIT_S for a server)."""
-        return self._sender.wait_run_id() if self.active else None
+        """The MLflow run id (None off rank 0, when disabled, without the MLflow backend, or while the store has not
+        answered yet: then this waits for the sender thread's first connection attempt: up to START_WAIT_S for a
+        server)."""
+        sender = self._senders.get("mlflow")
+        return sender.wait_run_id() if self.active and sender is not None else None
 
     @property
     def experiment_id(self) -> str | None:
         """The MLflow experiment's id (None off rank 0, when disabled, or while the store has not answered)."""
-        return self._sender.experiment_id if self.active and self.run_id else None
+        return self._mlflow.experiment_id if self.run_id else None
+
+    @property
+    def uri(self) -> str | None:
+        """The MLflow tracking URI (None off rank 0, when disabled, or without the MLflow backend)."""
+        return self._mlflow.uri if self._mlflow is not None else None
+
+    @property
+    def backends(self) -> dict:
+        """{name: TrackingBackend} this tracker logs to ({} off rank 0 and when disabled)."""
+        return {name: sender.backend for name, sender in self._senders.items()}
 
     @property
     def online(self) -> bool:
-        """Whether the last call to the store worked (events may still be queued: see flush)."""
-        return self.active and self._sender.online
+        """Whether the last call to every backend worked (events may still be queued: see flush)."""
+        return self.active and all(sender.online for sender in self._senders.values())
 
     @property
     def pending(self) -> Path:
-        """`<run_dir>/tracking/pending.jsonl`: the events kept locally while the store failed."""
-        return self._sender.pending
+        """`<run_dir>/tracking/<backend>/pending.jsonl` of the first backend (MLflow's by default): the events kept
+        locally while its store failed."""
+        return next(iter(self._senders.values())).pending
+
+    @property
+    def unsent(self) -> bool:
+        """Whether any backend keeps events locally (to upload with `python -m trainer.tracking upload`)."""
+        return any(sender.pending.exists() for sender in self._senders.values())
+
+    @property
+    def _mlflow(self):
+        sender = self._senders.get("mlflow")
+        return sender.backend if sender is not None else None
 
     @property
     def _store(self):
-        return self._sender.store
+        return self._mlflow.store
 
     # -- internals
 
@@ -273,7 +325,12 @@ class Tracker:
             warnings.warn(redact(f"Tracker: could not draw {fn.__name__}: {e!r}"), RuntimeWarning, stacklevel=3)
 
     def _emit(self, event: dict) -> None:
-        self._sender.emit(event)
+        for sender in self._senders.values():
+            sender.emit(event)
+
+    def _write_history(self) -> None:
+        """The recall history (the recall curve's points) in `tracking/state.json`, for a resumed run."""
+        write_state(self.dir, {**read_state(self.dir), "eval_history": self.eval_history})
 
 
 def _now_ms() -> int:

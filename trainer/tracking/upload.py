@@ -1,45 +1,54 @@
-"""`python -m trainer.tracking upload RUN_DIR [--tracking-uri URI]`: send the events a run kept locally
-(tracking/pending.jsonl) while its MLflow store was unreachable, into the run of its state.json."""
+"""`python -m trainer.tracking upload RUN_DIR [--tracking-uri URI]`: send the events a run kept locally while a
+tracking store was unreachable (each backend's queue, tracking/<backend>/pending.jsonl; MLflow's also in the layout
+of earlier versions, tracking/pending.jsonl), into the run of the queue's state.json."""
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
 
 from trainer.errors import UserError
-from trainer.redact import is_redacted, redact
-from trainer.tracking.sender import TRACKING_DIR
-from trainer.tracking.store import Store, apply_http_defaults
+from trainer.redact import redact
+from trainer.tracking.backend import get_backend
+from trainer.tracking.sender import TRACKING_DIR, read_state, replay, upgrade_layout, write_state
 
-DESCRIPTION = "MLflow tracking of a training run: rank 0 logs, every other rank (and disabled tracking) does nothing."
+DESCRIPTION = "Tracking of a training run: rank 0 logs, every other rank (and disabled tracking) does nothing."
 
 
-def upload(run_dir: str | os.PathLike, tracking_uri: str | None = None) -> str:
-    """Send a run directory's pending events (written while the server was down); returns the run id.
-    The URI: `tracking_uri`, else the run's (state.json), unless that one was kept without its credentials,
-    then $MLFLOW_TRACKING_URI; FileNotFoundError when there is none to use."""
+def upload(run_dir: str | os.PathLike, tracking_uri: str | None = None) -> dict[str, str]:
+    """Send a run directory's pending events (written while a store was down), queue by queue; returns
+    {backend: run id} of the queues uploaded. `tracking_uri` (the CLI's --tracking-uri, for MLflow): else the
+    run's (its state.json), unless that one was kept without its credentials, then $MLFLOW_TRACKING_URI.
+    FileNotFoundError when there is none to use, or when `run_dir` is not a tracked run directory; UserError for a
+    queue of a backend that is not registered or does not upload."""
     tdir = Path(run_dir) / TRACKING_DIR
-    state_path = tdir / "state.json"
-    if not state_path.exists():
-        raise FileNotFoundError(f"upload: {state_path} not found: {run_dir!r} is not a tracked run directory")
-    state = json.loads(state_path.read_text())
-    uri = tracking_uri or state["tracking_uri"]
-    if is_redacted(uri):  # state.json keeps no credentials: they come from the command line or the environment
-        uri = os.environ.get("MLFLOW_TRACKING_URI") or ""
-        if not uri:
-            raise FileNotFoundError(f"upload: {state_path} keeps the tracking URI without its credentials "
-                                    f"({state['tracking_uri']}); give it: --tracking-uri URI, or set "
-                                    f"MLFLOW_TRACKING_URI (or MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD)")
-    apply_http_defaults()
-    store = Store(uri, state.get("artifact_root"))
-    run_id = store.ensure_run(state["experiment"], state["run_name"], state.get("run_id"), reopen=False)
-    n = store.replay(run_id, tdir / "pending.jsonl")
-    state.update({"run_id": run_id, "tracking_uri": redact(uri)})
-    state_path.write_text(json.dumps(state, indent=1))
-    print(f"uploaded {n} pending events of {run_dir} to run {run_id} at {redact(uri)}")
-    return run_id
+    if not (tdir / "state.json").exists():
+        raise FileNotFoundError(f"upload: {tdir / 'state.json'} not found: {run_dir!r} is not a tracked run directory")
+    upgrade_layout(tdir)
+    queues = sorted(p.parent for p in tdir.glob("*/state.json"))
+    uploaded = {}
+    for folder in queues:
+        name, state = folder.name, read_state(folder)
+        if not (folder / "pending.jsonl").exists():
+            continue
+        try:
+            cls = get_backend(name)
+        except ValueError as e:
+            raise UserError(f"upload: {folder} is the queue of a tracking backend that is not registered ({e})") \
+                from None
+        backend = cls.for_upload(state, Path(run_dir), tracking_uri)
+        try:
+            run_id = backend.open(state.get("run_id"), reopen=False)
+            n = replay(backend, run_id, folder / "pending.jsonl")
+        finally:
+            backend.close()
+        write_state(folder, {**state, **backend.state(), "run_id": run_id})
+        print(redact(f"uploaded {n} pending events of {run_dir} to {name} run {run_id} at {backend.where}"))
+        uploaded[name] = run_id
+    if not uploaded:
+        print(f"nothing pending in {tdir}: every event of {run_dir} was delivered")
+    return uploaded
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,9 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     run (no tracking/state.json) or a kept model is anything but data (store.load_offline_model)."""
     parser = argparse.ArgumentParser(prog="python -m trainer.tracking", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True)
-    up = sub.add_parser("upload", help="send the events a run kept locally while MLflow was unreachable")
+    up = sub.add_parser("upload", help="send the events a run kept locally while a tracking store was unreachable")
     up.add_argument("run_dir")
-    up.add_argument("--tracking-uri", default=None, help="default: the URI the run used (tracking/state.json)")
+    up.add_argument("--tracking-uri", default=None, help="MLflow's; default: the URI the run used "
+                                                         "(tracking/mlflow/state.json)")
     args = parser.parse_args(argv)
     if args.command == "upload":
         try:

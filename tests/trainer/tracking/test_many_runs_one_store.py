@@ -67,9 +67,9 @@ def test_eight_tracked_runs_at_once_while_the_store_is_held(tmp_path):
         run_dir = tmp_path / f"t{i}"
         if code != 0 or any(word in said for word in SAID_WRONG):
             problems.append(f"t{i}: exit {code}: {said[-1200:]}")
-        if (run_dir / "tracking" / "pending.jsonl").exists():
+        if (run_dir / "tracking" / "mlflow" / "pending.jsonl").exists():
             problems.append(f"t{i}: events left in pending.jsonl")
-        run_id = json.loads((run_dir / "tracking" / "state.json").read_text())["run_id"]
+        run_id = json.loads((run_dir / "tracking" / "mlflow" / "state.json").read_text())["run_id"]
         if run_id is None:
             problems.append(f"t{i}: no MLflow run was ever created")
             continue
@@ -99,7 +99,7 @@ def many_runs(shards, out, runs, parallel):
     problems = []
     for i, code, said, _secs in results:
         run_dir = out / f"r{i:03d}"
-        pending = run_dir / "tracking" / "pending.jsonl"
+        pending = run_dir / "tracking" / "mlflow" / "pending.jsonl"
         if code != 0:
             problems.append(f"r{i:03d}: exit {code}: {said[-1500:]}")
         for word in ("Traceback", "unreachable", "dictionary changed size", "did not answer"):
@@ -110,7 +110,7 @@ def many_runs(shards, out, runs, parallel):
     client = MlflowClient(f"sqlite:///{out}/mlflow.db")
     statuses = {}
     for i in range(runs):
-        state = out / f"r{i:03d}" / "tracking" / "state.json"
+        state = out / f"r{i:03d}" / "tracking" / "mlflow" / "state.json"
         if not state.exists():
             problems.append(f"r{i:03d}: no {state}")
             continue

@@ -32,7 +32,7 @@ class Payload:
 
 
 def offline_run(run_dir, model):
-    """A run whose server never answers: everything, the model too, waits in tracking/pending.jsonl."""
+    """A run whose server never answers: everything, the model too, waits in tracking/mlflow/pending.jsonl."""
     cfg = TrackingConfig(enabled=True, tracking_uri=f"http://127.0.0.1:{free_port()}", experiment="offline")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -40,7 +40,7 @@ def offline_run(run_dir, model):
         tracker.log_metrics({"loss": 0.5}, 0)
         tracker.log_model(model)
         tracker.close()
-    return run_dir / "tracking"
+    return run_dir / "tracking" / "mlflow"
 
 
 def upload(run_dir, db, tmp_path):
@@ -99,4 +99,4 @@ def test_a_module_without_recipe_is_not_kept_as_a_pickle(tmp_path):
         tracker.close()
     assert any("could not be kept offline" in str(w.message) for w in caught)
     ops = [json.loads(e)["op"] for e in tracker.pending.read_text().splitlines()]
-    assert "model" not in ops and not (tmp_path / "r" / "tracking" / "model").exists()
+    assert "model" not in ops and not (tmp_path / "r" / "tracking" / "mlflow" / "model").exists()

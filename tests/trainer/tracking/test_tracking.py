@@ -291,7 +291,7 @@ def test_unreachable_server_keeps_training_and_uploads_later(tmp_path):
     with pytest.warns(RuntimeWarning, match="python -m trainer.tracking upload"):
         tracker.close()
     assert tracker.run_id is None and not tracker.online
-    pending = run_dir / "tracking" / "pending.jsonl"
+    pending = run_dir / "tracking" / "mlflow" / "pending.jsonl"
     ops = [json.loads(line)["op"] for line in pending.read_text().splitlines()]
     assert ops.count("metrics") == 20 and ops[-2:] == ["model", "end"] and "params" in ops
 
@@ -301,7 +301,7 @@ def test_unreachable_server_keeps_training_and_uploads_later(tmp_path):
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert out.returncode == 0, out.stderr[-3000:]
     assert not pending.exists()
-    run_id = json.loads((run_dir / "tracking" / "state.json").read_text())["run_id"]
+    run_id = json.loads((run_dir / "tracking" / "mlflow" / "state.json").read_text())["run_id"]
     client = client_for(db)
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.params == {"model.dim": "8"}
@@ -333,7 +333,7 @@ def test_hung_server_never_blocks_a_step(tmp_path, monkeypatch):
         tracker.close()
     assert t_start < 5 and t_steps < 1, (t_start, t_steps)
     assert any("training goes on" in str(w.message) for w in caught)
-    pending = (tmp_path / "run" / "tracking" / "pending.jsonl").read_text().splitlines()
+    pending = (tmp_path / "run" / "tracking" / "mlflow" / "pending.jsonl").read_text().splitlines()
     ops = [json.loads(line)["op"] for line in pending]
     assert ops.count("metrics") == 50 and ops[-1] == "end"
 
@@ -409,7 +409,7 @@ def test_store_back_during_the_run_gets_the_pending_events(tmp_path, monkeypatch
     for step in range(6, 8):
         tracker.log_metrics({"loss": float(step)}, step)
     assert tracker.flush(timeout=120) and tracker.online
-    assert not (tmp_path / "run" / "tracking" / "pending.jsonl").exists()
+    assert not (tmp_path / "run" / "tracking" / "mlflow" / "pending.jsonl").exists()
     tracker.close()
     client = client_for(uri)
     run = client.get_run(tracker.run_id)

@@ -46,7 +46,7 @@ def test_four_runs_started_together_on_a_fresh_store_are_all_tracked(tmp_path):
         assert run.info.status == "FINISHED"
         for key in ("loss", "img_per_s"):
             assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == list(range(STEPS))
-        assert not (runs / run.info.run_name / "tracking" / "pending.jsonl").exists()
+        assert not (runs / run.info.run_name / "tracking" / "mlflow" / "pending.jsonl").exists()
 
 
 @pytest.mark.slow

@@ -43,7 +43,7 @@ def _worker(rank: int, world: int, tmp: str) -> None:
 
 def test_proxy_stats_gathered_over_ranks(tmp_path):
     run_on_gloo_ranks(_worker, 2, str(tmp_path))
-    state = json.loads((tmp_path / "run" / "tracking" / "state.json").read_text())
+    state = json.loads((tmp_path / "run" / "tracking" / "mlflow" / "state.json").read_text())
     client = mlflow.MlflowClient(state["tracking_uri"])
     history = {m.step: m.value for m in client.get_metric_history(state["run_id"], "proxy/never_selected_share")}
     for step, mode in enumerate(MODES, start=1):

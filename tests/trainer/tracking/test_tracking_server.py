@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 import warnings
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from PIL import Image
 
 from data_shards.lookup import shard_image_lookup
 from tests.helpers import free_port
+from tests.services import wait_for_mlflow
 from tests.trainer.tracking.test_tracking import (  # noqa: F401
     eval_result,
     metric_steps,
@@ -44,25 +44,16 @@ class MlflowServer:
         self.uri = f"http://127.0.0.1:{port}"
 
     def start(self) -> MlflowServer:
-        log = open(self.root / "server.log", "ab")  # noqa: SIM115 (closed in stop)
+        self.log = self.root / "server.log"
+        log = open(self.log, "ab")  # noqa: SIM115 (closed in stop)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
              "--workers", "1", "--backend-store-uri", f"sqlite:///{self.root / 'server.db'}",
              "--artifacts-destination", str(self.root / "artifacts")],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=self.root)
         self._log = log
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"mlflow server exited: {(self.root / 'server.log').read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as r:
-                    if r.status == 200:
-                        return self
-            except OSError:
-                time.sleep(0.5)
-        self.stop()
-        raise RuntimeError(f"mlflow server not up after {START_TIMEOUT_S} s")
+        wait_for_mlflow(self, START_TIMEOUT_S)
+        return self
 
     def stop(self, sig=signal.SIGTERM) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -107,7 +98,7 @@ def live_run(tmp_path, server, shards, eval_result, model):  # noqa: F811
     failures = [w for w in caught if "training goes on" in str(w.message)]
     assert len(failures) == 1, [str(w.message) for w in caught]
     assert not tracker.online
-    assert (tracker.run_dir / "tracking" / "pending.jsonl").exists()
+    assert (tracker.run_dir / "tracking" / "mlflow" / "pending.jsonl").exists()
     return tracker, elapsed
 
 
@@ -131,7 +122,7 @@ def test_server_dies_mid_run(tmp_path, server, shards, eval_result):  # noqa: F8
         im.load()
     table = next((server.root / "artifacts").rglob("step-000000004/per_class_recall.csv"))
     assert len(pd.read_csv(table)) == len(eval_result.per_class)
-    pending = [json.loads(line) for line in (tracker.dir / "pending.jsonl").read_text().splitlines()]
+    pending = [json.loads(line) for line in (tracker.dir / "mlflow" / "pending.jsonl").read_text().splitlines()]
     steps = [e["step"] for e in pending if e["op"] == "metrics" and "loss" in e["metrics"]]
     assert steps == list(range(5, 25)) and [e["op"] for e in pending][-2:] == ["model", "end"]
 
@@ -142,14 +133,14 @@ def test_server_killed_mid_run_then_uploaded(tmp_path, server, shards, eval_resu
     server.start()
     model = tiny_embedder()
     tracker, _ = live_run(tmp_path, server, shards, eval_result, model)
-    run_dir, pending = tracker.run_dir, tracker.dir / "pending.jsonl"
+    run_dir, pending = tracker.run_dir, tracker.dir / "mlflow" / "pending.jsonl"
 
     server.start()  # back (same port, same backend): upload what was kept
     out = subprocess.run([sys.executable, "-m", "trainer.tracking", "upload", str(run_dir)], capture_output=True,
                          text=True, timeout=300, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert out.returncode == 0, out.stderr[-3000:]
     assert not pending.exists()
-    assert json.loads((run_dir / "tracking" / "state.json").read_text())["run_id"] == tracker.run_id
+    assert json.loads((run_dir / "tracking" / "mlflow" / "state.json").read_text())["run_id"] == tracker.run_id
 
     client = mlflow.MlflowClient(server.uri)
     run = client.get_run(tracker.run_id)
