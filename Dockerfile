@@ -44,6 +44,7 @@ ARG PIP_CERT PIP_INDEX_URL PIP_EXTRA_INDEX_URL PIP_FIND_LINKS PIP_CONSTRAINT
 RUN pip install --no-cache-dir -r requirements.txt
 COPY pyproject.toml README.md ./
 COPY collectives ./collectives
+COPY registry ./registry
 COPY loss ./loss
 COPY data_shards ./data_shards
 COPY trainer ./trainer

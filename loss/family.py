@@ -16,6 +16,8 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
+from registry import Registry
+
 MODES = ("local", "gather", "sharded")  # the distributed modes a family may offer (loss/distributed.py)
 
 
@@ -90,7 +92,7 @@ class LossFamily(ABC):
         return {f.name: getattr(self.section(), f.name) for f in fields(self.section)}
 
 
-_FAMILIES: dict[str, LossFamily] = {}
+_FAMILIES: Registry[LossFamily] = Registry("loss family")
 
 
 def register_family(family: LossFamily) -> LossFamily:
@@ -99,27 +101,21 @@ def register_family(family: LossFamily) -> LossFamily:
     name = family.name
     if not name.isidentifier() or name in ("family", "mode"):
         raise ValueError(f"loss family name {name!r}: must be an identifier other than 'family' and 'mode'")
-    if name in _FAMILIES and type(_FAMILIES[name]) is not type(family):
-        raise ValueError(f"loss family {name!r} is already registered ({type(_FAMILIES[name]).__name__})")
     if not family.modes or set(family.modes) - set(MODES):
         raise ValueError(f"loss family {name!r}: modes {family.modes} must be among {MODES}")
-    _FAMILIES[name] = family
-    return family
+    return _FAMILIES.add(name, family)
 
 
 def unregister_family(name: str) -> None:
     """Remove family `name` (tests that register a toy family clean up with this)."""
-    _FAMILIES.pop(name, None)
+    _FAMILIES.remove(name)
 
 
 def families() -> dict[str, LossFamily]:
     """The registered families, {name: family}, in registration order."""
-    return dict(_FAMILIES)
+    return _FAMILIES.as_dict()
 
 
 def get_family(name: str) -> LossFamily:
     """The family registered as `name`; ValueError naming `loss.family` and the choices otherwise."""
-    try:
-        return _FAMILIES[name]
-    except KeyError:
-        raise ValueError(f"loss.family: {name!r} is not one of {', '.join(repr(n) for n in _FAMILIES)}") from None
+    return _FAMILIES.get(name, "loss.family")

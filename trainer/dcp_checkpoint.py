@@ -53,6 +53,7 @@ from trainer.safe_load import SafeFileSystemReader, SafeLoadPlanner, UnsafeFileE
 from trainer.state_parts import StatePart, annotate_rows, is_row_block, plain, state_parts
 
 METADATA = ".metadata"
+SAVED_BEFORE_THE_LIST = ("model", "criterion", "optimizer", "scheduler")  # checkpoints without `state_parts`
 
 
 class Blob:
@@ -197,11 +198,12 @@ def _full_targets(md, keys) -> dict:
     return out
 
 
-def load_train_state(path: str, parts: dict[str, StatePart]) -> dict:
+def load_train_state(path: str, parts: dict[str, StatePart], saved: tuple | list = SAVED_BEFORE_THE_LIST) -> dict:
     """Collective: {part key: this rank's share} from folder `path`, on any world size, each as the part's
     `from_entries` makes it (row blocks cut for this rank by `block_of`, never the whole table; the optimizer's
-    ids in the current parameter order). A part the checkpoint has no entries for is left out; entries of no
-    part of this run are not read. Raises CheckpointError."""
+    ids in the current parameter order). `saved`: the keys of the parts it was saved with (its `trainer` entry's
+    `state_parts`); a part of this run not among them is left out. Entries of no part of this run are not read.
+    Raises CheckpointError."""
     md = metadata(path)
     by_prefix = {p.dcp_prefix: p for p in parts.values()}
     target: dict = {}
@@ -220,7 +222,8 @@ def load_train_state(path: str, parts: dict[str, StatePart]) -> dict:
             target[k] = torch.empty(m.size, dtype=m.properties.dtype)
     _load(path, target, no_dist=False)
     entries = _by_part(target, by_prefix)
-    return {p.key: p.from_entries(entries[prefix], p) for prefix, p in by_prefix.items() if prefix in entries}
+    return {p.key: p.from_entries(entries.get(prefix, {}), p) for prefix, p in by_prefix.items()
+            if p.key in saved or prefix in entries}
 
 
 def _by_part(loaded: dict, prefixes) -> dict[str, dict]:
@@ -245,10 +248,11 @@ def load_consolidated(path: str, model_only: bool = False) -> dict:
     _load(path, target, no_dist=True)
     meta = target.pop("trainer").value if "trainer" in target else {}
     known = {cls.dcp_prefix: cls for cls in state_parts().values()}
-    prefixes = set(known) | {k.split("/", 1)[0] for k in target}
-    out = {}
-    for prefix, entries in _by_part(target, sorted(prefixes, key=len, reverse=True)).items():
-        cls = known.get(prefix)
-        out[cls.key if cls else prefix] = cls.from_entries(entries) if cls else entries
+    by_part = _by_part(target, sorted(set(known) | {k.split("/", 1)[0] for k in target}, key=len, reverse=True))
+    saved = ("model",) if model_only else meta.get("state_parts", SAVED_BEFORE_THE_LIST)
+    out = {prefix: entries for prefix, entries in by_part.items() if prefix not in known}  # parts not registered
+    for prefix, cls in known.items():
+        if cls.key in saved or prefix in by_part:  # a part saved with no state at all has no entries
+            out[cls.key] = cls.from_entries(by_part.get(prefix, {}))
     return {**meta, **out}
 

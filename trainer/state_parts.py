@@ -22,6 +22,8 @@ from typing import Any, ClassVar
 
 import torch
 
+from registry import Registry
+
 Rows = tuple[int, int, int]  # (start, stop, total): rows [start, stop) of a table of `total` rows
 
 
@@ -100,32 +102,31 @@ class StatePart(ABC):
         return f"the checkpoint has no '{self.key}' state (written before it was kept): '{self.key}' starts fresh"
 
 
-_PARTS: dict[str, type[StatePart]] = {}
+_PARTS: Registry[type[StatePart]] = Registry("state part")
 
 
 def register_state_part(cls: type[StatePart]) -> type[StatePart]:
     """Keep `cls` in every checkpoint from now on (after the parts registered before it). Raises ValueError when
     its key or DCP prefix is taken."""
-    for other in _PARTS.values():
+    for other in _PARTS.as_dict().values():
         if other is not cls and (other.key == cls.key or other.dcp_prefix == cls.dcp_prefix):
             raise ValueError(f"state part {cls.__name__}: key '{cls.key}' / prefix '{cls.dcp_prefix}' is taken by "
                              f"{other.__name__}")
-    _PARTS[cls.key] = cls
-    return cls
+    return _PARTS.add(cls.key, cls)
 
 
 def unregister_state_part(key: str) -> None:
-    _PARTS.pop(key, None)
+    _PARTS.remove(key)
 
 
 def state_parts() -> dict[str, type[StatePart]]:
     """The registered part classes, {key: class}, in registration order."""
-    return dict(_PARTS)
+    return _PARTS.as_dict()
 
 
 def build_parts(trained) -> dict[str, StatePart]:
     """{key: part} of every registered part that `trained` has (collective only where a part's build is)."""
-    built = {key: cls.build(trained) for key, cls in _PARTS.items()}
+    built = {key: cls.build(trained) for key, cls in _PARTS.as_dict().items()}
     return {key: part for key, part in built.items() if part is not None}
 
 

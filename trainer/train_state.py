@@ -142,9 +142,9 @@ class TrainState:
         meta = dict(config=self.config, epoch=pos.epoch, step=pos.step, batch_in_epoch=pos.batch,
                     rng=collectives.all_gather_object(rng_state()),
                     tracker_run_ids=collectives.broadcast_object(tracker_run_ids),
-                    world_size=env.world_size, run_uid=run_uid, train_classes=self.data_info["classes"],
-                    train_samples=self.data_info["samples"], train_class_names=self.data_info["class_names"],
-                    train_class_list=self.data_info.get("class_list"))
+                    world_size=env.world_size, run_uid=run_uid, state_parts=list(t.parts),
+                    train_classes=self.data_info["classes"], train_samples=self.data_info["samples"],
+                    train_class_names=self.data_info["class_names"], train_class_list=self.data_info.get("class_list"))
         if self.fmt == "dcp":
             from trainer.dcp_checkpoint import build_state
             from trainer.dcp_save import DCPSaver
@@ -176,8 +176,9 @@ class TrainState:
         A part the checkpoint lacks (registered since it was written) starts fresh, said in one line."""
         dcp = state.get("format") == "dcp"
         if dcp:
-            from trainer.dcp_checkpoint import load_train_state
-            state = {**state, **load_train_state(state["path"], t.parts)}
+            from trainer.dcp_checkpoint import SAVED_BEFORE_THE_LIST, load_train_state
+            saved = state.get("state_parts", SAVED_BEFORE_THE_LIST)
+            state = {**state, **load_train_state(state["path"], t.parts, saved)}
         elif self.fmt == "dcp":
             self.log(f"{self.resumed_from}: a torch-format checkpoint; it is read as it is, and the checkpoints from "
                      f"now on are DCP folders (checkpoint.format=dcp)")

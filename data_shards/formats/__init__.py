@@ -9,6 +9,8 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from registry import Registry
+
 from ..errors import DataError, MissingData
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm", ".pbm")
@@ -24,7 +26,7 @@ class Record:
 
 
 Reader = Callable[..., dict[str, list[Record]]]  # collect(src, **options) -> {split: [Record, ...]}
-_READERS: dict[str, Reader] = {}
+_READERS: Registry[Reader] = Registry("format", same=lambda old, new: old is new)
 
 
 def register_format(name: str, collect: Reader) -> None:
@@ -32,25 +34,23 @@ def register_format(name: str, collect: Reader) -> None:
     ValueError when `name` is taken by another reader or is not a plain name (it prefixes shard file names)."""
     if not name.replace("_", "").isalnum():
         raise ValueError(f"format name {name!r}: letters, digits and _ only (it names the shard files)")
-    if _READERS.get(name, collect) is not collect:
-        raise ValueError(f"format {name!r} is already registered")
-    _READERS[name] = collect
+    _READERS.add(name, collect)
 
 
 def unregister_format(name: str) -> None:
     """Remove format `name` (tests that register a toy format clean up with this)."""
-    _READERS.pop(name, None)
+    _READERS.remove(name)
 
 
 def formats() -> tuple[str, ...]:
     """The registered format names, in registration order."""
-    return tuple(_READERS)
+    return tuple(_READERS.as_dict())
 
 
 def collect(fmt: str, src: str, **options) -> dict[str, list[Record]]:
     if fmt not in _READERS:
-        raise DataError(f"unknown format {fmt!r}; choose one of {sorted(_READERS)}")
-    return _READERS[fmt](src, **options)
+        raise DataError(f"unknown format {fmt!r}; choose one of {sorted(_READERS.as_dict())}")
+    return _READERS.as_dict()[fmt](src, **options)
 
 
 def require(path: str, what: str) -> str:

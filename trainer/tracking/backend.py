@@ -23,6 +23,7 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, ClassVar
 
+from registry import Registry
 from trainer.errors import UserError
 
 
@@ -80,7 +81,7 @@ class TrackingBackend(ABC):
             (self.title or type(self).__name__)
 
 
-_BACKENDS: dict[str, type[TrackingBackend]] = {}
+_BACKENDS: Registry[type[TrackingBackend]] = Registry("tracking backend")
 
 
 def register_backend(name: str, cls: type[TrackingBackend]) -> None:
@@ -90,24 +91,19 @@ def register_backend(name: str, cls: type[TrackingBackend]) -> None:
         raise TypeError(f"register_backend({name!r}): {cls!r} is not a TrackingBackend subclass")
     if not name or not name.replace("_", "").replace("-", "").isalnum():
         raise ValueError(f"register_backend: {name!r} is not a plain name (letters, digits, - and _)")
-    if _BACKENDS.get(name, cls) is not cls:
-        raise ValueError(f"register_backend: {name!r} is already {_BACKENDS[name].__name__}")
-    _BACKENDS[name] = cls
+    _BACKENDS.add(name, cls)
 
 
 def unregister_backend(name: str) -> None:
     """Forget backend `name` (tests that registered one); no error when it is not registered."""
-    _BACKENDS.pop(name, None)
+    _BACKENDS.remove(name)
 
 
 def backends() -> dict[str, type[TrackingBackend]]:
     """The registered backends by name, in registration order (a copy)."""
-    return dict(_BACKENDS)
+    return _BACKENDS.as_dict()
 
 
 def get_backend(name: str) -> type[TrackingBackend]:
     """The backend class registered as `name`; ValueError naming the registered ones otherwise."""
-    if name not in _BACKENDS:
-        raise ValueError(f"tracking.backends: {name!r} is not a registered tracking backend (registered: "
-                         f"{', '.join(_BACKENDS) or 'none'})")
-    return _BACKENDS[name]
+    return _BACKENDS.get(name, "tracking.backends")

@@ -72,7 +72,7 @@ def test_only_registered_backends_are_accepted_before_any_work(toy, tmp_path):
         load_config("demo", ["tracking.backends=[toy,toy]"])
     with pytest.raises(ConfigError, match="^tracking.backends: empty"):
         load_config("demo", ["tracking.backends=[]"])
-    with pytest.raises(ValueError, match="already ToyBackend"):
+    with pytest.raises(ValueError, match=r"already registered \(ToyBackend\)"):
         register_backend("toy", type("Other", (ToyBackend,), {}))
 
 
