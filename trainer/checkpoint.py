@@ -83,10 +83,6 @@ def is_folder(path: str) -> bool:
     return not path.rstrip(os.sep).endswith(".pt")
 
 
-def step_of(path: str) -> int:
-    return int(NAME.match(os.path.basename(path)).group(1))
-
-
 class Checkpointer:
     def __init__(self, directory: str, keep_last: int = 3):
         self.dir = directory

@@ -301,8 +301,3 @@ def load_consolidated(path: str, model_only: bool = False) -> dict:
         return {**meta, "model": model}
     return {**meta, **_assemble(target, None)}
 
-
-def to_torch(path: str, out: str) -> str:
-    """Write the DCP checkpoint folder `path` as one .pt file `out` (the layout of checkpoint.format=torch)."""
-    torch.save(load_consolidated(path), out)
-    return out

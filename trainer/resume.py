@@ -1,6 +1,6 @@
 """What may change when a run resumes: the checkpoint's config against the current one, before anything is touched.
 
-    changes = check_resume(saved_cfg, cfg, saved_info, at_epoch_start=batch_in_epoch == 0)  # ConfigError if refused
+    changes = check_resume(saved_cfg, cfg, path, at_epoch_start=batch_in_epoch == 0)  # ConfigError if refused
     apply_optim_hyperparameters(optimizer, scheduler, cfg.optim)                          # after the restore
 
 Keys are of three kinds:
