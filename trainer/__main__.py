@@ -47,7 +47,7 @@ def main(argv=None) -> int:
         return 0
     from trainer import distributed
     from trainer.build import train
-    from trainer.errors import stop_with_launcher
+    from trainer.errors import StalledPeer, is_collective_timeout, stop_with_launcher
     stop_with_launcher()
     try:
         env = distributed.setup(cfg.run.device, backend=cfg.run.dist_backend,
@@ -55,8 +55,8 @@ def main(argv=None) -> int:
         train(cfg, env)
     except BaseException as e:  # noqa: BLE001 - every failure ends the same way: told, non-zero, at once
         quiet = isinstance(e, ConfigError) or getattr(e, "same_on_every_rank", False)
-        if world_size > 1 and distributed.is_collective_timeout(e):  # a peer stopped answering: name it
-            e = distributed.StalledPeer(distributed.describe_stall(cfg.run.collective_timeout_s))
+        if world_size > 1 and is_collective_timeout(e):  # a peer stopped answering: name it
+            e = StalledPeer(distributed.describe_stall(cfg.run.collective_timeout_s))
         code = report(e, rank, world_size, quiet_ranks=quiet)
         from trainer.errors import kill_children
         kill_children()

@@ -113,10 +113,6 @@ HEARTBEAT_KEY = "proxygml/heartbeat/{rank}"
 STORE_WAIT_S = 5.0  # how long the diagnosis waits for the rendezvous store
 
 
-class StalledPeer(Exception):
-    """A collective waited past run.collective_timeout_s; the message names the rank and what it was doing."""
-
-
 def _store_client(timeout_s: float):
     """A client of the job's rendezvous store of its own (torchrun's agent or rank 0 hosts it)."""
     return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
@@ -156,13 +152,6 @@ class Heartbeat:
                 cls._stop.wait(HEARTBEAT_S)
         except Exception:  # noqa: BLE001 - no store (it went with its host): nothing to publish to
             return
-
-
-def is_collective_timeout(e: BaseException) -> bool:
-    """True when `e` is a collective (or the store) giving up after the process group's timeout."""
-    text = str(e)
-    return isinstance(e, (RuntimeError, dist.DistBackendError)) and any(
-        s in text for s in ("Timed out", "timed out", "Timeout", "timeout"))
 
 
 def _end_frozen(beats) -> None:

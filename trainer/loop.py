@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 import collectives
-from trainer.errors import USER_ERRORS, UserError, is_out_of_memory, one_line, out_of_memory
+from trainer.errors import USER_ERRORS, UserError, is_divergence, is_out_of_memory, one_line, out_of_memory
 from trainer.train_state import DivergedError, Position, Trained, TrainState
 
 # The training loss and its parts are logged as Train/loss, Train/loss_s, Train/loss_p: MLflow's run page orders
@@ -228,7 +228,7 @@ class Trainer:
                     bar.close()
                     raise out_of_memory(e, images, f"at step {pos.step + 1}",
                                         "train.batch_size or data.transform.image_size (or set train.amp)") from None
-                if not any(w in str(e) for w in ("non-finite", "without overflow")):
+                if not is_divergence(e):
                     raise
                 bar.close()
                 raise DivergedError(f"step {pos.step + 1}: training diverged ({str(e).splitlines()[0][:120]}); "
