@@ -187,9 +187,7 @@ def schedule(cfg) -> Schedule:
         progress_every_steps=cfg.train.log_every_steps, track_every_steps=cfg.tracking.log_every_steps,
         eval_every_epochs=cfg.eval.every_epochs, eval_at_start=cfg.eval.at_start,
         checkpoint_every_epochs=cfg.checkpoint.every_epochs, checkpoint_every_steps=cfg.checkpoint.every_steps,
-        track_proxies=cfg.tracking.enabled,
-        lr_advice=f"Lower the learning rates (optim.lr={cfg.optim.lr}, optim.proxy_lr={cfg.optim.proxy_lr}) or set "
-                  f"train.grad_clip, then resume or start over")
+        track_proxies=cfg.tracking.enabled)
 
 
 def build(cfg, env) -> Trainer:

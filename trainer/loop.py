@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 import collectives
 from trainer.errors import USER_ERRORS, UserError, is_divergence, is_out_of_memory, one_line, out_of_memory
-from trainer.train_state import DivergedError, Position, Trained, TrainState
+from trainer.train_state import DivergedError, Position, Trained, TrainState, lr_advice
 
 # The training loss and its parts are logged as Train/loss, Train/loss_s, Train/loss_p: MLflow's run page orders
 # its chart sections by name, byte by byte, so "Train" comes first (before eval/, lr/, proxy/).
@@ -88,7 +88,7 @@ class StopFlag:
 @dataclass(frozen=True)
 class Schedule:
     """When the loop does what, in epochs and optimizer steps (0 = never / no limit), from the config's train,
-    eval, checkpoint and tracking sections; `lr_advice` ends the divergence messages."""
+    eval, checkpoint and tracking sections."""
     epochs: int
     warmup_epochs: int
     max_steps: int = 0
@@ -99,7 +99,6 @@ class Schedule:
     checkpoint_every_epochs: int = 1
     checkpoint_every_steps: int = 0
     track_proxies: bool = False
-    lr_advice: str = "Lower the learning rates or set train.grad_clip, then resume or start over"
 
 
 @dataclass
@@ -232,7 +231,8 @@ class Trainer:
                     raise
                 bar.close()
                 raise DivergedError(f"step {pos.step + 1}: training diverged ({str(e).splitlines()[0][:120]}); "
-                                    f"last good checkpoint: {self.state.latest() or 'none'}. {s.lr_advice}") from None
+                                    f"last good checkpoint: {self.state.latest() or 'none'}. "
+                                    f"{lr_advice(self.state.config)}") from None
             pos.batch, pos.step, seen = pos.batch + 1, pos.step + 1, seen + labels.shape[0] * env.world_size
             self.first_bad_step = torch.where(torch.isfinite(loss.detach()), self.first_bad_step,
                                               self.first_bad_step.clamp(max=pos.step))
@@ -295,7 +295,7 @@ class Trainer:
         raise DivergedError(
             f"step {bad}: the training loss is not finite (nan/inf); training stopped at step {self.pos.step} and "
             f"nothing after step {bad - 1} was saved. Last good checkpoint: {self.state.latest() or 'none'}. "
-            f"{self.schedule.lr_advice}")
+            f"{lr_advice(self.state.config)}")
 
     def log_step(self, loss, img_per_s: float, data_wait: float, bar) -> None:
         logs = {f"{TRAIN_PREFIX}loss": loss.item(),
@@ -353,7 +353,7 @@ class Trainer:
         last = pos.epoch >= s.epochs or bool(s.max_steps and pos.step >= s.max_steps)
         run_ids = {"mlflow": self.tracker.run_id} if self.tracker.run_id else {}
         self.state.save(self.parts.trained, pos, tracker_run_ids=run_ids, run_uid=self.parts.run_uid,
-                        last=last, stopping=self.stop.raised, lr_advice=s.lr_advice)
+                        last=last, stopping=self.stop.raised)
 
     def log(self, line: str) -> None:
         self.parts.log(line)

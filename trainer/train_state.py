@@ -30,6 +30,13 @@ class DivergedError(UserError):
     """The loss or the state to be saved is not finite: training stops, and nothing non-finite is saved."""
 
 
+def lr_advice(config: dict) -> str:
+    """The way out that ends every DivergedError message: the learning rates of the run's config dict to lower."""
+    optim = config.get("optim") or {}
+    lrs = f" (optim.lr={optim['lr']}, optim.proxy_lr={optim['proxy_lr']})" if {"lr", "proxy_lr"} <= set(optim) else ""
+    return f"Lower the learning rates{lrs} or set train.grad_clip, then resume or start over"
+
+
 @dataclass
 class Position:
     """Where training continues: batch `batch` of epoch `epoch`; `step` optimizer steps done so far."""
@@ -118,7 +125,7 @@ class TrainState:
         return self.ckpt.latest()
 
     def save(self, t: Trained, pos: Position, *, tracker_run_ids: dict[str, str], run_uid: str, last: bool,
-             stopping: bool, lr_advice: str) -> None:
+             stopping: bool) -> None:
         """Collective (RNG states; sharded proxies and ZeRO optimizer state gathered for the torch format; with dcp
         every rank writes its own block). Raises DivergedError instead of saving when a weight or buffer is not
         finite (on any rank). With async_save the write goes on in the background, except for the run's `last`
@@ -131,7 +138,7 @@ class TrainState:
         if bad:
             raise DivergedError(
                 f"step {pos.step}: a model weight, BatchNorm statistic or proxy is not finite (nan/inf): not saved. "
-                f"Last good checkpoint: {self.latest() or 'none'}. {lr_advice}")
+                f"Last good checkpoint: {self.latest() or 'none'}. {lr_advice(self.config)}")
         meta = dict(config=self.config, epoch=pos.epoch, step=pos.step, batch_in_epoch=pos.batch,
                     rng=collectives.all_gather_object(rng_state()),
                     tracker_run_ids=collectives.broadcast_object(tracker_run_ids),
