@@ -10,6 +10,7 @@ import torch
 
 from .errors import DataError, StoreUnavailable
 from .manifest import Manifest, read_manifest
+from .sampler import classes_per_batch
 from .stream import DECODES, SAMPLERS, EncodedBatch, EvalStream, LabelList, TrainStream, batches_per_epoch
 from .transforms import TransformConfig, as_transform_config
 from .verify import VERIFY, verify_shards
@@ -137,7 +138,7 @@ def train_loader(split_dir, batch_size: int, num_workers: int = 2, seed: int = 0
     _check(batch_size, num_workers, rank, world_size, decode, verify)
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
-    if sampler == "m_per_class" and (m_per_class < 1 or batch_size % m_per_class or sampler_window < 1):
+    if sampler == "m_per_class" and (classes_per_batch(batch_size, m_per_class) is None or sampler_window < 1):
         raise ValueError(f"m_per_class sampler: m_per_class={m_per_class!r} must divide the per-rank batch_size="
                          f"{batch_size} and sampler_window={sampler_window!r} must be >= 1")
     m = split_dir if isinstance(split_dir, Manifest) else read_manifest(split_dir)

@@ -20,6 +20,7 @@ from omegaconf._yaml import get_yaml_loader
 from omegaconf.errors import OmegaConfBaseException
 
 from data_shards.device_loader import DECODE_CHOICES
+from data_shards.sampler import classes_per_batch
 from data_shards.transforms import TransformConfig
 from data_shards.verify import VERIFY
 from loss import LossContext, families, get_family
@@ -458,7 +459,7 @@ def validate(cfg: DictConfig) -> None:
                           f"{list(cfg.optim.lr_milestones)}")
     if not cfg.eval.recall_ks or any(k <= 0 for k in cfg.eval.recall_ks):
         raise ConfigError(f"eval.recall_ks: must be positive integers, got {list(cfg.eval.recall_ks)}")
-    if cfg.data.sampler == "m_per_class" and cfg.train.batch_size % cfg.data.m_per_class:
+    if cfg.data.sampler == "m_per_class" and classes_per_batch(cfg.train.batch_size, cfg.data.m_per_class) is None:
         raise ConfigError(f"data.m_per_class: {cfg.data.m_per_class} does not divide train.batch_size="
                           f"{cfg.train.batch_size} (every batch holds batch/m classes of m samples each)")
     if cfg.train.warmup_epochs >= cfg.train.epochs:
@@ -547,7 +548,7 @@ def check_world_size(cfg: DictConfig, world_size: int) -> int:
         raise ConfigError(f"train.batch_size: the global batch {cfg.train.batch_size} does not split "
                           f"evenly over {world_size} ranks")
     per_rank = cfg.train.batch_size // world_size
-    if cfg.data.sampler == "m_per_class" and per_rank % cfg.data.m_per_class:
+    if cfg.data.sampler == "m_per_class" and classes_per_batch(per_rank, cfg.data.m_per_class) is None:
         raise ConfigError(f"data.m_per_class: {cfg.data.m_per_class} does not divide the per-rank batch {per_rank} "
                           f"(train.batch_size={cfg.train.batch_size} over {world_size} ranks)")
     return cfg.train.batch_size // world_size
