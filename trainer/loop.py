@@ -10,8 +10,10 @@ from __future__ import annotations
 import math
 import signal
 import time
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm import tqdm
@@ -19,6 +21,16 @@ from tqdm import tqdm
 import collectives
 from trainer.errors import USER_ERRORS, UserError, is_divergence, is_out_of_memory, one_line, out_of_memory
 from trainer.train_state import DivergedError, Position, Trained, TrainState, lr_advice
+
+if TYPE_CHECKING:  # the build step imports this module
+    from torch import nn
+
+    from trainer.build import RunLoaders
+    from trainer.distributed import DistEnv
+    from trainer.evaluation import EvalResult
+    from trainer.selection import BestCheckpoint
+    from trainer.summary import RunReport
+    from trainer.tracking import Tracker
 
 # The training loss and its parts are logged as Train/loss, Train/loss_s, Train/loss_p: MLflow's run page orders
 # its chart sections by name, byte by byte, so "Train" comes first (before eval/, lr/, proxy/).
@@ -104,23 +116,24 @@ class Schedule:
 @dataclass
 class Parts:
     """Everything the loop works with, made by trainer/build.py."""
-    env: object  # trainer.distributed.DistEnv
+    env: DistEnv
     trained: Trained  # embedder, criterion, module, optimizer, scheduler, engine
-    loaders: object  # trainer.build.RunLoaders: .train(epoch, start_batch), .eval(), .close(), .batches_per_epoch
+    loaders: RunLoaders  # .train(epoch, start_batch), .eval(), .val(), .close(), .batches_per_epoch
     state: TrainState  # checkpoints of the run directory
-    tracker: object  # trainer.tracking.Tracker
-    report: object  # trainer.summary.RunReport
+    tracker: Tracker
+    report: RunReport
     schedule: Schedule
     stop: StopFlag
     pos: Position
     run_uid: str
-    evaluate: object  # callable(embedder, loader) -> EvalResult (collective), the evaluation options bound
-    log: object  # callable(line): prints on rank 0 only (build.log_line)
+    evaluate: Callable[[nn.Module, Iterable], EvalResult]  # collective; the evaluation options bound
+    log: Callable[[str], None]  # prints on rank 0 only (build.log_line)
     amp_dtype: torch.dtype | None = None
     warm: bool = False  # in warm-up: only the head and the proxies learn
-    image_lookup: object = None  # keys -> images of the test split, for the retrieval picture (rank 0)
-    best: object = None  # trainer.selection.BestCheckpoint with a val split (data.val_split), else None
-    evaluate_val: object = None  # like `evaluate`, bound to the val split's class names
+    # keys -> images of the test split, for the retrieval picture (rank 0)
+    image_lookup: Callable[[list[str]], Mapping[str, Any]] | None = None
+    best: BestCheckpoint | None = None  # with a val split (data.val_split)
+    evaluate_val: Callable[[nn.Module, Iterable], EvalResult] | None = None  # `evaluate` on the val split
     test_at_end: bool = True  # with a val split: the test split once at the end, on the best checkpoint
 
 
