@@ -31,7 +31,7 @@ def m_per_class_groups(labels: list, num_batches: int, batch_size: int, m: int, 
     if len(classes) < per_batch:
         raise ValueError(f"m_per_class: a batch of {batch_size} needs {per_batch} classes of m={m} samples, but "
                          f"this window of {len(labels)} samples holds only {len(classes)} classes")
-    unused = {c: [] for c in classes}
+    unused: dict = {c: [] for c in classes}
 
     def take(c) -> int:
         if not unused[c]:

@@ -365,7 +365,7 @@ class TrainStream(IterableDataset):
         B = self.batch_size
         for attempt in itertools.count(1):
             raw = list(itertools.islice(samples, B))
-            items = []
+            items: list = []  # (bytes, label), None for a sample that could not be read
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(hash_seed(self._tag("aug", self.rank, position)))
                 for s in raw:

@@ -338,6 +338,7 @@ class ProxyGMLBase(CriterionBase):
         self.class_start, self.class_stop = start, stop
         self.proxy_start, self.proxy_stop = start * n, stop * n
         self.proxies = nn.Parameter(proxies)
+        self.selection_counts: Tensor
         self.register_buffer("selection_counts", torch.zeros(self.proxy_stop - self.proxy_start,
                                                              dtype=torch.int64), persistent=False)
 

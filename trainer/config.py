@@ -12,7 +12,7 @@ import math
 import os
 import typing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import yaml
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -49,7 +49,7 @@ def field_rules(cls: Any = None, prefix: str = "") -> dict[str, dict]:
         if f.metadata:
             out[key] = dict(f.metadata)
         kind = hints.get(f.name)
-        if dataclasses.is_dataclass(kind) and not issubclass(kind, TransformConfig):
+        if isinstance(kind, type) and dataclasses.is_dataclass(kind) and not issubclass(kind, TransformConfig):
             out.update(field_rules(kind, key + "."))
     return out
 
@@ -357,7 +357,7 @@ class _BoolWord(str):
     value: bool
 
 
-class _WordLoader(get_yaml_loader()):
+class _WordLoader(get_yaml_loader()):  # type: ignore[misc]  # omegaconf's loader class, made at run time
     """omegaconf's YAML loader, except that booleans come back as _BoolWord."""
 
 
@@ -420,7 +420,7 @@ def quote_bool_word(item: str) -> str:
 def from_dict(d: dict) -> DictConfig:
     """A validated config from a plain dict (e.g. the `config` of a checkpoint, in today's or the old spelling)."""
     try:
-        cfg = OmegaConf.merge(OmegaConf.structured(schema()), OmegaConf.create(translate_config(d)))
+        cfg = cast(DictConfig, OmegaConf.merge(OmegaConf.structured(schema()), OmegaConf.create(translate_config(d))))
     except OmegaConfBaseException as e:
         raise ConfigError(_describe(e)) from None
     validate(cfg)
@@ -470,7 +470,7 @@ def validate(cfg: DictConfig) -> None:
     if cfg.engine.name == "deepspeed" and not cfg.engine.deepspeed_config:
         raise ConfigError("engine.deepspeed_config: required with engine.name=deepspeed")
     try:
-        TransformConfig(**OmegaConf.to_container(cfg.data.transform))
+        TransformConfig(**cast(dict, OmegaConf.to_container(cfg.data.transform)))
     except ValueError as e:
         raise ConfigError(f"data.transform: {e}") from None
     from trainer.model import OWN_BACKBONES, check_model  # each room checks its own part (the model: timm's)

@@ -17,6 +17,7 @@ import threading
 import time
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -92,7 +93,7 @@ def setup(device: str = "auto", timeout_s: int = 1800, backend: str = "auto") ->
         torch.set_num_threads(threads)
     if not dist.is_initialized():
         backend = pick_backend(backend, dev)
-        kwargs = {"device_id": dev} if backend == "nccl" else {}
+        kwargs: dict[str, Any] = {"device_id": dev} if backend == "nccl" else {}
         dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s),
                                 **kwargs)
         if world_size > 1:

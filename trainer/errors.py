@@ -12,6 +12,7 @@ import multiprocessing
 import os
 import sys
 import traceback
+from typing import NoReturn
 
 from data_shards.errors import DataError, StoreUnavailable
 
@@ -20,7 +21,10 @@ EXIT_BUG = 1
 
 
 class UserError(Exception):
-    """A wrong input, told in words: the message names the input (a config key, a path) and the fix."""
+    """A wrong input, told in words: the message names the input (a config key, a path) and the fix.
+    `same_on_every_rank`: set on an error decided on rank 0 and raised on every rank (only rank 0 prints it)."""
+
+    same_on_every_rank: bool = False
 
 
 USER_ERRORS = (UserError, DataError)
@@ -146,7 +150,7 @@ def kill_children() -> None:
             pass
 
 
-def exit_now(code: int) -> None:
+def exit_now(code: int) -> NoReturn:
     """End the process with `code` right away: loader workers killed, output flushed, no interpreter teardown
     (which waits for workers and for peers in a process group that may be gone)."""
     kill_children()

@@ -67,7 +67,7 @@ class StopFlag:
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
     SAME_PRESS_S = 1.0
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.raised = False
         self.signal: int | None = None  # the first stop signal received
         self._first_interrupt: float | None = None
@@ -86,8 +86,9 @@ class StopFlag:
 
     @property
     def reason(self) -> str:
-        return {signal.SIGINT: "Ctrl-C (SIGINT)"}.get(self.signal, signal.Signals(self.signal).name) \
-            if self.signal else ""
+        if not self.signal:
+            return ""
+        return "Ctrl-C (SIGINT)" if self.signal == signal.SIGINT else signal.Signals(self.signal).name
 
     def restore(self):
         """Give back the handlers found at the start; once a stop is under way SIGTERM / SIGUSR1 stay ignored
@@ -148,7 +149,8 @@ class Trainer:
         self.loaders, self.state, self.tracker, self.report = parts.loaders, parts.state, parts.tracker, parts.report
         self.stop, self.pos, self.warm, self.amp = parts.stop, parts.pos, parts.warm, parts.amp_dtype
         self.batches_per_epoch = parts.loaders.batches_per_epoch
-        self.metrics, self.first_metrics = {}, {}
+        self.metrics: dict = {}
+        self.first_metrics: dict = {}
         self.first_bad_step = torch.tensor(math.inf, device=self.env.device)  # first step whose loss was not finite
 
     def close(self) -> None:
@@ -323,8 +325,9 @@ class Trainer:
         by its metric is kept), printed and logged on rank 0; then the proxies' statistics."""
         collectives.set_phase(f"evaluation ({when})")
         collectives.broadcast_buffers(self.embedder)  # every rank embeds with rank 0's BatchNorm statistics
-        val = self.parts.best is not None
-        result = (self.parts.evaluate_val(self.embedder, self.loaders.val()) if val else
+        best, evaluate_val = self.parts.best, self.parts.evaluate_val  # both made with a val split
+        val = best is not None and evaluate_val is not None
+        result = (evaluate_val(self.embedder, self.loaders.val()) if evaluate_val is not None and val else
                   self.parts.evaluate(self.embedder, self.loaders.eval()))
         self.embedder.train()
         if result.metrics:
@@ -334,8 +337,8 @@ class Trainer:
                                         image_lookup=None if val else self.parts.image_lookup)
             self.metrics = result.metrics
             self.report.evaluated(result.metrics, self.pos, split="val" if val else "test")
-            if val:
-                self.parts.best.consider(result.metrics, self.pos, self.embedder)
+            if best is not None and val:
+                best.consider(result.metrics, self.pos, self.embedder)
         if self.schedule.track_proxies:  # collective: the selection counts of every rank
             self.tracker.log_proxy_stats(self.criterion.proxy_statistics(), self.pos.step)
         self.criterion.reset_selection_counts()
@@ -345,7 +348,7 @@ class Trainer:
         """Collective, once at the end of a run with a val split: the best checkpoint's weights into the embedder,
         then the test split evaluated on them (unless eval.test is false), logged as `test/*`."""
         collectives.barrier()  # rank 0 has written the best weights
-        record = self.parts.best.load_into(self.embedder)
+        record = self.parts.best.load_into(self.embedder) if self.parts.best is not None else None
         if record is None or not self.parts.test_at_end:
             return
         collectives.broadcast_buffers(self.embedder)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import timm
 import torch
@@ -38,7 +38,7 @@ def small_cnn(width: int = 64) -> nn.Sequential:
         return layers + ([nn.MaxPool2d(2)] if pool else [])
 
     w = width
-    net = nn.Sequential(*block(3, w // 2, True), *block(w // 2, w, True), *block(w, 2 * w, True),
+    net: Any = nn.Sequential(*block(3, w // 2, True), *block(w // 2, w, True), *block(w, 2 * w, True),
                         *block(2 * w, 2 * w, False))
     net.num_features = 2 * w
     return net
@@ -80,7 +80,7 @@ class Backbone:
     module: nn.Module  # images -> (B, features) when pooled, else (B, C, H, W)
     features: int
     pooled: bool
-    weights_target: nn.Module  # the module whose state dict a weights file holds
+    weights_target: Any  # the module whose state dict a weights file holds (timm's forward_features)
     classifier: tuple[str, ...]  # key prefixes of a weights file that may go unused
     filter_fn: Any = None  # timm's checkpoint_filter_fn(state, model) for this architecture
 
@@ -92,7 +92,7 @@ def _feature_size(name: str, global_pool: str, kwargs: dict, net) -> int:
         "input_size", (3, 224, 224))[1:]
     try:
         with torch.device("meta"):
-            twin = timm.create_model(name, pretrained=False, num_classes=0, global_pool=global_pool, **kwargs)
+            twin: Any = timm.create_model(name, pretrained=False, num_classes=0, global_pool=global_pool, **kwargs)
             out = twin.forward_features(torch.empty(1, 3, *size))
             if global_pool:
                 return int(twin.forward_head(out, pre_logits=True).shape[-1])
@@ -110,6 +110,7 @@ def check_backbone(name: str) -> None:
 def new_backbone(name: str, pooling: str = "avg", kwargs: dict | None = None, width: int = 64) -> Backbone:
     """Backbone `name` with random weights (see `Backbone`)."""
     kwargs = dict(kwargs or {})
+    net: Any  # timm's attributes (num_features, pretrained_cfg, forward_features) on every kind
     if name == "small_cnn":
         net = small_cnn(width)
         return Backbone(net, net.num_features, False, net, ())
@@ -194,7 +195,7 @@ def model_config_dict(cfg) -> dict:
     builds the same module (random weights)."""
     from omegaconf import OmegaConf
 
-    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    return cast(dict, OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True))
 
 
 def model_config_from_dict(d: dict):
@@ -217,13 +218,14 @@ class Embedder(nn.Module):
         b = new_backbone(cfg.backbone, cfg.pooling, backbone_kwargs(cfg), cfg.small_cnn_width)
         self.backbone = b.module
         self.loaded = load_backbone_weights(cfg, b) if load_weights else None
+        self.pool: nn.Module
         if b.pooled:
-            self.pool = nn.Identity()
+            self.pool, mult = nn.Identity(), 1
         elif cfg.pooling == "gem":
-            self.pool = GeM()
+            self.pool, mult = GeM(), 1
         else:
-            self.pool = SelectAdaptivePool2d(pool_type=cfg.pooling, flatten=True)
-        mult = 1 if b.pooled or cfg.pooling == "gem" else self.pool.feat_mult()
+            pool = SelectAdaptivePool2d(pool_type=cfg.pooling, flatten=True)
+            self.pool, mult = pool, pool.feat_mult()
         self.embedding = nn.Linear(b.features * mult, cfg.dim)
         self.normalize = cfg.normalize
         self.freeze_bn = cfg.freeze_bn

@@ -20,6 +20,7 @@ import hashlib
 import json
 from bisect import bisect_right
 from collections import Counter
+from typing import cast
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -71,8 +72,9 @@ def check_resume(saved: dict, cfg: DictConfig, path: str, at_epoch_start: bool,
     `key: old -> new` lines. Raises ConfigError (one line: key, both values, the ways out) for a change that
     cannot carry over. `saved_data` / `data_now`: {"classes": int, "samples": int} of the train split then
     and now (the data root may move; its content may not)."""
-    now = redact_tree(flatten(OmegaConf.to_container(cfg, resolve=True)))  # saved configs hold no credentials:
-    then = redact_tree(flatten(translate_config(saved)))                   # compare without them
+    # saved configs hold no credentials: compare without them
+    now = redact_tree(flatten(cast(dict, OmegaConf.to_container(cfg, resolve=True))))
+    then = redact_tree(flatten(translate_config(saved)))
     ways_out = (f"; resume with {{key}}={{old}}, or start a new run (another run.name=..., or "
                 f"checkpoint.resume=false to move this run's checkpoints to {cfg.run.name}/previous/ and start over)")
     changes = []

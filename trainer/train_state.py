@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -24,6 +25,11 @@ from trainer.dcp_checkpoint import read_meta
 from trainer.errors import UserError
 from trainer.resume import at_epoch_end
 from trainer.run_dir import RunDir
+
+if TYPE_CHECKING:
+    from loss.criterion import Criterion
+    from trainer.engines import Engine
+    from trainer.model import Embedder
 
 
 class DivergedError(UserError):
@@ -48,12 +54,12 @@ class Position:
 @dataclass
 class Trained:
     """What a checkpoint holds the state of (the engine wraps `module`, which holds embedder and criterion)."""
-    embedder: torch.nn.Module
-    criterion: torch.nn.Module  # a loss.criterion.Criterion
+    embedder: Embedder
+    criterion: Criterion
     module: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
-    engine: object  # a trainer.engines.Engine
+    engine: Engine
 
 
 class TrainState:
