@@ -74,9 +74,9 @@ def all_gather_rows(t: Tensor, group=None, with_grad: bool = False) -> tuple[Ten
     if size == 1:
         return t, [t.shape[0]]
     n = torch.tensor([t.shape[0]], device=t.device)
-    sizes = [torch.zeros_like(n) for _ in range(size)]
-    dist.all_gather(sizes, n, group=group)
-    sizes = [int(s) for s in torch.cat(sizes).tolist()]
+    counts = [torch.zeros_like(n) for _ in range(size)]
+    dist.all_gather(counts, n, group=group)
+    sizes = [int(s) for s in torch.cat(counts).tolist()]
     padded = F.pad(t, (0, 0) * (t.dim() - 1) + (0, max(sizes) - t.shape[0]))
     if with_grad:
         from torch.distributed.nn.functional import all_gather as all_gather_with_grad

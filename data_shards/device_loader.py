@@ -1,7 +1,7 @@
 """The decode switch, end to end: `decode` cpu | gpu in, batches on the training device out.
 
     check_decode("gpu", device)                  # data_shards/decode.py: ValueError naming data.decode
-    loader = train_loader(split, ..., decode="gpu", device=device)   # a DeviceLoader around the shard loader
+    loader = train_loader(split, ..., options=LoaderOptions(decode="gpu", device=device))   # a DeviceLoader
     for images, labels in loader: ...            # on `device`, whichever decoder made them
 
 cpu: the loader workers decode and augment (data_shards/transforms.py); the batches are copied to the device.

@@ -25,8 +25,9 @@ import logging
 import queue
 import threading
 import warnings
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -198,7 +199,7 @@ class DeviceBatches:
         self.device = torch.device(device)
         if not isinstance(transform_cfg, TransformConfig):  # the trainer's omegaconf section, or a dict
             plain = OmegaConf.to_container(transform_cfg) if OmegaConf.is_config(transform_cfg) else transform_cfg
-            transform_cfg = TransformConfig(**plain)
+            transform_cfg = TransformConfig(**cast(dict, plain))
         if self.device.type == "cuda":
             check_decode("gpu", self.device)
             if self.device.index is None:  # the producer thread must use the caller's device, not device 0
@@ -238,7 +239,7 @@ class DeviceBatches:
         if self.device.type == "cuda":
             labels = labels.pin_memory().to(self.device, non_blocking=True)
         self.generator.manual_seed(hash_seed(f"device_batches/{self.seed}/{self.epoch}/{position}"))
-        return (self.transform([decoded[i] for i in keep]), labels, *keys)
+        return (self.transform([img for i in keep if (img := decoded[i]) is not None]), labels, *keys)
 
     def __iter__(self):
         if not self.overlap:
@@ -280,7 +281,7 @@ class DeviceBatches:
         except BaseException as e:  # handed to the consumer, raised there
             put(e)
 
-    def _overlapped(self):
+    def _overlapped(self) -> Iterator:
         q: queue.Queue = queue.Queue(maxsize=self.prefetch)
         stop = threading.Event()
         batches = iter(self.loader)  # DataLoader workers start (fork) here, in the caller's thread

@@ -18,6 +18,7 @@ import json
 import os
 import random
 import tarfile
+from collections.abc import Sequence
 
 from .errors import DataError
 from .manifest import FORMAT_VERSION, read_manifest, sha256_file, write_manifest
@@ -34,7 +35,7 @@ def _names(value) -> list[str] | None:
     return [str(v) for v in value]
 
 
-def pick_val_classes(train: list[tuple[object, str]], test: list[tuple[object, str]] = (), *, val_classes=None,
+def pick_val_classes(train: list[tuple[object, str]], test: Sequence[tuple[object, str]] = (), *, val_classes=None,
                      val_fraction: float | None = None, seed: int = 0) -> list[str]:
     """The class names of the val split, taken from the train classes.
 
@@ -54,7 +55,7 @@ def pick_val_classes(train: list[tuple[object, str]], test: list[tuple[object, s
         count = max(1, round(f * len(ordered)))
         chosen = set(random.Random(seed).sample([name for _, name in ordered], count))
     else:
-        wanted = _names(val_classes)
+        wanted = _names(val_classes) or []
         test_keys = {str(cid) for cid, _ in test} | {name for _, name in test}
         in_test = [w for w in wanted if w in test_keys and w not in by_key]
         if in_test:
@@ -116,7 +117,8 @@ def write_class_splits(sources: list[str], out: str, splits: dict[str, list[str]
 def _write_split(manifests, split_dir: str, split: str, label: dict[str, int], shard_size: int) -> str:
     os.makedirs(split_dir, exist_ok=True)
     dataset = manifests[0].dataset
-    entries, tar, count, size = [], None, 0, 0
+    entries: list[dict] = []
+    tar, count, size = None, 0, 0
 
     def close():
         nonlocal tar
@@ -156,7 +158,7 @@ def _write_split(manifests, split_dir: str, split: str, label: dict[str, int], s
                     close()
     close()
     owners = {n: (cid, m) for m in manifests for cid, n in zip(m.class_ids, m.class_names)}
-    names = sorted(label, key=label.get)
+    names = sorted(label, key=lambda name: label[name])
     manifest = dict(format_version=FORMAT_VERSION, dataset=dataset, split=split,
                     num_samples=sum(e["num_samples"] for e in entries), num_classes=len(names), class_names=names,
                     class_ids=[owners[n][0] for n in names], shards=entries, skipped=dict(count=0, paths=[]),

@@ -3,14 +3,17 @@
 `DeviceLoader` (data_shards/device_loader.py) whose batches are on the training device."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
+from dataclasses import dataclass
 
 import torch
 
 from .errors import DataError, StoreUnavailable
 from .manifest import Manifest, read_manifest
-from .stream import DECODES, SAMPLERS, EncodedBatch, EvalStream, LabelList, TrainStream, batches_per_epoch
+from .sampler import classes_per_batch
+from .stream import DECODES, SAMPLERS, EncodedBatch, EvalStream, LabelList, Sampling, TrainStream, batches_per_epoch
 from .transforms import TransformConfig, as_transform_config
 from .verify import VERIFY, verify_shards
 from .workers import OPEN_LOADERS, make_dataloader, stop_workers
@@ -95,6 +98,40 @@ class ShardLoader:
         return self.length
 
 
+@dataclass(frozen=True)
+class LoaderOptions:
+    """How a loader reads, checks and decodes its shards: the same for a run's train and eval loaders.
+
+    num_workers: loader worker processes (0: read in this process). decode: "cpu" (the workers decode and
+    augment), "gpu" (they only read the bytes; decoded and augmented on `device`, which must be CUDA) or "none"
+    (the bytes themselves). device: with it the loader is a data_shards.device_loader.DeviceLoader whose batches
+    are on that device, whichever decoder made them. verify: "quick" (size and first sample of each shard),
+    "sha256" (also every shard's hash, once per process) or "off"; see data_shards/verify.py.
+    persistent_workers: the worker processes live from the first iteration to the loader's end, so an epoch (an
+    evaluation) starts without spawning them."""
+    num_workers: int = 2
+    decode: str = "cpu"
+    device: torch.device | str | None = None
+    verify: str = "quick"
+    pin_memory: bool = False
+    prefetch_factor: int = 2
+    persistent_workers: bool = False
+
+
+def _options(options: LoaderOptions | None, sampling: Sampling | None, caller: str, **fields):
+    """`options` and `sampling` (defaults when None) with `fields` replaced: the fields of both may be given as
+    keywords of the loaders too (a shorthand for scripts and tests). TypeError for any other keyword."""
+    options, sampling = options or LoaderOptions(), sampling or Sampling()
+    own = {f.name for f in dataclasses.fields(LoaderOptions)}
+    of_sampling = {f.name for f in dataclasses.fields(Sampling)} if caller == "train_loader" else set()
+    unknown = set(fields) - own - of_sampling
+    if unknown:
+        raise TypeError(f"{caller}() got an unexpected keyword argument {sorted(unknown)[0]!r}")
+    options = dataclasses.replace(options, **{k: v for k, v in fields.items() if k in own})
+    sampling = dataclasses.replace(sampling, **{k: v for k, v in fields.items() if k in of_sampling})
+    return options, sampling
+
+
 def _check(batch_size, num_workers, rank, world_size, decode, verify):
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
@@ -108,38 +145,27 @@ def _check(batch_size, num_workers, rank, world_size, decode, verify):
         raise ValueError(f"verify must be one of {VERIFY}, got {verify!r}")
 
 
-def train_loader(split_dir, batch_size: int, num_workers: int = 2, seed: int = 0, epoch: int = 0,
-                 rank: int = 0, world_size: int = 1, transform: TransformConfig | None = None,
-                 start_batch: int = 0, decode: str = "cpu", shuffle_buffer: int = 1000,
-                 pin_memory: bool = False, prefetch_factor: int = 2, verify: str = "quick",
-                 persistent_workers: bool = False, draft: bool = False, sampler: str = "shuffle",
-                 m_per_class: int = 4, sampler_window: int = 16, device=None):
+def train_loader(split_dir, batch_size: int, seed: int = 0, epoch: int = 0, rank: int = 0, world_size: int = 1,
+                 transform: TransformConfig | None = None, start_batch: int = 0, *,
+                 options: LoaderOptions | None = None, sampling: Sampling | None = None, **fields):
     """Batches `(images float (B,3,H,W), labels int64 (B,))` of one rank for one epoch (decode="none":
     `(list of uint8 tensors of the encoded images, labels)`). `len()` is the same on every rank.
 
-    decode: "cpu" (the workers decode and augment), "gpu" (they only read the bytes; decoded and augmented on
-    `device`, which must be CUDA) or "none" (the bytes themselves). With `device` the loader is a
-    data_shards.device_loader.DeviceLoader whose batches are on that device, whichever decoder made them: the
-    trainer's one entry (the device augmentation is seeded by seed + rank, epoch and batch position).
+    `options` (LoaderOptions: workers, decode, device, verify) and `sampling` (Sampling: shuffle or m_per_class
+    batches); their fields may also be given as keywords (`num_workers=0, sampler="m_per_class"`). With a
+    device the loader is a data_shards.device_loader.DeviceLoader: the trainer's one entry (the device
+    augmentation is seeded by seed + rank, epoch and batch position).
 
     The next epochs: `loader.set_epoch(epoch, start_batch)`, then iterate again (the same batches as a new
-    loader for that epoch). persistent_workers: the worker processes live from the first iteration to the
-    loader's end, so an epoch starts without spawning them. draft: decode JPEGs at reduced size where the
-    crop allows it (transforms.TrainAugment; the crops keep their distribution, the pixels differ slightly).
-    sampler: "shuffle" (default) or "m_per_class": every batch holds batch_size / m_per_class classes with
-    m_per_class samples each, grouped within windows of sampler_window batches per worker (see the module
-    docstring); batch_size (per rank) must be a multiple of m_per_class.
-
-    verify: "quick" (size and first sample of each shard), "sha256" (also every shard's hash, once per
-    process) or "off"; see data_shards/verify.py. Raises MissingData / BadManifest (read_manifest),
-    DamagedShard (here or while iterating), DataError when the split gives no full batch, ValueError on bad
-    arguments."""
-    _check(batch_size, num_workers, rank, world_size, decode, verify)
-    if sampler not in SAMPLERS:
-        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
-    if sampler == "m_per_class" and (m_per_class < 1 or batch_size % m_per_class or sampler_window < 1):
-        raise ValueError(f"m_per_class sampler: m_per_class={m_per_class!r} must divide the per-rank batch_size="
-                         f"{batch_size} and sampler_window={sampler_window!r} must be >= 1")
+    loader for that epoch). Raises MissingData / BadManifest (read_manifest), DamagedShard (here or while
+    iterating), DataError when the split gives no full batch, ValueError on bad arguments."""
+    o, s = _options(options, sampling, "train_loader", **fields)
+    _check(batch_size, o.num_workers, rank, world_size, o.decode, o.verify)
+    if s.sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {SAMPLERS}, got {s.sampler!r}")
+    if s.sampler == "m_per_class" and (classes_per_batch(batch_size, s.m_per_class) is None or s.sampler_window < 1):
+        raise ValueError(f"m_per_class sampler: m_per_class={s.m_per_class!r} must divide the per-rank batch_size="
+                         f"{batch_size} and sampler_window={s.sampler_window!r} must be >= 1")
     m = split_dir if isinstance(split_dir, Manifest) else read_manifest(split_dir)
     L = batches_per_epoch(m.num_samples, batch_size * world_size)
     if L == 0:
@@ -147,37 +173,40 @@ def train_loader(split_dir, batch_size: int, num_workers: int = 2, seed: int = 0
                         f"batch_size={batch_size} on world_size={world_size} ranks; lower the batch size")
     if not 0 <= start_batch < L:
         raise ValueError(f"train_loader: start_batch must be in [0, {L}), got {start_batch!r}")
-    verify_shards(m, verify, rank, world_size)
+    verify_shards(m, o.verify, rank, world_size)
     tf = as_transform_config(transform)
-    stream = TrainStream(m, batch_size, seed, epoch, rank, world_size, max(1, num_workers), start_batch,
-                         tf, _worker_decode(decode), shuffle_buffer, verify, draft, sampler, m_per_class,
-                         sampler_window)
-    loader = make_dataloader(stream, num_workers, pin_memory, prefetch_factor, persistent_workers)
-    loader = ShardLoader(loader, L, m, stream, verify, batches_per_epoch=L, start_batch=start_batch, epoch=epoch)
-    return _on_device(loader, decode, device, tf, train=True, seed=seed + rank)
+    stream = TrainStream(m, batch_size=batch_size, seed=seed, epoch=epoch, rank=rank, world_size=world_size,
+                         slots_per_rank=max(1, o.num_workers), start_batch=start_batch, transform=tf,
+                         decode=_worker_decode(o.decode), verify=o.verify, sampling=s)
+    loader = ShardLoader(_dataloader(stream, o), L, m, stream, o.verify, batches_per_epoch=L,
+                         start_batch=start_batch, epoch=epoch)
+    return _on_device(loader, o.decode, o.device, tf, train=True, seed=seed + rank)
 
 
-def eval_loader(split_dir, batch_size: int, num_workers: int = 2, rank: int = 0, world_size: int = 1,
-                transform: TransformConfig | None = None, decode: str = "cpu",
-                pin_memory: bool = False, prefetch_factor: int = 2, verify: str = "quick",
-                persistent_workers: bool = False, device=None):
+def eval_loader(split_dir, batch_size: int, rank: int = 0, world_size: int = 1,
+                transform: TransformConfig | None = None, *, options: LoaderOptions | None = None, **fields):
     """Batches `(images, labels, keys)`; over all ranks and workers every sample comes exactly once
-    (counts per rank may differ). keys are the original image paths. decode, device, verify and errors: as
-    train_loader.
-    persistent_workers: the loader can be iterated again (each evaluation) by the same worker processes, until
-    `close()`; the shards are checked again (`verify`) at each later iteration, as when a loader is made."""
-    _check(batch_size, num_workers, rank, world_size, decode, verify)
+    (counts per rank may differ). keys are the original image paths. options (or their fields as keywords)
+    and errors: as train_loader. With persistent_workers the loader can be iterated again (each evaluation) by
+    the same worker processes, until `close()`; the shards are checked again (`verify`) at each later
+    iteration, as when a loader is made."""
+    o, _ = _options(options, None, "eval_loader", **fields)
+    _check(batch_size, o.num_workers, rank, world_size, o.decode, o.verify)
     m = split_dir if isinstance(split_dir, Manifest) else read_manifest(split_dir)
-    verify_shards(m, verify, rank, world_size)
-    V = max(1, num_workers)
+    verify_shards(m, o.verify, rank, world_size)
+    V = max(1, o.num_workers)
     tf = as_transform_config(transform)
-    stream = EvalStream(m, batch_size, rank, world_size, V, tf, _worker_decode(decode), verify)
+    stream = EvalStream(m, batch_size, rank, world_size, V, tf, _worker_decode(o.decode), o.verify)
     plan = stream.plan()
     per_slot = [sum(u.size for u in plan[rank * V + w]) for w in range(V)]
     length = sum(math.ceil(n / batch_size) for n in per_slot)
-    loader = ShardLoader(make_dataloader(stream, num_workers, pin_memory, prefetch_factor, persistent_workers),
-                         length, m, verify=verify, num_samples=sum(per_slot), rank=rank, world_size=world_size)
-    return _on_device(loader, decode, device, tf, train=False)
+    loader = ShardLoader(_dataloader(stream, o), length, m, verify=o.verify, num_samples=sum(per_slot), rank=rank,
+                         world_size=world_size)
+    return _on_device(loader, o.decode, o.device, tf, train=False)
+
+
+def _dataloader(stream, o: LoaderOptions):
+    return make_dataloader(stream, o.num_workers, o.pin_memory, o.prefetch_factor, o.persistent_workers)
 
 
 def _worker_decode(decode: str) -> str:
@@ -198,4 +227,4 @@ def _on_device(loader: ShardLoader, decode: str, device, transform, train: bool,
     return DeviceLoader(loader, decode, device, transform, train, seed=seed if decode == "gpu" else None)
 
 
-__all__ = ["ShardLoader", "eval_loader", "train_loader"]
+__all__ = ["LoaderOptions", "Sampling", "ShardLoader", "eval_loader", "train_loader"]

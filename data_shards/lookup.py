@@ -8,11 +8,17 @@ import os
 import tarfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import IO, cast
 
 from webdataset.tariterators import base_plus_ext
 
 from .manifest import read_manifest
 from .stream import IMAGE_EXTS, sample_key
+
+
+def _open(tar: tarfile.TarFile, member: tarfile.TarInfo) -> IO[bytes]:
+    """The data of a regular member (extractfile gives None only for other kinds)."""
+    return cast(IO[bytes], tar.extractfile(member))
 
 
 def shard_image_lookup(split_dir: str | os.PathLike) -> Callable[[Iterable[str]], dict]:
@@ -44,14 +50,14 @@ def shard_image_lookup(split_dir: str | os.PathLike) -> Callable[[Iterable[str]]
                     key, ext = base_plus_ext(member.name) if member.isfile() else (None, None)
                     if key is None:
                         continue
-                    ext = ext.lower()
+                    ext = str(ext).lower()
                     if ext.split(".")[-1] in IMAGE_EXTS:
                         index.setdefault(key, (shard, member))
                     elif ext == "json":
                         metas.append((key, member))
                 for key, member in metas:  # the eval stream's keys are the original paths kept in the json
                     if key in index:
-                        with tar.extractfile(member) as f:
+                        with _open(tar, member) as f:
                             index.setdefault(sample_key({"__key__": key, "json": f.read()}), index[key])
 
     def lookup(keys: Iterable[str]) -> dict:
@@ -68,7 +74,7 @@ def shard_image_lookup(split_dir: str | os.PathLike) -> Callable[[Iterable[str]]
         for shard, members in by_shard.items():
             with tarfile.open(shard) as tar:
                 for key, member in members:
-                    with tar.extractfile(member) as f:
+                    with _open(tar, member) as f:
                         image = Image.open(f)
                         image.load()
                     images[key] = image

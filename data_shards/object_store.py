@@ -215,7 +215,9 @@ class S3Reader(io.RawIOBase):
         super().__init__()
         self.url, self.what = url, what
         self.bucket, self.key = split_url(url)
-        self.pos, self.size, self.etag = 0, None, None
+        self.pos = 0
+        self.size: int | None = None
+        self.etag: str | None = None
         self._body = None
         self._open(0)
 

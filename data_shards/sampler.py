@@ -5,6 +5,12 @@ from __future__ import annotations
 import random
 
 
+def classes_per_batch(batch_size: int, m: int) -> int | None:
+    """The m_per_class rule: a batch of `batch_size` is batch_size // m classes of m samples each. That number of
+    classes, or None when there is no such batch (m < 1, or m does not divide batch_size)."""
+    return batch_size // m if m >= 1 and batch_size % m == 0 else None
+
+
 def m_per_class_groups(labels: list, num_batches: int, batch_size: int, m: int, rng: random.Random) -> list[list[int]]:
     """`num_batches` lists of `batch_size` indices into `labels` (any hashable class ids, e.g. ints), each made
     of batch_size // m distinct classes with m indices of that class, the classes' runs consecutive.
@@ -15,17 +21,17 @@ def m_per_class_groups(labels: list, num_batches: int, batch_size: int, m: int, 
     indices repeats some in the batch, as pytorch-metric-learning's MPerClassSampler does). Deterministic
     given the rng's state. Raises ValueError when m does not divide batch_size or when labels hold fewer than
     batch_size // m classes."""
-    if m < 1 or batch_size % m:
+    per_batch = classes_per_batch(batch_size, m)
+    if per_batch is None:
         raise ValueError(f"m_per_class: m={m} must be >= 1 and divide the batch size {batch_size}")
     by_class: dict = {}
     for i, y in enumerate(labels):
         by_class.setdefault(y, []).append(i)
     classes = sorted(by_class)
-    per_batch = batch_size // m
     if len(classes) < per_batch:
         raise ValueError(f"m_per_class: a batch of {batch_size} needs {per_batch} classes of m={m} samples, but "
                          f"this window of {len(labels)} samples holds only {len(classes)} classes")
-    unused = {c: [] for c in classes}
+    unused: dict = {c: [] for c in classes}
 
     def take(c) -> int:
         if not unused[c]:

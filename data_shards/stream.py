@@ -54,7 +54,7 @@ from .errors import DamagedShard, DataError, StoreUnavailable
 from .manifest import Manifest
 from .sampler import m_per_class_groups
 from .tar_reader import tar_samples
-from .transforms import TrainAugment, batch_to_float, decode_image, eval_transform
+from .transforms import TrainAugment, TransformConfig, batch_to_float, decode_image, eval_transform
 from .verify import check_sample, check_size, rewrite_hint
 
 log = logging.getLogger("data_shards")
@@ -223,20 +223,36 @@ def _worker() -> tuple[int, int]:
     return (0, 1) if info is None else (info.id, info.num_workers)
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """How the train stream makes batches of the samples it reads.
+
+    sampler: "shuffle" (a shuffle buffer of `shuffle_buffer` samples per reader) or "m_per_class": every batch
+    holds batch_size / m_per_class classes with m_per_class samples each, grouped within windows of
+    `sampler_window` batches per reader (the per-rank batch must be a multiple of m_per_class). draft: decode
+    JPEGs at reduced size where the crop allows it (transforms.TrainAugment)."""
+    sampler: str = "shuffle"
+    m_per_class: int = 4
+    sampler_window: int = 16
+    shuffle_buffer: int = 1000
+    draft: bool = False
+
+
 class TrainStream(IterableDataset):
     """The batches of one rank for epoch `epoch` from batch `start_batch` on; `set_epoch` moves it to another
     (epoch, start_batch), which loader workers that live across epochs see at their next iteration (the two
-    numbers are in shared memory)."""
+    numbers are in shared memory). `slots_per_rank`: readers per rank (loader workers, at least 1); `decode`:
+    "cpu" (decode and augment) or "none" (the encoded bytes)."""
 
-    def __init__(self, m: Manifest, batch_size, seed, epoch, rank, world_size, slots_per_rank,
-                 start_batch, transform, decode, shuffle_buffer, verify="quick", draft=False,
-                 sampler="shuffle", m_per_class=4, window=16):
+    def __init__(self, m: Manifest, *, batch_size: int, seed: int, epoch: int, rank: int, world_size: int,
+                 slots_per_rank: int, start_batch: int, transform: TransformConfig, decode: str,
+                 verify: str = "quick", sampling: Sampling = Sampling()):
         super().__init__()
-        self.sampler, self.m_per_class, self.window = sampler, m_per_class, window
+        self.sampler, self.m_per_class, self.window = sampling.sampler, sampling.m_per_class, sampling.sampler_window
         self.m, self.batch_size, self.seed = m, batch_size, seed
         self.rank, self.world_size, self.V = rank, world_size, slots_per_rank
-        self.transform, self.decode, self.draft = transform, decode, draft
-        self.shuffle_buffer, self.verify = shuffle_buffer, verify != "off"
+        self.transform, self.decode, self.draft = transform, decode, sampling.draft
+        self.shuffle_buffer, self.verify = sampling.shuffle_buffer, verify != "off"
         self.batches_per_epoch = batches_per_epoch(m.num_samples, batch_size * world_size)
         self.where = torch.tensor([epoch, start_batch], dtype=torch.int64).share_memory_()
 
@@ -349,7 +365,7 @@ class TrainStream(IterableDataset):
         B = self.batch_size
         for attempt in itertools.count(1):
             raw = list(itertools.islice(samples, B))
-            items = []
+            items: list = []  # (bytes, label), None for a sample that could not be read
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(hash_seed(self._tag("aug", self.rank, position)))
                 for s in raw:

@@ -27,8 +27,8 @@ import itertools
 import os
 import re
 import tarfile
-from collections.abc import Callable, Iterator
-from typing import BinaryIO
+from collections.abc import Callable, Generator, Iterator
+from typing import BinaryIO, cast
 
 import webdataset as wds
 from webdataset.tariterators import base_plus_ext, group_by_keys, meta_prefix, meta_suffix, tar_file_expander
@@ -71,8 +71,8 @@ def is_header(block: bytes) -> bool:
 
 def _checksum_ok(block: bytes) -> bool:
     try:
-        return tarfile.nti(block[148:156]) in tarfile.calc_chksums(block)
-    except tarfile.InvalidHeaderError:
+        return tarfile.nti(block[148:156]) in tarfile.calc_chksums(block)  # type: ignore[attr-defined]  # private
+    except tarfile.InvalidHeaderError:  # type: ignore[attr-defined]  # tarfile's own, not in typeshed
         return False
 
 
@@ -97,7 +97,7 @@ def local_members(path: str | None, url: str, wanted: Callable[[str], bool] | No
     (name, b"") without being read (their data is seeked over). Raises TarFormatError on a header with a bad
     checksum or a member cut short; ends at the two zero blocks or at the end of the file."""
     pax_global: dict[str, str] = {}
-    with stream if stream is not None else open(path, "rb", buffering=1 << 20) as f:
+    with stream if stream is not None else open(cast(str, path), "rb", buffering=1 << 20) as f:
         pending: dict[str, str] = {}
         long_name: str | None = None
         while True:
@@ -109,13 +109,13 @@ def local_members(path: str | None, url: str, wanted: Callable[[str], bool] | No
             if not _checksum_ok(block):
                 raise TarFormatError(f"bad tar header checksum at byte {f.tell() - BLOCK} @ {url}")
             kind = block[156:157]
-            size = tarfile.nti(block[124:136])
+            size = tarfile.nti(block[124:136])  # type: ignore[attr-defined]  # tarfile's own, not in typeshed
             if size < 0:
                 raise TarFormatError(f"negative member size at byte {f.tell() - BLOCK} @ {url}")
             if kind == tarfile.GNUTYPE_SPARSE:
                 raise NotPlain(url)
-            name = tarfile.nts(block[0:100], ENCODING, ERRORS)
-            prefix = tarfile.nts(block[345:500], ENCODING, ERRORS)
+            name = tarfile.nts(block[0:100], ENCODING, ERRORS)  # type: ignore[attr-defined]  # as nti
+            prefix = tarfile.nts(block[345:500], ENCODING, ERRORS)  # type: ignore[attr-defined]  # as nti
             if prefix and kind not in tarfile.GNU_TYPES:  # tarfile's rule, whatever the magic
                 name = prefix + "/" + name
             if kind == tarfile.AREGTYPE and name.endswith("/"):  # old V7: a directory as a file with a slash
@@ -127,7 +127,7 @@ def local_members(path: str | None, url: str, wanted: Callable[[str], bool] | No
                 if len(data) < padded:
                     raise TarFormatError(f"unexpected end of data in an extended header @ {url}")
                 if kind == tarfile.GNUTYPE_LONGNAME:
-                    long_name = tarfile.nts(data[:size], ENCODING, ERRORS)
+                    long_name = tarfile.nts(data[:size], ENCODING, ERRORS)  # type: ignore[attr-defined]  # as nti
                 elif kind == tarfile.XGLTYPE:
                     pax_global.update(_pax_records(data[:size]))
                 elif kind != tarfile.GNUTYPE_LONGLINK:
@@ -191,7 +191,7 @@ def _files(path: str | None, url: str, handler, start: int, stream: BinaryIO | N
             raise
 
 
-def tar_samples(url: str, handler: Callable[[Exception], bool], start: int = 0) -> Iterator[dict]:
+def tar_samples(url: str, handler: Callable[[Exception], bool], start: int = 0) -> Generator[dict, None, None]:
     """The samples of shard `url` from its `start`-th on (0-based, in the shard's order), each a dict of its fields'
     bytes by extension plus `__key__` and `__url__`: `webdataset.tarfile_samples([{"url": url}], handler)` with
     the first `start` skipped. Local plain tars are read by `local_members` (the skipped samples' data never

@@ -16,6 +16,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Any
 
 import numpy as np
 import torch
@@ -75,7 +76,8 @@ def as_transform_config(cfg) -> TransformConfig:
     unknown = set(cfg) - set(TransformConfig.__dataclass_fields__)
     if unknown:
         raise ValueError(f"transform: unknown keys {sorted(unknown)}")
-    return TransformConfig(**{k: list(v) if isinstance(v, (list, tuple)) else v for k, v in cfg.items()})
+    fields: dict[str, Any] = {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in cfg.items()}
+    return TransformConfig(**fields)
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

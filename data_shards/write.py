@@ -175,7 +175,9 @@ def drop_duplicates(splits: dict[str, list[Record]]) -> dict[str, list[str]]:
 
 def plan_shards(records: list[Record], shard_size: int) -> list[list[int]]:
     """Cut record indices into consecutive groups of about shard_size bytes (at least one each)."""
-    groups, current, size = [], [], 0
+    groups: list[list[int]] = []
+    current: list[int] = []
+    size = 0
     for i, rec in enumerate(records):
         n = os.path.getsize(rec.file) if os.path.exists(rec.file) else 0
         if current and size + n > shard_size:
@@ -242,7 +244,7 @@ def write_split(fmt: str, split: str, records: list[Record], split_dir: str, *, 
         if re.fullmatch(rf"{fmt}-\d{{6}}\.tar(\.tmp)?", stale):
             os.remove(os.path.join(split_dir, stale))
     groups = plan_shards(records, shard_size)
-    entries = [None] * len(groups)
+    entries: list[dict] = [{} for _ in groups]
     with ProcessPoolExecutor(max_workers=workers) as pool, \
             tqdm(total=len(records), desc=f"{fmt} {split}", unit="img", disable=not progress) as bar:
         futures = {pool.submit(write_shard, os.path.join(split_dir, f"{fmt}-{k:06d}.tar"),

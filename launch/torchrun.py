@@ -172,9 +172,9 @@ def install_hooks(args) -> None:
         if any(getattr(h.proc, "returncode", None) == EXIT_USER_ERROR for h in handlers.values()):
             refused_input()
 
-    SimpleElasticAgent._rendezvous = _rendezvous
-    LocalElasticAgent._monitor_workers = _monitor_workers
-    LocalElasticAgent._shutdown = _shutdown
+    SimpleElasticAgent._rendezvous = _rendezvous  # type: ignore[method-assign]  # patched on purpose, see above
+    LocalElasticAgent._monitor_workers = _monitor_workers  # type: ignore[method-assign]  # patched on purpose, see above
+    LocalElasticAgent._shutdown = _shutdown  # type: ignore[method-assign]  # patched on purpose, see above
 
 
 USER_ERROR_SEEN = False  # set when a worker exited with a user error: this launcher then exits 2, whatever follows

@@ -16,6 +16,7 @@ of a single process on the concatenated batch.
 from __future__ import annotations
 
 import inspect
+from typing import Any, cast
 
 import torch
 from pytorch_metric_learning import losses, miners
@@ -154,7 +155,7 @@ class MetricLoss(CriterionBase):
         gather: bool = True,
     ):
         super().__init__()
-        cls = getattr(losses, name, None)
+        cls: Any = getattr(losses, name, None)
         if name in UNSUITABLE:
             raise ValueError(f"loss.name: {name} cannot be trained here ({UNSUITABLE[name]}); choose {loss_choices()}")
         if not (inspect.isclass(cls) and name.endswith("Loss")):
@@ -164,17 +165,17 @@ class MetricLoss(CriterionBase):
         for arg in init_parameters(cls) & _CLASS_ARGS.keys():
             kwargs.setdefault(arg, sizes[_CLASS_ARGS[arg]])
         try:
-            self.loss_fn = cls(**kwargs)
+            self.loss_fn = cast(nn.Module, cls(**kwargs))
         except TypeError as e:
             raise ValueError(f"loss.kwargs: {name} rejects {kwargs}: {e}") from e
-        self.miner = None
+        self.miner: nn.Module | None = None
         if miner:
-            mcls = getattr(miners, miner, None)
+            mcls: Any = getattr(miners, miner, None)
             if not inspect.isclass(mcls):
                 names = sorted(n for n in vars(miners) if n.endswith("Miner"))
                 raise ValueError(f"loss.miner: unknown miner {miner!r}; choose one of {names}")
             try:
-                self.miner = mcls(**(miner_kwargs or {}))
+                self.miner = cast(nn.Module, mcls(**(miner_kwargs or {})))
             except TypeError as e:
                 raise ValueError(f"loss.miner_kwargs: {miner} rejects {miner_kwargs}: {e}") from e
         self.name = name

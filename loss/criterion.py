@@ -13,6 +13,10 @@ import torch
 from torch import Tensor, nn
 
 
+class NonFiniteEmbeddings(ValueError):
+    """The embeddings a criterion was given hold nan or inf: the weights upstream are no longer finite."""
+
+
 @runtime_checkable
 class Criterion(Protocol):
     """``loss = crit(embeddings (M, dim) float, labels (M,) int64)``: a scalar, the global loss on every rank."""

@@ -3,7 +3,7 @@ with an optional miner (loss/baselines.py), in modes gather (the loss sees the g
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from loss.family import LossContext, LossFamily
 
@@ -62,5 +62,5 @@ def _plain(node: Any) -> dict:
     """A dict from an omegaconf node or a dict."""
     if hasattr(node, "_metadata"):
         from omegaconf import OmegaConf
-        return OmegaConf.to_container(node)
+        return cast(dict, OmegaConf.to_container(node))
     return dict(node or {})

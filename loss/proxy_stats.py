@@ -62,8 +62,8 @@ def gini_from_histogram(values: np.ndarray, freq: np.ndarray) -> float:
     """Gini coefficient of non-negative integer counts given as (value, frequency) pairs (any order), exactly as
     of the sorted list: sum_i (2i - n - 1) x_i / (n sum x)."""
     order = np.argsort(values)
-    values, freq = [int(v) for v in np.asarray(values)[order]], [int(f) for f in np.asarray(freq)[order]]
-    n, total, below, acc = sum(freq), sum(v * f for v, f in zip(values, freq)), 0, 0
+    xs, fs = [int(v) for v in np.asarray(values)[order]], [int(f) for f in np.asarray(freq)[order]]
+    n, total, below, acc = sum(fs), sum(v * f for v, f in zip(xs, fs)), 0, 0
     if n == 0 or total == 0:
         return 0.0
     for v, h in zip(values, freq):  # positions below+1 .. below+h: sum of (2i - n - 1) = h (2 below + h - n)

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from loss.criterion import CriterionBase
+from loss.criterion import CriterionBase, NonFiniteEmbeddings
 
 NO_EDGE_LOSS = -math.log(1e-20)  # the released code's -log(0 + 1e-20)
 _NO_CLASS = torch.iinfo(torch.int64).max  # class id of padding entries in class_scores
@@ -69,7 +69,8 @@ def check_scale(scale) -> float:
 
 
 def check_inputs(embeddings: Tensor, labels: Tensor, dim: int, num_classes: int) -> None:
-    """Raise ValueError naming the bad argument (one host sync for the value checks)."""
+    """Raise ValueError naming the bad argument (one host sync for the value checks); NonFiniteEmbeddings (a
+    ValueError) for nan or inf in `embeddings`."""
     if not isinstance(embeddings, Tensor) or embeddings.dim() != 2 or embeddings.shape[1] != dim:
         shape = tuple(embeddings.shape) if isinstance(embeddings, Tensor) else type(embeddings).__name__
         raise ValueError(f"embeddings must have shape (M, {dim}), got {shape}")
@@ -87,7 +88,7 @@ def check_inputs(embeddings: Tensor, labels: Tensor, dim: int, num_classes: int)
     bad = torch.stack([~torch.isfinite(embeddings).all(), (labels < 0).any() | (labels >= num_classes).any()])
     bad_finite, bad_range = bad.tolist()
     if bad_finite:
-        raise ValueError("embeddings contain non-finite values (nan or inf)")
+        raise NonFiniteEmbeddings("embeddings contain non-finite values (nan or inf)")
     if bad_range:
         lo, hi = labels.min().item(), labels.max().item()
         raise ValueError(f"labels must lie in [0, {num_classes}), got values in [{lo}, {hi}]")
@@ -337,6 +338,7 @@ class ProxyGMLBase(CriterionBase):
         self.class_start, self.class_stop = start, stop
         self.proxy_start, self.proxy_stop = start * n, stop * n
         self.proxies = nn.Parameter(proxies)
+        self.selection_counts: Tensor
         self.register_buffer("selection_counts", torch.zeros(self.proxy_stop - self.proxy_start,
                                                              dtype=torch.int64), persistent=False)
 

@@ -37,10 +37,6 @@ class ShardedProxyGML(RowSharded, ProxyGMLBase):
 
     sharded_tables = ("proxies",)
 
-    @property
-    def rows_per_class(self) -> int:
-        return self.proxies_per_class
-
     def __init__(self, num_classes: int, dim: int, *args, group=None, seed: int = 0, candidate_factor: float = 2.0,
                  **kwargs):
         super().__init__(num_classes, dim, *args, group=group, **kwargs)  # the hyperparameters: ProxyGMLBase
@@ -50,6 +46,7 @@ class ShardedProxyGML(RowSharded, ProxyGMLBase):
         if not candidate_factor > 0:
             raise ValueError(f"candidate_factor must be > 0, got {candidate_factor!r}")
         self.candidate_factor = float(candidate_factor)
+        self.rows_per_class = self.proxies_per_class  # the rows of the sharded table per class (RowSharded)
         start, stop = block(num_classes, size, rank)
         n = self.proxies_per_class
         self.hold_classes(start, stop, init_proxy_rows(num_classes * n, dim, start * n, stop * n, seed))

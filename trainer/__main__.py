@@ -49,7 +49,7 @@ def main(argv=None) -> int:
         return 0
     from trainer import distributed
     from trainer.build import train
-    from trainer.errors import stop_with_launcher
+    from trainer.errors import StalledPeer, is_collective_timeout, stop_with_launcher
     stop_with_launcher()
     try:
         env = distributed.setup(cfg.run.device, backend=cfg.run.dist_backend,
@@ -59,8 +59,8 @@ def main(argv=None) -> int:
         if isinstance(e, ConfigError) and aliases:  # e.g. a resume's check names a key written in the old spelling
             e = ConfigError(as_written(str(e), aliases))
         quiet = isinstance(e, ConfigError) or getattr(e, "same_on_every_rank", False)
-        if world_size > 1 and distributed.is_collective_timeout(e):  # a peer stopped answering: name it
-            e = distributed.StalledPeer(distributed.describe_stall(cfg.run.collective_timeout_s))
+        if world_size > 1 and is_collective_timeout(e):  # a peer stopped answering: name it
+            e = StalledPeer(distributed.describe_stall(cfg.run.collective_timeout_s))
         code = report(e, rank, world_size, quiet_ranks=quiet)
         from trainer.errors import kill_children
         kill_children()

@@ -24,7 +24,7 @@ def small_cnn(width: int = 64) -> nn.Sequential:
         return layers + ([nn.MaxPool2d(2)] if pool else [])
 
     w = width
-    net = nn.Sequential(*block(3, w // 2, True), *block(w // 2, w, True), *block(w, 2 * w, True),
+    net: Any = nn.Sequential(*block(3, w // 2, True), *block(w // 2, w, True), *block(w, 2 * w, True),
                         *block(2 * w, 2 * w, False))
     net.num_features = 2 * w
     return net
@@ -53,7 +53,7 @@ class Backbone:
     module: nn.Module  # images -> (B, features) when pooled, else (B, C, H, W)
     features: int
     pooled: bool
-    weights_target: nn.Module  # the module whose state dict a weights file holds
+    weights_target: Any  # the module whose state dict a weights file holds (timm's forward_features)
     classifier: tuple[str, ...]  # key prefixes of a weights file that may go unused
     filter_fn: Any = None  # timm's checkpoint_filter_fn(state, model) for this architecture
 
@@ -65,7 +65,7 @@ def _feature_size(name: str, global_pool: str, kwargs: dict, net) -> int:
         "input_size", (3, 224, 224))[1:]
     try:
         with torch.device("meta"):
-            twin = timm.create_model(name, pretrained=False, num_classes=0, global_pool=global_pool, **kwargs)
+            twin: Any = timm.create_model(name, pretrained=False, num_classes=0, global_pool=global_pool, **kwargs)
             out = twin.forward_features(torch.empty(1, 3, *size))
             if global_pool:
                 return int(twin.forward_head(out, pre_logits=True).shape[-1])
@@ -83,14 +83,15 @@ def check_backbone(name: str) -> None:
 def new_backbone(name: str, pooling: str = "avg", kwargs: dict | None = None, width: int = 64) -> Backbone:
     """Backbone `name` with random weights (see `Backbone`)."""
     kwargs = dict(kwargs or {})
+    net: Any  # timm's attributes (num_features, pretrained_cfg, forward_features) on every kind
     if name == "small_cnn":
         net = small_cnn(width)
         return Backbone(net, net.num_features, False, net, ())
     if name == "bninception":
         from trainer.bninception import CLASSIFIER, BNInception
         net = BNInception()
-        features = FeatureExtractor(net, pooled=False, timm_model=False)
-        return Backbone(features, net.num_features, False, net, (CLASSIFIER,))
+        extractor = FeatureExtractor(net, pooled=False, timm_model=False)
+        return Backbone(extractor, net.num_features, False, net, (CLASSIFIER,))
     pooled = pooling != "gem"
     net = timm.create_model(name, pretrained=False, num_classes=0, global_pool=pooling if pooled else "", **kwargs)
     features = _feature_size(name, pooling if pooled else "", kwargs, net)

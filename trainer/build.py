@@ -19,7 +19,16 @@ from dataclasses import dataclass
 import torch
 
 import collectives
-from data_shards import batches_per_epoch, check_decode, eval_loader, object_store, read_manifest, train_loader
+from data_shards import (
+    LoaderOptions,
+    Sampling,
+    batches_per_epoch,
+    check_decode,
+    eval_loader,
+    object_store,
+    read_manifest,
+    train_loader,
+)
 from data_shards.object_store import is_s3
 from loss import get_family
 from trainer.checkpoint import Checkpointer
@@ -145,11 +154,13 @@ class RunLoaders:
 
     def __init__(self, cfg, plan: Plan, env):
         d = cfg.data
-        common = dict(num_workers=d.num_workers, rank=env.rank, world_size=env.world_size, transform=d.transform,
-                      decode=d.decode, device=env.device, verify=d.verify, persistent_workers=d.persistent_workers)
-        self._train = functools.partial(
-            train_loader, plan.train_dir, batch_size=plan.per_rank_batch, seed=cfg.run.seed, draft=d.draft_decode,
-            sampler=d.sampler, m_per_class=d.m_per_class, sampler_window=d.sampler_window, **common)
+        options = LoaderOptions(num_workers=d.num_workers, decode=d.decode, device=env.device, verify=d.verify,
+                                persistent_workers=d.persistent_workers)
+        common = dict(rank=env.rank, world_size=env.world_size, transform=d.transform, options=options)
+        sampling = Sampling(sampler=d.sampler, m_per_class=d.m_per_class, sampler_window=d.sampler_window,
+                            draft=d.draft_decode)
+        self._train = functools.partial(train_loader, plan.train_dir, batch_size=plan.per_rank_batch,
+                                        seed=cfg.run.seed, sampling=sampling, **common)
         self._eval = functools.partial(eval_loader, plan.test_dir, batch_size=cfg.eval.batch_size, **common)
         self._val = functools.partial(eval_loader, plan.val_dir, batch_size=cfg.eval.batch_size, **common)
         self.batches_per_epoch = plan.batches_per_epoch
@@ -187,9 +198,7 @@ def schedule(cfg) -> Schedule:
         progress_every_steps=cfg.train.log_every_steps, track_every_steps=cfg.tracking.log_every_steps,
         eval_every_epochs=cfg.eval.every_epochs, eval_at_start=cfg.eval.at_start,
         checkpoint_every_epochs=cfg.checkpoint.every_epochs, checkpoint_every_steps=cfg.checkpoint.every_steps,
-        track_proxies=cfg.tracking.enabled,
-        lr_advice=f"Lower the learning rates (optim.lr={cfg.optim.lr}, optim.proxy_lr={cfg.optim.proxy_lr}) or set "
-                  f"train.grad_clip, then resume or start over")
+        track_proxies=cfg.tracking.enabled)
 
 
 def build(cfg, env) -> Trainer:

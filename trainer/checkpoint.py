@@ -111,7 +111,7 @@ class Checkpointer:
             with os.fdopen(fd, "wb") as f:
                 out = _Digesting(f)
                 try:
-                    torch.save(state, out)
+                    torch.save(state, out)  # type: ignore[arg-type]  # a write-only file: torch calls write, flush
                 except RuntimeError as e:  # torch hides the disk's errno behind "unexpected pos"
                     if out.error is not None:
                         raise out.error from e

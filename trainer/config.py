@@ -12,7 +12,7 @@ import math
 import os
 import typing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import yaml
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -20,6 +20,7 @@ from omegaconf._yaml import get_yaml_loader
 from omegaconf.errors import OmegaConfBaseException
 
 from data_shards.decode import DECODE_CHOICES
+from data_shards.sampler import classes_per_batch
 from data_shards.transforms import TransformConfig
 from data_shards.verify import VERIFY
 from loss import LossContext, families, get_family
@@ -48,7 +49,7 @@ def field_rules(cls: Any = None, prefix: str = "") -> dict[str, dict]:
         if f.metadata:
             out[key] = dict(f.metadata)
         kind = hints.get(f.name)
-        if dataclasses.is_dataclass(kind) and not issubclass(kind, TransformConfig):
+        if isinstance(kind, type) and dataclasses.is_dataclass(kind) and not issubclass(kind, TransformConfig):
             out.update(field_rules(kind, key + "."))
     return out
 
@@ -360,7 +361,7 @@ class _BoolWord(str):
     value: bool
 
 
-class _WordLoader(get_yaml_loader()):
+class _WordLoader(get_yaml_loader()):  # type: ignore[misc]  # omegaconf's loader class, made at run time
     """omegaconf's YAML loader, except that booleans come back as _BoolWord."""
 
 
@@ -423,7 +424,7 @@ def quote_bool_word(item: str) -> str:
 def from_dict(d: dict) -> DictConfig:
     """A validated config from a plain dict (e.g. the `config` of a checkpoint, in today's or the old spelling)."""
     try:
-        cfg = OmegaConf.merge(OmegaConf.structured(schema()), OmegaConf.create(translate_config(d)))
+        cfg = cast(DictConfig, OmegaConf.merge(OmegaConf.structured(schema()), OmegaConf.create(translate_config(d))))
     except OmegaConfBaseException as e:
         raise ConfigError(_describe(e)) from None
     validate(cfg)
@@ -462,7 +463,7 @@ def validate(cfg: DictConfig) -> None:
                           f"{list(cfg.optim.lr_milestones)}")
     if not cfg.eval.recall_ks or any(k <= 0 for k in cfg.eval.recall_ks):
         raise ConfigError(f"eval.recall_ks: must be positive integers, got {list(cfg.eval.recall_ks)}")
-    if cfg.data.sampler == "m_per_class" and cfg.train.batch_size % cfg.data.m_per_class:
+    if cfg.data.sampler == "m_per_class" and classes_per_batch(cfg.train.batch_size, cfg.data.m_per_class) is None:
         raise ConfigError(f"data.m_per_class: {cfg.data.m_per_class} does not divide train.batch_size="
                           f"{cfg.train.batch_size} (every batch holds batch/m classes of m samples each)")
     if cfg.train.warmup_epochs >= cfg.train.epochs:
@@ -474,7 +475,7 @@ def validate(cfg: DictConfig) -> None:
     if cfg.engine.name == "deepspeed" and not cfg.engine.deepspeed_config:
         raise ConfigError("engine.deepspeed_config: required with engine.name=deepspeed")
     try:
-        TransformConfig(**OmegaConf.to_container(cfg.data.transform))
+        TransformConfig(**cast(dict, OmegaConf.to_container(cfg.data.transform)))
     except ValueError as e:
         raise ConfigError(f"data.transform: {e}") from None
     from trainer.backbones import OWN_BACKBONES, check_model  # each room checks its own part (the model: timm's)
@@ -566,7 +567,7 @@ def check_world_size(cfg: DictConfig, world_size: int) -> int:
         raise ConfigError(f"train.batch_size: the global batch {cfg.train.batch_size} does not split "
                           f"evenly over {world_size} ranks")
     per_rank = cfg.train.batch_size // world_size
-    if cfg.data.sampler == "m_per_class" and per_rank % cfg.data.m_per_class:
+    if cfg.data.sampler == "m_per_class" and classes_per_batch(per_rank, cfg.data.m_per_class) is None:
         raise ConfigError(f"data.m_per_class: {cfg.data.m_per_class} does not divide the per-rank batch {per_rank} "
                           f"(train.batch_size={cfg.train.batch_size} over {world_size} ranks)")
     return cfg.train.batch_size // world_size

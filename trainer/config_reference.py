@@ -41,7 +41,7 @@ def _class_comments(cls: type) -> dict[str, str]:
     except (OSError, TypeError):
         return {}
     source = textwrap.dedent("".join(lines))
-    body = ast.parse(source).body[0].body
+    body = typing.cast(ast.ClassDef, ast.parse(source).body[0]).body
     text = source.splitlines()
     out: dict[str, list[str]] = {}
     previous: str | None = None
@@ -63,7 +63,7 @@ def _class_comments(cls: type) -> dict[str, str]:
         own = text[node.lineno - 1]
         trailing = own.split("  # ", 1)[1].strip() if "  # " in own else ""
         out[name] = [*above, *([trailing] if trailing else [])]
-        previous, cursor = name, node.end_lineno
+        previous, cursor = name, typing.cast(int, node.end_lineno)
     return {k: " ".join(v) for k, v in out.items()}
 
 
@@ -72,7 +72,8 @@ def _transform_checks() -> dict[str, str]:
     source = textwrap.dedent(inspect.getsource(TransformConfig.__post_init__))
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Dict) and all(isinstance(k, ast.Constant) for k in node.keys):
-            return {k.value: _with_values(ast.get_source_segment(source, v).replace("self.", ""))
+            return {str(typing.cast(ast.Constant, k).value):
+                    _with_values(typing.cast(str, ast.get_source_segment(source, v)).replace("self.", ""))
                     for k, v in zip(node.keys, node.values)}
     return {}
 
@@ -133,7 +134,7 @@ def schema_keys(cls: type | None = None, prefix: str = "") -> list[Key]:
     for f in dataclasses.fields(cls):
         kind = hints[f.name]
         key = f"{prefix}{f.name}"
-        if dataclasses.is_dataclass(kind):
+        if isinstance(kind, type) and dataclasses.is_dataclass(kind):
             out.extend(schema_keys(kind, key + "."))
             continue
         allowed = _allowed(dict(f.metadata)) or (f"`{checks[f.name]}`" if f.name in checks else "")

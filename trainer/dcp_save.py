@@ -8,6 +8,7 @@ import os
 import shutil
 import tempfile
 import time
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -43,7 +44,8 @@ class _CloneStager:
             if torch.is_tensor(v):
                 c = v.detach().to("cpu", copy=True)
                 if is_row_block(v):
-                    annotate_rows(c, v.global_offsets[0][0], v.global_shape[0])
+                    marked: Any = v  # DCP's fields, set by annotate_rows
+                    annotate_rows(c, marked.global_offsets[0][0], marked.global_shape[0])
                 out[k] = c
             else:
                 out[k] = v

@@ -17,6 +17,7 @@ import threading
 import time
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -92,7 +93,7 @@ def setup(device: str = "auto", timeout_s: int = 1800, backend: str = "auto") ->
         torch.set_num_threads(threads)
     if not dist.is_initialized():
         backend = pick_backend(backend, dev)
-        kwargs = {"device_id": dev} if backend == "nccl" else {}
+        kwargs: dict[str, Any] = {"device_id": dev} if backend == "nccl" else {}
         dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s),
                                 **kwargs)
         if world_size > 1:
@@ -111,10 +112,6 @@ def teardown() -> None:
 HEARTBEAT_S = 1.0  # how often each rank publishes its beat and phase
 HEARTBEAT_KEY = "proxygml/heartbeat/{rank}"
 STORE_WAIT_S = 5.0  # how long the diagnosis waits for the rendezvous store
-
-
-class StalledPeer(Exception):
-    """A collective waited past run.collective_timeout_s; the message names the rank and what it was doing."""
 
 
 def _store_client(timeout_s: float):
@@ -156,13 +153,6 @@ class Heartbeat:
                 cls._stop.wait(HEARTBEAT_S)
         except Exception:  # noqa: BLE001 - no store (it went with its host): nothing to publish to
             return
-
-
-def is_collective_timeout(e: BaseException) -> bool:
-    """True when `e` is a collective (or the store) giving up after the process group's timeout."""
-    text = str(e)
-    return isinstance(e, (RuntimeError, dist.DistBackendError)) and any(
-        s in text for s in ("Timed out", "timed out", "Timeout", "timeout"))
 
 
 def _end_frozen(beats) -> None:

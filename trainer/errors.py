@@ -12,6 +12,7 @@ import multiprocessing
 import os
 import sys
 import traceback
+from typing import NoReturn
 
 from data_shards.errors import DataError, StoreUnavailable
 
@@ -20,20 +21,50 @@ EXIT_BUG = 1
 
 
 class UserError(Exception):
-    """A wrong input, told in words: the message names the input (a config key, a path) and the fix."""
+    """A wrong input, told in words: the message names the input (a config key, a path) and the fix.
+    `same_on_every_rank`: set on an error decided on rank 0 and raised on every rank (only rank 0 prints it)."""
+
+    same_on_every_rank: bool = False
 
 
 USER_ERRORS = (UserError, DataError)
 
-# What a collective raises on a rank whose peer died (gloo: the TCP pair closes; NCCL: the watchdog aborts).
+
+class StalledPeer(Exception):
+    """A collective waited past run.collective_timeout_s; the message names the rank and what it was doing
+    (trainer/distributed.py: describe_stall)."""
+
+
+# Errors of libraries we do not own are told apart by their wording, here only.
+# torch.distributed raises a RuntimeError / DistBackendError on a rank whose peer died: gloo's TCP connection to it
+# closes, resets or times out; NCCL's watchdog (ProcessGroupNCCL) aborts the communicator.
 PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL communicator was aborted",
              "ProcessGroupNCCL", "Socket Timeout", "connection was closed", "Timed out")
+# A collective or the rendezvous store giving up after the process group's timeout (either backend, TCPStore).
+TIMED_OUT = ("Timed out", "timed out", "Timeout", "timeout")
+# A training step on weights that are no longer finite: torch's scalar conversion (c10: "value cannot be converted
+# to type float without overflow", an optimizer step), torch.nn.utils.clip_grad_norm_ ("... is non-finite, so it
+# cannot be clipped"); our own criteria raise loss.criterion.NonFiniteEmbeddings.
+DIVERGED = ("non-finite", "without overflow")
 
 
 def is_peer_failure(e: BaseException) -> bool:
     """True when `e` is a collective failing because another rank is gone (not this rank's own error)."""
     import torch.distributed as dist
     return isinstance(e, (RuntimeError, dist.DistBackendError)) and any(s in str(e) for s in PEER_GONE)
+
+
+def is_collective_timeout(e: BaseException) -> bool:
+    """True when `e` is a collective (or the store) giving up after the process group's timeout."""
+    import torch.distributed as dist
+    return isinstance(e, (RuntimeError, dist.DistBackendError)) and any(s in str(e) for s in TIMED_OUT)
+
+
+def is_divergence(e: BaseException) -> bool:
+    """True when `e`, raised by a training step, means the weights or the loss are no longer finite."""
+    from loss.criterion import NonFiniteEmbeddings
+    return isinstance(e, NonFiniteEmbeddings) or (
+        isinstance(e, (ValueError, RuntimeError)) and any(s in str(e) for s in DIVERGED))
 
 
 def report(e: BaseException, rank: int = 0, world_size: int = 1, quiet_ranks: bool = False) -> int:
@@ -62,7 +93,7 @@ def report(e: BaseException, rank: int = 0, world_size: int = 1, quiet_ranks: bo
     if isinstance(e, PeerFailed):
         print(redact(f"{tag}stopped: {e}"), file=sys.stderr)
         return EXIT_BUG
-    if type(e).__name__ == "StalledPeer":  # trainer.distributed: a collective timed out, the rank it waited on named
+    if isinstance(e, StalledPeer):  # a collective timed out, the rank it waited on named
         print(redact(f"{tag}error: {e}"), file=sys.stderr)
         return EXIT_BUG
     if world_size > 1 and is_peer_failure(e):
@@ -119,7 +150,7 @@ def kill_children() -> None:
             pass
 
 
-def exit_now(code: int) -> None:
+def exit_now(code: int) -> NoReturn:
     """End the process with `code` right away: loader workers killed, output flushed, no interpreter teardown
     (which waits for workers and for peers in a process group that may be gone)."""
     kill_children()

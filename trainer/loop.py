@@ -10,15 +10,27 @@ from __future__ import annotations
 import math
 import signal
 import time
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm import tqdm
 
 import collectives
-from trainer.errors import USER_ERRORS, UserError, is_out_of_memory, one_line, out_of_memory
-from trainer.train_state import DivergedError, Position, Trained, TrainState
+from trainer.errors import USER_ERRORS, UserError, is_divergence, is_out_of_memory, one_line, out_of_memory
+from trainer.train_state import DivergedError, Position, Trained, TrainState, lr_advice
+
+if TYPE_CHECKING:  # the build step imports this module
+    from torch import nn
+
+    from trainer.build import RunLoaders
+    from trainer.distributed import DistEnv
+    from trainer.evaluation import EvalResult
+    from trainer.selection import BestCheckpoint
+    from trainer.summary import RunReport
+    from trainer.tracking import Tracker
 
 # The training loss and its parts are logged as Train/loss, Train/loss_s, Train/loss_p: MLflow's run page orders
 # its chart sections by name, byte by byte, so "Train" comes first (before eval/, lr/, proxy/).
@@ -55,7 +67,7 @@ class StopFlag:
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
     SAME_PRESS_S = 1.0
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.raised = False
         self.signal: int | None = None  # the first stop signal received
         self._first_interrupt: float | None = None
@@ -74,8 +86,9 @@ class StopFlag:
 
     @property
     def reason(self) -> str:
-        return {signal.SIGINT: "Ctrl-C (SIGINT)"}.get(self.signal, signal.Signals(self.signal).name) \
-            if self.signal else ""
+        if not self.signal:
+            return ""
+        return "Ctrl-C (SIGINT)" if self.signal == signal.SIGINT else signal.Signals(self.signal).name
 
     def restore(self):
         """Give back the handlers found at the start; once a stop is under way SIGTERM / SIGUSR1 stay ignored
@@ -88,7 +101,7 @@ class StopFlag:
 @dataclass(frozen=True)
 class Schedule:
     """When the loop does what, in epochs and optimizer steps (0 = never / no limit), from the config's train,
-    eval, checkpoint and tracking sections; `lr_advice` ends the divergence messages."""
+    eval, checkpoint and tracking sections."""
     epochs: int
     warmup_epochs: int
     max_steps: int = 0
@@ -99,29 +112,29 @@ class Schedule:
     checkpoint_every_epochs: int = 1
     checkpoint_every_steps: int = 0
     track_proxies: bool = False
-    lr_advice: str = "Lower the learning rates or set train.grad_clip, then resume or start over"
 
 
 @dataclass
 class Parts:
     """Everything the loop works with, made by trainer/build.py."""
-    env: object  # trainer.distributed.DistEnv
+    env: DistEnv
     trained: Trained  # embedder, criterion, module, optimizer, scheduler, engine
-    loaders: object  # trainer.build.RunLoaders: .train(epoch, start_batch), .eval(), .close(), .batches_per_epoch
+    loaders: RunLoaders  # .train(epoch, start_batch), .eval(), .val(), .close(), .batches_per_epoch
     state: TrainState  # checkpoints of the run directory
-    tracker: object  # trainer.tracking.Tracker
-    report: object  # trainer.summary.RunReport
+    tracker: Tracker
+    report: RunReport
     schedule: Schedule
     stop: StopFlag
     pos: Position
     run_uid: str
-    evaluate: object  # callable(embedder, loader) -> EvalResult (collective), the evaluation options bound
-    log: object  # callable(line): prints on rank 0 only (build.log_line)
+    evaluate: Callable[[nn.Module, Iterable], EvalResult]  # collective; the evaluation options bound
+    log: Callable[[str], None]  # prints on rank 0 only (build.log_line)
     amp_dtype: torch.dtype | None = None
     warm: bool = False  # in warm-up: only the head and the proxies learn
-    image_lookup: object = None  # keys -> images of the test split, for the retrieval picture (rank 0)
-    best: object = None  # trainer.selection.BestCheckpoint with a val split (data.val_split), else None
-    evaluate_val: object = None  # like `evaluate`, bound to the val split's class names
+    # keys -> images of the test split, for the retrieval picture (rank 0)
+    image_lookup: Callable[[list[str]], Mapping[str, Any]] | None = None
+    best: BestCheckpoint | None = None  # with a val split (data.val_split)
+    evaluate_val: Callable[[nn.Module, Iterable], EvalResult] | None = None  # `evaluate` on the val split
     test_at_end: bool = True  # with a val split: the test split once at the end, on the best checkpoint
 
 
@@ -136,7 +149,8 @@ class Trainer:
         self.loaders, self.state, self.tracker, self.report = parts.loaders, parts.state, parts.tracker, parts.report
         self.stop, self.pos, self.warm, self.amp = parts.stop, parts.pos, parts.warm, parts.amp_dtype
         self.batches_per_epoch = parts.loaders.batches_per_epoch
-        self.metrics, self.first_metrics = {}, {}
+        self.metrics: dict = {}
+        self.first_metrics: dict = {}
         self.first_bad_step = torch.tensor(math.inf, device=self.env.device)  # first step whose loss was not finite
 
     def close(self) -> None:
@@ -228,11 +242,12 @@ class Trainer:
                     bar.close()
                     raise out_of_memory(e, images, f"at step {pos.step + 1}",
                                         "train.batch_size or data.transform.image_size (or set train.amp)") from None
-                if not any(w in str(e) for w in ("non-finite", "without overflow")):
+                if not is_divergence(e):
                     raise
                 bar.close()
                 raise DivergedError(f"step {pos.step + 1}: training diverged ({str(e).splitlines()[0][:120]}); "
-                                    f"last good checkpoint: {self.state.latest() or 'none'}. {s.lr_advice}") from None
+                                    f"last good checkpoint: {self.state.latest() or 'none'}. "
+                                    f"{lr_advice(self.state.config)}") from None
             pos.batch, pos.step, seen = pos.batch + 1, pos.step + 1, seen + labels.shape[0] * env.world_size
             self.first_bad_step = torch.where(torch.isfinite(loss.detach()), self.first_bad_step,
                                               self.first_bad_step.clamp(max=pos.step))
@@ -295,7 +310,7 @@ class Trainer:
         raise DivergedError(
             f"step {bad}: the training loss is not finite (nan/inf); training stopped at step {self.pos.step} and "
             f"nothing after step {bad - 1} was saved. Last good checkpoint: {self.state.latest() or 'none'}. "
-            f"{self.schedule.lr_advice}")
+            f"{lr_advice(self.state.config)}")
 
     def log_step(self, loss, img_per_s: float, data_wait: float, bar) -> None:
         logs = {f"{TRAIN_PREFIX}loss": loss.item(),
@@ -310,8 +325,9 @@ class Trainer:
         by its metric is kept), printed and logged on rank 0; then the proxies' statistics."""
         collectives.set_phase(f"evaluation ({when})")
         collectives.broadcast_buffers(self.embedder)  # every rank embeds with rank 0's BatchNorm statistics
-        val = self.parts.best is not None
-        result = (self.parts.evaluate_val(self.embedder, self.loaders.val()) if val else
+        best, evaluate_val = self.parts.best, self.parts.evaluate_val  # both made with a val split
+        val = best is not None and evaluate_val is not None
+        result = (evaluate_val(self.embedder, self.loaders.val()) if evaluate_val is not None and val else
                   self.parts.evaluate(self.embedder, self.loaders.eval()))
         self.embedder.train()
         if result.metrics:
@@ -321,8 +337,8 @@ class Trainer:
                                         image_lookup=None if val else self.parts.image_lookup)
             self.metrics = result.metrics
             self.report.evaluated(result.metrics, self.pos, split="val" if val else "test")
-            if val:
-                self.parts.best.consider(result.metrics, self.pos, self.embedder)
+            if best is not None and val:
+                best.consider(result.metrics, self.pos, self.embedder)
         if self.schedule.track_proxies:  # collective: the selection counts of every rank
             self.tracker.log_proxy_stats(self.criterion.proxy_statistics(), self.pos.step)
         self.criterion.reset_selection_counts()
@@ -332,7 +348,7 @@ class Trainer:
         """Collective, once at the end of a run with a val split: the best checkpoint's weights into the embedder,
         then the test split evaluated on them (unless eval.test is false), logged as `test/*`."""
         collectives.barrier()  # rank 0 has written the best weights
-        record = self.parts.best.load_into(self.embedder)
+        record = self.parts.best.load_into(self.embedder) if self.parts.best is not None else None
         if record is None or not self.parts.test_at_end:
             return
         collectives.broadcast_buffers(self.embedder)
@@ -352,7 +368,7 @@ class Trainer:
         collectives.set_phase(f"checkpoint at step {pos.step}")
         last = pos.epoch >= s.epochs or bool(s.max_steps and pos.step >= s.max_steps)
         self.state.save(self.parts.trained, pos, tracker_run_ids=self.tracker.run_ids, run_uid=self.parts.run_uid,
-                        last=last, stopping=self.stop.raised, lr_advice=s.lr_advice)
+                        last=last, stopping=self.stop.raised)
 
     def log(self, line: str) -> None:
         self.parts.log(line)

@@ -16,6 +16,8 @@ weights (`model.pretrained` without a file: a local cache, or a download when th
 """
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from timm.layers import SelectAdaptivePool2d
@@ -42,7 +44,7 @@ def model_config_dict(cfg) -> dict:
     builds the same module (random weights)."""
     from omegaconf import OmegaConf
 
-    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    return cast(dict, OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True))
 
 
 def model_config_from_dict(d: dict):
@@ -65,13 +67,14 @@ class Embedder(nn.Module):
         b = new_backbone(cfg.backbone, cfg.pooling, backbone_kwargs(cfg), cfg.small_cnn_width)
         self.backbone = b.module
         self.loaded = load_backbone_weights(cfg, b) if load_weights else None
+        self.pool: nn.Module
         if b.pooled:
-            self.pool = nn.Identity()
+            self.pool, mult = nn.Identity(), 1
         elif cfg.pooling == "gem":
-            self.pool = GeM()
+            self.pool, mult = GeM(), 1
         else:
-            self.pool = SelectAdaptivePool2d(pool_type=cfg.pooling, flatten=True)
-        mult = 1 if b.pooled or cfg.pooling == "gem" else self.pool.feat_mult()
+            pool = SelectAdaptivePool2d(pool_type=cfg.pooling, flatten=True)
+            self.pool, mult = pool, pool.feat_mult()
         self.embedding = nn.Linear(b.features * mult, cfg.dim)
         self.normalize = cfg.normalize
         self.freeze_bn = cfg.freeze_bn

@@ -3,6 +3,7 @@ so a run never trains an epoch to then crash on an empty test split, nor ends af
 from __future__ import annotations
 
 from data_shards import Manifest
+from data_shards.sampler import classes_per_batch
 from trainer.config import ConfigError
 
 
@@ -19,8 +20,8 @@ def check_data(global_batch: int, train: Manifest, test: Manifest, world_size: i
         raise ConfigError(f"train.batch_size: the global batch {global_batch} is larger than the train split "
                           f"{train.location} ({train.num_samples} samples), so no step would run; lower "
                           f"train.batch_size (at most {train.num_samples // world_size * world_size})")
-    per_batch = global_batch // world_size // m_per_class
-    if sampler == "m_per_class" and train.num_classes < per_batch:
+    per_batch = classes_per_batch(global_batch // world_size, m_per_class)
+    if sampler == "m_per_class" and per_batch is not None and train.num_classes < per_batch:
         raise ConfigError(f"data.m_per_class: a per-rank batch of {global_batch // world_size} with m_per_class="
                           f"{m_per_class} needs {per_batch} classes, the train split {train.location} has "
                           f"{train.num_classes}; raise data.m_per_class to at least "

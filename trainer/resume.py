@@ -1,6 +1,6 @@
 """What may change when a run resumes: the checkpoint's config against the current one, before anything is touched.
 
-    changes = check_resume(saved_cfg, cfg, saved_info, at_epoch_start=batch_in_epoch == 0)  # ConfigError if refused
+    changes = check_resume(saved_cfg, cfg, path, at_epoch_start=batch_in_epoch == 0)  # ConfigError if refused
     apply_optim_hyperparameters(optimizer, scheduler, cfg.optim)                          # after the restore
 
 Keys are of three kinds:
@@ -20,6 +20,7 @@ import hashlib
 import json
 from bisect import bisect_right
 from collections import Counter
+from typing import cast
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -71,8 +72,9 @@ def check_resume(saved: dict, cfg: DictConfig, path: str, at_epoch_start: bool,
     `key: old -> new` lines. Raises ConfigError (one line: key, both values, the ways out) for a change that
     cannot carry over. `saved_data` / `data_now`: {"classes": int, "samples": int} of the train split then
     and now (the data root may move; its content may not)."""
-    now = redact_tree(flatten(OmegaConf.to_container(cfg, resolve=True)))  # saved configs hold no credentials:
-    then = redact_tree(flatten(translate_config(saved)))                   # compare without them
+    # saved configs hold no credentials: compare without them
+    now = redact_tree(flatten(cast(dict, OmegaConf.to_container(cfg, resolve=True))))
+    then = redact_tree(flatten(translate_config(saved)))
     ways_out = (f"; resume with {{key}}={{old}}, or start a new run (another run.name=..., or "
                 f"checkpoint.resume=false to move this run's checkpoints to {cfg.run.name}/previous/ and start over)")
     changes = []

@@ -33,7 +33,8 @@ class UnsafeFileError(UserError):
 
 def _numpy_globals() -> list:
     """What numpy arrays (the RNG state) and their dtypes unpickle through, under numpy 2's and numpy 1's names."""
-    rebuild = np._core.multiarray._reconstruct if hasattr(np, "_core") else np.core.multiarray._reconstruct
+    rebuild = (np._core.multiarray._reconstruct if hasattr(np, "_core")
+               else np.core.multiarray._reconstruct)  # type: ignore[attr-defined]  # numpy 1's name, not in numpy 2's stubs
     dtypes = {type(np.dtype(t)) for t in (np.uint32, np.int64, np.float64, np.float32, np.bool_)}
     return [rebuild, (rebuild, "numpy.core.multiarray._reconstruct"), np.ndarray, np.dtype, *dtypes]
 

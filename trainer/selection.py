@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Callable
+from typing import cast
 
 import torch
 
@@ -92,5 +93,5 @@ class BestCheckpoint:
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The module under DDP / DeepSpeed / torch.compile wrappers."""
     while hasattr(model, "module") or hasattr(model, "_orig_mod"):
-        model = getattr(model, "module", None) or model._orig_mod
+        model = cast(torch.nn.Module, getattr(model, "module", None) or model._orig_mod)
     return model

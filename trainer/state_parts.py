@@ -30,10 +30,11 @@ Rows = tuple[int, int, int]  # (start, stop, total): rows [start, stop) of a tab
 def annotate_rows(t: torch.Tensor, start: int, total: int) -> torch.Tensor:
     """Mark `t` (rows, ...) as rows [start, start + rows) of a (total, ...) tensor, in the fields DCP reads from a
     CheckpointableTensor (global_shape, global_offsets, local_offsets, local_sizes). Returns `t`."""
-    t.global_shape = (total, *t.shape[1:])
-    t.global_offsets = ((start,) + (0,) * (t.dim() - 1),)
-    t.local_offsets = ((0,) * t.dim(),)
-    t.local_sizes = (tuple(t.shape),)
+    marked: Any = t  # the fields are DCP's protocol, not Tensor attributes
+    marked.global_shape = (total, *t.shape[1:])
+    marked.global_offsets = ((start,) + (0,) * (t.dim() - 1),)
+    marked.local_offsets = ((0,) * t.dim(),)
+    marked.local_sizes = (tuple(t.shape),)
     return t
 
 
@@ -157,7 +158,7 @@ class ModelPart(StateDictPart):
     field = "embedder"
 
     def entries(self, value: dict) -> dict:
-        out = {k: v for k, v in value.items() if torch.is_tensor(v)}
+        out: dict[str, Any] = {k: v for k, v in value.items() if torch.is_tensor(v)}
         out["other"] = {k: v for k, v in value.items() if not torch.is_tensor(v)}
         return out
 

@@ -189,7 +189,7 @@ class RunReport:
         self.tracker.set_description(self.description())
         tmp = self.path + ".tmp"
         with open(tmp, "w") as f:
-            data = {"evaluations": [vars(e) for e in self.history]}
+            data: dict[str, Any] = {"evaluations": [vars(e) for e in self.history]}
             if selected is not None:
                 data["selected"] = {k: v for k, v in selected.items() if k != "model"}
             json.dump(data, f, indent=1)

@@ -171,7 +171,7 @@ class Sweep:
     out: str
     metric: str  # eval.select_metric
     epochs: int
-    folds: list[dict] = field(default_factory=list)  # per fold: data.* overrides; [] = the config's own val split
+    folds: list[list[str]] = field(default_factory=list)  # per fold: data.* overrides; [] = the config's own val split
     tracking: list[str] = field(default_factory=list)  # tracking.* overrides of every trial (parent run, store)
     timeout_s: float = 0.0
     log: object = print
@@ -561,7 +561,7 @@ def sweep(args, log=print) -> int:
                args.trial_timeout_s, log)
     best_path = os.path.join(out, "best.yaml")
     failures = 0
-    stopping = []
+    stopping: list = []
     old = signal.signal(signal.SIGTERM, lambda *_: _interrupt_once(stopping))
     try:
         while True:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, cast
 
 import torch
 
@@ -28,9 +29,22 @@ from trainer.resume import at_epoch_end
 from trainer.run_dir import RunDir
 from trainer.state_parts import StatePart, build_parts
 
+if TYPE_CHECKING:
+    from loss.criterion import Criterion
+    from trainer.dcp_save import DCPSaver
+    from trainer.engines import Engine
+    from trainer.model import Embedder
+
 
 class DivergedError(UserError):
     """The loss or the state to be saved is not finite: training stops, and nothing non-finite is saved."""
+
+
+def lr_advice(config: dict) -> str:
+    """The way out that ends every DivergedError message: the learning rates of the run's config dict to lower."""
+    optim = config.get("optim") or {}
+    lrs = f" (optim.lr={optim['lr']}, optim.proxy_lr={optim['proxy_lr']})" if {"lr", "proxy_lr"} <= set(optim) else ""
+    return f"Lower the learning rates{lrs} or set train.grad_clip, then resume or start over"
 
 
 @dataclass
@@ -44,12 +58,12 @@ class Position:
 @dataclass
 class Trained:
     """What a checkpoint holds the state of (the engine wraps `module`, which holds embedder and criterion)."""
-    embedder: torch.nn.Module
-    criterion: torch.nn.Module  # a loss.criterion.Criterion
+    embedder: Embedder
+    criterion: Criterion
     module: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
-    engine: object  # a trainer.engines.Engine
+    engine: Engine
     parts: dict[str, StatePart] = field(init=False, repr=False)
 
     def __post_init__(self):
@@ -65,27 +79,27 @@ class TrainState:
         self.fmt, self.async_save, self.config, self.data_info, self.log = fmt, async_save, config, data_info, log
         self.run_lock: RunDir | None = None
         self.resumed_from: str | None = None
-        self.dcp_saver = None
+        self.dcp_saver: DCPSaver | None = None
 
     def claim(self, resume: bool, check_config: Callable[[dict, str, bool], list[str]]) -> dict | None:
         """Collective. Rank 0 takes the run directory's lock (another live trainer on it: refused), removes the
         temporaries of killed writes, then either finds the newest intact checkpoint and checks with
         `check_config(state, path, at_epoch_start)` that the current config may resume it, or (resume=False)
         moves an earlier run aside. Every rank gets the same outcome: the checkpoint's state, or the same UserError."""
-        outcome = (None, None)
+        outcome: tuple[str | None, UserError | None] = (None, None)
         state = None
         if self.env.is_main:
             try:
                 self.run_lock = RunDir(self.run_dir, self.ckpt.dir).claim()
                 for tmp in self.ckpt.clean_temporaries():
                     self.log(f"removed {tmp} (a checkpoint write that was killed)")
-                path = None
+                path: str | None = None
                 if resume:
                     path, state = self.ckpt.find_latest(log=self.log, check=self.check_checkpoint)
                 elif (archived := self.run_lock.archive_previous()) is not None:
                     self.log(f"checkpoint.resume=false: the earlier run's config.yaml and checkpoints moved to "
                              f"{archived} (nothing deleted); starting over")
-                if state is not None:
+                if state is not None and path is not None:
                     boundary = state["batch_in_epoch"] == 0 or at_epoch_end(state)
                     changes = check_config(state, path, boundary)
                     if changes:
@@ -125,20 +139,21 @@ class TrainState:
         return self.ckpt.latest()
 
     def save(self, t: Trained, pos: Position, *, tracker_run_ids: dict[str, str], run_uid: str, last: bool,
-             stopping: bool, lr_advice: str) -> None:
+             stopping: bool) -> None:
         """Collective (RNG states; each state part's whole state gathered for the torch format, e.g. sharded
         proxies and ZeRO optimizer state; with dcp every rank writes its own share). Raises DivergedError instead
         of saving when a weight or buffer is not finite (on any rank). With async_save the write goes on in the
         background, except for the run's `last` save (or when `stopping` on any rank), which waits for the disk."""
         crit, env = t.criterion, self.env
-        tensors = [x for m in (t.embedder, crit) for x in m.state_dict().values()
+        modules: tuple[torch.nn.Module, ...] = (t.embedder, cast(torch.nn.Module, crit))
+        tensors = [x for m in modules for x in m.state_dict().values()
                    if torch.is_tensor(x) and x.is_floating_point()]
         finite = torch.stack([torch.isfinite(x).all() for x in tensors]).all() if tensors else True
         bad, stopping = collectives.any_ranks([~finite if torch.is_tensor(finite) else False, stopping], env.device)
         if bad:
             raise DivergedError(
                 f"step {pos.step}: a model weight, BatchNorm statistic or proxy is not finite (nan/inf): not saved. "
-                f"Last good checkpoint: {self.latest() or 'none'}. {lr_advice}")
+                f"Last good checkpoint: {self.latest() or 'none'}. {lr_advice(self.config)}")
         meta = dict(config=self.config, epoch=pos.epoch, step=pos.step, batch_in_epoch=pos.batch,
                     rng=collectives.all_gather_object(rng_state()),
                     tracker_run_ids=collectives.broadcast_object(tracker_run_ids),

@@ -24,6 +24,7 @@ import contextlib
 import os
 import sys
 import threading
+import typing
 import urllib.error
 import urllib.request
 from collections import Counter
@@ -131,7 +132,7 @@ def _names(keys, n: int = SHOW) -> str:
 def common_prefix(file_keys, model_keys) -> str:
     """The prefix p ('' included) under which the most file keys, stripped of p, are model keys."""
     model_keys = set(model_keys)
-    counts = Counter()
+    counts: Counter[str] = Counter()
     for k in file_keys:
         if k in model_keys:
             counts[""] += 1
@@ -260,7 +261,7 @@ def _locate(name: str) -> tuple[str, str]:
                 path = try_to_load_from_cache(repo, filename)
                 if isinstance(path, str) and os.path.isfile(path):
                     return "file", path
-        source = _hub_endpoint() if cfg.hf_hub_id else cfg.url
+        source = _hub_endpoint() if cfg.hf_hub_id else typing.cast(str, cfg.url)  # set: checked above
         where = urlparse(source).netloc or source
     why = "HF_HUB_OFFLINE is set" if _offline() else reachable(source)
     if why:

@@ -66,7 +66,7 @@ def collect(src: str, train_fraction: float | None = None, train_classes=None,
         if unknown:
             raise DataError(f"folder: classes {unknown[:5]} are not folders of {src}")
         if train_names is None:
-            train_names = [c for c in classes if c not in set(test_names)]
+            train_names = [c for c in classes if c not in set(test_names or [])]
         if test_names is None:
             test_names = [c for c in classes if c not in set(train_names)]
         both = sorted(set(train_names) & set(test_names))

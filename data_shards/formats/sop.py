@@ -19,9 +19,9 @@ def read_list(root: str, name: str) -> list[Record]:
             if not line.strip():
                 continue
             try:
-                image_id, class_id, super_id, rel = line.split()
+                image_id, class_field, super_id, rel = line.split()
                 extra = {"image_id": int(image_id), "super_class_id": int(super_id)}
-                class_id = int(class_id)
+                class_id = int(class_field)
             except ValueError:
                 raise DataError(f"sop: {path} line {n} is not 'image_id class_id super_class_id path': "
                                 f"{line.strip()[:80]!r}") from None

@@ -17,7 +17,7 @@ Parameters the criterion keeps out of DDP come from its `ddp_ignored_parameters(
 """
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import Protocol, cast, runtime_checkable
 
 import torch
 
@@ -62,7 +62,8 @@ def build_engine(name: str, module: TrainModule, optimizer: torch.optim.Optimize
         return DDPEngine(module, optimizer, env, grad_clip=grad_clip, find_unused_parameters=find_unused_parameters)
     if name == "deepspeed":
         from trainer.engines.deepspeed import DeepSpeedEngine
-        return DeepSpeedEngine(module, optimizer, env, config_path=deepspeed_config, per_rank_batch=per_rank_batch,
+        config_path = cast(str, deepspeed_config)  # set for this engine: the config's check
+        return DeepSpeedEngine(module, optimizer, env, config_path=config_path, per_rank_batch=per_rank_batch,
                                grad_clip=grad_clip, amp_dtype=amp_dtype, checkpoint_dir=checkpoint_dir,
                                keep_last=keep_last)
     raise ValueError(f"engine.name: unknown engine {name!r}")

@@ -38,6 +38,7 @@ import re
 import shutil
 import subprocess
 import sys
+from typing import Any
 
 import torch
 
@@ -72,7 +73,7 @@ class DeepSpeedEngine:
         self.ckpt_dir = os.path.join(checkpoint_dir, ENGINE_DIR)
         self.keep_last = keep_last
         adopt_process_group()
-        self.ds = None
+        self.ds: Any = None  # deepspeed's DeepSpeedEngine, made by rewrap()
         self.rewrap()
 
     # --- building -----------------------------------------------------------------------------------------

@@ -27,7 +27,8 @@ def _fragments(zero, i):
 def export_zero_state(ds_engine) -> dict:
     """Per-parameter optimizer state gathered from the flat partitions of every rank. Collective."""
     zero = zero_optimizer(ds_engine)
-    per_param, steps = {}, {}
+    per_param: dict = {}
+    steps: dict = {}
     for i, flat in enumerate(zero.single_partition_of_fp32_groups):
         state = zero.optimizer.state.get(flat, {})
         keys = sorted(k for k, v in state.items() if torch.is_tensor(v) and v.shape == flat.shape)

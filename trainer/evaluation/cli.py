@@ -5,6 +5,7 @@ writes the per-class table and an export (keys + vectors, faiss index)."""
 from __future__ import annotations
 
 import os
+from typing import cast
 
 from trainer.config import CHOICES, amp_dtype
 from trainer.evaluation.evaluate import evaluate
@@ -122,7 +123,7 @@ def _evaluate_checkpoint(a) -> int:
             why = lines[1].strip() if len(lines) > 1 else lines[0]
             raise checkpoint.CheckpointError(f"{a.checkpoint}: its weights do not fit the model its own config "
                                              f"describes ({why})") from None
-        transform = TransformConfig(**OmegaConf.to_container(cfg.data.transform))
+        transform = TransformConfig(**cast(dict, OmegaConf.to_container(cfg.data.transform)))
         try:
             loader = eval_loader(manifest, batch_size=batch_size, num_workers=a.num_workers,
                                  rank=env.rank, world_size=env.world_size, transform=transform)
@@ -132,8 +133,9 @@ def _evaluate_checkpoint(a) -> int:
         result = evaluate(model, loader, device=env.device, recall_ks=recall_ks, nmi=nmi, map_r=map_r,
                           class_names=manifest.class_names, amp_dtype=amp)
         if result.metrics is not None:
-            print(json.dumps({"checkpoint": redact(a.checkpoint), "data": redact(a.data), "samples": len(result.keys),
-                              "classes": len(result.per_class), **result.metrics}, indent=1))
+            classes = 0 if result.per_class is None else len(result.per_class)
+            print(json.dumps({"checkpoint": redact(a.checkpoint), "data": redact(a.data),
+                              "samples": len(result.keys or []), "classes": classes, **result.metrics}, indent=1))
             if a.per_class:
                 print("per-class table:", write_table(result.per_class, a.per_class))
             if a.export:
