@@ -1,4 +1,4 @@
-"""python -m data_shards write {cub200,cars196,sop,folder} --src PATH --out DIR|s3://...  (data_shards/write.py)
+"""python -m data_shards write FORMAT --src PATH --out DIR|s3://...  (data_shards/write.py)
 python -m data_shards upload LOCAL_ROOT s3://bucket/prefix  (data_shards/upload.py)
 
 Expected problems (a DataError: missing or unparsable source, a finished output that does not verify, bad

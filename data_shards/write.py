@@ -1,6 +1,7 @@
 """Convert a dataset into webdataset tar shards + manifest.json per split:
 
-    python -m data_shards write {cub200,cars196,sop,folder} --src PATH --out DIR [--shard-size 256MB]
+    python -m data_shards write FORMAT --src PATH --out DIR [--shard-size 256MB]
+    (FORMAT: cub200, cars196, sop, folder, or any registered in data_shards/formats/__init__.py)
     (--out s3://bucket/prefix: written locally, then uploaded to the bucket, each split's manifest last)
 
 Each sample of a shard: `<key>.<ext>` the image bytes as stored (or re-encoded as JPEG with --reencode),
@@ -36,7 +37,7 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from .errors import DamagedShard, DataError, MissingData
-from .formats import Record, collect, formats
+from .formats import Record, collect, formats, reader_options
 from .manifest import (
     FORMAT_VERSION,
     MANIFEST,
@@ -383,17 +384,20 @@ def add_write_parser(sub) -> None:
     p.add_argument("--val-seed", type=int, default=0, help="seed of the --val-fraction choice (default 0)")
 
 
+SPLIT_OPTIONS = ("train_classes", "test_classes", "train_fraction")  # passed to the readers that take them
+
+
 def run_write(args) -> int:
-    options = {}
-    if args.format == "folder":
-        for key in ("train_classes", "test_classes", "train_fraction"):
-            if getattr(args, key) is not None:
-                options[key] = getattr(args, key)
-    elif args.train_fraction is not None or args.test_classes is not None:
-        raise DataError("--train-fraction and --test-classes only apply to the folder format")
-    elif args.train_classes is not None:
+    takes = reader_options(args.format)
+    options = {key: getattr(args, key) for key in SPLIT_OPTIONS if getattr(args, key) is not None}
+    for key in options:
+        if key not in takes:
+            flags = ", ".join(f"--{k.replace('_', '-')}" for k in SPLIT_OPTIONS if k in takes) or "none of them"
+            raise DataError(f"--{key.replace('_', '-')}: the {args.format} format does not take it (it takes "
+                            f"{flags})")
+    if "train_classes" in options and takes["train_classes"] in (int, "int"):  # cub200, cars196: a class id
         try:
-            options["train_classes"] = int(args.train_classes)
+            options["train_classes"] = int(options["train_classes"])
         except ValueError:
             raise DataError(f"--train-classes: {args.format} takes the last train class id (a number), "
                             f"got {args.train_classes!r}") from None

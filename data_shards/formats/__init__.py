@@ -5,6 +5,7 @@ the format's name (`python -m data_shards write NAME`); the built-in ones at the
 
 A source that is missing or does not parse raises DataError (MissingData) naming the file and the problem."""
 
+import inspect
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -45,6 +46,13 @@ def unregister_format(name: str) -> None:
 def formats() -> tuple[str, ...]:
     """The registered format names, in registration order."""
     return tuple(_READERS.as_dict())
+
+
+def reader_options(fmt: str) -> dict[str, object]:
+    """{option: its annotation} of the keyword options format `fmt`'s reader takes besides `src` (what
+    `python -m data_shards write` may pass it: --train-classes, --test-classes, --train-fraction)."""
+    params = list(inspect.signature(_READERS.as_dict()[fmt]).parameters.values())[1:]
+    return {p.name: p.annotation for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
 
 
 def collect(fmt: str, src: str, **options) -> dict[str, list[Record]]:

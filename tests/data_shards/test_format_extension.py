@@ -68,3 +68,16 @@ def test_the_cli_offers_a_registered_format(csvlist, tmp_path, capsys):
     unregister_format("csvlist")
     with pytest.raises(SystemExit):  # an unregistered name is refused by the command line
         cli_main(["write", "csvlist", "--src", str(tmp_path / "src"), "--out", str(tmp_path / "p")])
+
+
+@pytest.mark.parametrize("fmt,option,takes", [("csvlist", "--train-classes", "none of them"),
+                                              ("sop", "--train-classes", "none of them"),
+                                              ("cub200", "--test-classes", "--train-classes")])
+def test_a_split_option_the_format_does_not_take_is_one_clear_line(csvlist, tmp_path, capsys, fmt, option, takes):
+    make_source(tmp_path / "src")
+    code = cli_main(["write", fmt, "--src", str(tmp_path / "src"), "--out", str(tmp_path / "o"), option, "3",
+                     "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err == [f"python -m data_shards write: error: {option}: the {fmt} format does not take it "
+                                 f"(it takes {takes})"]
+    assert not (tmp_path / "o").exists()  # nothing written
