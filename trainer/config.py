@@ -523,7 +523,7 @@ def check_finite(cfg: DictConfig) -> None:
 
 def check_tracking(cfg: DictConfig) -> None:
     """tracking.backends: registered backend names (trainer/tracking/backend.py), each once, at least one."""
-    from trainer.tracking import backends
+    from trainer.tracking.backend import backends  # the registry (the package registers its backends first)
     names, registered = list(cfg.tracking.backends), backends()
     known = ", ".join(registered) or "none"
     for name in names:

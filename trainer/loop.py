@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from tqdm import tqdm
@@ -25,7 +25,6 @@ from trainer.train_state import DivergedError, Position, Trained, TrainState, lr
 if TYPE_CHECKING:  # the build step imports this module
     from torch import nn
 
-    from trainer.build import RunLoaders
     from trainer.distributed import DistEnv
     from trainer.evaluation import EvalResult
     from trainer.selection import BestCheckpoint
@@ -114,12 +113,29 @@ class Schedule:
     track_proxies: bool = False
 
 
+class Loaders(Protocol):
+    """The run's loaders as the loop uses them (made by the build step: trainer.build.RunLoaders)."""
+    batches_per_epoch: int
+
+    def train(self, epoch: int, start_batch: int) -> Any:
+        """Batches start_batch.. of `epoch` on this rank (images and labels on the device)."""
+
+    def eval(self) -> Any:
+        """The test split's batches (images, labels, keys)."""
+
+    def val(self) -> Any:
+        """The val split's batches (images, labels, keys)."""
+
+    def close(self) -> None:
+        """Stop the loader workers."""
+
+
 @dataclass
 class Parts:
     """Everything the loop works with, made by trainer/build.py."""
     env: DistEnv
     trained: Trained  # embedder, criterion, module, optimizer, scheduler, engine
-    loaders: RunLoaders  # .train(epoch, start_batch), .eval(), .val(), .close(), .batches_per_epoch
+    loaders: Loaders  # trainer.build.RunLoaders
     state: TrainState  # checkpoints of the run directory
     tracker: Tracker
     report: RunReport
