@@ -248,7 +248,7 @@ def load_consolidated(path: str, model_only: bool = False) -> dict:
     _load(path, target, no_dist=True)
     meta = target.pop("trainer").value if "trainer" in target else {}
     known = {cls.dcp_prefix: cls for cls in state_parts().values()}
-    by_part = _by_part(target, sorted(set(known) | {k.split("/", 1)[0] for k in target}, key=len, reverse=True))
+    by_part = _by_part(target, set(known) | {k.split("/", 1)[0] for k in target})
     saved = ("model",) if model_only else meta.get("state_parts", SAVED_BEFORE_THE_LIST)
     out = {prefix: entries for prefix, entries in by_part.items() if prefix not in known}  # parts not registered
     for prefix, cls in known.items():

@@ -17,6 +17,7 @@ its `build(trained)` may return None when the run has no such state.
 """
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
@@ -226,8 +227,10 @@ class OptimizerPart(StatePart):
     def names(self) -> list[str]:
         return param_names(self.module, self.optimizer)
 
+    @functools.cached_property
     def cut_params(self) -> dict[str, Rows]:
-        """{parameter name in `module`: rows} of the criterion's parameters that are cut by rows."""
+        """{parameter name in `module`: rows} of the criterion's parameters that are cut by rows (found once: the
+        parameters and their blocks stay those of the run)."""
         cut = self.criterion.sharded_rows()
         params = dict(self.criterion.named_parameters())
         ids = {id(params[name]): rows for name, rows in cut.items() if name in params}
@@ -251,7 +254,7 @@ class OptimizerPart(StatePart):
     def entries(self, value: dict) -> dict:
         if "deepspeed" in value:
             return {"engine": value}
-        names, cut = self.names(), self.cut_params()
+        names, cut = self.names(), self.cut_params
         out: dict = {}
         other: dict = {}
         for i, st in value["state"].items():
@@ -292,7 +295,7 @@ class OptimizerPart(StatePart):
 
     def block_of(self, name, shape):
         param = name.rsplit("/", 1)[0]
-        rows = self.cut_params().get(param)
+        rows = self.cut_params.get(param)
         return rows if rows is not None and len(shape) > 0 and shape[0] == rows[2] else None
 
 

@@ -74,7 +74,7 @@ def read_file(path: str, key: str = "model.weights_file") -> dict[str, torch.Ten
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file is the user's input, told in one line
         from trainer.safe_load import blocked_object
-        blocked = blocked_object(e)  # torch's own message goes on to suggest weights_only=False: not repeated here
+        blocked = blocked_object(e)  # torch's own message then suggests turning its safety off: not repeated here
         first = (f"it holds {blocked}" if blocked else
                  (str(e).strip().splitlines() or [type(e).__name__])[0][:200])
         raise WeightsError(f"{key}: {path} is not a weights file that loads without running code "

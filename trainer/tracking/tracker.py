@@ -50,8 +50,8 @@ class Tracker:
     cfg: any object with enabled, backends, tracking_uri, experiment, run_name, log_every_steps,
     retrieval_grid_queries (trainer.config.TrackingConfig; without `backends`: MLflow). config: the resolved run
     config (DictConfig or dict), logged flattened as params and as config.yaml. resume_run_ids: {backend: run id}
-    to continue (a checkpoint's `tracker_run_ids`); resume_run_id: the MLflow one alone. world_size: the run's, for
-    the `sys.world_size` tag (default: $WORLD_SIZE, else 1).
+    to continue (a checkpoint's `tracker_run_ids`). world_size: the run's, for the `sys.world_size` tag (default:
+    $WORLD_SIZE, else 1).
 
     A server that requires a login (MLflow's basic-auth app) reads it from MLFLOW_TRACKING_USERNAME /
     MLFLOW_TRACKING_PASSWORD (MLflow's client does; nothing here stores them). Raises LoginRefused (a UserError:
@@ -60,7 +60,7 @@ class Tracker:
     """
 
     def __init__(self, cfg, run_dir, *, rank: int = 0, config: Any = None,
-                 resume_run_ids: Mapping[str, str] | None = None, resume_run_id: str | None = None,
+                 resume_run_ids: Mapping[str, str] | None = None,
                  world_size: int | None = None):
         self.cfg = cfg
         self.active = bool(cfg.enabled) and rank == 0
@@ -72,11 +72,10 @@ class Tracker:
         classes = {name: get_backend(name) for name in getattr(cfg, "backends", DEFAULT_BACKENDS)}
         if not classes:
             raise ValueError("tracking.backends: empty; give at least one backend, or tracking.enabled=false")
-        resume = {**({"mlflow": resume_run_id} if resume_run_id else {}), **(resume_run_ids or {})}
+        resume = resume_run_ids or {}
         self.run_dir = Path(run_dir)
         self.dir = self.run_dir / TRACKING_DIR
         self.experiment = cfg.experiment or "proxygml"
-        self.run_name = cfg.run_name or self.run_dir.name
         self.dir.mkdir(parents=True, exist_ok=True)
         upgrade_layout(self.dir)  # a queue an earlier version kept (MLflow's, in tracking/ itself)
         # every call to a backend happens in its sender thread: a slow or hung server never blocks a step

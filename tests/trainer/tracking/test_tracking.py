@@ -211,7 +211,7 @@ def test_resume_continues_the_same_run(tmp_path, eval_result):
     assert client_for(first).get_run(first.run_id).info.status == "KILLED"
 
     config["train"]["epochs"] = 4  # changed on resume: MLflow params cannot change, it becomes a tag
-    second = Tracker(cfg, run_dir, rank=0, config=config, resume_run_id=first.run_id)
+    second = Tracker(cfg, run_dir, rank=0, config=config, resume_run_ids={"mlflow": first.run_id})
     assert second.run_id == first.run_id
     assert client_for(second).get_run(second.run_id).info.status == "RUNNING"
     for step in range(3, 6):
@@ -231,7 +231,8 @@ def test_resume_continues_the_same_run(tmp_path, eval_result):
 def test_resume_of_unknown_run_starts_a_new_one(tmp_path):
     cfg = TrackingConfig(enabled=True, experiment="resume2")
     with pytest.warns(RuntimeWarning, match="does not exist"):
-        tracker = Tracker(cfg, tmp_path / "r", config={"a": 1}, resume_run_id="0123456789abcdef0123456789abcdef")
+        tracker = Tracker(cfg, tmp_path / "r", config={"a": 1},
+                          resume_run_ids={"mlflow": "0123456789abcdef0123456789abcdef"})
     assert tracker.online and tracker.run_id != "0123456789abcdef0123456789abcdef"
     tracker.close()
 
