@@ -157,7 +157,8 @@ class Checkpointer:
         on the way (truncated, garbled, failing its sha256, its full load or `check`) is reported through `log`
         (or warnings.warn), naming the file and why, and renamed to <name>.damaged so that it can neither be picked
         again nor outrank good checkpoints in keep-last. When every checkpoint is damaged, CheckpointError: the
-        run is not silently started over. Rank 0 only (the others load the path it picks).
+        run is not silently started over, nor at the next start (the damaged ones are still there). Rank 0 only
+        (the others load the path it picks).
         For a DCP folder, `state` is its small `trainer` entry (dcp_checkpoint.read_meta): the tensors are loaded
         later, by every rank, for its own share."""
         damaged = []
@@ -186,11 +187,20 @@ class Checkpointer:
                 damaged.append(aside)
                 msg = f"warning: skipping a damaged checkpoint ({e}); moved to {aside}; trying an older one"
                 log(msg) if log else warnings.warn(msg, stacklevel=2)
+        damaged += self.set_aside(exclude=damaged)  # found damaged by an earlier start: still nothing to resume
         if damaged:
             raise CheckpointError(f"every checkpoint in {self.dir} is damaged (moved to {', '.join(damaged)}); "
                                   f"nothing to resume. To start over anyway: checkpoint.resume=false (moves this run "
                                   f"to previous/), or another run.name=...")
         return None, None
+
+    def set_aside(self, exclude: list[str] = ()) -> list[str]:
+        """The checkpoints moved aside as damaged (step-N[.pt].damaged) in the checkpoint directory, but `exclude`."""
+        if not os.path.isdir(self.dir):
+            return []
+        return [os.path.join(self.dir, f) for f in sorted(os.listdir(self.dir))
+                if f.endswith(".damaged") and NAME.match(f[:-len(".damaged")])
+                and os.path.join(self.dir, f) not in exclude]
 
     def load_latest(self) -> dict | None:
         """The newest intact checkpoint as one dict (a DCP folder assembled in this process), or None."""

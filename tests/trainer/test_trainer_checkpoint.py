@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 
-from trainer.checkpoint import REQUIRED, Checkpointer, load, rng_state, set_rng_state
+from trainer.checkpoint import REQUIRED, Checkpointer, CheckpointError, load, rng_state, set_rng_state
 
 
 def state_of(step, **more):
@@ -52,3 +52,16 @@ def test_a_checkpoint_with_the_old_mlflow_run_id_reads_as_tracker_run_ids(tmp_pa
     ck.save(state_of(3, mlflow_run_id=run_id), 3)
     state = load(ck.latest())
     assert state["tracker_run_ids"] == expected and "mlflow_run_id" not in state
+
+
+def test_when_every_checkpoint_is_damaged_the_next_start_refuses_too(tmp_path):
+    ck = Checkpointer(str(tmp_path))
+    ck.save(state_of(4), 4)
+    path = ck.latest()
+    with open(path, "r+b") as f:  # garbled in the middle: its sha256 no longer matches
+        f.seek(os.path.getsize(path) // 2)
+        f.write(b"\xff" * 16)
+    for _ in range(2):  # the first start sets it aside, the next one still finds nothing to resume
+        with pytest.raises(CheckpointError, match="every checkpoint .* is damaged .*step-000000004.pt.damaged"):
+            ck.find_latest(log=lambda line: None)
+    assert ck.paths() == []

@@ -41,6 +41,11 @@ def upload(run_dir: str | os.PathLike, tracking_uri: str | None = None) -> dict[
         try:
             run_id = backend.open(state.get("run_id"), reopen=False)
             n = replay(backend, run_id, folder / "pending.jsonl")
+        except Exception as e:  # noqa: BLE001 - the store is down or refuses: the queue keeps what was not sent
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise UserError(f"upload: {backend} did not take the events ({type(e).__name__}: {first}); what was not "
+                            f"sent stays in {folder / 'pending.jsonl'}: run the same command again once it answers, "
+                            f"or give another store with --tracking-uri URI") from None
         finally:
             backend.close()
         write_state(folder, {**state, **backend.state(), "run_id": run_id})

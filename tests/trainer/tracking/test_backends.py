@@ -103,3 +103,22 @@ def test_a_queue_of_the_earlier_layout_still_uploads_to_mlflow(tmp_path):
     assert not (tdir / "pending.jsonl").exists() and not (tdir / "mlflow" / "pending.jsonl").exists()
     assert json.loads((tdir / "mlflow" / "state.json").read_text())["run_id"] == run_id
     assert json.loads((tdir / "state.json").read_text()) == {"eval_history": [[5, {"1": 0.5, "2": 0.75}]]}
+
+
+@pytest.mark.timeout(120)
+def test_an_upload_to_a_store_that_does_not_answer_is_one_line_and_keeps_the_queue(tmp_path, monkeypatch, capsys):
+    from tests.helpers import free_port
+    from trainer.tracking import main
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    queue = tmp_path / "run" / "tracking" / "mlflow"
+    queue.mkdir(parents=True)
+    (queue.parent / "state.json").write_text("{}")
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    (queue / "state.json").write_text(json.dumps({"tracking_uri": uri, "experiment": "e", "run_name": "r",
+                                                  "run_id": None}))
+    event = {"op": "metrics", "step": 1, "timestamp": 1_700_000_000_000, "metrics": {"loss": 0.5}}
+    (queue / "pending.jsonl").write_text(json.dumps(event) + "\n")
+    assert main(["upload", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: upload: MLflow at {uri} did not take the events"), err
+    assert json.loads((queue / "pending.jsonl").read_text()) == event  # kept for the next try
