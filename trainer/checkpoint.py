@@ -29,6 +29,7 @@ import shutil
 import tempfile
 import time
 import warnings
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -194,7 +195,7 @@ class Checkpointer:
                                   f"to previous/), or another run.name=...")
         return None, None
 
-    def set_aside(self, exclude: list[str] = ()) -> list[str]:
+    def set_aside(self, exclude: Sequence[str] = ()) -> list[str]:
         """The checkpoints moved aside as damaged (step-N[.pt].damaged) in the checkpoint directory, but `exclude`."""
         if not os.path.isdir(self.dir):
             return []
